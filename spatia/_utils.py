@@ -1,0 +1,58 @@
+"""Small helpers shared across the package (random state, devices, logging of written keys)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from ._settings import settings
+
+logger = logging.getLogger("spatia")
+
+RandomState = int | np.random.Generator | None
+
+
+def get_rng(random_state: RandomState = None) -> np.random.Generator:
+    """Return a :class:`numpy.random.Generator` from an int, a generator or ``None`` (``settings.seed``)."""
+    if isinstance(random_state, np.random.Generator):
+        return random_state
+    if random_state is None:
+        random_state = settings.seed
+    if isinstance(random_state, np.random.RandomState):  # legacy
+        random_state = int(random_state.randint(0, 2**31 - 1))
+    if not isinstance(random_state, int | np.integer):
+        raise TypeError(f"random_state must be an int, a numpy Generator or None, got {type(random_state).__name__}.")
+    return np.random.default_rng(int(random_state))
+
+
+def seed_from(random_state: RandomState = None) -> int:
+    """An integer seed derived from ``random_state`` (for torch / Lightning)."""
+    if isinstance(random_state, int | np.integer):
+        return int(random_state)
+    return int(get_rng(random_state).integers(0, 2**31 - 1))
+
+
+def resolve_device(device: str | None = None) -> str:
+    """``"auto"`` → ``"cuda"`` if available, else ``"cpu"``; anything else is returned as given."""
+    import torch
+
+    device = device or settings.device
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def log_added(where: str, key: str, level: int = logging.INFO) -> None:
+    """Log the squidpy-style line ``Adding `adata.obsm['X']```."""
+    logger.log(level, "Adding `%s[%r]`", where, key)
+
+
+def progress(iterable: Any, **kwargs: Any) -> Any:
+    """Wrap ``iterable`` with tqdm if ``settings.progress_bar`` is on."""
+    if not settings.progress_bar:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kwargs)

@@ -1,0 +1,124 @@
+"""Torch datasets over the crop store and the table: batches of centre cells with their niche members."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp_sparse
+import torch
+from torch.utils.data import Dataset
+
+
+@dataclass
+class CellArrays:
+    """Everything the model reads, aligned with the table's rows.
+
+    Attributes
+    ----------
+    counts
+        ``(n, G)`` CSR raw counts (model gene order).
+    crops
+        :class:`~spatia.pp.CropStore` or ``None`` (no image branch).
+    xy
+        ``(n, 2)`` centroids in µm (coordinate-system units).
+    nbr
+        ``(n, K)`` niche members of each cell (row indices, -1 = none).
+    tile
+        ``(n,)`` tissue tile of each cell.
+    labels
+        ``(n,)`` class index, -1 = unknown; or ``None``.
+    drop_expression
+        ``(n,)`` bool: cells whose expression must not be shown to the model (image-only prediction).
+    """
+
+    counts: sp_sparse.csr_matrix
+    crops: object | None
+    xy: np.ndarray
+    nbr: np.ndarray
+    tile: np.ndarray
+    labels: np.ndarray | None = None
+    drop_expression: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return self.counts.shape[0]
+
+    def plan(self, batch_size: int, rng: np.random.Generator | None = None, cells: np.ndarray | None = None) -> list[np.ndarray]:
+        """Split ``cells`` (default all) into batches of ≤ ``batch_size`` centre cells, tile by tile.
+
+        Whole tiles are packed together (so the tissue transformer sees complete tiles); tiles larger than
+        ``batch_size`` are cut into spatially sorted chunks. ``rng`` shuffles the tile order.
+        """
+        cells = np.arange(self.n) if cells is None else np.asarray(cells)
+        if cells.size == 0:
+            return []
+        tiles = self.tile[cells]
+        uniq = np.unique(tiles)
+        if rng is not None:
+            uniq = rng.permutation(uniq)
+        by_tile = {t: [] for t in uniq}
+        order = np.lexsort((self.xy[cells, 0], self.xy[cells, 1]))
+        for i in order:
+            by_tile[tiles[i]].append(cells[i])
+        out, cur = [], []
+        for t in uniq:
+            members = np.asarray(by_tile[t])
+            for s in range(0, len(members), batch_size):
+                chunk = members[s : s + batch_size]
+                if len(cur) + len(chunk) > batch_size and cur:
+                    out.append(np.asarray(cur))
+                    cur = []
+                cur.extend(chunk.tolist())
+        if cur:
+            out.append(np.asarray(cur))
+        return out
+
+    def collate(self, core: np.ndarray) -> dict[str, torch.Tensor]:
+        """Tensors of one batch (see :meth:`spatia.module.SpatiaModule.forward`)."""
+        core = np.asarray(core, dtype=np.int64)
+        nb = self.nbr[core]
+        members = np.unique(np.concatenate([core, nb[nb >= 0]]))
+        loc = np.searchsorted(members, core)
+        nb_loc = np.where(nb >= 0, np.searchsorted(members, np.where(nb >= 0, nb, 0)), -1)
+        _, tile_loc = np.unique(self.tile[core], return_inverse=True)
+        batch = {
+            "counts": torch.from_numpy(np.asarray(self.counts[members].toarray(), dtype=np.float32)),
+            "xy": torch.from_numpy(self.xy[members].astype(np.float32)),
+            "core": torch.from_numpy(loc),
+            "nbr": torch.from_numpy(nb_loc.astype(np.int64)),
+            "tile": torch.from_numpy(tile_loc.astype(np.int64)),
+            "index": torch.from_numpy(core),
+        }
+        if self.crops is not None:
+            batch["images"] = torch.from_numpy(self.crops.get(members)).float().div_(255.0)
+        if self.labels is not None:
+            batch["labels"] = torch.from_numpy(self.labels[core].astype(np.int64))
+        if self.drop_expression is not None:
+            batch["drop_expression"] = torch.from_numpy(self.drop_expression[members])
+        return batch
+
+
+class BatchDataset(Dataset):
+    """Map-style dataset whose items are whole batches (use with ``DataLoader(batch_size=None)``)."""
+
+    def __init__(self, arrays: CellArrays, batches: list[np.ndarray]) -> None:
+        self.arrays, self.batches = arrays, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.arrays.collate(self.batches[i])
+
+
+def neighbours_from_graph(conn: sp_sparse.spmatrix, k: int) -> np.ndarray:
+    """``(n, k)`` neighbour rows from a connectivity matrix (nearest first by stored order, -1 padded)."""
+    conn = sp_sparse.csr_matrix(conn)
+    n = conn.shape[0]
+    out = np.full((n, k), -1, dtype=np.int64)
+    for i in range(n):
+        row = conn.indices[conn.indptr[i] : conn.indptr[i + 1]]
+        row = row[row != i][:k]
+        out[i, : len(row)] = row
+    return out

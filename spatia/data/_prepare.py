@@ -1,0 +1,127 @@
+"""From a SpatialData / AnnData to the arrays the model reads (crops, counts, niche graph, tiles)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp_sparse
+from anndata import AnnData
+
+from .._constants import Defaults, Keys
+from ..pp._crops import CropStore, crops_for
+from ..pp._elements import _is_sdata, cell_geometry, get_table
+from ..pp._expression import align_genes, get_counts
+from ._dataset import CellArrays, neighbours_from_graph
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """Arrays plus what was learned about the input while preparing it."""
+
+    arrays: CellArrays
+    table: AnnData
+    genes: list[str]
+    missing_genes: list[str]
+    channels: list[str]
+    crop_params: dict
+    coordinate_system: str | None
+
+
+def prepare(
+    data,
+    *,
+    table_key: str | None = Defaults.TABLE,
+    image_key: str | None = None,
+    labels_key: str | None = None,
+    shapes_key: str | None = None,
+    coordinate_system: str | None = None,
+    layer: str | None = None,
+    genes: list[str] | None = None,
+    crops: CropStore | str | None = None,
+    crop_kwargs: dict | None = None,
+    use_image: bool = True,
+    niche_k: int = Defaults.NICHE_K,
+    niche_radius: float | None = None,
+    tile_um: float = Defaults.TILE_UM,
+    allow_empty: bool = False,
+    spatial_key: str = Keys.SPATIAL,
+) -> Prepared:
+    """Validate the input and build :class:`CellArrays` (nothing is written into ``data``).
+
+    ``genes`` fixes the model's gene order (a trained model's panel): genes missing from the table are
+    filled with zeros and reported in ``missing_genes``.
+    """
+    table = get_table(data, table_key)
+    if table.n_obs == 0:
+        raise ValueError("The table has no cells.")
+    counts = get_counts(table, layer, allow_empty=allow_empty)
+    missing: list[str] = []
+    if genes is not None:
+        idx, missing = align_genes(table.var_names, genes)
+        if (idx < 0).all():
+            raise ValueError(
+                "None of the model's genes are in this table's var_names: is it the same panel (same gene "
+                "naming, e.g. symbols vs Ensembl ids)?"
+            )
+        if missing:
+            logger.warning("%d of the model's %d genes are not in the table (filled with zeros): %s%s",
+                           len(missing), len(genes), missing[:10], "..." if len(missing) > 10 else "")
+        counts = _reorder(counts, idx)
+    else:
+        genes = table.var_names.astype(str).tolist()
+
+    # positions (µm) and crops
+    cs = None
+    store = None
+    crop_params: dict = {}
+    channels: list[str] = []
+    if _is_sdata(data):
+        geo = cell_geometry(data, table, labels_key=labels_key, shapes_key=shapes_key,
+                            coordinate_system=coordinate_system, spatial_key=spatial_key)
+        xy, cs = geo.xy, geo.coordinate_system
+        if use_image:
+            kw = dict(crop_kwargs or {})
+            kw.update(image_key=image_key, table_key=table_key, labels_key=labels_key, shapes_key=shapes_key,
+                      coordinate_system=cs)
+            store = crops_for(data, crops, **kw)
+            crop_params, channels = store.params, list(store.channels)
+    else:
+        if use_image and crops is None:
+            raise ValueError("An AnnData has no image: pass a SpatialData, crops=, or disable the image branch.")
+        if spatial_key not in table.obsm:
+            raise KeyError(f"The table has no obsm[{spatial_key!r}] with cell centroids.")
+        xy = np.asarray(table.obsm[spatial_key], dtype=float)[:, :2]
+        if use_image:
+            store = crops_for(data, crops, table_key=table_key)
+            crop_params, channels = store.params, list(store.channels)
+    if not np.isfinite(xy).all():
+        raise ValueError("Some cell positions are NaN or infinite.")
+
+    # niche graph (squidpy) and tissue tiles
+    from ..pp._graphs import niche_graph, tissue_tiles
+
+    tmp = AnnData(obs=pd.DataFrame(index=table.obs_names.astype(str)), obsm={"spatial": xy})
+    conn, _ = niche_graph(tmp, n_neighs=niche_k, radius=niche_radius, inplace=False)
+    nbr = neighbours_from_graph(conn, niche_k if niche_radius is None else max(niche_k, int(conn.sum(1).max())))
+    tile = tissue_tiles(tmp, tile_size=tile_um, inplace=False)
+    arrays = CellArrays(counts=counts, crops=store, xy=xy.astype(np.float32), nbr=nbr, tile=np.asarray(tile))
+    return Prepared(arrays, table, list(genes), missing, channels, crop_params, cs)
+
+
+def _reorder(counts: sp_sparse.csr_matrix, idx: np.ndarray) -> sp_sparse.csr_matrix:
+    """Columns of ``counts`` in the order ``idx`` (-1 → an all-zero column)."""
+    n = counts.shape[0]
+    sel = np.where(idx >= 0, idx, 0)
+    out = counts[:, sel].tocsc()
+    if (idx < 0).any():
+        keep = sp_sparse.diags((idx >= 0).astype(np.float32))
+        out = out @ keep
+    out = sp_sparse.csr_matrix(out)
+    out.eliminate_zeros()
+    assert out.shape == (n, len(idx))
+    return out

@@ -1,0 +1,270 @@
+"""``SpatiaModel``: configuration + trained module + the gene panel; train, embed, save, load."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .._utils import resolve_device, seed_from
+from .._version import __version__
+from ..data import BatchDataset, CellArrays
+from ..module import SpatiaConfig, SpatiaModule
+
+logger = logging.getLogger(__name__)
+
+_WEIGHTS = "model.safetensors"
+_CONFIG = "config.json"
+_META = "spatia_model.json"
+
+
+class SpatiaModel:
+    """A SPATIA model of a tissue: image + expression + spatial context.
+
+    Create it with :func:`spatia.tl.fit` (or :meth:`SpatiaModel.load`); it keeps its gene panel,
+    channel names and label categories, so it can embed new slides (:func:`spatia.tl.embed`).
+
+    Parameters
+    ----------
+    config
+        The :class:`~spatia.module.SpatiaConfig`.
+    genes
+        Gene panel (the order of the model's gene axis).
+    channels
+        Image channel names the image branch was trained on.
+    label_categories
+        Classes of the supervised head (empty for none).
+    crop_params
+        Crop extraction parameters used in training (reused for new slides).
+    """
+
+    def __init__(
+        self,
+        config: SpatiaConfig,
+        genes: list[str],
+        channels: list[str] | None = None,
+        label_categories: list[str] | None = None,
+        crop_params: dict | None = None,
+    ) -> None:
+        self.config = config
+        self.genes = list(genes)
+        self.channels = list(channels or [])
+        self.label_categories = list(label_categories or [])
+        self.crop_params = dict(crop_params or {})
+        n_ch = len(self.channels) if config.image.enabled else 1
+        if config.image.enabled and n_ch == 0:
+            raise ValueError("The image branch is enabled but no image channels were given.")
+        self.module = SpatiaModule(config, len(self.genes), n_ch, len(self.label_categories))
+        self.history: list[dict[str, float]] = []
+        self.is_trained = False
+        self.train_info: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.module.parameters())
+        state = "trained" if self.is_trained else "untrained"
+        return (f"SpatiaModel({state}, {len(self.genes)} genes, channels={self.channels}, "
+                f"{n / 1e6:.2f}M parameters)")
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    # training ------------------------------------------------------------------------------------
+    def train(
+        self,
+        arrays: CellArrays,
+        *,
+        max_epochs: int | None = None,
+        batch_size: int | None = None,
+        lr: float | None = None,
+        accelerator: str = "auto",
+        devices: int | str = "auto",
+        strategy: str = "auto",
+        precision: str | int | None = None,
+        random_state: int | None = 0,
+        early_stopping: bool = True,
+        checkpoint_dir: str | Path | None = None,
+        ckpt_path: str | Path | None = None,
+        compile: bool = False,
+        **trainer_kwargs: Any,
+    ) -> SpatiaModel:
+        """Train with PyTorch Lightning on prepared arrays (see :func:`spatia.tl.fit`)."""
+        import lightning.pytorch as pl
+        from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+        from ..train import HistoryCallback, SpatiaTrainingPlan
+
+        tc = self.config.train
+        max_epochs = tc.max_epochs if max_epochs is None else int(max_epochs)
+        batch_size = tc.batch_size if batch_size is None else int(batch_size)
+        if batch_size < 2:
+            raise ValueError(f"batch_size must be at least 2, got {batch_size}.")
+        seed = seed_from(random_state)
+        pl.seed_everything(seed, workers=True, verbose=False)
+        rng = np.random.default_rng(seed)
+
+        # held-out validation split by tissue tile (whole tiles, so validation is spatially separate)
+        tiles = np.unique(arrays.tile)
+        n_val = int(round(len(tiles) * tc.val_fraction)) if early_stopping else 0
+        if n_val == 0 and early_stopping and arrays.n >= 4 * batch_size // 2 and len(tiles) == 1:
+            n_val = 0
+        val_tiles = rng.choice(tiles, size=n_val, replace=False) if 0 < n_val < len(tiles) else np.array([])
+        is_val = np.isin(arrays.tile, val_tiles)
+        if is_val.sum() == 0 and early_stopping and arrays.n >= 20:
+            # one tile or very few: hold out a random 10 % of cells instead
+            is_val = rng.random(arrays.n) < tc.val_fraction
+        train_batches = arrays.plan(batch_size, rng, np.nonzero(~is_val)[0])
+        val_batches = arrays.plan(batch_size, None, np.nonzero(is_val)[0])
+        if not train_batches:
+            raise ValueError("No cells left for training.")
+        if precision is None:
+            precision = "bf16-mixed" if resolve_device(accelerator if accelerator != "gpu" else "cuda") == "cuda" else "32-true"
+        if compile:
+            self.module = torch.compile(self.module)  # type: ignore[assignment]
+        plan = SpatiaTrainingPlan(self.module, lr=lr or tc.lr, weight_decay=tc.weight_decay)
+        history = HistoryCallback()
+        ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(tempfile.mkdtemp(prefix="spatia_ckpt_"))
+        callbacks = [history, ModelCheckpoint(dirpath=ckdir, save_last=True, save_top_k=1,
+                                              monitor="val_loss" if val_batches else "train_loss")]
+        if val_batches and early_stopping:
+            callbacks.append(EarlyStopping(monitor="val_loss", patience=tc.patience, mode="min"))
+        from .._settings import settings
+
+        kw = dict(
+            max_epochs=max_epochs, accelerator=accelerator, devices=devices, strategy=strategy,
+            precision=precision, callbacks=callbacks, logger=False, enable_progress_bar=settings.progress_bar,
+            enable_model_summary=False, deterministic=True, default_root_dir=str(ckdir),
+            num_sanity_val_steps=0, use_distributed_sampler=True,
+        )
+        kw.update(trainer_kwargs)
+        trainer = pl.Trainer(**kw)
+        loader = torch.utils.data.DataLoader(
+            BatchDataset(arrays, train_batches), batch_size=None, shuffle=True, num_workers=settings.num_workers,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        val_loader = (
+            torch.utils.data.DataLoader(BatchDataset(arrays, val_batches), batch_size=None,
+                                        num_workers=settings.num_workers)
+            if val_batches else None
+        )
+        trainer.fit(plan, train_dataloaders=loader, val_dataloaders=val_loader,
+                    ckpt_path=str(ckpt_path) if ckpt_path is not None else None)
+        if compile:
+            self.module = self.module._orig_mod  # type: ignore[attr-defined]
+        self.module = plan.module.cpu() if hasattr(plan.module, "cpu") else plan.module
+        self.history.extend(history.history)
+        self.is_trained = True
+        self.train_info = {
+            "epochs": int(trainer.current_epoch), "n_train_cells": int((~is_val).sum()),
+            "n_val_cells": int(is_val.sum()), "batch_size": batch_size, "random_state": seed,
+            "checkpoint_dir": str(ckdir), "world_size": int(trainer.world_size), "precision": str(precision),
+        }
+        self._trainer = trainer
+        return self
+
+    # inference -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def infer(
+        self, arrays: CellArrays, *, batch_size: int | None = None, device: str | None = None,
+        outputs: tuple[str, ...] = ("cell", "niche", "tissue"),
+    ) -> dict[str, np.ndarray]:
+        """Embeddings (and optionally ``"mu"`` expected counts, ``"label_proba"``) for every cell, once.
+
+        Under an initialised ``torch.distributed`` process group, each rank embeds a shard of the
+        batches and the results are gathered; every rank returns the full arrays.
+        """
+        device = resolve_device(device)
+        module = self.module.to(device).eval()
+        batches = arrays.plan(batch_size or self.config.train.batch_size, None)
+        rank, world = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        mine = batches[rank::world]
+        res: dict[str, list] = {k: [] for k in outputs}
+        idx = []
+        use_bf16 = device.startswith("cuda")
+        for core in mine:
+            batch = {k: v.to(device) for k, v in arrays.collate(core).items()}
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                out = module(batch, train=False)
+            idx.append(core)
+            for k in outputs:
+                if k == "label_proba":
+                    v = torch.softmax(out.label_logits.float(), -1) if out.label_logits is not None else None
+                else:
+                    v = getattr(out, k)
+                res[k].append(v.float().cpu().numpy())
+        idx_arr = np.concatenate(idx) if idx else np.zeros(0, dtype=np.int64)
+        local = {k: (np.concatenate(v) if v else None) for k, v in res.items()}
+        if world > 1:
+            gathered: list = [None] * world
+            torch.distributed.all_gather_object(gathered, (idx_arr, local))
+            idx_arr = np.concatenate([g[0] for g in gathered])
+            local = {k: np.concatenate([g[1][k] for g in gathered if g[1][k] is not None]) for k in outputs}
+        full = {}
+        for k, v in local.items():
+            if v is None:
+                continue
+            arr = np.zeros((arrays.n,) + v.shape[1:], dtype=np.float32)
+            arr[idx_arr] = v
+            full[k] = arr
+        if len(np.unique(idx_arr)) != arrays.n:
+            raise RuntimeError("Inference did not cover every cell exactly once.")
+        self.module.cpu()
+        return full
+
+    # persistence ---------------------------------------------------------------------------------
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        """Write ``config.json``, ``model.safetensors`` and ``spatia_model.json`` (genes, channels, version).
+
+        Written to a temporary folder first and moved into place, so an interrupted save leaves no
+        half-written model.
+        """
+        import shutil
+
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.exists() and any(path.iterdir()) and not overwrite:
+            raise FileExistsError(f"{path} exists and is not empty: pass overwrite=True.")
+        tmp = Path(tempfile.mkdtemp(prefix=".spatia_save_", dir=path.parent if path.parent.exists() else None))
+        state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        save_file(state, str(tmp / _WEIGHTS))
+        (tmp / _CONFIG).write_text(self.config.to_json())
+        meta = {
+            "spatia_version": __version__, "genes": self.genes, "channels": self.channels,
+            "label_categories": self.label_categories, "crop_params": self.crop_params,
+            "history": self.history, "is_trained": self.is_trained,
+            "train_info": {k: v for k, v in self.train_info.items() if isinstance(v, int | float | str)},
+        }
+        (tmp / _META).write_text(json.dumps(meta, indent=1, default=float))
+        if path.exists():
+            shutil.rmtree(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(tmp), str(path))
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str = "cpu") -> SpatiaModel:
+        """Load a model written by :meth:`save` (safetensors; nothing is unpickled)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        for f in (_WEIGHTS, _CONFIG, _META):
+            if not (path / f).exists():
+                raise FileNotFoundError(f"{path} is not a saved SpatiaModel: {f} is missing.")
+        config = SpatiaConfig.from_dict(json.loads((path / _CONFIG).read_text()))
+        meta = json.loads((path / _META).read_text())
+        model = cls(config, meta["genes"], meta["channels"], meta["label_categories"], meta["crop_params"])
+        state = load_file(str(path / _WEIGHTS), device=resolve_device(map_location))
+        model.module.load_state_dict(state)
+        model.module.to(resolve_device(map_location))
+        model.history = meta.get("history", [])
+        model.is_trained = bool(meta.get("is_trained", True))
+        model.train_info = meta.get("train_info", {})
+        return model

@@ -1,0 +1,270 @@
+"""The SPATIA encoder: cell (image ⟷ expression) → niche → tissue, context fused back into each cell."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn import (
+    BidirectionalFusion,
+    CrossAttentionBlock,
+    ExpressionEncoder,
+    PixelDecoder,
+    Transformer,
+    ViTEncoder,
+    patchify,
+    sample_expressed,
+    sincos_2d,
+)
+from ._config import SpatiaConfig
+
+
+@dataclass
+class SpatiaOutput:
+    """What :meth:`SpatiaModule.forward` returns (``M`` = centre cells of the batch).
+
+    Attributes
+    ----------
+    cell, niche, tissue
+        ``(M, E)`` embeddings.
+    mu
+        ``(M, G)`` expected counts (negative binomial mean) at each cell's library size.
+    theta
+        ``(G,)`` inverse dispersion.
+    zi_logits
+        ``(M, G)`` zero-inflation logits (ZINB) or ``None``.
+    label_logits
+        ``(M, n_labels)`` or ``None``.
+    losses
+        Named scalar losses (training objectives actually used in this batch).
+    """
+
+    cell: torch.Tensor
+    niche: torch.Tensor
+    tissue: torch.Tensor
+    mu: torch.Tensor
+    theta: torch.Tensor
+    zi_logits: torch.Tensor | None
+    label_logits: torch.Tensor | None
+    losses: dict[str, torch.Tensor]
+
+
+class SpatiaModule(nn.Module):
+    """Multi-scale SPATIA model.
+
+    Parameters
+    ----------
+    config
+        The :class:`SpatiaConfig`.
+    n_genes
+        Panel size ``G``.
+    n_channels
+        Image channels ``C``.
+    n_labels
+        Number of classes of the optional supervised head (0 = none).
+    """
+
+    def __init__(self, config: SpatiaConfig, n_genes: int, n_channels: int, n_labels: int = 0) -> None:
+        super().__init__()
+        c, d = config, config.width
+        self.config, self.n_genes, self.n_channels, self.n_labels = c, n_genes, n_channels, n_labels
+        if c.image.enabled:
+            self.vit = ViTEncoder(n_channels, c.image.size, c.image.patch, d, c.image.depth, c.image.heads)
+            self.pixel_decoder = PixelDecoder(
+                d, self.vit.n, c.image.patch, n_channels, c.image.decoder_width, c.image.decoder_depth,
+                max(1, c.image.decoder_width // 16),
+            )
+        if c.expression.enabled:
+            self.expr = ExpressionEncoder(n_genes, d, c.expression.depth, c.expression.heads)
+            self.masked_head = nn.Linear(d, 1)
+        self.fusion = BidirectionalFusion(d, c.fusion.depth, c.fusion.heads)
+        n_parts = int(c.image.enabled) + int(c.expression.enabled)
+        self.cell_proj = nn.Sequential(nn.LayerNorm(n_parts * d), nn.Linear(n_parts * d, c.embed_dim))
+        self.cell_in = nn.Linear(c.embed_dim, d)
+        if c.niche.enabled:
+            self.niche_tf = Transformer(d, c.niche.depth, c.niche.heads)
+            self.niche_proj = nn.Linear(d, c.embed_dim)
+            self.niche_counts = nn.Sequential(nn.Linear(c.embed_dim, d), nn.GELU(), nn.Linear(d, n_genes))
+        if c.tissue.enabled:
+            self.tissue_tf = Transformer(d, c.tissue.depth, c.tissue.heads)
+            self.tissue_proj = nn.Linear(d, c.embed_dim)
+        if c.niche.enabled or c.tissue.enabled:
+            self.context = CrossAttentionBlock(d, c.niche.heads)
+        self.counts_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, n_genes))
+        self.log_theta = nn.Parameter(torch.zeros(n_genes))
+        self.zi_head = nn.Linear(d, n_genes) if c.loss.likelihood == "zinb" else None
+        self.label_head = nn.Linear(c.embed_dim, n_labels) if n_labels > 0 else None
+
+    # ---------------------------------------------------------------------------------------------
+    def encode_cells(self, images, counts, *, corrupt: bool, drop_expression: torch.Tensor | None = None):
+        """Cell level. ``images (N, C, S, S)``, ``counts (N, G)`` → dict of per-cell tensors.
+
+        Steps: 1. gene tokens (sampled, corrupted in training); 2. image patch tokens (MAE-masked in
+        training); 3. bidirectional cross-attention; 4. pooled cell token ``h (N, D)`` and embedding.
+        """
+        c = self.config
+        out: dict[str, torch.Tensor | None] = {"keep": None, "img_tokens": None, "gene_tokens": None}
+        parts = []
+        genes = gpad = None
+        if c.expression.enabled:
+            lib = counts.sum(1)
+            norm = torch.log1p(counts / lib.clamp(min=1)[:, None] * 1e4)
+            gidx, pad = sample_expressed(counts, c.expression.max_len, training=corrupt)
+            vals = torch.gather(norm, 1, gidx)
+            vmask = torch.zeros_like(pad)
+            if corrupt:
+                drop = torch.rand(pad.shape, device=pad.device) < c.expression.dropout
+                pad = pad | drop
+                vmask = (torch.rand(pad.shape, device=pad.device) < c.expression.mask_ratio) & ~pad
+            if drop_expression is not None:
+                pad = pad | drop_expression[:, None]
+                vmask = vmask & ~pad
+            # depth token sees the library of the tokens actually shown
+            shown = torch.zeros_like(counts).scatter(1, gidx, torch.gather(counts, 1, gidx) * (~pad).float())
+            log_depth = torch.log2(1 + shown.sum(1))
+            genes, gpad = self.expr(gidx, vals, pad, vmask, log_depth)
+            out.update(gene_idx=gidx, gene_vals=vals, vmask=vmask)
+        img = None
+        if c.image.enabled:
+            img, keep = self.vit(images, c.image.mask_ratio if corrupt else 0.0)
+            out["keep"] = keep
+        genes, img = self.fusion(genes, img, gpad)
+        if genes is not None:
+            out["gene_tokens"] = genes
+            parts.append(genes[:, 0])
+        if img is not None:
+            out["img_tokens"] = img
+            parts.append(img.mean(1))
+        z = self.cell_proj(torch.cat(parts, dim=-1))
+        out["z"] = z
+        out["h"] = self.cell_in(z)
+        return out
+
+    def forward(self, batch: dict[str, torch.Tensor], *, train: bool = False) -> SpatiaOutput:
+        """One batch of centre cells with their niche members.
+
+        ``batch``: ``images (N, C, S, S)`` in [0, 1]; ``counts (N, G)``; ``xy (N, 2)`` µm;
+        ``core (M,)`` indices of the centre cells into N; ``nbr (M, K)`` niche members (indices into N,
+        -1 = none); ``tile (M,)`` tissue tile of each centre cell (0..T-1); optional ``labels (M,)``
+        (-1 = unknown) and ``drop_expression (N,)`` bool (image-only cells).
+        """
+        c = self.config
+        counts = batch["counts"]
+        core, nbr, tile, xy = batch["core"], batch["nbr"], batch["tile"], batch["xy"]
+        m = core.shape[0]
+        drop_expr = batch.get("drop_expression")
+        if train and c.expression.enabled and c.image.enabled:
+            md = torch.rand(counts.shape[0], device=counts.device) < 0.1  # modality dropout → image-only use
+            drop_expr = md if drop_expr is None else (drop_expr | md)
+        # 1. cell level (all N cells: centres and niche members)
+        cells = self.encode_cells(batch.get("images"), counts, corrupt=train, drop_expression=drop_expr)
+        h_all, z_all = cells["h"], cells["z"]
+        h_core = h_all[core]
+        losses: dict[str, torch.Tensor] = {}
+
+        # 2. niche level: centre + members, offset-encoded
+        ctx = []
+        if c.niche.enabled:
+            members = torch.cat([core[:, None], nbr], dim=1)  # (M, K+1)
+            npad = members < 0
+            safe = members.clamp(min=0)
+            off = xy[safe] - xy[core][:, None, :]
+            tok = h_all[safe] + sincos_2d(off, c.width, scale=c.niche.position_scale).to(h_all.dtype)
+            ntok = self.niche_tf(tok, npad)
+            valid = (~npad).float()[..., None]
+            n_h = (ntok * valid).sum(1) / valid.sum(1).clamp(min=1)
+            niche = self.niche_proj(n_h)
+            ctx.append((ntok, npad))
+            if train and c.loss.niche_counts > 0:
+                ncounts = (counts[safe] * valid).sum(1)
+                nlib = ncounts.sum(1, keepdim=True)
+                nmu = F.softmax(self.niche_counts(niche).float(), dim=-1) * nlib
+                losses["niche_counts"] = -self._log_nb(ncounts, nmu, None).mean() / c.niche.k
+        else:
+            n_h = h_core
+            niche = z_all[core]
+
+        # 3. tissue level: niche tokens of each tile, absolute position
+        if c.tissue.enabled:
+            n_tiles = int(tile.max().item()) + 1 if m else 0
+            order = torch.argsort(tile, stable=True)
+            sizes = torch.bincount(tile, minlength=n_tiles)
+            lmax = int(sizes.max().item())
+            starts = torch.cumsum(sizes, 0) - sizes
+            pos_in = torch.arange(m, device=tile.device) - starts[tile[order]]
+            grid = n_h.new_zeros(n_tiles, lmax, c.width)
+            tpad = torch.ones(n_tiles, lmax, dtype=torch.bool, device=tile.device)
+            pe = sincos_2d(xy[core], c.width, scale=c.tissue.position_scale).to(n_h.dtype)
+            grid[tile[order], pos_in] = (n_h + pe)[order]
+            tpad[tile[order], pos_in] = False
+            ttok = self.tissue_tf(grid, tpad)
+            tv = (~tpad).float()[..., None]
+            t_h = (ttok * tv).sum(1) / tv.sum(1).clamp(min=1)
+            tissue = self.tissue_proj(t_h)[tile]
+            ctx.append((t_h[tile][:, None, :], torch.zeros(m, 1, dtype=torch.bool, device=tile.device)))
+        else:
+            tissue = niche
+
+        # 4. context fused back into each centre cell (residual cross-attention)
+        q = h_core[:, None, :]
+        if ctx:
+            kv = torch.cat([t for t, _ in ctx], dim=1)
+            kpm = torch.cat([p for _, p in ctx], dim=1)
+            q = self.context(q, kv, kpm)
+        h_ctx = q[:, 0]
+
+        # 5. heads and losses
+        lib = counts[core].sum(1, keepdim=True)
+        mu = F.softmax(self.counts_head(h_ctx).float(), dim=-1) * lib
+        theta = self.log_theta.exp()
+        zi = self.zi_head(h_ctx).float() if self.zi_head is not None else None
+        logits = self.label_head(z_all[core]) if self.label_head is not None else None
+        if train:
+            losses["counts"] = -self._log_nb(counts[core], mu, zi).mean() / max(1, self.n_genes) * 10
+            if c.expression.enabled and c.loss.masked_genes > 0:
+                vm = cells["vmask"][core]
+                if vm.any():
+                    pred = self.masked_head(cells["gene_tokens"][core][:, 2:]).squeeze(-1).float()
+                    losses["masked_genes"] = F.mse_loss(pred[vm], cells["gene_vals"][core][vm])
+            if c.image.enabled and c.loss.pixels > 0:
+                rec = self.pixel_decoder(cells["img_tokens"][core], None if cells["keep"] is None else cells["keep"][core])
+                target = patchify(batch["images"][core], c.image.patch).float()
+                err = ((rec.float() - target) ** 2).mean(-1)
+                if cells["keep"] is not None:
+                    hidden = torch.ones_like(err, dtype=torch.bool).scatter(1, cells["keep"][core], False)
+                    losses["pixels"] = err[hidden].mean()
+                else:
+                    losses["pixels"] = err.mean()
+            if logits is not None and "labels" in batch:
+                y = batch["labels"]
+                known = y >= 0
+                if known.any():
+                    losses["labels"] = F.cross_entropy(logits[known].float(), y[known])
+            if c.expression.enabled and c.image.enabled and c.loss.contrastive > 0 and m > 1:
+                gi = F.normalize(cells["gene_tokens"][core][:, 0].float(), dim=-1)
+                ii = F.normalize(cells["img_tokens"][core].mean(1).float(), dim=-1)
+                sim = gi @ ii.T / c.loss.temperature
+                tgt = torch.arange(m, device=sim.device)
+                losses["contrastive"] = 0.5 * (F.cross_entropy(sim, tgt) + F.cross_entropy(sim.T, tgt))
+        return SpatiaOutput(z_all[core], niche, tissue, mu, theta, zi, logits, losses)
+
+    def _log_nb(self, x: torch.Tensor, mu: torch.Tensor, zi_logits: torch.Tensor | None) -> torch.Tensor:
+        """Per-cell log-likelihood summed over genes (scvi-tools' NB / ZINB)."""
+        from scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
+
+        theta = self.log_theta.exp().float()
+        mu = mu.float().clamp(min=1e-8)
+        if zi_logits is None:
+            dist = NegativeBinomial(mu=mu, theta=theta, validate_args=False)
+        else:
+            dist = ZeroInflatedNegativeBinomial(mu=mu, theta=theta, zi_logits=zi_logits, validate_args=False)
+        return dist.log_prob(x.float()).sum(-1)
+
+    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        w = self.config.loss
+        weights = {"counts": w.counts, "masked_genes": w.masked_genes, "pixels": w.pixels,
+                   "niche_counts": w.niche_counts, "labels": w.labels, "contrastive": w.contrastive}
+        return sum(weights[k] * v for k, v in losses.items())

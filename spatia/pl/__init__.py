@@ -1,0 +1,1 @@
+"""Plots: each returns a matplotlib Figure, takes ax= and save=."""

@@ -1,0 +1,89 @@
+"""Raw counts: fetch, validate and summarise the expression the model reads."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import scipy.sparse as sp_sparse
+from anndata import AnnData
+
+logger = logging.getLogger(__name__)
+
+
+def get_counts(table: AnnData, layer: str | None = None, *, allow_empty: bool = False) -> sp_sparse.csr_matrix:
+    """Validated raw counts of ``table`` as a float32 CSR matrix.
+
+    Parameters
+    ----------
+    table
+        The cells × genes table.
+    layer
+        Layer holding raw counts; ``None`` reads ``X``.
+    allow_empty
+        Accept cells with zero total counts (they are kept; their expression tokens are empty).
+
+    Returns
+    -------
+    ``(n_obs, n_vars)`` CSR matrix of counts.
+
+    Raises
+    ------
+    KeyError
+        Unknown layer.
+    ValueError
+        Duplicated gene names, NaN / infinite / negative / non-integer values, no genes, or (unless
+        ``allow_empty``) cells with zero counts.
+    """
+    if table.n_vars == 0:
+        raise ValueError("The table has no genes (n_vars == 0).")
+    if not table.var_names.is_unique:
+        dup = table.var_names[table.var_names.duplicated()].unique()[:5].tolist()
+        raise ValueError(f"Duplicated gene names in var_names (e.g. {dup}): call `table.var_names_make_unique()`.")
+    if layer is None:
+        x = table.X
+        where = "X"
+    else:
+        if layer not in table.layers:
+            raise KeyError(f"No layer {layer!r} in the table; available layers: {list(table.layers) or 'none'}.")
+        x = table.layers[layer]
+        where = f"layers[{layer!r}]"
+    if x is None:
+        raise ValueError("The table has no X: pass layer= with the raw counts.")
+    if hasattr(x, "compute"):  # dask
+        x = x.compute()
+    x = sp_sparse.csr_matrix(x, dtype=np.float64) if not sp_sparse.issparse(x) else x.tocsr().astype(np.float64)
+    data = x.data
+    if not np.isfinite(data).all():
+        raise ValueError(f"table.{where} contains NaN or infinite values: fix or drop those cells/genes first.")
+    if (data < 0).any():
+        raise ValueError(
+            f"table.{where} has negative values: it is not raw counts (scaled or log data?). "
+            "Pass layer= naming the raw integer counts."
+        )
+    if not np.allclose(data, np.round(data)):
+        hint = " (e.g. layer='counts')" if "counts" in table.layers else ""
+        raise ValueError(
+            f"table.{where} is not integer counts (normalised or log-transformed?): spatia models raw counts. "
+            f"Pass layer= naming the raw counts{hint}."
+        )
+    totals = np.asarray(x.sum(axis=1)).ravel()
+    empty = int((totals == 0).sum())
+    if empty and not allow_empty:
+        raise ValueError(
+            f"{empty} of {table.n_obs} cells have zero counts. Remove them first "
+            "(`sc.pp.filter_cells(table, min_counts=1)`, or subset the SpatialData with its table) "
+            "or pass allow_empty=True to keep them."
+        )
+    out = x.astype(np.float32)
+    out.eliminate_zeros()
+    return out
+
+
+def align_genes(var_names, model_genes) -> tuple[np.ndarray, list[str]]:
+    """Index of each of ``model_genes`` in ``var_names`` (-1 when missing) and the list of missing genes."""
+    import pandas as pd
+
+    idx = pd.Index(var_names).get_indexer(list(model_genes))
+    missing = [g for g, i in zip(model_genes, idx, strict=True) if i < 0]
+    return idx, missing

@@ -1,0 +1,125 @@
+"""Spatial context: the niche graph (through squidpy) and tissue tiles."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from anndata import AnnData
+
+from .._constants import Defaults, Keys
+from .._utils import log_added
+from ._elements import get_table
+
+logger = logging.getLogger(__name__)
+
+
+def _coords(table: AnnData, spatial_key: str) -> np.ndarray:
+    if spatial_key not in table.obsm:
+        raise KeyError(
+            f"No obsm[{spatial_key!r}] with cell centroids in the table (have: {list(table.obsm) or 'none'}); "
+            "pass spatial_key= or add the centroids."
+        )
+    xy = np.asarray(table.obsm[spatial_key], dtype=float)[:, :2]
+    if not np.isfinite(xy).all():
+        raise ValueError(f"obsm[{spatial_key!r}] contains NaN or infinite coordinates.")
+    return xy
+
+
+def niche_graph(
+    data,
+    *,
+    table_key: str | None = Defaults.TABLE,
+    n_neighs: int | None = Defaults.NICHE_K,
+    radius: float | None = None,
+    spatial_key: str = Keys.SPATIAL,
+    key_added: str = Keys.NICHE_GRAPH,
+    inplace: bool = True,
+):
+    """Niche graph of every cell: its ``n_neighs`` nearest cells, or the cells within ``radius``.
+
+    A thin wrapper over :func:`squidpy.gr.spatial_neighbors` (``coord_type="generic"``) on
+    ``obsm[spatial_key]``, in the table's coordinate units (µm for Xenium, CosMx and MERSCOPE).
+
+    Parameters
+    ----------
+    data
+        :class:`~anndata.AnnData` or :class:`~spatialdata.SpatialData`.
+    table_key
+        Table to use when ``data`` is a SpatialData.
+    n_neighs
+        Number of nearest neighbours (ignored when ``radius`` is given).
+    radius
+        Radius of the niche in coordinate units.
+    spatial_key
+        ``obsm`` key of cell centroids.
+    key_added
+        Prefix of the ``obsp`` keys written.
+    inplace
+        Write into the table and return ``None``; otherwise return ``(connectivities, distances)``.
+
+    Returns
+    -------
+    ``None``, writing ``obsp['{key_added}_connectivities']``, ``obsp['{key_added}_distances']`` and
+    ``uns['{key_added}_neighbors']``; or, with ``inplace=False``, the two sparse matrices.
+
+    Examples
+    --------
+    >>> sp.pp.niche_graph(sdata, n_neighs=10)
+    """
+    import squidpy as sq
+
+    table = get_table(data, table_key)
+    _coords(table, spatial_key)
+    if radius is None and (n_neighs is None or n_neighs < 1):
+        raise ValueError("Give n_neighs >= 1 or a radius.")
+    if radius is not None and radius <= 0:
+        raise ValueError(f"radius must be positive, got {radius}.")
+    tmp = AnnData(obs=table.obs[[]].copy(), obsm={spatial_key: np.asarray(table.obsm[spatial_key])[:, :2]})
+    kw = {"radius": float(radius)} if radius is not None else {"n_neighs": int(min(n_neighs, max(1, table.n_obs - 1)))}
+    sq.gr.spatial_neighbors(tmp, spatial_key=spatial_key, coord_type="generic", key_added=key_added, **kw)
+    conn = tmp.obsp[f"{key_added}_connectivities"].tocsr()
+    dist = tmp.obsp[f"{key_added}_distances"].tocsr()
+    if not inplace:
+        return conn, dist
+    table.obsp[f"{key_added}_connectivities"] = conn
+    table.obsp[f"{key_added}_distances"] = dist
+    table.uns[f"{key_added}_neighbors"] = tmp.uns[f"{key_added}_neighbors"]
+    log_added("adata.obsp", f"{key_added}_connectivities")
+    return None
+
+
+def tissue_tiles(
+    data,
+    *,
+    table_key: str | None = Defaults.TABLE,
+    tile_size: float = Defaults.TILE_UM,
+    spatial_key: str = Keys.SPATIAL,
+    key_added: str = Keys.TILE,
+    inplace: bool = True,
+):
+    """Assign every cell to a square tissue tile of side ``tile_size`` (coordinate units).
+
+    Tiles are the tokens' grouping at the tissue level (≈ 4× a niche). Tiles are numbered in row-major
+    order over the occupied grid; slides with several regions (e.g. CosMx FOVs) get separate tiles as
+    long as their coordinates do not overlap.
+
+    Returns
+    -------
+    ``None``, writing ``obs[key_added]`` (categorical tile id); or, with ``inplace=False``, the integer
+    tile id of each cell.
+    """
+    import pandas as pd
+
+    table = get_table(data, table_key)
+    if tile_size <= 0:
+        raise ValueError(f"tile_size must be positive, got {tile_size}.")
+    xy = _coords(table, spatial_key)
+    cell = np.floor((xy - xy.min(axis=0)) / tile_size).astype(np.int64)
+    key = cell[:, 1] * (cell[:, 0].max() + 1) + cell[:, 0]
+    _, tile = np.unique(key, return_inverse=True)
+    if not inplace:
+        return tile
+    table.obs[key_added] = pd.Categorical(tile)
+    log_added("adata.obs", key_added)
+    return None

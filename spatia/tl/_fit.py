@@ -1,0 +1,267 @@
+"""``sp.tl.fit`` and ``sp.tl.embed``: train a SPATIA model on a slide; embed a slide with a trained model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._constants import Defaults, Keys
+from .._utils import log_added
+from .._version import __version__
+from ..module import SpatiaConfig
+
+logger = logging.getLogger(__name__)
+
+
+def _labels_array(table, cell_type_key: str | None) -> tuple[np.ndarray | None, list[str]]:
+    if cell_type_key is None:
+        return None, []
+    if cell_type_key not in table.obs:
+        raise KeyError(f"No obs column {cell_type_key!r} in the table (columns: {list(table.obs.columns)}).")
+    col = table.obs[cell_type_key]
+    cat = col.astype("category")
+    cats = [str(c) for c in cat.cat.categories]
+    codes = cat.cat.codes.to_numpy().astype(np.int64)  # -1 for NaN (unlabelled)
+    if len(cats) < 2:
+        raise ValueError(f"obs[{cell_type_key!r}] has {len(cats)} classes; a supervised head needs at least 2.")
+    return codes, cats
+
+
+def _write_embeddings(table, emb: dict[str, np.ndarray], key_added: dict[str, str] | None) -> None:
+    for level, key in Keys.LEVEL_TO_EMB.items():
+        if level in emb:
+            k = (key_added or {}).get(level, key)
+            table.obsm[k] = emb[level]
+            log_added("adata.obsm", k)
+
+
+def _run_params(model, prepared, extra: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    return {
+        "version": __version__, "torch": torch.__version__, "config": model.config.to_dict(),
+        "n_genes": len(model.genes), "missing_genes": prepared.missing_genes, "channels": model.channels,
+        "coordinate_system": prepared.coordinate_system, "crop_params": prepared.crop_params,
+        "train_info": {k: v for k, v in model.train_info.items() if isinstance(v, int | float | str)},
+        **extra,
+    }
+
+
+def fit(
+    data,
+    *,
+    image_key: str | None = None,
+    labels_key: str | None = None,
+    shapes_key: str | None = None,
+    table_key: str | None = Defaults.TABLE,
+    layer: str | None = None,
+    coordinate_system: str | None = None,
+    cell_type_key: str | None = None,
+    config: SpatiaConfig | None = None,
+    crops=None,
+    max_epochs: int | None = None,
+    batch_size: int | None = None,
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    strategy: str = "auto",
+    precision: str | int | None = None,
+    random_state: int | None = 0,
+    checkpoint_dir: str | Path | None = None,
+    ckpt_path: str | Path | None = None,
+    allow_empty: bool = False,
+    inplace: bool = True,
+    **trainer_kwargs: Any,
+):
+    """Train a SPATIA model on a slide and write the cell, niche and tissue embeddings.
+
+    Parameters
+    ----------
+    data
+        A :class:`~spatialdata.SpatialData` with an image, the cells' segmentation or shapes, and a table
+        of raw counts.
+    image_key
+        Morphology image (the only image when ``None``).
+    labels_key, shapes_key
+        Element with the cells (default: the one the table annotates).
+    table_key
+        Table of counts.
+    layer
+        Layer with raw counts (``None``: ``X``).
+    coordinate_system
+        Coordinate system to match cells and image in (default: the shared one, ``"global"`` if present).
+    cell_type_key
+        Optional ``obs`` column of known labels (NaN = unknown) for the supervised head.
+    config
+        :class:`~spatia.SpatiaConfig` (default :meth:`~spatia.SpatiaConfig.default`). Its
+        ``image.enabled`` / ``expression.enabled`` / ``niche.enabled`` / ``tissue.enabled`` switches ablate
+        each part.
+    crops
+        A :class:`~spatia.pp.CropStore` (or its path) from :func:`spatia.pp.extract_crops` to reuse.
+    max_epochs, batch_size
+        Override ``config.train``.
+    accelerator, devices, strategy, precision
+        Passed to :class:`lightning.pytorch.Trainer` (e.g. ``devices=4, strategy="ddp"``;
+        ``precision="bf16-mixed"``, the default on CUDA).
+    random_state
+        Seed: the same seed gives the same embeddings on CPU.
+    checkpoint_dir
+        Where Lightning writes checkpoints during training (default: a temporary folder).
+    ckpt_path
+        Resume an interrupted run from this checkpoint (``checkpoint_dir/last.ckpt``).
+    allow_empty
+        Keep cells with zero counts.
+    inplace
+        Write the results into the table (and return the model); with ``False`` return
+        ``(model, embeddings)`` and leave ``data`` untouched.
+    **trainer_kwargs
+        More :class:`lightning.pytorch.Trainer` arguments.
+
+    Returns
+    -------
+    The trained :class:`~spatia.SpatiaModel` and, with ``inplace=True``, writes into the table:
+
+    - ``obsm['X_spatia_cell']``, ``obsm['X_spatia_niche']``, ``obsm['X_spatia_tissue']``;
+    - ``uns['spatia']``: run parameters, versions, missing genes.
+
+    With ``inplace=False``: ``(model, {"cell": ..., "niche": ..., "tissue": ...})``.
+
+    Examples
+    --------
+    >>> import spatia as sp
+    >>> sdata = sp.datasets.demo()
+    >>> model = sp.tl.fit(sdata, image_key="morphology", labels_key="cell_labels", max_epochs=5)
+    >>> sdata["table"].obsm["X_spatia_cell"].shape
+    """
+    from ..data._prepare import prepare
+    from ..model import SpatiaModel
+
+    config = config or SpatiaConfig.default()
+    if not isinstance(config, SpatiaConfig):
+        raise TypeError(f"config must be a SpatiaConfig, got {type(config).__name__}.")
+    prepared = prepare(
+        data, table_key=table_key, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key,
+        coordinate_system=coordinate_system, layer=layer, crops=crops,
+        crop_kwargs={"size": config.image.size}, use_image=config.image.enabled,
+        niche_k=config.niche.k, niche_radius=config.niche.radius, tile_um=config.tissue.tile_um,
+        allow_empty=allow_empty,
+    )
+    codes, cats = _labels_array(prepared.table, cell_type_key)
+    prepared.arrays.labels = codes
+    model = SpatiaModel(config, prepared.genes, prepared.channels, cats, prepared.crop_params)
+    model.train(
+        prepared.arrays, max_epochs=max_epochs, batch_size=batch_size, accelerator=accelerator, devices=devices,
+        strategy=strategy, precision=precision, random_state=random_state, checkpoint_dir=checkpoint_dir,
+        ckpt_path=ckpt_path, **trainer_kwargs,
+    )
+    emb = model.infer(prepared.arrays)
+    if not inplace:
+        return model, emb
+    if _is_rank_zero():
+        table = prepared.table
+        _write_embeddings(table, emb, None)
+        table.uns[Keys.UNS] = _run_params(model, prepared, {"function": "fit", "image_key": image_key,
+                                                            "cell_type_key": cell_type_key})
+        log_added("adata.uns", Keys.UNS)
+    return model
+
+
+def _is_rank_zero() -> bool:
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return True
+
+
+def embed(
+    data,
+    model,
+    *,
+    image_key: str | None = None,
+    labels_key: str | None = None,
+    shapes_key: str | None = None,
+    table_key: str | None = Defaults.TABLE,
+    layer: str | None = None,
+    coordinate_system: str | None = None,
+    crops=None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    allow_empty: bool = False,
+    inplace: bool = True,
+):
+    """Embed a (new) slide with a trained model.
+
+    Genes are aligned to the model's panel by name; panel genes missing from the slide are filled with
+    zeros and listed in ``uns['spatia']['missing_genes']`` (and a warning). Crops are cut with the
+    parameters the model was trained with.
+
+    Parameters
+    ----------
+    data
+        :class:`~spatialdata.SpatialData` (or AnnData with ``crops=`` / an expression-only model).
+    model
+        A trained :class:`~spatia.SpatiaModel`.
+    image_key, labels_key, shapes_key, table_key, layer, coordinate_system, crops, allow_empty
+        As in :func:`fit`.
+    batch_size
+        Cells per inference batch.
+    device
+        ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``.
+    inplace
+        Write into the table (return ``None``) or return the embeddings dict.
+
+    Returns
+    -------
+    ``None``, writing ``obsm['X_spatia_cell' | 'X_spatia_niche' | 'X_spatia_tissue']`` and ``uns['spatia']``;
+    or, with ``inplace=False``, ``{"cell": ..., "niche": ..., "tissue": ...}``.
+
+    Examples
+    --------
+    >>> sp.tl.embed(other_sdata, model, image_key="morphology_focus")
+    """
+    prepared = _prepare_for_model(
+        data, model, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key, table_key=table_key,
+        layer=layer, coordinate_system=coordinate_system, crops=crops, allow_empty=allow_empty,
+    )
+    emb = model.infer(prepared.arrays, batch_size=batch_size, device=device)
+    if not inplace:
+        return emb
+    _write_embeddings(prepared.table, emb, None)
+    prepared.table.uns[Keys.UNS] = _run_params(model, prepared, {"function": "embed", "image_key": image_key})
+    log_added("adata.uns", Keys.UNS)
+    return None
+
+
+def _prepare_for_model(data, model, *, image_key, labels_key, shapes_key, table_key, layer, coordinate_system,
+                       crops, allow_empty):
+    from ..data._prepare import prepare
+    from ..model import SpatiaModel
+
+    if not isinstance(model, SpatiaModel):
+        raise TypeError(f"model must be a SpatiaModel (from sp.tl.fit or SpatiaModel.load), got {type(model).__name__}.")
+    if not model.is_trained:
+        logger.warning("The model has not been trained: its embeddings are random projections.")
+    cp = model.crop_params or {}
+    crop_kwargs = {k: cp[k] for k in ("size", "crop_um", "extent_factor", "min_um", "max_um") if k in cp}
+    crop_kwargs.setdefault("size", model.config.image.size)
+    if model.channels and model.config.image.enabled:
+        crop_kwargs["channels"] = model.channels
+    c = model.config
+    prepared = prepare(
+        data, table_key=table_key, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key,
+        coordinate_system=coordinate_system, layer=layer, genes=model.genes, crops=crops, crop_kwargs=crop_kwargs,
+        use_image=c.image.enabled, niche_k=c.niche.k, niche_radius=c.niche.radius, tile_um=c.tissue.tile_um,
+        allow_empty=allow_empty,
+    )
+    if c.image.enabled and list(prepared.channels) != list(model.channels):
+        raise ValueError(
+            f"The crops have channels {prepared.channels} but the model was trained on {model.channels}: "
+            "extract crops with channels= matching the model."
+        )
+    return prepared
+
+
+__all__ = ["fit", "embed"]

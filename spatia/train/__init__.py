@@ -1,0 +1,5 @@
+"""Lightning training plans and callbacks."""
+
+from ._plan import HistoryCallback, SpatiaTrainingPlan
+
+__all__ = ["SpatiaTrainingPlan", "HistoryCallback"]
