@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,9 @@ from scipy.spatial import cKDTree
 
 from .._constants import Defaults, Keys
 from .._utils import RandomState, get_rng
+
+if TYPE_CHECKING:
+    from spatialdata import SpatialData
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +48,7 @@ _PROGRAMS = ("size_program", "elongation_program", "texture_program")
 _MARGIN_UM = 20.0  # image border around the outermost cells
 _PAD_PX = 8  # rendering halo around each chunk (blur + boundary detection), cropped away
 _TEXTURE_WAVES = 8  # plane waves summed into each nucleus' chromatin texture
-_EDGE_UM = 0.3  # softness of nuclear edges
+_EDGE_UM = 0.2  # softness of nuclear edges (before the optical blur)
 _TRANSITION_SHIFT = {"size_program": 1.3, "elongation_program": 1.2, "texture_program": 1.0}
 # photometry (uint16 counts)
 _DAPI_PEAK, _MEMBRANE_PEAK, _BACKGROUND = 2600.0, 1300.0, 110.0
@@ -98,7 +102,7 @@ class _Waves:
 
 
 def _hash_normal(rows: np.ndarray, cols: np.ndarray, key: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two independent standard normal fields, each a pure function of global pixel ``(row, col)`` and ``key``.
+    """Two independent standard normal fields, pure functions of the global pixel ``(row, col)`` and ``key``.
 
     A counter-based generator (splitmix64 of the pixel index, then Box-Muller on its two 32-bit halves), so
     the noise of a pixel does not depend on which chunk renders it.
@@ -119,7 +123,7 @@ def _hash_normal(rows: np.ndarray, cols: np.ndarray, key: int) -> tuple[np.ndarr
 
 # ------------------------------------------------------------------------------------------------ tissue
 def _layout(n_cells: int, spacing: float, rng: np.random.Generator) -> np.ndarray:
-    """Cell centres ``(n, 2)`` as ``(y, x)`` µm from the lattice origin: jittered hexagonal lattice with holes."""
+    """Cell centres ``(n, 2)``, ``(y, x)`` in µm from 0: a jittered hexagonal lattice with irregular holes."""
     n_sites = int(math.ceil(n_cells * 1.12))
     side = math.sqrt(n_sites * spacing**2 * math.sqrt(3) / 2)
     n_cols = max(int(math.ceil(side / spacing)), 1)
@@ -138,7 +142,7 @@ def _layout(n_cells: int, spacing: float, rng: np.random.Generator) -> np.ndarra
 
 
 def _domains(yx: np.ndarray, n_domains: int, rng: np.random.Generator) -> np.ndarray:
-    """Domain index per cell: Voronoi partition of well-spread seeds, with boundaries warped by smooth noise."""
+    """Domain index per cell: Voronoi cells of well-spread seeds, boundaries warped by smooth noise."""
     extent = float(np.ptp(yx, axis=0).max()) + 1.0
     candidates = rng.uniform(0, 1, (64 * n_domains, 2)) * np.ptp(yx, axis=0)
     seeds = [candidates[0]]
@@ -157,28 +161,30 @@ def _neighbour_counts(yx: np.ndarray, is_inducer: np.ndarray, radius: float) -> 
     pairs = cKDTree(yx).query_pairs(radius, output_type="ndarray")
     i, j = pairs[:, 0], pairs[:, 1]
     n = len(yx)
-    return np.bincount(i, weights=is_inducer[j], minlength=n) + np.bincount(j, weights=is_inducer[i], minlength=n)
+    counts = np.bincount(i, weights=is_inducer[j], minlength=n)
+    return counts + np.bincount(j, weights=is_inducer[i], minlength=n)
 
 
 # ------------------------------------------------------------------------------------------------ genes
+def _panel_sizes(n_genes: int, n_types: int) -> tuple[int, int, int]:
+    """Markers per type, genes per programme, niche-induced (= condition-response) genes."""
+    per_program = n_niche = 1
+    if n_genes >= max(30, n_types + 13):
+        per_program, n_niche = 2, 3
+    room = (n_genes - 3 * per_program - 2 * n_niche - 1) // n_types  # keep >= 1 housekeeping gene
+    return int(np.clip(min(round(0.08 * n_genes), room), 1, 10)), per_program, n_niche
+
+
 def _gene_panel(n_genes: int, types: list[str], inducer: str, rng: np.random.Generator) -> pd.DataFrame:
     """Gene roles and parameters (``var``), in a shuffled order."""
-    n_types = len(types)
-    per_program = 2 if n_genes >= 30 else 1
-    n_niche = n_resp = 3 if n_genes >= 30 else 1
-    n_markers = int(np.clip(round(0.08 * n_genes), 1, 10))
+    n_markers, per_program, n_niche = _panel_sizes(n_genes, len(types))
     roles = [f"marker:{t}" for t in types for _ in range(n_markers)]
     roles += [p for p in _PROGRAMS for _ in range(per_program)]
-    roles += [f"niche_induced:{inducer}"] * n_niche + ["condition_response"] * n_resp
-    n_min = len(roles) + 1
-    if n_genes < n_min:
-        raise ValueError(
-            f"n_genes={n_genes} is too small for {n_types} cell types: pass n_genes >= {n_min} "
-            "(markers, programme, niche and response genes plus at least one housekeeping gene)."
-        )
+    roles += [f"niche_induced:{inducer}"] * n_niche + ["condition_response"] * n_niche
     roles += ["housekeeping"] * (n_genes - len(roles))
     roles = np.asarray(roles, dtype=object)[rng.permutation(n_genes)]
-    var = pd.DataFrame(index=pd.Index([f"Gene_{i:03d}" for i in range(n_genes)]))
+    width = max(3, len(str(n_genes - 1)))
+    var = pd.DataFrame(index=pd.Index([f"Gene_{i:0{width}d}" for i in range(n_genes)]))
     var["role"] = pd.Categorical(roles)
     abundant = ~var["role"].str.startswith("marker:").to_numpy() & (roles != "housekeeping")
     var["base_logit"] = rng.normal(0.0, 0.6, n_genes) + np.where(abundant, 0.8, 0.0)
@@ -197,17 +203,17 @@ def _expression(
 ) -> tuple[sparse.csr_matrix, list[str]]:
     """Negative binomial counts: the whole expression ground truth in one place.
 
-    ``logit[c, g] = base[g] + type_effect[type(c), g]`` (+2.8 on the type's markers) ``+ Σ_p β[p, g] z_p[c]``
+    ``logit[c, g] = base[g] + type_effect[type(c), g]`` (+2.0 on the type's markers) ``+ Σ_p β[p, g] z_p[c]``
     ``+ 1.8 (1 − exp(−niche[c] / 1.5))`` on niche genes of non-inducer cells, +2.3 on response genes and −1.6
-    on half the markers of transitioned cells; ``mean = depth[c] · softmax(logit[c])``; counts are gamma-Poisson
-    with per-gene dispersion, drawn in batches of cells. An empty cell gets one count of the most abundant
-    housekeeping gene. Returns the counts and the suppressed markers.
+    on half the markers of transitioned cells; ``mean = depth[c] · softmax(logit[c])``; counts are
+    gamma-Poisson with per-gene dispersion, drawn in batches of cells. An empty cell gets one count of the
+    most abundant housekeeping gene. Returns the counts and the suppressed markers.
     """
     role = var["role"].astype(str).to_numpy()
     n_genes = len(var)
-    type_effect = rng.normal(0.0, 0.35, (len(types), n_genes)) * np.where(role == "housekeeping", 0.3, 1.0)
+    type_effect = rng.normal(0.0, 0.25, (len(types), n_genes)) * np.where(role == "housekeeping", 0.3, 1.0)
     for t, name in enumerate(types):
-        type_effect[t, role == f"marker:{name}"] += 2.8
+        type_effect[t, role == f"marker:{name}"] += 2.0
     beta = np.zeros((len(_PROGRAMS), n_genes))
     for p, program in enumerate(_PROGRAMS):
         genes = np.flatnonzero(role == program)
@@ -220,7 +226,8 @@ def _expression(
 
     type_idx = obs["cell_type"].cat.codes.to_numpy()
     z = obs[list(_PROGRAMS)].to_numpy()
-    induction = (1.0 - np.exp(-obs["niche_signal"].to_numpy() / 1.5)) * (obs["cell_type"] != inducer).to_numpy()
+    responder = (obs["cell_type"] != inducer).to_numpy()
+    induction = (1.0 - np.exp(-obs["niche_signal"].to_numpy() / 1.5)) * responder
     moved = (obs["state"] == "transitioned").to_numpy().astype(float)
     base, theta = var["base_logit"].to_numpy(), var["dispersion"].to_numpy()
     hk = np.flatnonzero(role == "housekeeping")
@@ -345,22 +352,32 @@ class _Scene:
         Returns the DAPI signal and the nuclear occupancy (0–1) of the padded chunk.
         """
         dapi, nucleus = np.zeros(labels.shape), np.zeros(labels.shape)
-        nuc_a, nuc_b = self.nuc_a[ids].tolist(), self.nuc_b[ids].tolist()
+        a_all, b_all = self.nuc_a[ids].astype(np.float64), self.nuc_b[ids].astype(np.float64)
+        # the soft edge is cut where it has decayed to ~3e-4 (8 edge widths): every pixel's value depends on
+        # that pixel alone, never on the box, so chunks agree exactly
+        cut = 1.0 + 8 * _EDGE_UM / np.sqrt(a_all * b_all)
         bright, amp = self.dapi[ids].tolist(), self.tex_amp[ids].tolist()
         norm = math.sqrt(2 / _TEXTURE_WAVES)
-        for k, sl, u, v in self._frames(ids, ys, xs, self.nuc_a[ids] + 4 * _EDGE_UM):
-            i, a, b = int(ids[k]), nuc_a[k], nuc_b[k]
+        for k, sl, u, v in self._frames(ids, ys, xs, a_all * cut + self.pixel_size):
+            i, a, b = int(ids[k]), float(a_all[k]), float(b_all[k])
             rn2 = (u / a) ** 2 + (v / b) ** 2
+            own = (labels[sl] == i + 1) & (rn2 < cut[k] ** 2)
             # soft edge: logistic in the (approximate) signed distance to the ellipse, width _EDGE_UM
             soft = 0.5 - 0.5 * np.tanh((np.sqrt(rn2) - 1.0) * (0.5 * math.sqrt(a * b) / _EDGE_UM))
             ay = self.tex_ky[i, :, None] * ys[None, sl[0]] + self.tex_phase[i, :, None]  # (waves, h)
             bx = self.tex_kx[i, :, None] * xs[None, sl[1]]  # (waves, w)
             tex = (np.cos(ay).T @ np.cos(bx) - np.sin(ay).T @ np.sin(bx)) * norm
             value = bright[k] * soft * np.maximum(1.0 + amp[k] * tex + 0.3 * np.minimum(rn2, 1.0), 0.05)
-            own = labels[sl] == i + 1
             dapi[sl] += np.where(own, value, 0.0)
             nucleus[sl] = np.where(own, soft, nucleus[sl])
         return dapi, nucleus
+
+
+def _tokenize(parameters: dict, key: int) -> str:
+    """A dask key for the rendered arrays: the same slide (parameters and seed) gives the same key."""
+    from dask.base import tokenize
+
+    return tokenize(sorted(parameters.items()), key)
 
 
 def _labels_block(scene: _Scene, block_info=None) -> np.ndarray:
@@ -416,7 +433,7 @@ def simulate(
     random_state: RandomState = 0,
     chunk_size: int = 1024,
     lazy: bool | None = None,
-):
+) -> SpatialData:
     """Simulate an imaging-based spatial transcriptomics slide (10x Xenium-like) with known ground truth.
 
     Cells sit on a jittered hexagonal lattice with holes, in smooth tissue domains that each have their own
@@ -431,9 +448,9 @@ def simulate(
     n_cells
         Number of cells.
     n_genes
-        Panel size. Each type gets ``round(0.08 * n_genes)`` markers (1–10); with ``n_genes >= 30`` there are
-        2 genes per programme and 3 niche-induced and 3 condition-response genes (else 1 each); the rest are
-        housekeeping genes.
+        Panel size. Each type gets ``round(0.08 * n_genes)`` markers (1–10, fewer if the panel is short);
+        with ``n_genes >= 30`` there are 2 genes per programme and 3 niche-induced and 3 condition-response
+        genes (else 1 each); the rest are housekeeping genes. At least ``n_cell_types + 6``.
     n_cell_types
         Number of cell types (at least 2: one is the niche inducer, another one transitions).
     n_domains
@@ -467,35 +484,38 @@ def simulate(
       ``"global"`` coordinate system (µm) by ``Sequence([Scale([pixel_size] * 2), Translation([y0, x0])])``.
     - ``labels["cell_labels"]``: ``(y, x)`` int32 cell segmentation on the same grid and transformation;
       value = cell id (``1..n_cells``), 0 = background.
-    - ``shapes["cell_circles"]``: circles in µm (identity to ``"global"``), index = cell id, column ``radius``.
+    - ``shapes["cell_circles"]``: circles in µm (identity to ``"global"``), index = cell id, ``radius``.
     - ``tables["table"]``: raw counts (CSR int32) annotating ``cell_labels`` (``region_key="region"``,
       ``instance_key="cell_id"``); ``obs_names`` = ``str(cell_id)``; ``obsm["spatial"]`` = centroids
       ``[x, y]`` in µm; ``var["role"]`` = ``"marker:<type>"``, ``"size_program"``, ``"elongation_program"``,
       ``"texture_program"``, ``"niche_induced:<inducer type>"``, ``"condition_response"`` or
       ``"housekeeping"``; ``uns["simulation"]``: parameters and ground truth (below).
 
-    Ground truth in ``table.obs``:
+    Ground truth in ``table.obs`` (also described in ``uns["simulation"]["columns"]``):
 
-    ======================  ===================================================================================
-    column                  meaning
-    ======================  ===================================================================================
-    ``cell_type``           cell type: marker genes, type-specific expression and morphology (nuclear size,
-                            elongation, DAPI brightness, texture frequency, cytoplasm size)
-    ``domain``              tissue domain; domains differ in cell-type mixture, so only the neighbourhood
-                            composition (not a cell's type) reveals its domain
-    ``condition``           ``"control"`` / ``"disease"`` (one contiguous side of the slide, warped boundary)
-    ``state``               ``"normal"`` / ``"transitioned"``: in disease, a ``transition_rate`` fraction of
-                            ``uns["simulation"]["transition_type"]`` cells transitions: response genes up, half
-                            its markers down, nuclei larger, more elongated, brighter and coarser
-    ``size_program``        latent ≈N(0, 1) (type mean + cell noise, + shift if transitioned); drives nuclear
-                            radius ``3 µm · exp(0.22 z)``, library size and the ``size_program`` genes
-    ``elongation_program``  latent; drives the nuclear axis ratio and the ``elongation_program`` genes
-    ``texture_program``     latent; drives the chromatin texture amplitude and the ``texture_program`` genes
-    ``niche_signal``        number of inducer-type cells within 30 µm; the ``niche_induced`` genes rise with
-                            it (saturating) in every cell not of the inducer type
-    ``nucleus_area_um2``    area of the nuclear ellipse (µm²); ``nucleus_eccentricity``, ``nucleus_orientation``
-    ``cell_radius_um``      equivalent radius of the cell-body ellipse; ``dapi_intensity``: nuclear brightness
-    ======================  ===================================================================================
+    ======================== ============================================================================
+    column                   meaning
+    ======================== ============================================================================
+    ``cell_type``            ``"type_0"``, ``"type_1"``, ...: marker genes, type-specific expression and
+                             morphology (nuclear size, elongation, DAPI brightness, texture grain,
+                             cytoplasm size)
+    ``domain``               ``"domain_0"``, ...: smooth tissue region with its own cell-type mixture: a
+                             cell's type does not give its domain, its neighbourhood composition does
+    ``condition``            ``"control"`` / ``"disease"``: one contiguous side of the slide
+    ``state``                ``"normal"`` / ``"transitioned"``: in disease, a ``transition_rate`` fraction
+                             of the ``transition_type`` cells: response genes up, half its markers down,
+                             nuclei larger, more elongated, brighter and coarser
+    ``size_program``         latent ≈N(0, 1) (type mean + cell noise, shifted if transitioned); drives the
+                             nuclear radius ``3 µm · exp(0.22 z)``, library size and its genes
+    ``elongation_program``   latent; drives the nuclear axis ratio and its genes
+    ``texture_program``      latent; drives the chromatin texture amplitude and its genes
+    ``niche_signal``         number of ``inducer_type`` cells within 30 µm; the ``niche_induced`` genes rise
+                             with it (saturating) in every cell not of the inducer type
+    ``nucleus_area_um2``     area of the nuclear ellipse (µm², before clipping by neighbours)
+    ``nucleus_eccentricity`` eccentricity of the nuclear ellipse; ``nucleus_orientation``: its angle
+    ``cell_radius_um``       equivalent radius of the cell-body ellipse (radius of ``cell_circles``)
+    ``dapi_intensity``       relative nuclear brightness
+    ======================== ============================================================================
 
     ``uns["simulation"]`` holds the parameters, ``random_state``, ``pixel_size``, ``channels``,
     ``transition_type``, ``inducer_type``, ``niche_genes`` (gene → inducer type), ``niche_radius_um``,
@@ -512,154 +532,203 @@ def simulate(
     >>> sdata = sp.datasets.simulate(1000, random_state=0)
     >>> sdata["table"].obs[["cell_type", "domain", "size_program"]].head()
     """
-    import anndata as ad
-    from spatialdata import SpatialData
-    from spatialdata.models import Image2DModel, Labels2DModel, ShapesModel, TableModel
-    from spatialdata.transformations import Identity, Scale, Sequence, Translation
-
-    _check(n_cells, n_cell_types, n_domains, pixel_size, cell_spacing, mean_depth, noise, chunk_size,
+    _check(n_cells, n_genes, n_cell_types, n_domains, pixel_size, cell_spacing, mean_depth, noise, chunk_size,
            condition_fraction=condition_fraction, transition_rate=transition_rate)  # fmt: skip
+    n_cells = int(n_cells)
     lazy = n_cells > LAZY_ABOVE if lazy is None else bool(lazy)
     start = time.perf_counter()
     rng = get_rng(random_state)
-    n = n_cells
-
     # 1. tissue: positions, domains, types, condition, state, niche
-    yx = _layout(n, cell_spacing, rng)
-    origin = rng.uniform(80.0, 120.0, 2)  # (y0, x0) µm: the slide does not start at 0
-    yx += origin + _MARGIN_UM
+    tissue = _tissue(n_cells, n_cell_types, n_domains, cell_spacing, condition_fraction, transition_rate, rng)
+    # 2. cells: latent programmes, then morphology from them
+    obs, shape = _cells(tissue, cell_spacing, rng)
+    # 3. expression
+    var = _gene_panel(n_genes, tissue.types, tissue.types[tissue.inducer], rng)
+    area_factor = obs["nucleus_area_um2"].to_numpy() ** 0.3
+    depth = mean_depth * np.exp(rng.normal(-0.08, 0.4, n_cells)) * area_factor / area_factor.mean()
+    counts, lost = _expression(
+        var, tissue.types, obs, tissue.types[tissue.inducer], tissue.types[tissue.transition], depth, rng
+    )
+    # 4. pixels
+    parameters = {
+        "n_cells": n_cells, "n_genes": n_genes, "n_cell_types": n_cell_types, "n_domains": n_domains,
+        "pixel_size": float(pixel_size), "cell_spacing": float(cell_spacing), "mean_depth": float(mean_depth),
+        "noise": float(noise), "condition_fraction": float(condition_fraction),
+        "transition_rate": float(transition_rate), "chunk_size": chunk_size, "lazy": lazy,
+    }  # fmt: skip
+    scene = _make_scene(tissue, shape, pixel_size, noise, rng)
+    labels, image = _rasters(scene, chunk_size, lazy, token=_tokenize(parameters, scene.key))
+    # 5. elements
+    seed = int(random_state) if isinstance(random_state, int | np.integer) else type(random_state).__name__
+    uns = _ground_truth(tissue, var, lost, parameters, seed)
+    sdata = _elements(tissue, obs, var, counts, uns, labels, image, pixel_size, None if lazy else chunk_size)
+    logger.info(
+        "Simulated %d cells x %d genes, image %d x %d px (%s) in %.2fs",
+        n_cells, n_genes, *scene.shape, "lazy" if lazy else "eager", time.perf_counter() - start,
+    )  # fmt: skip
+    return sdata
+
+
+@dataclass(frozen=True)
+class _Tissue:
+    """Where cells are and what they are (indices into ``types`` and domains)."""
+
+    yx: np.ndarray  # (n, 2) cell centres in global µm, (y, x)
+    origin: np.ndarray  # (y0, x0) µm of the image corner
+    types: list[str]
+    type_idx: np.ndarray
+    domain: np.ndarray
+    mixture: np.ndarray  # (n_domains, n_types)
+    inducer: int
+    transition: int
+    disease: np.ndarray
+    moved: np.ndarray
+    niche: np.ndarray
+
+
+def _tissue(n, n_types, n_domains, spacing, condition_fraction, transition_rate, rng) -> _Tissue:
+    """Positions, domains, cell types, condition, transitioned state and niche signal."""
+    origin = rng.uniform(80.0, 120.0, 2)  # the slide does not start at 0
+    yx = _layout(n, spacing, rng) + origin + _MARGIN_UM
     domain = _domains(yx, n_domains, rng)
-    types = [f"type_{i}" for i in range(n_cell_types)]
-    mixture = 0.8 * rng.dirichlet(np.full(n_cell_types, 0.8), n_domains) + 0.2 / n_cell_types
-    type_idx = (rng.uniform(size=(n, 1)) > np.cumsum(mixture[domain], 1)).sum(1)
+    mixture = 0.8 * rng.dirichlet(np.full(n_types, 0.8), n_domains) + 0.2 / n_types
+    type_idx = (rng.uniform(size=(n, 1)) > np.cumsum(mixture[domain], 1)).sum(1).clip(max=n_types - 1)
     frequency = mixture[domain].mean(0)
     inducer = int(np.argmax(mixture.std(0) * np.sqrt(frequency)))  # domain-specific and not rare
-    transition = int(np.argmax(np.where(np.arange(n_cell_types) == inducer, -1.0, frequency)))
+    transition = int(np.argmax(np.where(np.arange(n_types) == inducer, -1.0, frequency)))  # most common other
+    # disease: one side of the slide, behind a wavy boundary
     extent = float(np.ptp(yx, axis=0).max()) + 1.0
     side = yx[:, 1] + 0.1 * extent * _Waves.draw(rng, length_scale=0.5 * extent).at(yx[:, 0], yx[:, 1])
-    disease = side > np.quantile(side, 1.0 - condition_fraction) if condition_fraction > 0 else np.zeros(n, bool)
+    disease = side > np.quantile(side, 1.0 - condition_fraction)
+    if condition_fraction == 0:
+        disease[:] = False
     moved = disease & (type_idx == transition) & (rng.uniform(size=n) < transition_rate)
     niche = _neighbour_counts(yx, (type_idx == inducer).astype(float), NICHE_RADIUS_UM)
+    types = [f"type_{i}" for i in range(n_types)]
+    return _Tissue(yx, origin, types, type_idx, domain, mixture, inducer, transition, disease, moved, niche)
 
-    # 2. cells: latent programmes, then morphology from them
+
+def _cells(tissue: _Tissue, spacing: float, rng: np.random.Generator) -> tuple[pd.DataFrame, dict]:
+    """Latent programmes and the morphology they drive; returns ``obs`` and the rendering parameters."""
+    t, moved, n, n_types = tissue.type_idx, tissue.moved, len(tissue.type_idx), len(tissue.types)
     obs = pd.DataFrame(index=pd.Index(np.arange(1, n + 1).astype(str)))
-    for program in _PROGRAMS:
-        z = rng.normal(0.0, 0.6, n_cell_types)[type_idx] + rng.normal(0.0, 0.8, n)
+    obs[INSTANCE_KEY] = np.arange(1, n + 1, dtype=np.int64)
+    obs[REGION_KEY] = pd.Categorical.from_codes(np.zeros(n, np.int8), categories=[LABELS_KEY])
+    obs["cell_type"] = pd.Categorical.from_codes(t, categories=tissue.types)
+    domains = [f"domain_{d}" for d in range(len(tissue.mixture))]
+    obs["domain"] = pd.Categorical.from_codes(tissue.domain, categories=domains)
+    conditions = ["control", "disease"]
+    obs["condition"] = pd.Categorical.from_codes(tissue.disease.astype(int), categories=conditions)
+    obs["state"] = pd.Categorical.from_codes(moved.astype(int), categories=["normal", "transitioned"])
+    for program in _PROGRAMS:  # type mean + cell noise (≈ unit variance), shifted when transitioned
+        z = rng.normal(0.0, 0.6, n_types)[t] + rng.normal(0.0, 0.8, n)
         obs[program] = z + _TRANSITION_SHIFT[program] * moved
-    nuc_r = 3.0 * np.exp(0.22 * obs["size_program"].to_numpy() + rng.normal(0.0, 0.03, n))
+    obs["niche_signal"] = tissue.niche.astype(np.int64)
+    # nucleus: radius from the size programme, axis ratio from the elongation programme
+    radius = 3.0 * np.exp(0.22 * obs["size_program"].to_numpy() + rng.normal(0.0, 0.03, n))
     ratio = 1.0 + 0.4 * np.logaddexp(0.0, obs["elongation_program"].to_numpy() + 0.2)
-    nuc_a, nuc_b = nuc_r * np.sqrt(ratio), nuc_r / np.sqrt(ratio)
-    orientation_field = _Waves.draw(rng, length_scale=8 * cell_spacing)
-    theta = 0.8 * orientation_field.at(yx[:, 0], yx[:, 1]) + rng.normal(0.0, 0.5, n)
-    cyto = (rng.uniform(1.8, 2.5, n_cell_types)[type_idx] * np.exp(rng.normal(0.0, 0.06, n))).clip(1.4)
-    cell_ratio = np.sqrt(ratio)
-    cell_a, cell_b = nuc_r * cyto * np.sqrt(cell_ratio), nuc_r * cyto / np.sqrt(cell_ratio)
-    brightness = rng.uniform(0.65, 1.25, n_cell_types)[type_idx] * np.exp(rng.normal(0.0, 0.12, n))
+    nuc_a, nuc_b = radius * np.sqrt(ratio), radius / np.sqrt(ratio)
+    yx = tissue.yx
+    theta = 0.8 * _Waves.draw(rng, length_scale=8 * spacing).at(yx[:, 0], yx[:, 1]) + rng.normal(0.0, 0.5, n)
+    # cell body: a type-specific multiple of the nucleus, elongated along it (less)
+    cyto = (rng.uniform(1.8, 2.5, n_types)[t] * np.exp(rng.normal(0.0, 0.06, n))).clip(1.4)
+    cell_a, cell_b = radius * cyto * ratio**0.25, radius * cyto / ratio**0.25
+    brightness = rng.uniform(0.65, 1.25, n_types)[t] * np.exp(rng.normal(0.0, 0.12, n))
     brightness *= np.where(moved, 1.4, 1.0)
-    tex_amp = 0.15 + 0.45 / (1.0 + np.exp(-obs["texture_program"].to_numpy()))
-    tex_freq = rng.uniform(0.35, 0.75, n_cell_types)[type_idx] * np.where(moved, 0.7, 1.0)  # cycles/µm
+    # chromatin: amplitude from the texture programme, type-specific grain (coarser when transitioned)
+    amplitude = 0.15 + 0.45 / (1.0 + np.exp(-obs["texture_program"].to_numpy()))
+    grain = rng.uniform(0.35, 0.75, n_types)[t] * np.where(moved, 0.7, 1.0)  # cycles / µm
+    k = 2 * np.pi * grain[:, None] * rng.uniform(0.5, 1.5, (n, _TEXTURE_WAVES))
     angle = rng.uniform(0.0, np.pi, (n, _TEXTURE_WAVES))
-    k = 2 * np.pi * tex_freq[:, None] * rng.uniform(0.5, 1.5, (n, _TEXTURE_WAVES))
-
-    cell_type = pd.Categorical.from_codes(type_idx, categories=types)
-    obs.insert(0, INSTANCE_KEY, np.arange(1, n + 1, dtype=np.int64))
-    obs.insert(1, REGION_KEY, pd.Categorical([LABELS_KEY] * n))
-    obs.insert(2, "cell_type", cell_type)
-    obs.insert(3, "domain", pd.Categorical.from_codes(domain, categories=[f"domain_{d}" for d in range(n_domains)]))
-    obs.insert(4, "condition", pd.Categorical.from_codes(disease.astype(int), categories=["control", "disease"]))
-    obs.insert(5, "state", pd.Categorical.from_codes(moved.astype(int), categories=["normal", "transitioned"]))
-    obs["niche_signal"] = niche.astype(np.int64)
     obs["nucleus_area_um2"] = np.pi * nuc_a * nuc_b
     obs["nucleus_eccentricity"] = np.sqrt(1.0 - (nuc_b / nuc_a) ** 2)
     obs["nucleus_orientation"] = np.mod(theta + np.pi / 2, np.pi) - np.pi / 2
     obs["cell_radius_um"] = np.sqrt(cell_a * cell_b)
     obs["dapi_intensity"] = brightness
+    shape = {
+        "cos": np.cos(theta), "sin": np.sin(theta), "cell_a": cell_a, "cell_b": cell_b, "nuc_a": nuc_a,
+        "nuc_b": nuc_b, "dapi": brightness, "tex_amp": amplitude, "tex_ky": k * np.sin(angle),
+        "tex_kx": k * np.cos(angle), "tex_phase": rng.uniform(0, 2 * np.pi, (n, _TEXTURE_WAVES)),
+        "membrane": np.exp(rng.normal(0.0, 0.2, n)),
+    }  # fmt: skip
+    return obs, shape
 
-    # 3. expression
-    var = _gene_panel(n_genes, types, types[inducer], rng)
-    area_factor = obs["nucleus_area_um2"].to_numpy() ** 0.3
-    depth = mean_depth * np.exp(rng.normal(-0.08, 0.4, n)) * area_factor / area_factor.mean()
-    counts, lost = _expression(var, types, obs, types[inducer], types[transition], depth, rng)
 
-    # 4. pixels
-    ny, nx = (np.ceil((yx.max(0) + _MARGIN_UM - origin) / pixel_size)).astype(int)
-    scene = _Scene(
+def _make_scene(tissue: _Tissue, shape: dict, pixel_size: float, noise: float, rng) -> _Scene:
+    """The pixel grid covering all cells plus a margin, and the per-cell rendering parameters (float32)."""
+    yx, origin = tissue.yx, tissue.origin
+    ny, nx = np.ceil((yx.max(0) + _MARGIN_UM - origin) / pixel_size).astype(int)
+    cells = {key: np.asarray(value, np.float32) for key, value in shape.items()}
+    return _Scene(
         shape=(int(ny), int(nx)), origin=(float(origin[0]), float(origin[1])), pixel_size=float(pixel_size),
         noise=float(noise), key=int(rng.integers(0, 2**62)), background=_Waves.draw(rng, length_scale=150.0),
-        tree=cKDTree(yx), cy=yx[:, 0].astype(np.float32), cx=yx[:, 1].astype(np.float32),
-        cos=np.cos(theta).astype(np.float32), sin=np.sin(theta).astype(np.float32),
-        cell_a=cell_a.astype(np.float32), cell_b=cell_b.astype(np.float32),
-        nuc_a=nuc_a.astype(np.float32), nuc_b=nuc_b.astype(np.float32), dapi=brightness.astype(np.float32),
-        tex_amp=tex_amp.astype(np.float32), tex_ky=(k * np.sin(angle)).astype(np.float32),
-        tex_kx=(k * np.cos(angle)).astype(np.float32),
-        tex_phase=rng.uniform(0, 2 * np.pi, (n, _TEXTURE_WAVES)).astype(np.float32),
-        membrane=np.exp(rng.normal(0.0, 0.2, n)).astype(np.float32),
+        tree=cKDTree(yx), cy=yx[:, 0].astype(np.float32), cx=yx[:, 1].astype(np.float32), **cells,
     )  # fmt: skip
-    token = f"{scene.key:x}-{n}-{scene.shape[0]}x{scene.shape[1]}"
-    labels, image = _rasters(scene, chunk_size, lazy, token)
 
-    # 5. elements
-    to_global = Sequence([Scale([pixel_size, pixel_size], axes=("y", "x")), Translation(list(origin), axes=("y", "x"))])
-    chunks = None if lazy else chunk_size
-    image = Image2DModel.parse(
-        image, dims=("c", "y", "x"), c_coords=list(CHANNELS), transformations={Defaults.COORDINATE_SYSTEM: to_global},
-        chunks=None if lazy else (len(CHANNELS), chunk_size, chunk_size),
-    )  # fmt: skip
-    labels = Labels2DModel.parse(
-        labels, dims=("y", "x"), transformations={Defaults.COORDINATE_SYSTEM: to_global}, chunks=chunks
-    )
-    ids = obs[INSTANCE_KEY].to_numpy()
-    circles = ShapesModel.parse(
-        yx[:, ::-1].copy(), geometry=0, radius=obs["cell_radius_um"].to_numpy(), index=pd.Index(ids),
-        transformations={Defaults.COORDINATE_SYSTEM: Identity()},
-    )  # fmt: skip
-    var_out = var[["role"]].copy()
-    adata = ad.AnnData(X=counts, obs=obs, var=var_out)
-    adata.obsm[Keys.SPATIAL] = yx[:, ::-1].copy()
-    role = var["role"].astype(str)
-    markers = {t: role.index[role == f"marker:{t}"].tolist() for t in types}
-    response = role.index[role == "condition_response"].tolist()
-    adata.uns[Keys.SIM_UNS] = {
-        "parameters": {
-            "n_cells": n, "n_genes": n_genes, "n_cell_types": n_cell_types, "n_domains": n_domains,
-            "pixel_size": float(pixel_size), "cell_spacing": float(cell_spacing), "mean_depth": float(mean_depth),
-            "noise": float(noise), "condition_fraction": float(condition_fraction),
-            "transition_rate": float(transition_rate), "chunk_size": chunk_size, "lazy": lazy,
-        },  # fmt: skip
-        "random_state": int(random_state) if isinstance(random_state, int | np.integer) else repr(random_state),
-        "pixel_size": float(pixel_size),
-        "origin_yx_um": [float(o) for o in origin],
+
+def _ground_truth(tissue: _Tissue, var: pd.DataFrame, lost: list[str], parameters: dict, seed) -> dict:
+    """``uns["simulation"]``: parameters and every ground truth that is not a per-cell column."""
+    role, types = var["role"].astype(str), tissue.types
+    inducer = types[tissue.inducer]
+    return {
+        "parameters": parameters,
+        "random_state": seed,
+        "pixel_size": parameters["pixel_size"],
+        "origin_yx_um": [float(o) for o in tissue.origin],
         "channels": list(CHANNELS),
         "image_key": IMAGE_KEY,
         "labels_key": LABELS_KEY,
         "shapes_key": SHAPES_KEY,
-        "cell_types": types,
-        "transition_type": types[transition],
-        "inducer_type": types[inducer],
+        "cell_types": list(types),
+        "transition_type": types[tissue.transition],
+        "inducer_type": inducer,
         "niche_radius_um": NICHE_RADIUS_UM,
-        "niche_genes": {g: types[inducer] for g in role.index[role == f"niche_induced:{types[inducer]}"]},
-        "markers": markers,
+        "niche_genes": dict.fromkeys(role.index[role == f"niche_induced:{inducer}"], inducer),
+        "markers": {t: role.index[role == f"marker:{t}"].tolist() for t in types},
         "program_genes": {p: role.index[role == p].tolist() for p in _PROGRAMS},
-        "response_genes": response,
+        "response_genes": role.index[role == "condition_response"].tolist(),
         "suppressed_markers": lost,
         "domain_mixture": {
-            f"domain_{d}": dict(zip(types, mixture[d].round(4).tolist(), strict=True)) for d in range(n_domains)
+            f"domain_{d}": dict(zip(types, row.round(4).tolist(), strict=True))
+            for d, row in enumerate(tissue.mixture)
         },
         "columns": dict(COLUMNS),
     }
+
+
+def _elements(tissue, obs, var, counts, uns, labels, image, pixel_size, chunk_size):
+    """Parse every element with its spatialdata model and assemble the SpatialData object."""
+    import anndata as ad
+    from spatialdata import SpatialData
+    from spatialdata.models import Image2DModel, Labels2DModel, ShapesModel, TableModel
+    from spatialdata.transformations import Identity, Scale, Sequence, Translation
+
+    axes = ("y", "x")
+    to_global = {
+        Defaults.COORDINATE_SYSTEM: Sequence(
+            [Scale([pixel_size, pixel_size], axes=axes), Translation(list(tissue.origin), axes=axes)]
+        )
+    }
+    chunks = None if chunk_size is None else (len(CHANNELS), chunk_size, chunk_size)
+    image = Image2DModel.parse(
+        image, dims=("c", "y", "x"), c_coords=list(CHANNELS), transformations=to_global, chunks=chunks
+    )
+    labels = Labels2DModel.parse(labels, dims=axes, transformations=to_global, chunks=chunk_size)
+    xy = tissue.yx[:, ::-1].copy()
+    circles = ShapesModel.parse(
+        xy, geometry=0, radius=obs["cell_radius_um"].to_numpy(), index=pd.Index(obs[INSTANCE_KEY].to_numpy()),
+        transformations={Defaults.COORDINATE_SYSTEM: Identity()},
+    )  # fmt: skip
+    adata = ad.AnnData(X=counts, obs=obs, var=var[["role"]].copy(), obsm={Keys.SPATIAL: xy})
+    adata.uns[Keys.SIM_UNS] = uns
     table = TableModel.parse(adata, region=LABELS_KEY, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
-    sdata = SpatialData(
+    return SpatialData(
         images={IMAGE_KEY: image}, labels={LABELS_KEY: labels}, shapes={SHAPES_KEY: circles},
         tables={Defaults.TABLE: table},
     )  # fmt: skip
-    logger.info(
-        "Simulated %d cells x %d genes, image %d x %d px (%s) in %.2fs",
-        n, n_genes, scene.shape[0], scene.shape[1], "lazy" if lazy else "eager", time.perf_counter() - start,
-    )  # fmt: skip
-    return sdata
 
 
-def demo():
+def demo() -> SpatialData:
     """The small fixed slide used by the README and tutorials: ``simulate(1500, random_state=0)``.
 
     Returns
@@ -674,14 +743,23 @@ def demo():
     return simulate(1500, random_state=0)
 
 
-def _check(n_cells, n_cell_types, n_domains, pixel_size, cell_spacing, mean_depth, noise, chunk_size, **fractions):
+def _check(n_cells, n_genes, n_cell_types, n_domains, pixel_size, cell_spacing, mean_depth, noise, chunk_size,
+           **fractions):  # fmt: skip
+    """Raise a ``ValueError`` naming the first invalid argument."""
     if int(n_cells) != n_cells or n_cells < 10:
         raise ValueError(f"n_cells must be an integer >= 10, got {n_cells!r}.")
     if n_cell_types < 2:
-        raise ValueError(f"n_cell_types must be >= 2 (one inducer, one transitioning type), got {n_cell_types}.")
+        raise ValueError(f"n_cell_types must be >= 2 (an inducer, a transitioning type), not {n_cell_types}.")
+    n_min = n_cell_types + 6  # a marker per type, a gene per programme, niche, response, housekeeping
+    if n_genes < n_min:
+        raise ValueError(
+            f"n_genes={n_genes} is too small for {n_cell_types} cell types: pass n_genes >= {n_min} "
+            "(markers, programme, niche and response genes and at least one housekeeping gene)."
+        )
     if n_domains < 1:
         raise ValueError(f"n_domains must be >= 1, got {n_domains}.")
-    for name, value in [("pixel_size", pixel_size), ("cell_spacing", cell_spacing), ("mean_depth", mean_depth)]:
+    positive = {"pixel_size": pixel_size, "cell_spacing": cell_spacing, "mean_depth": mean_depth}
+    for name, value in positive.items():
         if not value > 0:
             raise ValueError(f"{name} must be > 0, got {value}.")
     if noise < 0:

@@ -112,8 +112,6 @@ class SpatiaModel:
         # held-out validation split by tissue tile (whole tiles, so validation is spatially separate)
         tiles = np.unique(arrays.tile)
         n_val = int(round(len(tiles) * tc.val_fraction)) if early_stopping else 0
-        if n_val == 0 and early_stopping and arrays.n >= 4 * batch_size // 2 and len(tiles) == 1:
-            n_val = 0
         val_tiles = rng.choice(tiles, size=n_val, replace=False) if 0 < n_val < len(tiles) else np.array([])
         is_val = np.isin(arrays.tile, val_tiles)
         if is_val.sum() == 0 and early_stopping and arrays.n >= 20:
@@ -158,6 +156,11 @@ class SpatiaModel:
         if compile:
             self.module = self.module._orig_mod  # type: ignore[attr-defined]
         self.module = plan.module.cpu() if hasattr(plan.module, "cpu") else plan.module
+        if not history.history and trainer.callback_metrics:
+            # spawned DDP: the callback lived in the workers; the main process gets the final metrics
+            row = {"epoch": int(trainer.current_epoch) - 1}
+            row.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+            history.history.append(row)
         self.history.extend(history.history)
         self.is_trained = True
         self.train_info = {

@@ -67,6 +67,7 @@ class TissueConfig:
 class LossConfig:
     likelihood: Literal["nb", "zinb"] = "nb"
     counts: float = 1.0
+    cell_counts: float = 1.0
     masked_genes: float = 1.0
     pixels: float = 0.5
     niche_counts: float = 0.5
@@ -77,7 +78,7 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 1e-4
     batch_size: int = 64  # centre cells per step
     max_epochs: int = 30

@@ -94,6 +94,9 @@ class SpatiaModule(nn.Module):
         if c.niche.enabled or c.tissue.enabled:
             self.context = CrossAttentionBlock(d, c.niche.heads)
         self.counts_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, n_genes))
+        # the cell embedding alone must also explain the cell's counts (an scVI-like bottleneck), so that
+        # it is a good summary of the cell and not only an input to the context-fused decoder
+        self.cell_counts_head = nn.Sequential(nn.Linear(c.embed_dim, d), nn.GELU(), nn.Linear(d, n_genes))
         self.log_theta = nn.Parameter(torch.zeros(n_genes))
         self.zi_head = nn.Linear(d, n_genes) if c.loss.likelihood == "zinb" else None
         self.label_head = nn.Linear(c.embed_dim, n_labels) if n_labels > 0 else None
@@ -224,6 +227,9 @@ class SpatiaModule(nn.Module):
         logits = self.label_head(z_all[core]) if self.label_head is not None else None
         if train:
             losses["counts"] = -self._log_nb(counts[core], mu, zi).mean() / max(1, self.n_genes) * 10
+            if c.loss.cell_counts > 0:
+                mu_cell = F.softmax(self.cell_counts_head(z_all[core]).float(), dim=-1) * lib
+                losses["cell_counts"] = -self._log_nb(counts[core], mu_cell, None).mean() / max(1, self.n_genes) * 10
             if c.expression.enabled and c.loss.masked_genes > 0:
                 vm = cells["vmask"][core]
                 if vm.any():
@@ -265,6 +271,6 @@ class SpatiaModule(nn.Module):
 
     def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         w = self.config.loss
-        weights = {"counts": w.counts, "masked_genes": w.masked_genes, "pixels": w.pixels,
+        weights = {"counts": w.counts, "cell_counts": w.cell_counts, "masked_genes": w.masked_genes, "pixels": w.pixels,
                    "niche_counts": w.niche_counts, "labels": w.labels, "contrastive": w.contrastive}
         return sum(weights[k] * v for k, v in losses.items())

@@ -1,1 +1,7 @@
 """Plots: each returns a matplotlib Figure, takes ax= and save=."""
+
+from ._embedding import embedding
+from ._history import history
+from ._niches import niches
+
+__all__ = ["niches", "embedding", "history"]

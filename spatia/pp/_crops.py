@@ -1,30 +1,47 @@
-"""Per-cell image crops, streamed strip by strip from a (dask-backed) image into a crop store."""
+"""Per-cell image crops, streamed tile by tile from a (dask-backed) image into a crop store."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from numba import njit, prange
 
 from .._constants import Defaults
-from ._elements import _is_sdata, affine_to, apply_affine, as_list, cell_geometry, get_image, get_table
+from ._elements import (
+    _is_sdata,
+    affine_to,
+    apply_affine,
+    as_list,
+    cell_geometry,
+    chunk_edges,
+    get_image,
+    get_table,
+    spatial_chunks,
+)
 
 logger = logging.getLogger(__name__)
 
 _STORE_VERSION = 1
+_STORE_CHUNK = 1024  # cells per zarr chunk of a crop store
+_TILE_ROWS, _TILE_COLS = 1024, 2048  # target tile size (px) when reading the image along its chunks
+_CACHE_BYTES = 256 * 2**20  # decoded tiles kept for the margins of neighbouring tiles
+_SMALL_IMAGE_PX = 4_000_000  # below this, intensity percentiles come from a grid over the whole image
 
 
 @dataclass
 class CropStore:
     """Cell crops ``(n_cells, C, S, S)`` uint8, in memory or in a chunked zarr store.
 
-    Crops are stored in extraction order (sorted along the image rows, so cells close in space are close
-    on disk); :meth:`get` takes table row positions and maps them through :attr:`order`.
+    On disk, crops are stored in extraction order (image tile by tile, by row within a tile, so cells close
+    in space are close on disk); :meth:`get` takes table row positions and maps them through :attr:`order`.
 
     Attributes
     ----------
@@ -88,7 +105,7 @@ class CropStore:
         path = Path(path)
         arr = zarr.open_array(
             str(path / "crops"), mode="w", shape=self.images.shape, dtype="uint8",
-            chunks=(min(1024, max(1, len(self))),) + tuple(self.images.shape[1:]),
+            chunks=(min(_STORE_CHUNK, max(1, len(self))),) + tuple(self.images.shape[1:]),
         )
         step = 4096
         for i in range(0, len(self), step):
@@ -145,15 +162,159 @@ def _channel_index(img, channels: Sequence[str | int] | None) -> tuple[np.ndarra
     return np.asarray(idx), [names[i] for i in idx]
 
 
-def _intensity_range(data, ch_idx: np.ndarray, q: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel percentiles from a strided subsample of the image (≤ ~1M pixels per channel)."""
-    h, w = data.shape[-2:]
-    step = max(1, int(np.ceil(np.sqrt(h * w / 1e6))))
-    sub = np.asarray(data[ch_idx, ::step, ::step]).astype(np.float32)
-    lo = np.percentile(sub.reshape(len(ch_idx), -1), q[0], axis=1)
-    hi = np.percentile(sub.reshape(len(ch_idx), -1), q[1], axis=1)
+class _Tiles:
+    """Chunk-aligned tiles of a ``(C, H, W)`` image, decoded on demand and kept in a bounded LRU cache.
+
+    A crop near a tile border needs a margin from the neighbouring tiles; the cache keeps recently decoded
+    tiles (up to ``max_bytes``) so that, on slides of moderate width, every chunk is decoded once.
+    """
+
+    def __init__(self, arr, rows: np.ndarray, cols: np.ndarray, max_bytes: float = _CACHE_BYTES):
+        self.arr, self.rows, self.cols, self.max_bytes = arr, rows, cols, max_bytes
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._bytes = 0
+
+    def tile(self, i: int, j: int) -> np.ndarray:
+        key = (i, j)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        t = np.asarray(self.arr[:, self.rows[i] : self.rows[i + 1], self.cols[j] : self.cols[j + 1]])
+        self._cache[key] = t
+        self._bytes += t.nbytes
+        while self._bytes > self.max_bytes and len(self._cache) > 1:
+            self._bytes -= self._cache.popitem(last=False)[1].nbytes
+        return t
+
+    def region(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """Pixels ``[:, r0:r1, c0:c1]`` (inside the image), assembled from the cached tiles."""
+        out = np.empty((self.arr.shape[0], r1 - r0, c1 - c0), dtype=self.arr.dtype)
+        i0, i1 = np.searchsorted(self.rows, r0, "right") - 1, np.searchsorted(self.rows, r1, "left")
+        j0, j1 = np.searchsorted(self.cols, c0, "right") - 1, np.searchsorted(self.cols, c1, "left")
+        for i in range(i0, i1):
+            ya, yb = max(r0, self.rows[i]), min(r1, self.rows[i + 1])
+            for j in range(j0, j1):
+                xa, xb = max(c0, self.cols[j]), min(c1, self.cols[j + 1])
+                t = self.tile(i, j)
+                out[:, ya - r0 : yb - r0, xa - c0 : xb - c0] = t[
+                    :, ya - self.rows[i] : yb - self.rows[i], xa - self.cols[j] : xb - self.cols[j]
+                ]
+        return out
+
+
+def _intensity_range(tiles: _Tiles, cell_tiles: np.ndarray, q: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel percentiles from ≤ ~1M pixels per channel.
+
+    Small images are subsampled on a regular grid; large ones from a few tiles spread over the cells
+    (``cell_tiles``: flat tile index of every cell), which the crop pass then finds in the tile cache.
+    """
+    arr = tiles.arr
+    h, w = arr.shape[-2:]
+    if h * w <= _SMALL_IMAGE_PX or len(cell_tiles) == 0:
+        step = max(1, int(np.ceil(np.sqrt(h * w / 1e6))))
+        sub = np.asarray(arr[:, ::step, ::step]).reshape(arr.shape[0], -1)
+    else:
+        used = np.unique(cell_tiles)
+        n_cols = len(tiles.cols) - 1
+        tile_px = np.mean([(tiles.rows[u // n_cols + 1] - tiles.rows[u // n_cols])
+                           * (tiles.cols[u % n_cols + 1] - tiles.cols[u % n_cols]) for u in used])  # fmt: skip
+        k = int(min(len(used), max(1, np.ceil(_SMALL_IMAGE_PX / tile_px))))
+        pick = used[np.linspace(0, len(used) - 1, k).round().astype(int)]
+        step = max(1, int(np.ceil(np.sqrt(k * tile_px / 1e6))))
+        sub = np.concatenate(
+            [tiles.tile(u // n_cols, u % n_cols)[:, ::step, ::step].reshape(arr.shape[0], -1) for u in pick], axis=1
+        )
+    sub = sub.astype(np.float32)
+    lo = np.percentile(sub, q[0], axis=1)
+    hi = np.percentile(sub, q[1], axis=1)
     hi = np.where(hi > lo, hi, lo + 1.0)
     return lo, hi
+
+
+@njit(nogil=True, cache=True)
+def _taps(centre, s, size, n_tap, extent):  # pragma: no cover - compiled
+    """Filter taps along one axis: ``(first, index, weight)``; ``index`` clipped into ``[0, extent)``, taps
+    outside get weight 0 (zero padding), weights of each output pixel sum to 1 before clipping."""
+    radius = max(1.0, s)
+    first = np.empty(size, np.int64)
+    index = np.empty((size, n_tap), np.int64)
+    weight = np.zeros((size, n_tap), np.float32)
+    for k in range(size):
+        c = centre + (k + 0.5 - 0.5 * size) * s  # output pixel centre, block coordinates
+        j = int(math.floor(c - radius - 0.5)) + 1  # first pixel whose centre lies within the radius
+        first[k] = j
+        tot = 0.0
+        for t in range(n_tap):
+            d = abs(j + t + 0.5 - c) / radius
+            if d < 1.0:
+                weight[k, t] = 1.0 - d
+                tot += 1.0 - d
+        for t in range(n_tap):
+            x = j + t
+            weight[k, t] = weight[k, t] / tot if 0 <= x < extent else 0.0
+            index[k, t] = min(max(x, 0), extent - 1)
+    return first, index, weight
+
+
+@njit(parallel=True, nogil=True, cache=True, fastmath=True)
+def _resample(block, labels, own, cy, cx, step, lo, scale, out, out_rows):  # pragma: no cover - compiled
+    """Cut and resample one crop per cell from ``block``, map it to uint8 and write it to ``out``.
+
+    block ``(C, H, W)``; labels ``(H, W)`` or ``(0, 0)`` (no masking); own ``(n,)`` each cell's label id;
+    cy, cx ``(n,)`` crop centres in block coordinates (pixel ``k`` covers ``[k, k + 1)``); step ``(n,)``
+    block pixels per output pixel; lo, scale ``(C,)`` intensity map ``(v - lo) * scale``; out
+    ``(N, C, S, S)`` uint8 written at rows ``out_rows``. Separable triangle filter of radius
+    ``max(1, step)``: bilinear when enlarging, area-like anti-aliasing when shrinking; pixels outside the
+    block read as 0 (the block holds the whole image around the cells).
+    """
+    n_ch, h, w = block.shape
+    size = out.shape[-1]
+    mask = labels.shape[0] > 0
+    for i in prange(cy.shape[0]):
+        s = step[i]
+        n_tap = int(math.ceil(2.0 * max(1.0, s)))
+        x_first, xi, wx = _taps(cx[i], s, size, n_tap, w)
+        y_first, yi, wy = _taps(cy[i], s, size, n_tap, h)
+        ya = y_first[0]
+        n_rows = y_first[size - 1] + n_tap - ya
+        tmp = np.empty((n_rows, size), np.float32)
+        acc = np.empty(size, np.float32)
+        own_id = own[i]
+        row = out_rows[i]
+        for ch in range(n_ch):
+            # 1. along x, for every block row the crop touches (rows outside the block are zero)
+            for r in range(n_rows):
+                y = ya + r
+                if y < 0 or y >= h:
+                    tmp[r, :] = 0.0
+                    continue
+                src = block[ch, y]
+                if mask:
+                    lab = labels[y]
+                    for k in range(size):
+                        a = 0.0
+                        for t in range(n_tap):
+                            x = xi[k, t]
+                            if lab[x] == 0 or lab[x] == own_id:
+                                a += wx[k, t] * src[x]
+                        tmp[r, k] = a
+                else:
+                    for k in range(size):
+                        a = 0.0
+                        for t in range(n_tap):
+                            a += wx[k, t] * src[xi[k, t]]
+                        tmp[r, k] = a
+            # 2. along y, then the intensity map to 0..255
+            for k in range(size):
+                acc[:] = 0.0
+                for t in range(n_tap):
+                    wt = wy[k, t]
+                    tr = tmp[y_first[k] - ya + t]
+                    for m in range(size):
+                        acc[m] += wt * tr[m]
+                for m in range(size):
+                    v = min(max((acc[m] - lo[ch]) * scale[ch], 0.0), 255.0)
+                    out[row, ch, k, m] = np.uint8(math.floor(v + 0.5))
 
 
 def extract_crops(
@@ -180,7 +341,10 @@ def extract_crops(
 
     Cell positions come from the segmentation, polygons or circles the table annotates (or
     ``labels_key`` / ``shapes_key``), mapped through the elements' transformations into the image's
-    pixels. The image is read strip by strip (never whole), so a slide of any size streams through.
+    pixels. The image is read tile by tile along its chunks (never whole; each chunk once when the slide
+    is not too wide), so a slide of any size streams through in bounded memory. Each crop is resampled
+    around the cell's exact (sub-pixel) centre with a separable triangle filter: bilinear when enlarging,
+    anti-aliased (area-like) when shrinking.
 
     Parameters
     ----------
@@ -193,14 +357,15 @@ def extract_crops(
     labels_key, shapes_key
         Element giving the cells' positions and extents; default: what the table annotates.
     coordinate_system
-        Coordinate system in which cells and image are matched; default: the shared one
+        Coordinate system in which cells and image are matched; default: the one they share
         (``"global"`` when present).
     size
         Side of the output crops, in pixels.
     crop_um
         Fixed crop side in coordinate-system units (µm for Xenium/CosMx/MERSCOPE). ``None`` sizes each crop
         from the cell's extent: ``extent_factor × diameter``, clipped to ``[min_um, max_um]`` (cells without
-        extent use ``max(min_um, 16)``).
+        extent use ``max(min_um, 16)``). Crops are square in image pixels (side / pixel size, the pixel size
+        being the square root of the pixel area).
     extent_factor, min_um, max_um
         See ``crop_um``.
     channels
@@ -208,14 +373,14 @@ def extract_crops(
     mask_neighbours
         Zero the pixels of other cells (needs ``labels_key`` on the image's pixel grid).
     percentiles
-        Per-channel intensity range (estimated on a subsample of the image) mapped to 0–255.
+        Per-channel intensity range (estimated on ≤ ~1M pixels per channel) mapped to 0–255.
     outside
         What to do with cells whose centre lies outside the image: ``"error"`` or ``"pad"`` (zero crops).
     store
         Directory for an on-disk zarr store (written as it goes; the cells never all sit in memory).
         ``None`` keeps the crops in memory.
     batch_cells
-        Cells per write.
+        Cells per write (a multiple of the store's 1,024-cell chunks is best).
 
     Returns
     -------
@@ -227,9 +392,6 @@ def extract_crops(
     >>> sdata = sp.datasets.demo()
     >>> crops = sp.pp.extract_crops(sdata, image_key="morphology", size=32)
     """
-    import torch
-    import torch.nn.functional as F
-
     if not _is_sdata(data):
         raise TypeError("extract_crops needs a SpatialData object (with an image), not an AnnData.")
     if size < 4:
@@ -238,7 +400,10 @@ def extract_crops(
         raise ValueError(f"outside must be 'error' or 'pad', got {outside!r}.")
     table = get_table(data, table_key)
     image_key, img = get_image(data, image_key)
-    geo = cell_geometry(data, table, labels_key=labels_key, shapes_key=shapes_key, coordinate_system=coordinate_system)
+    geo = cell_geometry(
+        data, table, labels_key=labels_key, shapes_key=shapes_key, coordinate_system=coordinate_system,
+        shared_with=(data.images[image_key],),
+    )  # fmt: skip
     cs = geo.coordinate_system
     m_img = affine_to(data.images[image_key], cs)  # pixel (x, y) -> cs
     px_size = float(np.sqrt(abs(np.linalg.det(m_img[:2, :2]))))
@@ -247,6 +412,8 @@ def extract_crops(
     arr = img.data
     if "z" in img.dims:
         arr = arr[:, arr.shape[1] // 2]
+    if not np.array_equal(ch_idx, np.arange(arr.shape[0])):
+        arr = arr[ch_idx]
     h, w = arr.shape[-2:]
 
     # 1. crop side of each cell, in image pixels
@@ -258,11 +425,9 @@ def extract_crops(
         d = np.where(np.isfinite(geo.diameter), geo.diameter * extent_factor, max(min_um, 16.0))
         side_um = np.clip(d, min_um, max_um)
     side_px = np.maximum(side_um / px_size, 2.0)
-    win = int(np.ceil(side_px.max())) + 2  # read window (square)
-    factor = int(np.floor(win / (2 * size)))  # area pre-reduction when shrinking by more than 2x
-    if factor >= 2:
-        win = int(np.ceil(win / factor) * factor)
-    half = win // 2
+    step = side_px / size
+    # reach of a crop's filter taps around its centre
+    margin = int(np.ceil(side_px.max() / 2 + max(1.0, step.max()))) + 2
 
     inside = (pix[:, 0] >= 0) & (pix[:, 0] < w) & (pix[:, 1] >= 0) & (pix[:, 1] < h)
     n_out = int((~inside).sum())
@@ -273,8 +438,8 @@ def extract_crops(
             "outside='pad' to give them blank crops."
         )
 
-    mask_arr = None
-    own_ids = None
+    labels_tiles = None
+    own_ids = np.zeros(len(pix), dtype=np.int64)
     if mask_neighbours:
         if labels_key is None:
             raise ValueError("mask_neighbours=True needs labels_key= (the segmentation).")
@@ -286,39 +451,51 @@ def extract_crops(
             lab = next(iter(lab["scale0"].values()))
         if lab.shape[-2:] != (h, w) or not np.allclose(m_lab, m_img):
             raise ValueError("mask_neighbours=True needs labels on the same pixel grid as the image.")
-        mask_arr = lab.data
         from ._elements import table_annotation
 
         _, _, instance_key = table_annotation(table)
         own_ids = table.obs[instance_key].to_numpy().astype(np.int64)
+        labels_tiles = lab.data[None]
 
-    lo, hi = _intensity_range(arr, ch_idx, percentiles)
+    # 2. tiles along the image's chunks; cells in store order: tile by tile, then by row and column
+    ych, xch = spatial_chunks(arr)
+    tiles = _Tiles(arr, chunk_edges(ych, h, _TILE_ROWS), chunk_edges(xch, w, _TILE_COLS))
+    if labels_tiles is not None:
+        labels_tiles = _Tiles(labels_tiles, tiles.rows, tiles.cols)
     n_cells = len(pix)
-    n_ch = len(ch_idx)
+    n_tile_cols = len(tiles.cols) - 1
+    ti = np.searchsorted(tiles.rows, np.clip(np.floor(pix[:, 1]), 0, h - 1), "right") - 1
+    tj = np.searchsorted(tiles.cols, np.clip(np.floor(pix[:, 0]), 0, w - 1), "right") - 1
+    tile_of = np.where(inside, ti * n_tile_cols + tj, -1)
+    order = np.lexsort((pix[:, 0], pix[:, 1], np.where(inside, tile_of, np.iinfo(np.int64).max)))
+    n_in = n_cells - n_out
+    tile_sorted = tile_of[order[:n_in]]
 
-    # 2. output: zarr (streamed) or memory
-    order = np.lexsort((pix[:, 0], pix[:, 1]))  # by row, then column
+    lo, hi = _intensity_range(tiles, tile_of[inside], percentiles)
+    n_ch = len(ch_idx)
     params = {
         "image_key": image_key, "table_key": table_key, "labels_key": labels_key, "shapes_key": shapes_key,
         "coordinate_system": cs, "size": int(size), "crop_um": crop_um, "extent_factor": extent_factor,
         "min_um": min_um, "max_um": max_um, "channels": ch_names, "mask_neighbours": mask_neighbours,
         "intensity_lo": lo.tolist(), "intensity_hi": hi.tolist(), "pixel_size": px_size,
     }
+
+    # 3. output: zarr (written chunk by chunk from a buffer) or memory (written in table order)
+    chunk_cells = min(_STORE_CHUNK, max(1, n_cells))
     if store is not None:
         import zarr
 
         path = Path(store)
         out = zarr.open_array(
             str(path / "crops"), mode="w", shape=(n_cells, n_ch, size, size), dtype="uint8",
-            chunks=(min(1024, max(1, n_cells)), n_ch, size, size),
-        )
+            chunks=(chunk_cells, n_ch, size, size),
+        )  # fmt: skip
+        cap = chunk_cells * max(1, int(np.ceil(batch_cells / chunk_cells)))
+        buf = np.zeros((min(cap, n_cells), n_ch, size, size), dtype=np.uint8)
     else:
         out = np.zeros((n_cells, n_ch, size, size), dtype=np.uint8)
+        buf = out
 
-    # 3. strips: rows of the image holding a batch of cells (+ half a window of margin)
-    strip_rows = max(64, int(64e6 // max(1, w * n_ch * arr.dtype.itemsize)))
-    rows_sorted = pix[order, 1]
-    start = 0
     from .._settings import settings
 
     tq = None
@@ -326,79 +503,43 @@ def extract_crops(
         from tqdm.auto import tqdm
 
         tq = tqdm(total=n_cells, desc="crops", unit="cell", leave=False)
-    lo_t = torch.as_tensor(lo, dtype=torch.float32).view(1, -1, 1, 1)
-    scale_t = torch.as_tensor(255.0 / (hi - lo), dtype=torch.float32).view(1, -1, 1, 1)
-    buf_imgs, buf_n = [], 0
-    write_pos = 0
-    while start < n_cells:
-        r_first = int(np.floor(rows_sorted[start]))
-        r_last_allowed = r_first + strip_rows
-        stop = int(np.searchsorted(rows_sorted, r_last_allowed, side="left"))
-        stop = min(max(stop, start + 1), start + batch_cells, n_cells)
+    lo32 = lo.astype(np.float32)
+    scale32 = (255.0 / (hi - lo)).astype(np.float32)
+    no_labels = np.zeros((0, 0), dtype=np.int32)
+    written = 0  # cells flushed to the store
+    filled = 0  # cells in the buffer
+    start = 0
+    while start < n_in:
+        # 4. the next run of cells of one tile (at most batch_cells / what the buffer still holds)
+        stop = min(int(np.searchsorted(tile_sorted, tile_sorted[start], side="right")), start + batch_cells)
+        if store is not None:
+            stop = min(stop, start + len(buf) - filled)
         sel = order[start:stop]
-        r0 = max(0, int(np.floor(pix[sel, 1].min())) - half - 1)
-        r1 = min(h, int(np.ceil(pix[sel, 1].max())) + half + 2)
-        c0 = max(0, int(np.floor(pix[sel, 0].min())) - half - 1)
-        c1 = min(w, int(np.ceil(pix[sel, 0].max())) + half + 2)
-        if r1 > r0 and c1 > c0:
-            block = np.asarray(arr[ch_idx, r0:r1, c0:c1])
-        else:
-            block = np.zeros((n_ch, 1, 1), dtype=arr.dtype)
-            r0, c0 = 0, 0
-        # pad so every window fits
-        padded = np.zeros((n_ch, block.shape[1] + 2 * win, block.shape[2] + 2 * win), dtype=np.float32)
-        padded[:, win : win + block.shape[1], win : win + block.shape[2]] = block
-        if mask_arr is not None:
-            lblock = np.asarray(mask_arr[r0:r1, c0:c1])
-            lpad = np.zeros(padded.shape[1:], dtype=np.int64)
-            lpad[win : win + lblock.shape[0], win : win + lblock.shape[1]] = lblock
-        # top-left of each window in padded coordinates
-        cx = pix[sel, 0] - c0 + win
-        cy = pix[sel, 1] - r0 + win
-        ty = np.clip(np.floor(cy).astype(np.int64) - half, 0, padded.shape[1] - win)
-        tx = np.clip(np.floor(cx).astype(np.int64) - half, 0, padded.shape[2] - win)
-        sw = np.lib.stride_tricks.sliding_window_view(padded, (win, win), axis=(1, 2))
-        wins = np.ascontiguousarray(sw[:, ty, tx].transpose(1, 0, 2, 3))  # (n, C, win, win)
-        if mask_arr is not None:
-            lsw = np.lib.stride_tricks.sliding_window_view(lpad, (win, win))
-            lw = lsw[ty, tx]
-            other = (lw != 0) & (lw != own_ids[sel][:, None, None])
-            wins[np.broadcast_to(other[:, None], wins.shape)] = 0.0
-        wins[~inside[sel]] = 0.0
-        t = torch.from_numpy(wins)
-        # 4. resample each window to size×size around the exact (sub-pixel) centre with its own side
-        #    (one batched grid_sample; area pre-reduction first when shrinking by more than 2×)
-        if factor >= 2:
-            t = F.avg_pool2d(t, factor)  # same extent, fewer samples: normalised coordinates unchanged
-        off_x = (cx - (tx + win / 2.0)) / (win / 2.0)  # centre offset in normalised window units
-        off_y = (cy - (ty + win / 2.0)) / (win / 2.0)
-        s = side_px[sel] / win
-        theta = torch.zeros(len(sel), 2, 3)
-        theta[:, 0, 0] = torch.as_tensor(s, dtype=torch.float32)
-        theta[:, 1, 1] = torch.as_tensor(s, dtype=torch.float32)
-        theta[:, 0, 2] = torch.as_tensor(off_x, dtype=torch.float32)
-        theta[:, 1, 2] = torch.as_tensor(off_y, dtype=torch.float32)
-        grid = F.affine_grid(theta, (len(sel), n_ch, size, size), align_corners=False)
-        res = F.grid_sample(t, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        res = ((res - lo_t) * scale_t).clamp_(0, 255).round_().to(torch.uint8).numpy()
-        if store is None:
-            out[sel] = res
-        else:
-            buf_imgs.append(res)
-            buf_n += len(sel)
-            if buf_n >= 1024 or stop == n_cells:
-                chunk = np.concatenate(buf_imgs)
-                out[write_pos : write_pos + len(chunk)] = chunk
-                write_pos += len(chunk)
-                buf_imgs, buf_n = [], 0
+        y, x = pix[sel, 1], pix[sel, 0]
+        r0, r1 = max(0, int(np.floor(y.min())) - margin), min(h, int(np.ceil(y.max())) + margin + 1)
+        c0, c1 = max(0, int(np.floor(x.min())) - margin), min(w, int(np.ceil(x.max())) + margin + 1)
+        block = tiles.region(r0, r1, c0, c1)
+        lab = labels_tiles.region(r0, r1, c0, c1)[0] if labels_tiles is not None else no_labels
+        rows = sel if store is None else np.arange(filled, filled + len(sel))
+        _resample(block, lab, own_ids[sel], y - r0, x - c0, step[sel], lo32, scale32, buf, rows)
+        filled += len(sel) if store is not None else 0
+        if store is not None and (filled == len(buf) or stop == n_in):
+            out[written : written + filled] = buf[:filled]
+            written, filled = written + filled, 0
         if tq is not None:
             tq.update(len(sel))
         start = stop
     if tq is not None:
+        tq.update(n_out)
         tq.close()
 
     if store is None:
         return CropStore(out, np.arange(n_cells), table.obs_names.to_numpy().astype(object), ch_names, params)
+    # blank crops of the cells outside the image, at the end of the store (already zero in a new array,
+    # but written so the store never depends on zarr's fill value)
+    for i in range(n_in, n_cells, len(buf)):
+        j = min(n_cells, i + len(buf))
+        out[i:j] = np.zeros((j - i, n_ch, size, size), dtype=np.uint8)
     _write_meta(Path(store), order, table.obs_names.to_numpy(), ch_names, params)
     return CropStore(out, order, table.obs_names.to_numpy().astype(object), ch_names, params, str(store))
 

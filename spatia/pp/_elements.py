@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+from numba import njit
 
 from .._constants import Defaults, Keys
 
@@ -158,10 +159,49 @@ class CellGeometry:
     source: str
 
 
+def chunk_edges(chunks: Sequence[int] | None, n: int, target: int) -> np.ndarray:
+    """Tile boundaries along one axis of length ``n``: chunk boundaries grouped into tiles of ≥ ``target`` px.
+
+    Chunks longer than ``2 * target`` are split (reading part of a chunk decodes all of it, but an in-memory
+    or huge chunk should not become one huge tile).
+    """
+    chunks = (n,) if chunks is None else tuple(int(c) for c in chunks)
+    fine = [0]
+    for size in chunks:
+        pieces = max(1, int(round(size / target))) if size > 2 * target else 1
+        fine.extend(fine[-1] + np.linspace(0, size, pieces + 1)[1:].round().astype(int))
+    edges = [0]
+    for b in fine[1:]:
+        if b - edges[-1] >= target or b == n:
+            edges.append(int(b))
+    return np.asarray(edges, dtype=np.int64)
+
+
+def spatial_chunks(arr) -> tuple[Sequence[int] | None, Sequence[int] | None]:
+    """Chunk sizes of the last two (y, x) axes of a dask array; ``(None, None)`` for in-memory arrays."""
+    chunks = getattr(arr, "chunks", None)
+    if chunks is None or not isinstance(chunks, tuple) or not chunks or not isinstance(chunks[0], tuple):
+        return None, None
+    return chunks[-2], chunks[-1]
+
+
+@njit(nogil=True, cache=True)
+def _accumulate_labels(block, r0, c0, counts, sx, sy):  # pragma: no cover - compiled
+    h, w = block.shape
+    for y in range(h):
+        for x in range(w):
+            v = block[y, x]
+            if v > 0:
+                counts[v] += 1
+                sx[v] += c0 + x
+                sy[v] += r0 + y
+
+
 def _labels_stats(labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Streaming centroid / area of every label id: ``(ids, xy_centroid_px, area_px)``.
 
-    Reads the labels strip by strip (never the whole array at once) and accumulates bincounts.
+    Reads the labels tile by tile along their chunks (never the whole array at once, each chunk once) and
+    accumulates pixel counts and coordinate sums in one compiled pass.
     """
     from xarray import DataTree
 
@@ -169,35 +209,29 @@ def _labels_stats(labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         labels = next(iter(labels["scale0"].values()))
     arr = labels.data  # dask or numpy, (y, x)
     h, w = arr.shape[-2:]
-    strip = max(1, min(h, int(32e6 // max(w, 1))))
-    counts_acc = np.zeros(0, dtype=np.int64)
-    sx_acc = np.zeros(0)
-    sy_acc = np.zeros(0)
-    xs = np.arange(w, dtype=float)
-    for r0 in range(0, h, strip):
-        block = np.asarray(arr[r0 : r0 + strip])
-        flat = block.ravel().astype(np.int64)
-        if flat.size == 0:
-            continue
-        if flat.min() < 0:
-            raise ValueError("Labels contain negative values; label ids must be non-negative integers.")
-        n = int(flat.max()) + 1
-        ys = np.repeat(np.arange(r0, r0 + block.shape[0], dtype=float), w)
-        c = np.bincount(flat, minlength=n)
-        sx = np.bincount(flat, weights=np.tile(xs, block.shape[0]), minlength=n)
-        sy = np.bincount(flat, weights=ys, minlength=n)
-        if n > counts_acc.size:
-            counts_acc = np.pad(counts_acc, (0, n - counts_acc.size))
-            sx_acc = np.pad(sx_acc, (0, n - sx_acc.size))
-            sy_acc = np.pad(sy_acc, (0, n - sy_acc.size))
-        counts_acc[:n] += c
-        sx_acc[:n] += sx
-        sy_acc[:n] += sy
-    ids = np.nonzero(counts_acc)[0]
+    ych, xch = spatial_chunks(arr)
+    rows, cols = chunk_edges(ych, h, 1024), chunk_edges(xch, w, 2048)
+    counts = np.zeros(1, dtype=np.int64)
+    sx = np.zeros(1)
+    sy = np.zeros(1)
+    for r0, r1 in zip(rows[:-1], rows[1:], strict=True):
+        for c0, c1 in zip(cols[:-1], cols[1:], strict=True):
+            block = np.asarray(arr[r0:r1, c0:c1])
+            if block.size == 0:
+                continue
+            if not np.issubdtype(block.dtype, np.integer):
+                raise ValueError(f"Labels must hold integer ids, got dtype {block.dtype}.")
+            if block.min() < 0:
+                raise ValueError("Labels contain negative values; label ids must be non-negative integers.")
+            n = int(block.max()) + 1
+            if n > counts.size:
+                counts, sx, sy = (np.pad(a, (0, n - a.size)) for a in (counts, sx, sy))
+            _accumulate_labels(block, int(r0), int(c0), counts, sx, sy)
+    ids = np.nonzero(counts)[0]
     ids = ids[ids != 0]
-    area = counts_acc[ids].astype(float)
+    area = counts[ids].astype(float)
     # pixel centres: index i covers [i, i+1) in spatialdata's intrinsic coordinates → centre at i + 0.5
-    xy = np.stack([sx_acc[ids] / area + 0.5, sy_acc[ids] / area + 0.5], axis=1)
+    xy = np.stack([sx[ids] / area + 0.5, sy[ids] / area + 0.5], axis=1)
     return ids, xy, area
 
 
@@ -234,13 +268,15 @@ def cell_geometry(
     shapes_key: str | None = None,
     coordinate_system: str | None = None,
     spatial_key: str = Keys.SPATIAL,
+    shared_with: Sequence = (),
 ) -> CellGeometry:
     """Centroids and sizes of the table's cells, from the element the table annotates.
 
     The cells come from ``labels_key`` (segmentation), ``shapes_key`` (circles / polygons), or, when
     neither is given, from the element(s) the table annotates (``region``); a table annotating points or
     nothing falls back to ``table.obsm[spatial_key]``, taken to be in ``coordinate_system``.
-    Coordinates always go through the elements' transformations.
+    Coordinates always go through the elements' transformations. The default coordinate system is one
+    shared by the cells' elements and the elements in ``shared_with`` (e.g. the image to crop from).
     """
     regions, region_key, instance_key = table_annotation(table)
     n = table.n_obs
@@ -279,7 +315,7 @@ def cell_geometry(
     region_of = np.full(n, "", dtype=object)
     kinds = set()
     elements = [sdata.labels[r] if r in sdata.labels else sdata.shapes[r] for r in use_regions]
-    cs = coordinate_system or default_coordinate_system(*elements)
+    cs = coordinate_system or default_coordinate_system(*elements, *shared_with)
     for r, el in zip(use_regions, elements, strict=True):
         if region_key is not None and len(regions) > 1:
             rows = np.nonzero((table.obs[region_key] == r).to_numpy())[0]

@@ -1,5 +1,6 @@
-"""User-facing tools: fit, embed (annotate, cluster, impute, generate as they land)."""
+"""User-facing tools: fit, embed, cluster."""
 
+from ._cluster import cluster
 from ._fit import embed, fit
 
-__all__ = ["fit", "embed"]
+__all__ = ["fit", "embed", "cluster"]

@@ -71,6 +71,7 @@ def fit(
     random_state: int | None = 0,
     checkpoint_dir: str | Path | None = None,
     ckpt_path: str | Path | None = None,
+    early_stopping: bool = True,
     allow_empty: bool = False,
     inplace: bool = True,
     **trainer_kwargs: Any,
@@ -110,7 +111,10 @@ def fit(
     checkpoint_dir
         Where Lightning writes checkpoints during training (default: a temporary folder).
     ckpt_path
-        Resume an interrupted run from this checkpoint (``checkpoint_dir/last.ckpt``).
+        Resume an interrupted run from this checkpoint (``checkpoint_dir/last.ckpt``). Checkpoints are
+        Lightning (pickle-based) files: resume only from checkpoints you wrote yourself.
+    early_stopping
+        Stop when the loss on held-out tissue tiles stops improving (``config.train.patience`` epochs).
     allow_empty
         Keep cells with zero counts.
     inplace
@@ -154,7 +158,7 @@ def fit(
     model.train(
         prepared.arrays, max_epochs=max_epochs, batch_size=batch_size, accelerator=accelerator, devices=devices,
         strategy=strategy, precision=precision, random_state=random_state, checkpoint_dir=checkpoint_dir,
-        ckpt_path=ckpt_path, **trainer_kwargs,
+        ckpt_path=ckpt_path, early_stopping=early_stopping, **trainer_kwargs,
     )
     emb = model.infer(prepared.arrays)
     if not inplace:

@@ -45,15 +45,9 @@ class HistoryCallback(pl.Callback):
     def __init__(self) -> None:
         self.history: list[dict[str, float]] = []
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking:
-            return
-        self._record(trainer)
-
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        # when there is no validation loop, record here
-        if not trainer.val_dataloaders:
-            self._record(trainer)
+        # validation of this epoch has run by now: callback_metrics hold both train_* and val_*
+        self._record(trainer)
 
     def _record(self, trainer) -> None:
         row = {"epoch": int(trainer.current_epoch)}

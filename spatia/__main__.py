@@ -1,0 +1,108 @@
+"""Command line: ``spatia demo --out DIR`` (the whole pipeline on the built-in demo) and ``spatia fit``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("spatia").setLevel(logging.INFO)
+    for name in ("lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _pipeline(sdata, out: Path, *, image_key, table_key, labels_key, shapes_key, layer, config, max_epochs,
+              random_state, resolution) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import spatia as sp
+
+    log = logging.getLogger("spatia")
+    out.mkdir(parents=True, exist_ok=True)
+    figs = out / "figures"
+    figs.mkdir(exist_ok=True)
+    t0 = time.time()
+    model = sp.tl.fit(sdata, image_key=image_key, table_key=table_key, labels_key=labels_key, shapes_key=shapes_key,
+                      layer=layer, config=config, max_epochs=max_epochs, random_state=random_state,
+                      checkpoint_dir=out / "checkpoints")
+    log.info("fit: %.0f s, %d epochs", time.time() - t0, model.train_info.get("epochs", 0))
+    sp.tl.cluster(sdata, level="niche", resolution=resolution, table_key=table_key, random_state=random_state)
+    sp.tl.cluster(sdata, level="cell", resolution=resolution, table_key=table_key, random_state=random_state)
+    model.save(out / "model", overwrite=True)
+    written = [
+        sp.pl.niches(sdata, image_key=image_key, table_key=table_key, save=figs / "niches.png"),
+        sp.pl.embedding(sdata, level="cell", color="spatia_cluster", table_key=table_key,
+                        save=figs / "umap_cell.png"),
+        sp.pl.embedding(sdata, level="niche", color="spatia_niche", table_key=table_key,
+                        save=figs / "umap_niche.png"),
+        sp.pl.history(model, save=figs / "history.png"),
+    ]
+    import matplotlib.pyplot as plt
+
+    for f in written:
+        plt.close(f)
+    zarr_path = out / "spatia.zarr"
+    if zarr_path.exists():
+        import shutil
+
+        shutil.rmtree(zarr_path)
+    sdata.write(zarr_path)
+    print(f"SpatialData with embeddings and niches: {zarr_path}")
+    print(f"Model: {out / 'model'}")
+    print(f"Figures: {', '.join(str(p) for p in sorted(figs.glob('*.png')))}")
+    print(f"Total time: {time.time() - t0:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="spatia", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="fit, cluster niches and plot on the built-in demo slide")
+    d.add_argument("--out", type=Path, default=Path("spatia_demo_out"))
+    d.add_argument("--epochs", type=int, default=15)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("-q", "--quiet", action="store_true")
+    f = sub.add_parser("fit", help="fit on a SpatialData zarr store and write the results")
+    f.add_argument("path", type=Path, help="SpatialData .zarr")
+    f.add_argument("--out", type=Path, required=True)
+    f.add_argument("--image-key")
+    f.add_argument("--table-key", default="table")
+    f.add_argument("--labels-key")
+    f.add_argument("--shapes-key")
+    f.add_argument("--layer")
+    f.add_argument("--epochs", type=int)
+    f.add_argument("--preset", choices=["tiny", "default", "large"], default="default")
+    f.add_argument("--resolution", type=float, default=0.5)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("-q", "--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    _setup_logging(not args.quiet)
+
+    import spatia as sp
+
+    if args.command == "demo":
+        sdata = sp.datasets.demo()
+        _pipeline(sdata, args.out, image_key="morphology", table_key="table", labels_key=None, shapes_key=None,
+                  layer=None, config=sp.SpatiaConfig.default(), max_epochs=args.epochs, random_state=args.seed,
+                  resolution=0.5)
+        return 0
+    import spatialdata as sd
+
+    if not args.path.exists():
+        print(f"error: {args.path} does not exist", file=sys.stderr)
+        return 2
+    sdata = sd.read_zarr(args.path)
+    config = getattr(sp.SpatiaConfig, args.preset)()
+    _pipeline(sdata, args.out, image_key=args.image_key, table_key=args.table_key, labels_key=args.labels_key,
+              shapes_key=args.shapes_key, layer=args.layer, config=config, max_epochs=args.epochs,
+              random_state=args.seed, resolution=args.resolution)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Shared fixtures: a small simulated slide and a tiny model fitted on it once per session."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+import spatia as sp
+
+sp.settings.progress_bar = False
+logging.getLogger("lightning").setLevel(logging.ERROR)
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+N_CELLS = 700
+
+
+@pytest.fixture(scope="session")
+def sim():
+    """A slide where expression is shallow (so morphology and context matter)."""
+    return sp.datasets.simulate(N_CELLS, mean_depth=25.0, random_state=7)
+
+
+@pytest.fixture
+def sdata(sim):
+    """A fresh deep copy for tests that write into the object."""
+    return _copy(sim)
+
+
+def _copy(sdata):
+    import copy
+
+    return copy.deepcopy(sdata)
+
+
+@pytest.fixture(scope="session")
+def fitted(sim):
+    """(sdata, model) after one tiny fit (shared; tests must not modify it)."""
+    sd = _copy(sim)
+    model = sp.tl.fit(sd, image_key="morphology", config=sp.SpatiaConfig.tiny(), max_epochs=20, random_state=0)
+    return sd, model
+
+
+def knn_accuracy(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
+    from sklearn.model_selection import cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    x = StandardScaler().fit_transform(x)
+    return float(cross_val_score(KNeighborsClassifier(15), x, y, cv=5).mean())
+
+
+def pca_of_expression(table, n_comps: int) -> np.ndarray:
+    import scanpy as sc
+
+    a = table.copy()
+    sc.pp.normalize_total(a)
+    sc.pp.log1p(a)
+    sc.pp.pca(a, n_comps=n_comps, random_state=0)
+    return a.obsm["X_pca"]

