@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
 
     rows, notes = [], []
+    load_before = os.getloadavg()[0]
     for n in args.cells:
         print(f"{n:,} cells", flush=True)
         path = slide_path(args.workdir, n)
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(store, ignore_errors=True)
         for method, r in results.items():
             rate = r["n"] / r["seconds"]
-            rows.append({"n": n, "shape": shape, "method": method, "rate": rate, **r, "speedup": rate / base_rate})
+            rows.append({**r, "n": n, "shape": shape, "method": method, "rate": rate, "speedup": rate / base_rate})
             print(f"  {method}: {rate:,.1f} cells/s, {r['seconds']:.2f} s, peak +{r['peak_mb']:.0f} MB", flush=True)
         notes.append(
             f"- {n:,} cells: ImageTilesDataset set-up {tiles['init_seconds']:.1f} s (not counted); mean per-channel "
@@ -224,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
             "",
             f"`{command}` — {datetime.date.today().isoformat()}",
             "",
-            f"Machine: {machine()}.",
+            f"Machine: {machine()}. Load average (1 min) {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+            "the runs (other jobs share the machine, so rates vary by ±30 % between runs).",
             "",
             f"Slides: `sp.datasets.simulate(n, lazy=True, random_state=0)` written to zarr and read back "
             f"(2 channels, uint16, 1024² chunks, 0.5 µm/px). Crops: {args.size} px of {args.size} image px "

@@ -134,6 +134,9 @@ class SpatiaModel:
             callbacks.append(EarlyStopping(monitor="val_loss", patience=tc.patience, mode="min"))
         from .._settings import settings
 
+        if isinstance(strategy, str) and strategy in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"):
+            # some heads (masked genes, labels, contrastive) can sit out a batch: DDP must allow it
+            strategy = f"{strategy}_find_unused_parameters_true"
         kw = dict(
             max_epochs=max_epochs, accelerator=accelerator, devices=devices, strategy=strategy,
             precision=precision, callbacks=callbacks, logger=False, enable_progress_bar=settings.progress_bar,

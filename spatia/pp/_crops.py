@@ -7,6 +7,7 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,9 +31,10 @@ from ._elements import (
 logger = logging.getLogger(__name__)
 
 _STORE_VERSION = 1
-_STORE_CHUNK = 1024  # cells per zarr chunk of a crop store
+_STORE_CHUNK_BYTES = 512 * 2**10  # zarr chunks of a crop store: small enough to read a few random cells
 _TILE_ROWS, _TILE_COLS = 1024, 2048  # target tile size (px) when reading the image along its chunks
-_CACHE_BYTES = 256 * 2**20  # decoded tiles kept for the margins of neighbouring tiles
+_CACHE_BYTES = 256 * 2**20  # at most this many bytes of decoded tiles kept for the margins of later tiles
+_BUFFER_BYTES = 16 * 2**20  # each of the two write buffers of an on-disk store
 _SMALL_IMAGE_PX = 4_000_000  # below this, intensity percentiles come from a grid over the whole image
 
 
@@ -103,10 +105,7 @@ class CropStore:
         import zarr
 
         path = Path(path)
-        arr = zarr.open_array(
-            str(path / "crops"), mode="w", shape=self.images.shape, dtype="uint8",
-            chunks=(min(_STORE_CHUNK, max(1, len(self))),) + tuple(self.images.shape[1:]),
-        )
+        arr = _store_array(path / "crops", self.images.shape)
         step = 4096
         for i in range(0, len(self), step):
             arr[i : i + step] = np.asarray(self.images[i : i + step])
@@ -135,6 +134,81 @@ class CropStore:
     def __repr__(self) -> str:
         where = self.path or "memory"
         return f"CropStore({len(self)} cells × {self.n_channels} channels × {self.size}² px, {where})"
+
+
+def _store_array(path: Path, shape: tuple[int, ...]):
+    """A new (overwritten) uint8 zarr array for crops: chunks of ~512 KB, zstd level 1 with zarr 3.
+
+    Small chunks keep reading a random batch of cells cheap; zstd's fast level compresses crops almost as
+    well as its default (they are noisy) at twice the speed.
+    """
+    import zarr
+
+    per_cell = int(np.prod(shape[1:]))
+    cells = int(np.clip(2 ** np.round(np.log2(_STORE_CHUNK_BYTES / max(per_cell, 1))), 1, 1024))
+    chunks = (min(cells, max(1, shape[0])), *shape[1:])
+    if hasattr(zarr, "create_array"):  # zarr >= 3
+        from zarr.codecs import ZstdCodec
+
+        return zarr.create_array(
+            str(path), shape=shape, chunks=chunks, dtype="uint8", compressors=ZstdCodec(level=1), overwrite=True
+        )
+    return zarr.open_array(str(path), mode="w", shape=shape, chunks=chunks, dtype="uint8")
+
+
+class _StoreWriter:
+    """Appends crops to a zarr array from two alternating buffers; each full buffer is written (compressed)
+    in a background thread while the next one fills."""
+
+    def __init__(self, arr, buffer_cells: int):
+        self.arr = arr
+        self.bufs = [np.zeros((buffer_cells, *arr.shape[1:]), dtype=np.uint8) for _ in range(2)]
+        self.cur = self.filled = self.written = 0
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending = None
+
+    @property
+    def buffer(self) -> np.ndarray:
+        return self.bufs[self.cur]
+
+    def room(self) -> int:
+        return len(self.buffer) - self.filled
+
+    def advance(self, n: int) -> None:
+        """``n`` more cells were written into :attr:`buffer` from position ``filled``."""
+        self.filled += n
+        if self.filled == len(self.buffer):
+            self.flush()
+
+    def zeros(self, n: int) -> None:
+        """Append ``n`` blank crops."""
+        while n > 0:
+            k = min(n, self.room())
+            self.buffer[self.filled : self.filled + k] = 0
+            self.advance(k)
+            n -= k
+
+    def flush(self) -> None:
+        if self.filled == 0:
+            return
+        self._wait()
+        sl = slice(self.written, self.written + self.filled)
+        self.pending = self.pool.submit(self.arr.__setitem__, sl, self.buffer[: self.filled])
+        self.written += self.filled
+        self.filled = 0
+        self.cur = 1 - self.cur
+
+    def _wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+    def close(self) -> None:
+        try:
+            self.flush()
+            self._wait()
+        finally:
+            self.pool.shutdown(wait=True)
 
 
 def _write_meta(path: Path, order, obs_names, channels, params) -> None:
@@ -185,6 +259,15 @@ class _Tiles:
         while self._bytes > self.max_bytes and len(self._cache) > 1:
             self._bytes -= self._cache.popitem(last=False)[1].nbytes
         return t
+
+    def forget(self, top: int, next_top: int, left: int) -> None:
+        """Drop cached tiles that no later read reaches when tiles are visited row by row.
+
+        The current tile row's reads reach tile rows ``>= top`` and tile columns ``>= left`` (margins
+        included), the next tile row's reads rows ``>= next_top``.
+        """
+        for key in [k for k in self._cache if k[0] < top or (k[0] < next_top and k[1] < left)]:
+            self._bytes -= self._cache.pop(key).nbytes
 
     def region(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         """Pixels ``[:, r0:r1, c0:c1]`` (inside the image), assembled from the cached tiles."""
@@ -281,6 +364,7 @@ def _resample(block, labels, own, cy, cx, step, lo, scale, out, out_rows):  # pr
         acc = np.empty(size, np.float32)
         own_id = own[i]
         row = out_rows[i]
+        unit = s == 1.0 and x_first[0] >= 0 and x_first[size - 1] + 1 < w
         for ch in range(n_ch):
             # 1. along x, for every block row the crop touches (rows outside the block are zero)
             for r in range(n_rows):
@@ -298,6 +382,14 @@ def _resample(block, labels, own, cy, cx, step, lo, scale, out, out_rows):  # pr
                             if lab[x] == 0 or lab[x] == own_id:
                                 a += wx[k, t] * src[x]
                         tmp[r, k] = a
+                elif unit:  # 1:1 inside the block: a sub-pixel shift, contiguous (vectorised)
+                    w0, w1 = wx[0, 0], wx[0, 1]
+                    x0 = xi[0, 0]
+                    for k in range(size):
+                        tmp[r, k] = w0 * src[x0 + k] + w1 * src[x0 + k + 1]
+                elif n_tap == 2:  # bilinear
+                    for k in range(size):
+                        tmp[r, k] = wx[k, 0] * src[xi[k, 0]] + wx[k, 1] * src[xi[k, 1]]
                 else:
                     for k in range(size):
                         a = 0.0
@@ -305,16 +397,25 @@ def _resample(block, labels, own, cy, cx, step, lo, scale, out, out_rows):  # pr
                             a += wx[k, t] * src[xi[k, t]]
                         tmp[r, k] = a
             # 2. along y, then the intensity map to 0..255
+            lo_c, scale_c = lo[ch], scale[ch]
             for k in range(size):
-                acc[:] = 0.0
-                for t in range(n_tap):
-                    wt = wy[k, t]
-                    tr = tmp[y_first[k] - ya + t]
+                o = y_first[k] - ya
+                if n_tap == 2:
+                    w0, w1 = wy[k, 0], wy[k, 1]
+                    t0, t1 = tmp[o], tmp[o + 1]
                     for m in range(size):
-                        acc[m] += wt * tr[m]
+                        acc[m] = w0 * t0[m] + w1 * t1[m]
+                else:
+                    acc[:] = 0.0
+                    for t in range(n_tap):
+                        wt = wy[k, t]
+                        tr = tmp[o + t]
+                        for m in range(size):
+                            acc[m] += wt * tr[m]
+                dst = out[row, ch, k]
                 for m in range(size):
-                    v = min(max((acc[m] - lo[ch]) * scale[ch], 0.0), 255.0)
-                    out[row, ch, k, m] = np.uint8(math.floor(v + 0.5))
+                    v = min(max((acc[m] - lo_c) * scale_c, 0.0), 255.0)
+                    dst[m] = np.uint8(v + 0.5)
 
 
 def extract_crops(
@@ -380,7 +481,8 @@ def extract_crops(
         Directory for an on-disk zarr store (written as it goes; the cells never all sit in memory).
         ``None`` keeps the crops in memory.
     batch_cells
-        Cells per write (a multiple of the store's 1,024-cell chunks is best).
+        Most cells resampled in one call (an on-disk store is written through two ~16 MB buffers, each
+        written in the background while the other fills).
 
     Returns
     -------
@@ -480,21 +582,16 @@ def extract_crops(
         "intensity_lo": lo.tolist(), "intensity_hi": hi.tolist(), "pixel_size": px_size,
     }
 
-    # 3. output: zarr (written chunk by chunk from a buffer) or memory (written in table order)
-    chunk_cells = min(_STORE_CHUNK, max(1, n_cells))
+    # 3. output: zarr (appended in store order from buffers) or memory (written in table order)
+    writer = None
     if store is not None:
-        import zarr
-
         path = Path(store)
-        out = zarr.open_array(
-            str(path / "crops"), mode="w", shape=(n_cells, n_ch, size, size), dtype="uint8",
-            chunks=(chunk_cells, n_ch, size, size),
-        )  # fmt: skip
-        cap = chunk_cells * max(1, int(np.ceil(batch_cells / chunk_cells)))
-        buf = np.zeros((min(cap, n_cells), n_ch, size, size), dtype=np.uint8)
+        out = _store_array(path / "crops", (n_cells, n_ch, size, size))
+        chunk = out.chunks[0]
+        per_cell = n_ch * size * size
+        writer = _StoreWriter(out, min(n_cells, chunk * max(1, int(_BUFFER_BYTES // (chunk * per_cell)))))
     else:
         out = np.zeros((n_cells, n_ch, size, size), dtype=np.uint8)
-        buf = out
 
     from .._settings import settings
 
@@ -506,42 +603,50 @@ def extract_crops(
     lo32 = lo.astype(np.float32)
     scale32 = (255.0 / (hi - lo)).astype(np.float32)
     no_labels = np.zeros((0, 0), dtype=np.int32)
-    written = 0  # cells flushed to the store
-    filled = 0  # cells in the buffer
     start = 0
-    while start < n_in:
-        # 4. the next run of cells of one tile (at most batch_cells / what the buffer still holds)
-        stop = min(int(np.searchsorted(tile_sorted, tile_sorted[start], side="right")), start + batch_cells)
-        if store is not None:
-            stop = min(stop, start + len(buf) - filled)
-        sel = order[start:stop]
-        y, x = pix[sel, 1], pix[sel, 0]
-        r0, r1 = max(0, int(np.floor(y.min())) - margin), min(h, int(np.ceil(y.max())) + margin + 1)
-        c0, c1 = max(0, int(np.floor(x.min())) - margin), min(w, int(np.ceil(x.max())) + margin + 1)
-        block = tiles.region(r0, r1, c0, c1)
-        lab = labels_tiles.region(r0, r1, c0, c1)[0] if labels_tiles is not None else no_labels
-        rows = sel if store is None else np.arange(filled, filled + len(sel))
-        _resample(block, lab, own_ids[sel], y - r0, x - c0, step[sel], lo32, scale32, buf, rows)
-        filled += len(sel) if store is not None else 0
-        if store is not None and (filled == len(buf) or stop == n_in):
-            out[written : written + filled] = buf[:filled]
-            written, filled = written + filled, 0
+    try:
+        while start < n_in:
+            # 4. the next run of cells of one tile (at most batch_cells, or what the buffer still holds)
+            stop = min(int(np.searchsorted(tile_sorted, tile_sorted[start], side="right")), start + batch_cells)
+            if writer is not None:
+                stop = min(stop, start + writer.room())
+            sel = order[start:stop]
+            y, x = pix[sel, 1], pix[sel, 0]
+            r0, r1 = max(0, int(np.floor(y.min())) - margin), min(h, int(np.ceil(y.max())) + margin + 1)
+            c0, c1 = max(0, int(np.floor(x.min())) - margin), min(w, int(np.ceil(x.max())) + margin + 1)
+            # tiles that no later run reaches, margins included, leave the cache
+            ti, tj = divmod(int(tile_sorted[start]), n_tile_cols)
+            top, next_top = (int(np.searchsorted(tiles.rows, max(tiles.rows[k] - margin, 0), "right")) - 1
+                             for k in (ti, min(ti + 1, len(tiles.rows) - 2)))  # fmt: skip
+            left = int(np.searchsorted(tiles.cols, max(tiles.cols[tj] - margin, 0), "right")) - 1
+            for t in (tiles, labels_tiles) if labels_tiles is not None else (tiles,):
+                t.forget(top, next_top, left)
+            block = tiles.region(r0, r1, c0, c1)
+            lab = labels_tiles.region(r0, r1, c0, c1)[0] if labels_tiles is not None else no_labels
+            if writer is None:
+                target, rows = out, sel
+            else:
+                target, rows = writer.buffer, np.arange(writer.filled, writer.filled + len(sel))
+            _resample(block, lab, own_ids[sel], y - r0, x - c0, step[sel], lo32, scale32, target, rows)
+            if writer is not None:
+                writer.advance(len(sel))
+            if tq is not None:
+                tq.update(len(sel))
+            start = stop
+        if writer is not None:
+            writer.zeros(n_out)  # blank crops of the cells outside the image, at the end of the store
+    finally:
+        if writer is not None:
+            writer.close()
         if tq is not None:
-            tq.update(len(sel))
-        start = stop
-    if tq is not None:
-        tq.update(n_out)
-        tq.close()
+            tq.update(n_out)
+            tq.close()
 
+    obs_names = table.obs_names.to_numpy().astype(object)
     if store is None:
-        return CropStore(out, np.arange(n_cells), table.obs_names.to_numpy().astype(object), ch_names, params)
-    # blank crops of the cells outside the image, at the end of the store (already zero in a new array,
-    # but written so the store never depends on zarr's fill value)
-    for i in range(n_in, n_cells, len(buf)):
-        j = min(n_cells, i + len(buf))
-        out[i:j] = np.zeros((j - i, n_ch, size, size), dtype=np.uint8)
-    _write_meta(Path(store), order, table.obs_names.to_numpy(), ch_names, params)
-    return CropStore(out, order, table.obs_names.to_numpy().astype(object), ch_names, params, str(store))
+        return CropStore(out, np.arange(n_cells), obs_names, ch_names, params)
+    _write_meta(Path(store), order, obs_names, ch_names, params)
+    return CropStore(out, order, obs_names, ch_names, params, str(store))
 
 
 def crops_for(data, crops: CropStore | str | Path | None, **kwargs) -> CropStore:

@@ -38,11 +38,29 @@ def _write_embeddings(table, emb: dict[str, np.ndarray], key_added: dict[str, st
             log_added("adata.obsm", k)
 
 
+def _sanitize(obj):
+    """Make run parameters writable by anndata (zarr / h5ad): no None, tuples → lists, numpy → python."""
+    if isinstance(obj, dict):
+        return {str(k): _sanitize(v) for k, v in obj.items() if v is not None}
+    if isinstance(obj, list | tuple):
+        vals = [_sanitize(v) for v in obj if v is not None]
+        return vals if vals else np.array([], dtype=str)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, bool | int | float | str | np.ndarray):
+        return obj
+    return str(obj)
+
+
 def _run_params(model, prepared, extra: dict[str, Any]) -> dict[str, Any]:
+    return _sanitize(_run_params_raw(model, prepared, extra))
+
+
+def _run_params_raw(model, prepared, extra: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     return {
-        "version": __version__, "torch": torch.__version__, "config": model.config.to_dict(),
+        "version": __version__, "torch": str(torch.__version__), "config": model.config.to_dict(),
         "n_genes": len(model.genes), "missing_genes": prepared.missing_genes, "channels": model.channels,
         "coordinate_system": prepared.coordinate_system, "crop_params": prepared.crop_params,
         "train_info": {k: v for k, v in model.train_info.items() if isinstance(v, int | float | str)},

@@ -239,7 +239,7 @@ def test_padding_at_image_edge():
     assert c[12, 12] == 250
 
 
-def test_outside_cells_error_or_pad():
+def test_outside_cells_error_or_pad(tmp_path):
     centres = np.array([[20.5, 20.5], [20.5, 60.5], [20.5, 40.5]])
     sdata = _build(centres, [3.0, 3.0, 3.0], [200, 250, 220], shape=(50, 90), source="circles", background=90)
     circles = sdata.shapes["circles"]
@@ -257,6 +257,10 @@ def test_outside_cells_error_or_pad():
     c = extract_crops(sdata, image_key="img", size=16, crop_um=8.0, percentiles=FULL, outside="pad").get([0, 1, 2])
     assert (c[0] == 0).all() and (c[2] == 0).all()
     assert c[1, 0, 8, 8] == 250 and c[1, 0, 0, 0] == 90
+    on_disk = extract_crops(
+        sdata, image_key="img", size=16, crop_um=8.0, percentiles=FULL, outside="pad", store=tmp_path / "c.zarr"
+    )
+    np.testing.assert_array_equal(on_disk.get([0, 1, 2]), c)
     with pytest.raises(ValueError, match="outside must be"):
         extract_crops(sdata, image_key="img", outside="clip")
 

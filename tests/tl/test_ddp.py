@@ -10,7 +10,7 @@ from spatia import Keys
 
 def test_ddp_two_cpu_processes(sdata):
     model = sp.tl.fit(sdata, config=sp.SpatiaConfig.tiny(), max_epochs=2, accelerator="cpu", devices=2,
-                      strategy="ddp_spawn", random_state=0)
+                      strategy="ddp_fork", random_state=0)
     assert model.train_info["world_size"] == 2
     assert model.is_trained and len(model.history) >= 1
     t = sdata["table"]

@@ -135,3 +135,16 @@ def test_image_only_ablation_carries_morphology_programs(sdata):
     r2 = cross_val_score(RidgeCV(), emb["cell"], size, cv=5).mean()
     r2_base = cross_val_score(RidgeCV(), base, size, cv=5).mean()
     assert r2 > 0.3 and r2 > r2_base, (r2, r2_base)
+
+
+def test_results_survive_zarr_round_trip(fitted, tmp_path):
+    import copy
+
+    import spatialdata as sd_
+
+    sd, _ = fitted
+    sd = copy.deepcopy(sd)
+    sd.write(tmp_path / "out.zarr")
+    back = sd_.read_zarr(tmp_path / "out.zarr")
+    np.testing.assert_array_equal(back["table"].obsm[Keys.CELL_EMB], sd["table"].obsm[Keys.CELL_EMB])
+    assert back["table"].uns[Keys.UNS]["function"] == "fit"
