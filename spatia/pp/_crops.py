@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -106,7 +107,7 @@ class CropStore:
 
         path = Path(path)
         arr = _store_array(path / "crops", self.images.shape)
-        step = 4096
+        step = _store_layout(self.images.shape)[1]
         for i in range(0, len(self), step):
             arr[i : i + step] = np.asarray(self.images[i : i + step])
         _write_meta(path, self.order, self.obs_names, self.channels, self.params)
@@ -136,23 +137,34 @@ class CropStore:
         return f"CropStore({len(self)} cells × {self.n_channels} channels × {self.size}² px, {where})"
 
 
-def _store_array(path: Path, shape: tuple[int, ...]):
-    """A new (overwritten) uint8 zarr array for crops: chunks of ~512 KB, zstd level 1 with zarr 3.
+def _store_layout(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(chunk, shard)`` in cells for a crop store: ~512 KB chunks (a random batch of cells reads little),
+    ~16 MB shards (few files; one write buffer fills exactly one shard)."""
+    per_cell = max(int(np.prod(shape[1:])), 1)
+    chunk = int(np.clip(2 ** np.round(np.log2(_STORE_CHUNK_BYTES / per_cell)), 1, 1024))
+    chunk = min(chunk, max(1, shape[0]))
+    shard = chunk * max(1, int(_BUFFER_BYTES // (chunk * per_cell)))
+    return chunk, min(shard, chunk * int(np.ceil(max(1, shape[0]) / chunk)))
 
-    Small chunks keep reading a random batch of cells cheap; zstd's fast level compresses crops almost as
-    well as its default (they are noisy) at twice the speed.
+
+def _store_array(path: Path, shape: tuple[int, ...]):
+    """A new uint8 zarr array for crops (replacing one at ``path``); sharded, zstd level 1 with zarr 3.
+
+    zstd's fast level compresses the (noisy) crops almost as well as its default at twice the speed.
     """
     import zarr
 
-    per_cell = int(np.prod(shape[1:]))
-    cells = int(np.clip(2 ** np.round(np.log2(_STORE_CHUNK_BYTES / max(per_cell, 1))), 1, 1024))
-    chunks = (min(cells, max(1, shape[0])), *shape[1:])
+    if path.exists():
+        shutil.rmtree(path)
+    chunk, shard = _store_layout(shape)
+    chunks = (chunk, *shape[1:])
     if hasattr(zarr, "create_array"):  # zarr >= 3
         from zarr.codecs import ZstdCodec
 
         return zarr.create_array(
-            str(path), shape=shape, chunks=chunks, dtype="uint8", compressors=ZstdCodec(level=1), overwrite=True
-        )
+            str(path), shape=shape, chunks=chunks, shards=(shard, *shape[1:]), dtype="uint8",
+            compressors=ZstdCodec(level=1),
+        )  # fmt: skip
     return zarr.open_array(str(path), mode="w", shape=shape, chunks=chunks, dtype="uint8")
 
 
@@ -260,14 +272,35 @@ class _Tiles:
             self._bytes -= self._cache.popitem(last=False)[1].nbytes
         return t
 
-    def forget(self, top: int, next_top: int, left: int) -> None:
-        """Drop cached tiles that no later read reaches when tiles are visited row by row.
+    def stripe_width(self) -> int:
+        """Tile columns per vertical stripe: two tile rows of a stripe and its neighbours fit in the cache."""
+        h, w = int(np.diff(self.rows).max()), int(np.diff(self.cols).max())
+        tile_bytes = self.arr.shape[0] * h * w * np.dtype(self.arr.dtype).itemsize
+        return int(np.clip(self.max_bytes // (2 * tile_bytes) - 2, 1, len(self.cols) - 1))
 
-        The current tile row's reads reach tile rows ``>= top`` and tile columns ``>= left`` (margins
-        included), the next tile row's reads rows ``>= next_top``.
-        """
-        for key in [k for k in self._cache if k[0] < top or (k[0] < next_top and k[1] < left)]:
-            self._bytes -= self._cache.pop(key).nbytes
+    def visit_key(self, ti: np.ndarray, tj: np.ndarray, stripe: int) -> np.ndarray:
+        """Order in which tiles are visited: row by row within vertical stripes of ``stripe`` tile columns
+        (one stripe when the slide is narrow enough), so each chunk is decoded once or, on wide slides,
+        only the stripes' border chunks twice."""
+        n_rows, n_cols = len(self.rows) - 1, len(self.cols) - 1
+        return ((tj // stripe) * n_rows + ti) * n_cols + tj
+
+    def release(self, key: int, stripe: int, margin: int) -> None:
+        """Drop the cached tiles that no read at or after tile ``key`` (margins included) reaches."""
+        n_rows, n_cols = len(self.rows) - 1, len(self.cols) - 1
+        rest, tj = divmod(key, n_cols)
+        s, ti = divmod(rest, n_rows)
+
+        def row(px):
+            return int(np.searchsorted(self.rows, max(px, 0), "right")) - 1
+
+        def col(px):
+            return int(np.searchsorted(self.cols, max(px, 0), "right")) - 1
+
+        top, next_top = row(self.rows[ti] - margin), row(self.rows[min(ti + 1, n_rows - 1)] - margin)
+        left, first = col(self.cols[tj] - margin), col(self.cols[s * stripe] - margin)
+        for k in [k for k in self._cache if k[1] < first or k[0] < top or (k[0] < next_top and k[1] < left)]:
+            self._bytes -= self._cache.pop(k).nbytes
 
     def region(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         """Pixels ``[:, r0:r1, c0:c1]`` (inside the image), assembled from the cached tiles."""
@@ -565,15 +598,15 @@ def extract_crops(
     if labels_tiles is not None:
         labels_tiles = _Tiles(labels_tiles, tiles.rows, tiles.cols)
     n_cells = len(pix)
-    n_tile_cols = len(tiles.cols) - 1
     ti = np.searchsorted(tiles.rows, np.clip(np.floor(pix[:, 1]), 0, h - 1), "right") - 1
     tj = np.searchsorted(tiles.cols, np.clip(np.floor(pix[:, 0]), 0, w - 1), "right") - 1
-    tile_of = np.where(inside, ti * n_tile_cols + tj, -1)
-    order = np.lexsort((pix[:, 0], pix[:, 1], np.where(inside, tile_of, np.iinfo(np.int64).max)))
+    stripe = tiles.stripe_width()
+    visit = np.where(inside, tiles.visit_key(ti, tj, stripe), np.iinfo(np.int64).max)
+    order = np.lexsort((pix[:, 0], pix[:, 1], visit))
     n_in = n_cells - n_out
-    tile_sorted = tile_of[order[:n_in]]
+    visit_sorted = visit[order[:n_in]]
 
-    lo, hi = _intensity_range(tiles, tile_of[inside], percentiles)
+    lo, hi = _intensity_range(tiles, (ti * (len(tiles.cols) - 1) + tj)[inside], percentiles)
     n_ch = len(ch_idx)
     params = {
         "image_key": image_key, "table_key": table_key, "labels_key": labels_key, "shapes_key": shapes_key,
@@ -586,10 +619,9 @@ def extract_crops(
     writer = None
     if store is not None:
         path = Path(store)
-        out = _store_array(path / "crops", (n_cells, n_ch, size, size))
-        chunk = out.chunks[0]
-        per_cell = n_ch * size * size
-        writer = _StoreWriter(out, min(n_cells, chunk * max(1, int(_BUFFER_BYTES // (chunk * per_cell)))))
+        shape = (n_cells, n_ch, size, size)
+        out = _store_array(path / "crops", shape)
+        writer = _StoreWriter(out, min(n_cells, _store_layout(shape)[1]))
     else:
         out = np.zeros((n_cells, n_ch, size, size), dtype=np.uint8)
 
@@ -607,20 +639,15 @@ def extract_crops(
     try:
         while start < n_in:
             # 4. the next run of cells of one tile (at most batch_cells, or what the buffer still holds)
-            stop = min(int(np.searchsorted(tile_sorted, tile_sorted[start], side="right")), start + batch_cells)
+            stop = min(int(np.searchsorted(visit_sorted, visit_sorted[start], side="right")), start + batch_cells)
             if writer is not None:
                 stop = min(stop, start + writer.room())
             sel = order[start:stop]
             y, x = pix[sel, 1], pix[sel, 0]
             r0, r1 = max(0, int(np.floor(y.min())) - margin), min(h, int(np.ceil(y.max())) + margin + 1)
             c0, c1 = max(0, int(np.floor(x.min())) - margin), min(w, int(np.ceil(x.max())) + margin + 1)
-            # tiles that no later run reaches, margins included, leave the cache
-            ti, tj = divmod(int(tile_sorted[start]), n_tile_cols)
-            top, next_top = (int(np.searchsorted(tiles.rows, max(tiles.rows[k] - margin, 0), "right")) - 1
-                             for k in (ti, min(ti + 1, len(tiles.rows) - 2)))  # fmt: skip
-            left = int(np.searchsorted(tiles.cols, max(tiles.cols[tj] - margin, 0), "right")) - 1
             for t in (tiles, labels_tiles) if labels_tiles is not None else (tiles,):
-                t.forget(top, next_top, left)
+                t.release(int(visit_sorted[start]), stripe, margin)  # tiles no later run reaches
             block = tiles.region(r0, r1, c0, c1)
             lab = labels_tiles.region(r0, r1, c0, c1)[0] if labels_tiles is not None else no_labels
             if writer is None:

@@ -81,6 +81,7 @@ def test_fit_bad_input_leaves_sdata_untouched(sdata):
     with pytest.raises(ValueError, match="not integer counts"):
         sp.tl.fit(sdata, config=sp.SpatiaConfig.tiny(), max_epochs=1)
     assert (set(bad.obsm), set(bad.uns)) == keys
+    sdata.tables["table"] = t
     with pytest.raises(KeyError, match="No table 'nope'"):
         sp.tl.fit(sdata, table_key="nope", config=sp.SpatiaConfig.tiny(), max_epochs=1)
     with pytest.raises(KeyError, match="No image 'nope'"):
