@@ -255,8 +255,9 @@ class _Tiles:
     tiles (up to ``max_bytes``) so that, on slides of moderate width, every chunk is decoded once.
     """
 
-    def __init__(self, arr, rows: np.ndarray, cols: np.ndarray, max_bytes: float = _CACHE_BYTES):
-        self.arr, self.rows, self.cols, self.max_bytes = arr, rows, cols, max_bytes
+    def __init__(self, arr, rows: np.ndarray, cols: np.ndarray, max_bytes: float | None = None):
+        self.arr, self.rows, self.cols = arr, rows, cols
+        self.max_bytes = _CACHE_BYTES if max_bytes is None else max_bytes
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._bytes = 0
 
@@ -318,8 +319,8 @@ class _Tiles:
         return out
 
 
-def _intensity_range(tiles: _Tiles, cell_tiles: np.ndarray, q: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel percentiles from ≤ ~1M pixels per channel.
+def _intensity_range(tiles: _Tiles, cell_tiles: np.ndarray, q: tuple[float, float]):
+    """Per-channel percentiles ``(lo, hi)`` from ≤ ~1M pixels per channel.
 
     Small images are subsampled on a regular grid; large ones from a few tiles spread over the cells
     (``cell_tiles``: flat tile index of every cell), which the crop pass then finds in the tile cache.
@@ -330,16 +331,12 @@ def _intensity_range(tiles: _Tiles, cell_tiles: np.ndarray, q: tuple[float, floa
         step = max(1, int(np.ceil(np.sqrt(h * w / 1e6))))
         sub = np.asarray(arr[:, ::step, ::step]).reshape(arr.shape[0], -1)
     else:
-        used = np.unique(cell_tiles)
-        n_cols = len(tiles.cols) - 1
-        tile_px = np.mean([(tiles.rows[u // n_cols + 1] - tiles.rows[u // n_cols])
-                           * (tiles.cols[u % n_cols + 1] - tiles.cols[u % n_cols]) for u in used])  # fmt: skip
-        k = int(min(len(used), max(1, np.ceil(_SMALL_IMAGE_PX / tile_px))))
-        pick = used[np.linspace(0, len(used) - 1, k).round().astype(int)]
+        ij = [divmod(int(u), len(tiles.cols) - 1) for u in np.unique(cell_tiles)]
+        tile_px = np.mean([np.diff(tiles.rows)[i] * np.diff(tiles.cols)[j] for i, j in ij])
+        k = int(min(len(ij), max(1, np.ceil(_SMALL_IMAGE_PX / tile_px))))
+        pick = [ij[p] for p in np.linspace(0, len(ij) - 1, k).round().astype(int)]
         step = max(1, int(np.ceil(np.sqrt(k * tile_px / 1e6))))
-        sub = np.concatenate(
-            [tiles.tile(u // n_cols, u % n_cols)[:, ::step, ::step].reshape(arr.shape[0], -1) for u in pick], axis=1
-        )
+        sub = np.concatenate([tiles.tile(i, j)[:, ::step, ::step].reshape(arr.shape[0], -1) for i, j in pick], axis=1)
     sub = sub.astype(np.float32)
     lo = np.percentile(sub, q[0], axis=1)
     hi = np.percentile(sub, q[1], axis=1)
@@ -349,11 +346,15 @@ def _intensity_range(tiles: _Tiles, cell_tiles: np.ndarray, q: tuple[float, floa
 
 @njit(nogil=True, cache=True)
 def _taps(centre, s, size, n_tap, extent):  # pragma: no cover - compiled
-    """Filter taps along one axis: ``(first, index, weight)``; ``index`` clipped into ``[0, extent)``, taps
-    outside get weight 0 (zero padding), weights of each output pixel sum to 1 before clipping."""
+    """Filter taps along one axis: ``(first, index, weight)``.
+
+    Output pixel ``k`` reads pixels ``index[k]`` (clipped into ``[0, extent)``; unsigned, so indexing needs
+    no wrap-around check) with ``weight[k]`` (0 for pixels outside, i.e. zero padding; the weights of a
+    pixel sum to 1 before that); ``first[k]`` is its first, unclipped pixel.
+    """
     radius = max(1.0, s)
     first = np.empty(size, np.int64)
-    index = np.empty((size, n_tap), np.int64)
+    index = np.empty((size, n_tap), np.uint64)
     weight = np.zeros((size, n_tap), np.float32)
     for k in range(size):
         c = centre + (k + 0.5 - 0.5 * size) * s  # output pixel centre, block coordinates
@@ -378,7 +379,7 @@ def _resample(block, labels, own, cy, cx, step, lo, scale, out, out_rows):  # pr
 
     block ``(C, H, W)``; labels ``(H, W)`` or ``(0, 0)`` (no masking); own ``(n,)`` each cell's label id;
     cy, cx ``(n,)`` crop centres in block coordinates (pixel ``k`` covers ``[k, k + 1)``); step ``(n,)``
-    block pixels per output pixel; lo, scale ``(C,)`` intensity map ``(v - lo) * scale``; out
+    block pixels per output pixel; lo, scale ``(C,)`` float32 intensity map ``(v - lo) * scale``; out
     ``(N, C, S, S)`` uint8 written at rows ``out_rows``. Separable triangle filter of radius
     ``max(1, step)``: bilinear when enlarging, area-like anti-aliasing when shrinking; pixels outside the
     block read as 0 (the block holds the whole image around the cells).
@@ -386,69 +387,85 @@ def _resample(block, labels, own, cy, cx, step, lo, scale, out, out_rows):  # pr
     n_ch, h, w = block.shape
     size = out.shape[-1]
     mask = labels.shape[0] > 0
+    zero, top, half = np.float32(0.0), np.float32(255.0), np.float32(0.5)
+    one = np.uint64(1)
     for i in prange(cy.shape[0]):
         s = step[i]
         n_tap = int(math.ceil(2.0 * max(1.0, s)))
         x_first, xi, wx = _taps(cx[i], s, size, n_tap, w)
-        y_first, yi, wy = _taps(cy[i], s, size, n_tap, h)
+        y_first, _, wy = _taps(cy[i], s, size, n_tap, h)
         ya = y_first[0]
         n_rows = y_first[size - 1] + n_tap - ya
         tmp = np.empty((n_rows, size), np.float32)
-        acc = np.empty(size, np.float32)
         own_id = own[i]
         row = out_rows[i]
-        unit = s == 1.0 and x_first[0] >= 0 and x_first[size - 1] + 1 < w
+        # crops inside the block read each row contiguously from x0 (a 1:1 crop is a sub-pixel shift)
+        x0 = x_first[0]
+        inside = x0 >= 0 and x_first[size - 1] + n_tap <= w and not mask
+        unit = inside and s == 1.0
+        x_off = np.empty(size, np.uint64)
+        for k in range(size):
+            x_off[k] = x_first[k] - x0 if inside else 0
         for ch in range(n_ch):
             # 1. along x, for every block row the crop touches (rows outside the block are zero)
             for r in range(n_rows):
                 y = ya + r
+                tr = tmp[r]
                 if y < 0 or y >= h:
-                    tmp[r, :] = 0.0
-                    continue
-                src = block[ch, y]
-                if mask:
+                    tr[:] = zero
+                elif unit:
+                    src = block[ch, y, x0 : x0 + size + 1]
+                    w0, w1 = wx[0, 0], wx[0, 1]
+                    for k in range(size):
+                        tr[k] = w0 * np.float32(src[k]) + w1 * np.float32(src[k + 1])
+                elif inside and n_tap == 2:
+                    src = block[ch, y, x0 : x_first[size - 1] + n_tap]
+                    for k in range(size):
+                        j = x_off[k]
+                        tr[k] = wx[k, 0] * np.float32(src[j]) + wx[k, 1] * np.float32(src[j + one])
+                elif inside:
+                    src = block[ch, y, x0 : x_first[size - 1] + n_tap]
+                    for k in range(size):
+                        j = x_off[k]
+                        a = zero
+                        for t in range(n_tap):
+                            a += wx[k, t] * np.float32(src[j + np.uint64(t)])
+                        tr[k] = a
+                elif mask:
+                    src = block[ch, y]
                     lab = labels[y]
                     for k in range(size):
-                        a = 0.0
+                        a = zero
                         for t in range(n_tap):
                             x = xi[k, t]
                             if lab[x] == 0 or lab[x] == own_id:
-                                a += wx[k, t] * src[x]
-                        tmp[r, k] = a
-                elif unit:  # 1:1 inside the block: a sub-pixel shift, contiguous (vectorised)
-                    w0, w1 = wx[0, 0], wx[0, 1]
-                    x0 = xi[0, 0]
-                    for k in range(size):
-                        tmp[r, k] = w0 * src[x0 + k] + w1 * src[x0 + k + 1]
-                elif n_tap == 2:  # bilinear
-                    for k in range(size):
-                        tmp[r, k] = wx[k, 0] * src[xi[k, 0]] + wx[k, 1] * src[xi[k, 1]]
+                                a += wx[k, t] * np.float32(src[x])
+                        tr[k] = a
                 else:
+                    src = block[ch, y]
                     for k in range(size):
-                        a = 0.0
+                        a = zero
                         for t in range(n_tap):
-                            a += wx[k, t] * src[xi[k, t]]
-                        tmp[r, k] = a
+                            a += wx[k, t] * np.float32(src[xi[k, t]])
+                        tr[k] = a
             # 2. along y, then the intensity map to 0..255
             lo_c, scale_c = lo[ch], scale[ch]
             for k in range(size):
                 o = y_first[k] - ya
+                dst = out[row, ch, k]
                 if n_tap == 2:
                     w0, w1 = wy[k, 0], wy[k, 1]
                     t0, t1 = tmp[o], tmp[o + 1]
                     for m in range(size):
-                        acc[m] = w0 * t0[m] + w1 * t1[m]
+                        v = (w0 * t0[m] + w1 * t1[m] - lo_c) * scale_c
+                        dst[m] = np.uint8(min(max(v, zero), top) + half)
                 else:
-                    acc[:] = 0.0
-                    for t in range(n_tap):
-                        wt = wy[k, t]
-                        tr = tmp[o + t]
-                        for m in range(size):
-                            acc[m] += wt * tr[m]
-                dst = out[row, ch, k]
-                for m in range(size):
-                    v = min(max((acc[m] - lo_c) * scale_c, 0.0), 255.0)
-                    dst[m] = np.uint8(v + 0.5)
+                    for m in range(size):
+                        a = zero
+                        for t in range(n_tap):
+                            a += wy[k, t] * tmp[o + t, m]
+                        v = (a - lo_c) * scale_c
+                        dst[m] = np.uint8(min(max(v, zero), top) + half)
 
 
 def extract_crops(
@@ -639,7 +656,8 @@ def extract_crops(
     try:
         while start < n_in:
             # 4. the next run of cells of one tile (at most batch_cells, or what the buffer still holds)
-            stop = min(int(np.searchsorted(visit_sorted, visit_sorted[start], side="right")), start + batch_cells)
+            stop = int(np.searchsorted(visit_sorted, visit_sorted[start], side="right"))
+            stop = min(stop, start + batch_cells)
             if writer is not None:
                 stop = min(stop, start + writer.room())
             sel = order[start:stop]

@@ -160,7 +160,7 @@ class CellGeometry:
 
 
 def chunk_edges(chunks: Sequence[int] | None, n: int, target: int) -> np.ndarray:
-    """Tile boundaries along one axis of length ``n``: chunk boundaries grouped into tiles of ≥ ``target`` px.
+    """Tile boundaries along an axis of length ``n``: chunk boundaries grouped into tiles of ≥ ``target`` px.
 
     Chunks longer than ``2 * target`` are split (reading part of a chunk decodes all of it, but an in-memory
     or huge chunk should not become one huge tile).
