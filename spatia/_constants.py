@@ -35,7 +35,6 @@ class Keys:
 
     # inputs / conventions
     SPATIAL = "spatial"  # obsm key of cell centroids (in the table's coordinate system, usually µm)
-    COUNTS_LAYER = None  # raw counts in X unless a layer is named
 
     # ground truth written by the simulator (table.obs / uns)
     SIM_UNS = "simulation"

@@ -116,9 +116,13 @@ def neighbours_from_graph(conn: sp_sparse.spmatrix, k: int) -> np.ndarray:
     """``(n, k)`` neighbour rows from a connectivity matrix (nearest first by stored order, -1 padded)."""
     conn = sp_sparse.csr_matrix(conn)
     n = conn.shape[0]
+    rows = np.repeat(np.arange(n), np.diff(conn.indptr))
+    keep = conn.indices != rows  # no self-loops
+    rows, cols = rows[keep], conn.indices[keep]
+    # position of each entry within its row (entries stay in stored order)
+    starts = np.searchsorted(rows, np.arange(n))
+    pos = np.arange(len(rows)) - starts[rows]
+    sel = pos < k
     out = np.full((n, k), -1, dtype=np.int64)
-    for i in range(n):
-        row = conn.indices[conn.indptr[i] : conn.indptr[i + 1]]
-        row = row[row != i][:k]
-        out[i, : len(row)] = row
+    out[rows[sel], pos[sel]] = cols[sel]
     return out

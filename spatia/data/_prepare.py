@@ -12,7 +12,7 @@ from anndata import AnnData
 
 from .._constants import Defaults, Keys
 from ..pp._crops import CropStore, crops_for
-from ..pp._elements import _is_sdata, cell_geometry, get_table
+from ..pp._elements import _is_sdata, cell_geometry, get_image, get_table
 from ..pp._expression import align_genes, get_counts
 from ._dataset import CellArrays, neighbours_from_graph
 
@@ -81,13 +81,17 @@ def prepare(
     crop_params: dict = {}
     channels: list[str] = []
     if _is_sdata(data):
+        shared = ()
+        if use_image and crops is None:
+            image_key, _ = get_image(data, image_key)
+            shared = (data.images[image_key],)
         geo = cell_geometry(data, table, labels_key=labels_key, shapes_key=shapes_key,
-                            coordinate_system=coordinate_system, spatial_key=spatial_key)
+                            coordinate_system=coordinate_system, spatial_key=spatial_key, shared_with=shared)
         xy, cs = geo.xy, geo.coordinate_system
         if use_image:
             kw = dict(crop_kwargs or {})
             kw.update(image_key=image_key, table_key=table_key, labels_key=labels_key, shapes_key=shapes_key,
-                      coordinate_system=cs)
+                      coordinate_system=cs, geometry=geo)
             store = crops_for(data, crops, **kw)
             crop_params, channels = store.params, list(store.channels)
     else:
@@ -101,6 +105,12 @@ def prepare(
             crop_params, channels = store.params, list(store.channels)
     if not np.isfinite(xy).all():
         raise ValueError("Some cell positions are NaN or infinite.")
+    want = (crop_kwargs or {}).get("size")
+    if store is not None and want is not None and store.size != want:
+        raise ValueError(
+            f"The crop store holds {store.size}-px crops but the model reads {want}-px crops "
+            f"(config.image.size): extract crops with size={want}."
+        )
 
     # niche graph (squidpy) and tissue tiles
     from ..pp._graphs import niche_graph, tissue_tiles

@@ -1,6 +1,6 @@
 """Simulated and real example datasets."""
 
-from ._simulate import demo, simulate
 from ._real import cosmx_lung_mini, merscope_toy, xenium_toy
+from ._simulate import demo, simulate
 
 __all__ = ["simulate", "demo", "xenium_toy", "cosmx_lung_mini", "merscope_toy"]

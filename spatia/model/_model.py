@@ -41,6 +41,8 @@ class SpatiaModel:
         Classes of the supervised head (empty for none).
     crop_params
         Crop extraction parameters used in training (reused for new slides).
+    random_state
+        Seed of the initial weights.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class SpatiaModel:
         channels: list[str] | None = None,
         label_categories: list[str] | None = None,
         crop_params: dict | None = None,
+        random_state: int | None = 0,
     ) -> None:
         self.config = config
         self.genes = list(genes)
@@ -59,7 +62,10 @@ class SpatiaModel:
         n_ch = len(self.channels) if config.image.enabled else 1
         if config.image.enabled and n_ch == 0:
             raise ValueError("The image branch is enabled but no image channels were given.")
-        self.module = SpatiaModule(config, len(self.genes), n_ch, len(self.label_categories))
+        # initial weights from random_state only (not from whatever the global torch RNG holds)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed_from(random_state))
+            self.module = SpatiaModule(config, len(self.genes), n_ch, len(self.label_categories))
         self.history: list[dict[str, float]] = []
         self.is_trained = False
         self.train_info: dict[str, Any] = {}
@@ -156,9 +162,8 @@ class SpatiaModel:
         )
         trainer.fit(plan, train_dataloaders=loader, val_dataloaders=val_loader,
                     ckpt_path=str(ckpt_path) if ckpt_path is not None else None)
-        if compile:
-            self.module = self.module._orig_mod  # type: ignore[attr-defined]
-        self.module = plan.module.cpu() if hasattr(plan.module, "cpu") else plan.module
+        trained = plan.module
+        self.module = getattr(trained, "_orig_mod", trained).cpu()  # unwrap torch.compile
         if not history.history and trainer.callback_metrics:
             # spawned DDP: the callback lived in the workers; the main process gets the final metrics
             row = {"epoch": int(trainer.current_epoch) - 1}

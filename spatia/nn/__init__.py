@@ -1,6 +1,12 @@
 """Building blocks: ViT encoder, expression encoder, attention and fusion, position encodings."""
 
-from ._attention import BidirectionalFusion, CrossAttentionBlock, MultiHeadAttention, Transformer, TransformerBlock
+from ._attention import (
+    BidirectionalFusion,
+    CrossAttentionBlock,
+    MultiHeadAttention,
+    Transformer,
+    TransformerBlock,
+)
 from ._expression import ExpressionEncoder, sample_expressed
 from ._position import grid_2d, sincos_1d, sincos_2d
 from ._vit import PixelDecoder, ViTEncoder, patchify, unpatchify

@@ -19,8 +19,8 @@ def sample_expressed(counts: torch.Tensor, max_len: int, training: bool) -> tupl
     if training:
         score = torch.rand_like(score)
     score = score.masked_fill(~expressed, -1.0)
-    l = min(max_len, counts.shape[1])
-    top = score.topk(l, dim=1)
+    n_tok = min(max_len, counts.shape[1])
+    top = score.topk(n_tok, dim=1)
     pad = top.values < 0
     return top.indices, pad
 

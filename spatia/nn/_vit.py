@@ -22,8 +22,8 @@ def patchify(img: torch.Tensor, patch: int) -> torch.Tensor:
 
 def unpatchify(x: torch.Tensor, patch: int, channels: int) -> torch.Tensor:
     """Inverse of :func:`patchify`."""
-    b, l, _ = x.shape
-    n = int(round(l**0.5))
+    b, n_patches, _ = x.shape
+    n = int(round(n_patches**0.5))
     x = x.reshape(b, n, n, channels, patch, patch).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(b, channels, n * patch, n * patch)
 

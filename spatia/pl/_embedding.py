@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from .._constants import Defaults, Keys
-from ..pp._elements import get_table
+from ..pp._elements import get_embedding, get_table
 from ._utils import finish, get_ax
 
 
@@ -42,15 +41,12 @@ def embedding(data, *, level: str = "cell", color: str | None = None, table_key:
     import scanpy as sc
     from anndata import AnnData
 
-    if level not in Keys.LEVEL_TO_EMB:
-        raise ValueError(f"level must be one of {list(Keys.LEVEL_TO_EMB)}, got {level!r}.")
     table = get_table(data, table_key)
+    emb = get_embedding(table, level)
     key = Keys.LEVEL_TO_EMB[level]
-    if key not in table.obsm:
-        raise KeyError(f"No obsm[{key!r}]: run `sp.tl.fit` or `sp.tl.embed` first.")
     if color is not None and color not in table.obs:
         raise KeyError(f"No obs column {color!r}.")
-    tmp = AnnData(obs=pd.DataFrame(index=table.obs_names), obsm={"X": np.asarray(table.obsm[key])})
+    tmp = AnnData(obs=pd.DataFrame(index=table.obs_names), obsm={"X": emb})
     sc.pp.neighbors(tmp, use_rep="X", random_state=random_state)
     sc.tl.umap(tmp, random_state=random_state)
     u = tmp.obsm["X_umap"]

@@ -18,10 +18,10 @@ from numba import njit, prange
 
 from .._constants import Defaults
 from ._elements import (
+    CellGeometry,
     _is_sdata,
     affine_to,
     apply_affine,
-    as_list,
     cell_geometry,
     chunk_edges,
     get_image,
@@ -103,7 +103,6 @@ class CropStore:
 
     def save(self, path: str | Path) -> CropStore:
         """Write the store to ``path`` (a zarr directory) and return the on-disk store."""
-        import zarr
 
         path = Path(path)
         arr = _store_array(path / "crops", self.images.shape)
@@ -487,6 +486,7 @@ def extract_crops(
     outside: Literal["error", "pad"] = "error",
     store: str | Path | None = None,
     batch_cells: int = 4096,
+    geometry: CellGeometry | None = None,
 ) -> CropStore:
     """Cut a crop centred on every cell of the table, resized to ``size × size`` pixels.
 
@@ -533,6 +533,9 @@ def extract_crops(
     batch_cells
         Most cells resampled in one call (an on-disk store is written through two ~16 MB buffers, each
         written in the background while the other fills).
+    geometry
+        Cell positions already computed by :func:`~spatia.pp.cell_geometry` for this table (with the image in
+        ``shared_with``); saves a second pass over the segmentation.
 
     Returns
     -------
@@ -552,10 +555,14 @@ def extract_crops(
         raise ValueError(f"outside must be 'error' or 'pad', got {outside!r}.")
     table = get_table(data, table_key)
     image_key, img = get_image(data, image_key)
-    geo = cell_geometry(
-        data, table, labels_key=labels_key, shapes_key=shapes_key, coordinate_system=coordinate_system,
-        shared_with=(data.images[image_key],),
-    )  # fmt: skip
+    geo = geometry
+    if geo is None:
+        geo = cell_geometry(
+            data, table, labels_key=labels_key, shapes_key=shapes_key, coordinate_system=coordinate_system,
+            shared_with=(data.images[image_key],),
+        )  # fmt: skip
+    elif len(geo.xy) != table.n_obs:
+        raise ValueError(f"geometry has {len(geo.xy)} cells but the table has {table.n_obs}.")
     cs = geo.coordinate_system
     m_img = affine_to(data.images[image_key], cs)  # pixel (x, y) -> cs
     px_size = float(np.sqrt(abs(np.linalg.det(m_img[:2, :2]))))
@@ -709,4 +716,4 @@ def crops_for(data, crops: CropStore | str | Path | None, **kwargs) -> CropStore
     return extract_crops(data, **kwargs)
 
 
-__all__ = ["CropStore", "extract_crops", "crops_for", "as_list"]
+__all__ = ["CropStore", "extract_crops", "crops_for"]

@@ -58,6 +58,16 @@ def get_table(data: AnnData, table_key: str | None = Defaults.TABLE) -> AnnData:
     return tables[table_key]
 
 
+def get_embedding(table: AnnData, level: str) -> np.ndarray:
+    """``obsm['X_spatia_<level>']`` of the table, with clear errors for a bad level or a missing fit."""
+    if level not in Keys.LEVEL_TO_EMB:
+        raise ValueError(f"level must be one of {list(Keys.LEVEL_TO_EMB)}, got {level!r}.")
+    key = Keys.LEVEL_TO_EMB[level]
+    if key not in table.obsm:
+        raise KeyError(f"No obsm[{key!r}] in the table: run `sp.tl.fit` or `sp.tl.embed` first.")
+    return np.asarray(table.obsm[key])
+
+
 def table_annotation(table: AnnData) -> tuple[list[str], str | None, str | None]:
     """``(regions, region_key, instance_key)`` of a SpatialData table, or ``([], None, None)``."""
     attrs = table.uns.get("spatialdata_attrs", {})
@@ -379,9 +389,3 @@ def _check_obsm_consistency(table: AnnData, geo: CellGeometry, spatial_key: str)
             float(np.median(d)),
             float(tol),
         )
-
-
-def as_list(x: str | Sequence[str] | None) -> list[str] | None:
-    if x is None:
-        return None
-    return [x] if isinstance(x, str) else list(x)

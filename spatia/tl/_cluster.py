@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pandas as pd
 
 from .._constants import Defaults, Keys
 from .._utils import log_added, seed_from
-from ..pp._elements import get_table
+from ..pp._elements import get_embedding, get_table
 
 logger = logging.getLogger(__name__)
 
@@ -58,16 +57,12 @@ def cluster(
     import scanpy as sc
     from anndata import AnnData
 
-    if level not in Keys.LEVEL_TO_EMB:
-        raise ValueError(f"level must be one of {list(Keys.LEVEL_TO_EMB)}, got {level!r}.")
     table = get_table(data, table_key)
-    emb_key = Keys.LEVEL_TO_EMB[level]
-    if emb_key not in table.obsm:
-        raise KeyError(f"No obsm[{emb_key!r}] in the table: run `sp.tl.fit` or `sp.tl.embed` first.")
+    emb = get_embedding(table, level)
     if resolution <= 0:
         raise ValueError(f"resolution must be positive, got {resolution}.")
     key_added = key_added or (Keys.NICHE if level == "niche" else Keys.CLUSTER)
-    tmp = AnnData(obs=pd.DataFrame(index=table.obs_names), obsm={"X": np.asarray(table.obsm[emb_key])})
+    tmp = AnnData(obs=pd.DataFrame(index=table.obs_names), obsm={"X": emb})
     seed = seed_from(random_state)
     sc.pp.neighbors(tmp, use_rep="X", n_neighbors=min(n_neighbors, max(2, table.n_obs - 1)), random_state=seed)
     sc.tl.leiden(tmp, resolution=resolution, random_state=seed, flavor="igraph", n_iterations=2, directed=False)

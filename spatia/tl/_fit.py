@@ -53,19 +53,15 @@ def _sanitize(obj):
 
 
 def _run_params(model, prepared, extra: dict[str, Any]) -> dict[str, Any]:
-    return _sanitize(_run_params_raw(model, prepared, extra))
-
-
-def _run_params_raw(model, prepared, extra: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    return {
+    return _sanitize({
         "version": __version__, "torch": str(torch.__version__), "config": model.config.to_dict(),
         "n_genes": len(model.genes), "missing_genes": prepared.missing_genes, "channels": model.channels,
         "coordinate_system": prepared.coordinate_system, "crop_params": prepared.crop_params,
         "train_info": {k: v for k, v in model.train_info.items() if isinstance(v, int | float | str)},
         **extra,
-    }
+    })
 
 
 def fit(
@@ -172,7 +168,7 @@ def fit(
     )
     codes, cats = _labels_array(prepared.table, cell_type_key)
     prepared.arrays.labels = codes
-    model = SpatiaModel(config, prepared.genes, prepared.channels, cats, prepared.crop_params)
+    model = SpatiaModel(config, prepared.genes, prepared.channels, cats, prepared.crop_params, random_state=random_state)
     model.train(
         prepared.arrays, max_epochs=max_epochs, batch_size=batch_size, accelerator=accelerator, devices=devices,
         strategy=strategy, precision=precision, random_state=random_state, checkpoint_dir=checkpoint_dir,

@@ -41,7 +41,8 @@ def test_niches(clustered, tmp_path):
 
 def test_niches_zoom_and_ax(clustered):
     sd, _ = clustered
-    xy = sd["table"].obsm["spatial"]
+    # the plot places cells by their segmentation (through the transformations), as cell_geometry does
+    xy = sp.pp.cell_geometry(sd, sd["table"]).xy
     x0, y0 = xy.min(0)
     fig, ax = plt.subplots()
     out = sp.pl.niches(sd, ax=ax, zoom=(x0, x0 + 100, y0, y0 + 100))
