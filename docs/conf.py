@@ -88,8 +88,6 @@ nitpick_ignore_regex = [
 nitpick_ignore = [
     # SpatiaModel.train / .infer take ``arrays: CellArrays`` (spatia/data/_dataset.py), which is not public.
     ("py:class", "spatia.data._dataset.CellArrays"),
-    # sp.pp.cell_geometry returns ``CellGeometry`` (spatia/pp/_elements.py), not exported from sp.pp.
-    ("py:class", "spatia.pp._elements.CellGeometry"),
 ]
 
 # -- HTML ------------------------------------------------------------------------------------------------

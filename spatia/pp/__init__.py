@@ -1,8 +1,11 @@
 """Data preparation: cell crops, expression, niche and tissue graphs."""
 
 from ._crops import CropStore, extract_crops
-from ._elements import cell_geometry, get_table
+from ._elements import CellGeometry, cell_geometry, get_embedding, get_table
 from ._expression import get_counts
 from ._graphs import niche_graph, tissue_tiles
 
-__all__ = ["extract_crops", "CropStore", "get_counts", "get_table", "cell_geometry", "niche_graph", "tissue_tiles"]
+__all__ = [
+    "extract_crops", "CropStore", "get_counts", "get_table", "get_embedding", "cell_geometry", "CellGeometry",
+    "niche_graph", "tissue_tiles",
+]
