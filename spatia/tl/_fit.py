@@ -86,6 +86,7 @@ def fit(
     checkpoint_dir: str | Path | None = None,
     ckpt_path: str | Path | None = None,
     early_stopping: bool = True,
+    compile: bool = False,
     allow_empty: bool = False,
     inplace: bool = True,
     **trainer_kwargs: Any,
@@ -129,6 +130,8 @@ def fit(
         Lightning (pickle-based) files: resume only from checkpoints you wrote yourself.
     early_stopping
         Stop when the loss on held-out tissue tiles stops improving (``config.train.patience`` epochs).
+    compile
+        Train a :func:`torch.compile`-d module (worth it on CUDA; the saved weights are the plain module's).
     allow_empty
         Keep cells with zero counts.
     inplace
@@ -172,7 +175,8 @@ def fit(
     model.train(
         prepared.arrays, max_epochs=max_epochs, batch_size=batch_size, accelerator=accelerator, devices=devices,
         strategy=strategy, precision=precision, random_state=random_state, checkpoint_dir=checkpoint_dir,
-        ckpt_path=ckpt_path, early_stopping=early_stopping, **trainer_kwargs,
+        ckpt_path=ckpt_path, early_stopping=early_stopping, compile=compile,
+        **trainer_kwargs,
     )
     emb = model.infer(prepared.arrays)
     if not inplace:
