@@ -33,7 +33,7 @@ def _spatia(preset: str, n_cells: int, steps: int, device: str, q) -> None:
     sp.settings.progress_bar = False
     cfg = getattr(sp.SpatiaConfig, preset)()
     sdata = sp.datasets.simulate(n_cells, random_state=0)
-    p = prepare(sdata, image_key="morphology", crop_kwargs={"size": cfg.image.size}, niche_k=cfg.niche.k,
+    p = prepare(sdata, image_key="morphology", crop_kwargs={"size": cfg.image.size, "crop_um": cfg.image.crop_um}, niche_k=cfg.niche.k,
                 tile_um=cfg.tissue.tile_um)
     torch.manual_seed(0)
     module = SpatiaModule(cfg, len(p.genes), len(p.channels)).to(device)

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="fit, cluster niches and plot on the built-in demo slide")
     d.add_argument("--out", type=Path, default=Path("spatia_demo_out"))
-    d.add_argument("--epochs", type=int, default=8)
+    d.add_argument("--epochs", type=int, default=30)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("-q", "--quiet", action="store_true")
     f = sub.add_parser("fit", help="fit on a SpatialData zarr store and write the results")

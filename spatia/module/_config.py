@@ -10,10 +10,16 @@ from typing import Any, Literal
 
 @dataclass(frozen=True)
 class ImageConfig:
-    """Image branch: ViT over ``size × size`` crops with MAE masking."""
+    """Image branch: ViT over ``size × size`` crops with MAE masking.
+
+    ``crop_um`` is the crop side in µm (coordinate-system units). A fixed window keeps each cell's
+    absolute size in the image (nuclear size is a phenotype); ``None`` sizes crops from each cell's extent
+    instead, which normalises size away.
+    """
 
     enabled: bool = True
     size: int = 32
+    crop_um: float | None = 16.0
     patch: int = 8
     depth: int = 2
     heads: int = 4
@@ -109,6 +115,8 @@ class SpatiaConfig:
             raise ValueError(f"width {self.width} must be divisible by 4 and by the number of heads.")
         if not (self.image.enabled or self.expression.enabled):
             raise ValueError("At least one of the image and expression branches must be enabled.")
+        if self.image.crop_um is not None and self.image.crop_um <= 0:
+            raise ValueError(f"image.crop_um must be positive or None, got {self.image.crop_um}.")
         if self.image.size % self.image.patch:
             raise ValueError(f"image.size {self.image.size} must be a multiple of image.patch {self.image.patch}.")
 

@@ -165,7 +165,7 @@ def fit(
     prepared = prepare(
         data, table_key=table_key, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key,
         coordinate_system=coordinate_system, layer=layer, crops=crops,
-        crop_kwargs={"size": config.image.size}, use_image=config.image.enabled,
+        crop_kwargs={"size": config.image.size, "crop_um": config.image.crop_um}, use_image=config.image.enabled,
         niche_k=config.niche.k, niche_radius=config.niche.radius, tile_um=config.tissue.tile_um,
         allow_empty=allow_empty,
     )

@@ -136,7 +136,7 @@ def test_image_only_ablation_carries_morphology_programs(sdata):
     r2 = cross_val_score(RidgeCV(), emb["cell"], size, cv=5).mean()
     assert r2 > 0.3, r2
 
-    arrays = prepare(sdata, crop_kwargs={"size": cfg.image.size}, niche_k=cfg.niche.k).arrays
+    arrays = prepare(sdata, crop_kwargs={"size": cfg.image.size, "crop_um": cfg.image.crop_um}, niche_k=cfg.niche.k).arrays
     genes = sdata["table"].var_names[sdata["table"].var["role"] == "size_program"]
     cols = [model.genes.index(g) for g in genes]
 
