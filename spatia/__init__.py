@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from . import datasets, pl, pp, tl
+from . import datasets, metrics, pl, pp, tl
 from ._constants import Keys
 from ._settings import settings
 from ._version import __version__
 
-__all__ = ["pp", "tl", "pl", "datasets", "settings", "Keys", "SpatiaModel", "SpatiaConfig", "__version__"]
+__all__ = ["pp", "tl", "pl", "datasets", "metrics", "settings", "Keys", "SpatiaModel", "SpatiaConfig", "__version__"]
 
 
 def __getattr__(name: str):

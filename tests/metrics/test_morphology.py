@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+import spatia as sp
+
+
+def _disc(r, size=32, intensity=0.8, ecc=1.0):
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    img = ((xx / (r * ecc)) ** 2 + (yy / r) ** 2 <= 1).astype(np.float32) * intensity
+    return img + 0.02 * np.random.default_rng(int(r * 10)).random((size, size), dtype=np.float32)
+
+
+def test_features_measure_known_shapes():
+    crops = np.stack([_disc(r) for r in (3, 5, 8)])[:, None]
+    f = sp.metrics.morphology_features(crops)
+    assert list(f.columns) == list(sp.metrics.MORPHOLOGY_FEATURES)
+    np.testing.assert_allclose(f["area"], np.pi * np.array([3, 5, 8]) ** 2, rtol=0.2)
+    assert (f["eccentricity"] < 0.4).all()
+    elong = sp.metrics.morphology_features(_disc(4, ecc=2.0)[None])
+    assert elong["eccentricity"].iloc[0] > 0.8
+    assert elong["major_axis_length"].iloc[0] > 1.6 * elong["minor_axis_length"].iloc[0]
+    # physical units
+    f_um = sp.metrics.morphology_features(crops, pixel_size=0.5)
+    np.testing.assert_allclose(f_um["area"], f["area"] * 0.25)
+
+
+def test_blank_crop_gives_zero_area_not_error():
+    f = sp.metrics.morphology_features(np.zeros((2, 1, 16, 16)))
+    assert (f["area"] == 0).all() and f["solidity"].isna().all()
+
+
+def test_area_tracks_simulated_size_program(sim):
+    store = sp.pp.extract_crops(sim, image_key="morphology", labels_key="cell_labels", size=32, crop_um=16)
+    f = sp.metrics.morphology_features(store.get(np.arange(300)), channel=0)
+    rho = spearmanr(f["area"], sim["table"].obs["size_program"].to_numpy()[:300]).statistic
+    assert rho > 0.6
+
+
+def test_distances_rank_shifted_sets():
+    real = sp.metrics.morphology_features(np.stack([_disc(r) for r in np.linspace(3, 6, 40)])[:, None])
+    near = sp.metrics.morphology_features(np.stack([_disc(r) for r in np.linspace(3.2, 6.2, 40)])[:, None])
+    far = sp.metrics.morphology_features(np.stack([_disc(r) for r in np.linspace(7, 10, 40)])[:, None])
+    d_near, d_far = sp.metrics.feature_distances(real, near), sp.metrics.feature_distances(real, far)
+    assert d_near.loc["area", "wasserstein"] < d_far.loc["area", "wasserstein"]
+    assert d_near.loc["mean", "ks"] < d_far.loc["mean", "ks"]
+
+
+def test_kid_zero_for_same_distribution_and_positive_for_shift():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 8)), rng.normal(size=(300, 8))
+    same, _ = sp.metrics.kid(a, b)
+    shifted, _ = sp.metrics.kid(a, b + 1.0)
+    assert abs(same) < 0.05 < shifted
+    with pytest.raises(ValueError, match="same d"):
+        sp.metrics.kid(a, b[:, :4])
