@@ -14,6 +14,7 @@ class Keys:
 
     # expression (table.layers / new tables)
     IMPUTED = "spatia_imputed"
+    PREDICTED = "spatia_predicted"
 
     # labels and clusters (table.obs)
     CELL_TYPE = "spatia_cell_type"

@@ -50,18 +50,25 @@ def prepare(
     tile_um: float = Defaults.TILE_UM,
     allow_empty: bool = False,
     spatial_key: str = Keys.SPATIAL,
+    use_expression: bool = True,
 ) -> Prepared:
     """Validate the input and build :class:`CellArrays` (nothing is written into ``data``).
 
     ``genes`` fixes the model's gene order (a trained model's panel): genes missing from the table are
-    filled with zeros and reported in ``missing_genes``.
+    filled with zeros and reported in ``missing_genes``. ``use_expression=False`` (image-only prediction)
+    does not read the table's counts at all: every cell gets an all-zero profile over ``genes``.
     """
     table = get_table(data, table_key)
     if table.n_obs == 0:
         raise ValueError("The table has no cells.")
-    counts = get_counts(table, layer, allow_empty=allow_empty)
     missing: list[str] = []
-    if genes is not None:
+    if not use_expression:
+        if genes is None:
+            raise ValueError("use_expression=False needs the model's genes.")
+        counts = sp_sparse.csr_matrix((table.n_obs, len(genes)), dtype=np.float32)
+    else:
+        counts = get_counts(table, layer, allow_empty=allow_empty)
+    if genes is not None and use_expression:
         idx, missing = align_genes(table.var_names, genes)
         if (idx < 0).all():
             raise ValueError(

@@ -31,6 +31,7 @@ from .._constants import Defaults, Keys
 from .._utils import RandomState, get_rng
 
 if TYPE_CHECKING:
+    from anndata import AnnData
     from spatialdata import SpatialData
 
 logger = logging.getLogger(__name__)
@@ -769,3 +770,90 @@ def _check(n_cells, n_genes, n_cell_types, n_domains, pixel_size, cell_spacing, 
     for name, value in fractions.items():
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}.")
+
+
+def simulate_with_reference(
+    n_cells: int = 2000,
+    *,
+    n_genes: int = 60,
+    panel_fraction: float = 0.6,
+    mean_depth: float = 40.0,
+    reference_depth: float = 200.0,
+    random_state: RandomState = 0,
+    **kwargs,
+) -> tuple[SpatialData, AnnData]:
+    """A spatial slide with a targeted panel plus a deeper, whole-transcriptome "scRNA-seq" reference.
+
+    One tissue is simulated with ``n_genes`` genes at ``reference_depth``; its cells are split by position:
+    the left half stays spatial (its counts thinned to ``mean_depth`` and restricted to a random
+    ``panel_fraction`` of the genes, as a Xenium/CosMx panel would be), the right half becomes the
+    dissociated reference (all genes, full depth, no image). The genes left out of the panel are the
+    ground truth for imputation from the reference: the spatial cells' true counts of them are kept in
+    ``uns["simulation"]["held_out_counts"]`` (cells × held-out genes, same depth as the panel).
+
+    Parameters
+    ----------
+    n_cells
+        Cells of the whole tissue (about half end up in each part).
+    n_genes
+        Genes of the reference (the panel has ``panel_fraction`` of them).
+    panel_fraction
+        Fraction of genes measured by the spatial panel (the type markers are kept in proportion).
+    mean_depth, reference_depth
+        Mean counts per cell of the spatial cells (over the panel) and of the reference cells (all genes).
+    random_state
+        Seed.
+    **kwargs
+        More :func:`simulate` arguments.
+
+    Returns
+    -------
+    ``(sdata, reference)``: the SpatialData (its table annotates only the spatial cells; var has the
+    panel genes and ``uns["simulation"]["held_out_genes"]`` lists the others) and the reference
+    :class:`~anndata.AnnData` (raw counts, ``obs["cell_type"]`` and the other ground truth columns).
+
+    Examples
+    --------
+    >>> sdata, reference = sp.datasets.simulate_with_reference(2000, random_state=0)
+    >>> sp.tl.impute(sdata, model, reference=reference)
+    """
+    if not 0 < panel_fraction < 1:
+        raise ValueError(f"panel_fraction must be in (0, 1), got {panel_fraction}.")
+    if reference_depth < mean_depth:
+        raise ValueError("reference_depth must be at least mean_depth (the spatial counts are thinned from it).")
+    rng = get_rng(random_state)
+    sdata = simulate(n_cells, n_genes=n_genes, mean_depth=reference_depth, random_state=rng, **kwargs)
+    table = sdata.tables["table"]
+    x = np.asarray(table.obsm["spatial"])[:, 0]
+    is_ref = x > np.median(x)
+    n_panel = max(2, int(round(panel_fraction * table.n_vars)))
+    panel = np.sort(rng.choice(table.n_vars, n_panel, replace=False))
+    held = np.setdiff1d(np.arange(table.n_vars), panel)
+    counts = sparse.csr_matrix(table.X)
+    # thin the spatial cells to the panel's depth (binomial thinning keeps the NB structure)
+    sp_counts = counts[~is_ref].astype(np.int64)
+    share = counts[~is_ref][:, panel].sum() / max(counts[~is_ref].sum(), 1)
+    keep_p = min(1.0, mean_depth / (reference_depth * share))
+    sp_counts.data = rng.binomial(sp_counts.data, keep_p)
+    sp_counts.eliminate_zeros()
+    import anndata as ad
+
+    reference = ad.AnnData(X=counts[is_ref].astype(np.float32), obs=table.obs[is_ref].copy(), var=table.var.copy())
+    reference.obs = reference.obs.drop(columns=[c for c in ("region", "cell_id") if c in reference.obs], errors="ignore")
+    query = table[~is_ref, panel].copy()
+    query.X = sp_counts[:, panel].astype(np.float32)
+    empty = np.asarray(query.X.sum(1)).ravel() == 0
+    if empty.any():  # an empty cell gets one count of its most abundant panel gene before thinning
+        top = counts[~is_ref][empty][:, panel].toarray().argmax(1)
+        q = query.X.tolil()
+        q[np.flatnonzero(empty), top] = 1
+        query.X = q.tocsr()
+    sim = dict(query.uns[Keys.SIM_UNS])
+    sim["held_out_genes"] = table.var_names[held].tolist()
+    sim["held_out_counts"] = sp_counts[:, held].toarray().astype(np.int32)
+    sim["reference_depth"] = float(reference_depth)
+    sim["mean_depth"] = float(mean_depth)
+    query.uns[Keys.SIM_UNS] = sim
+    del sdata.tables["table"]
+    sdata.tables["table"] = query
+    return sdata, reference

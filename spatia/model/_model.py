@@ -185,7 +185,8 @@ class SpatiaModel:
         self, arrays: CellArrays, *, batch_size: int | None = None, device: str | None = None,
         outputs: tuple[str, ...] = ("cell", "niche", "tissue"),
     ) -> dict[str, np.ndarray]:
-        """Embeddings (and optionally ``"mu"`` expected counts, ``"label_proba"``) for every cell, once.
+        """Embeddings (and optionally ``"mu"`` expected counts, ``"rho"`` expected proportions,
+        ``"label_proba"``) for every cell, once.
 
         Under an initialised ``torch.distributed`` process group, each rank embeds a shard of the
         batches and the results are gathered; every rank returns the full arrays.

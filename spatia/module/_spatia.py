@@ -40,6 +40,9 @@ class SpatiaOutput:
         ``(M, n_labels)`` or ``None``.
     losses
         Named scalar losses (training objectives actually used in this batch).
+    rho
+        ``(M, G)`` expected expression proportions (``mu`` divided by the library size; defined also for
+        cells whose expression was hidden).
     """
 
     cell: torch.Tensor
@@ -50,6 +53,7 @@ class SpatiaOutput:
     zi_logits: torch.Tensor | None
     label_logits: torch.Tensor | None
     losses: dict[str, torch.Tensor]
+    rho: torch.Tensor | None = None
 
 
 class SpatiaModule(nn.Module):
@@ -221,7 +225,8 @@ class SpatiaModule(nn.Module):
 
         # 5. heads and losses
         lib = counts[core].sum(1, keepdim=True)
-        mu = F.softmax(self.counts_head(h_ctx).float(), dim=-1) * lib
+        rho = F.softmax(self.counts_head(h_ctx).float(), dim=-1)
+        mu = rho * lib
         theta = self.log_theta.exp()
         zi = self.zi_head(h_ctx).float() if self.zi_head is not None else None
         logits = self.label_head(z_all[core]) if self.label_head is not None else None
@@ -255,7 +260,7 @@ class SpatiaModule(nn.Module):
                 sim = gi @ ii.T / c.loss.temperature
                 tgt = torch.arange(m, device=sim.device)
                 losses["contrastive"] = 0.5 * (F.cross_entropy(sim, tgt) + F.cross_entropy(sim.T, tgt))
-        return SpatiaOutput(z_all[core], niche, tissue, mu, theta, zi, logits, losses)
+        return SpatiaOutput(z_all[core], niche, tissue, mu, theta, zi, logits, losses, rho)
 
     def _log_nb(self, x: torch.Tensor, mu: torch.Tensor, zi_logits: torch.Tensor | None) -> torch.Tensor:
         """Per-cell log-likelihood summed over genes (scvi-tools' NB / ZINB)."""

@@ -258,7 +258,7 @@ def embed(
 
 
 def _prepare_for_model(data, model, *, image_key, labels_key, shapes_key, table_key, layer, coordinate_system,
-                       crops, allow_empty):
+                       crops, allow_empty, use_expression=True):
     from ..data._prepare import prepare
     from ..model import SpatiaModel
 
@@ -276,7 +276,7 @@ def _prepare_for_model(data, model, *, image_key, labels_key, shapes_key, table_
         data, table_key=table_key, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key,
         coordinate_system=coordinate_system, layer=layer, genes=model.genes, crops=crops, crop_kwargs=crop_kwargs,
         use_image=c.image.enabled, niche_k=c.niche.k, niche_radius=c.niche.radius, tile_um=c.tissue.tile_um,
-        allow_empty=allow_empty,
+        allow_empty=allow_empty, use_expression=use_expression,
     )
     if c.image.enabled and list(prepared.channels) != list(model.channels):
         raise ValueError(

@@ -1,0 +1,486 @@
+"""Expression tasks: denoise/impute panel genes, impute genes from a scRNA-seq reference, predict from images."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp_sparse
+
+from .._constants import Defaults, Keys
+from .._utils import log_added, seed_from
+from ..pp._elements import table_annotation
+from ..pp._expression import get_counts
+
+logger = logging.getLogger(__name__)
+
+
+def _cp10k(x, target: float = 1e4) -> np.ndarray:
+    """Counts scaled to ``target`` per cell (dense float32)."""
+    x = x.toarray() if sp_sparse.issparse(x) else np.asarray(x)
+    lib = x.sum(1, keepdims=True)
+    return (x / np.maximum(lib, 1e-12) * target).astype(np.float32)
+
+
+def _gene_scores(pred: np.ndarray, true: np.ndarray, genes: list[str]) -> pd.DataFrame:
+    """Per-gene Pearson, Spearman and RMSE of ``pred`` vs ``true`` (cells × genes, same scale)."""
+    from scipy.stats import pearsonr, spearmanr
+
+    rows = []
+    for j, g in enumerate(genes):
+        p, t = pred[:, j], true[:, j]
+        ok = np.isfinite(p) & np.isfinite(t)
+        p, t = p[ok], t[ok]
+        if p.size < 3 or np.ptp(p) == 0 or np.ptp(t) == 0:
+            r = rho = np.nan
+        else:
+            r, rho = pearsonr(p, t).statistic, spearmanr(p, t).statistic
+        rmse = float(np.sqrt(np.mean((p - t) ** 2))) if p.size else np.nan
+        rows.append((g, r, rho, rmse, float(t.mean()) if t.size else np.nan, float((t > 0).mean()) if t.size else np.nan))
+    df = pd.DataFrame(rows, columns=["gene", "pearson", "spearman", "rmse", "mean_measured", "frac_detected"])
+    return df.set_index("gene")
+
+
+def _infer_rho(model, arrays, batch_size, device) -> np.ndarray:
+    return model.infer(arrays, batch_size=batch_size, device=device, outputs=("rho",))["rho"]
+
+
+def _prepare(data, model, kw: dict, use_expression: bool = True):
+    from ._fit import _prepare_for_model
+
+    return _prepare_for_model(
+        data, model, image_key=kw.get("image_key"), labels_key=kw.get("labels_key"),
+        shapes_key=kw.get("shapes_key"), table_key=kw.get("table_key", Defaults.TABLE), layer=kw.get("layer"),
+        coordinate_system=kw.get("coordinate_system"), crops=kw.get("crops"),
+        allow_empty=kw.get("allow_empty", not use_expression), use_expression=use_expression,
+    )
+
+
+def _layer_for_table(table, genes: list[str], values: np.ndarray) -> np.ndarray:
+    """``values`` (cells × model genes) laid out on the table's ``var`` (NaN for genes the model lacks)."""
+    idx = pd.Index(genes).get_indexer(table.var_names)
+    out = np.full((table.n_obs, table.n_vars), np.nan, dtype=np.float32)
+    has = idx >= 0
+    out[:, has] = values[:, idx[has]]
+    return out
+
+
+def _new_table_like(table, x: np.ndarray, genes: list[str], uns: dict):
+    """A table of ``x`` (cells × genes) annotating the same region / instances as ``table``."""
+    from anndata import AnnData
+
+    regions, region_key, instance_key = table_annotation(table)
+    obs = pd.DataFrame(index=table.obs_names.copy())
+    new = AnnData(X=x.astype(np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(genes, dtype=str)))
+    new.uns[Keys.UNS] = uns
+    if region_key is not None:
+        from spatialdata.models import TableModel
+
+        new.obs[region_key] = table.obs[region_key].to_numpy()
+        new.obs[instance_key] = table.obs[instance_key].to_numpy()
+        new.obs[region_key] = new.obs[region_key].astype("category")
+        new = TableModel.parse(new, region=regions if len(regions) > 1 else regions[0], region_key=region_key,
+                               instance_key=instance_key)
+    return new
+
+
+def _put_table(data, key: str, new, overwrite: bool) -> None:
+    from ..pp._elements import _is_sdata
+
+    if not _is_sdata(data):
+        raise TypeError("Writing a new table needs a SpatialData: use inplace=False with an AnnData.")
+    if key in data and not overwrite:
+        raise KeyError(f"{key!r} already exists in the SpatialData: pass overwrite=True or another key.")
+    if key in data:
+        del data[key]
+    data.tables[key] = new
+    log_added("sdata.tables", key)
+
+
+# ------------------------------------------------------------------------------------------------------
+def _reference_profiles(reference, reference_layer):
+    from anndata import AnnData
+
+    if not isinstance(reference, AnnData):
+        raise TypeError(f"reference must be an AnnData of scRNA-seq counts, got {type(reference).__name__}.")
+    counts = get_counts(reference, reference_layer, allow_empty=False)
+    return counts, reference.var_names.astype(str)
+
+
+def _map_to_reference(query: np.ndarray, ref_shared: np.ndarray, ref_target: np.ndarray, n_neighbors: int,
+                      n_comps: int, random_state: int) -> np.ndarray:
+    """kNN regression in a joint PCA of the shared genes (each dataset z-scored on its own).
+
+    ``query`` and ``ref_shared`` are log-normalised expression over the same shared genes; each gene is
+    standardised within its dataset (removing platform-wide gene scale differences), PCA is fitted on the
+    reference, and each query cell takes the similarity-weighted mean of ``ref_target`` over its
+    ``n_neighbors`` nearest reference cells (cosine distance).
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.neighbors import NearestNeighbors
+
+    def z(a):
+        sd = a.std(0)
+        return (a - a.mean(0)) / np.where(sd > 0, sd, 1)
+
+    zr, zq = z(ref_shared), z(query)
+    k = max(1, min(n_comps, zr.shape[1] - 1, zr.shape[0] - 1))
+    pca = PCA(k, random_state=random_state).fit(zr)
+    pr, pq = pca.transform(zr), pca.transform(zq)
+    nn_ = NearestNeighbors(n_neighbors=min(n_neighbors, len(pr)), metric="cosine").fit(pr)
+    dist, idx = nn_.kneighbors(pq)
+    w = np.exp(-dist / max(float(np.median(dist)), 1e-6))
+    w /= w.sum(1, keepdims=True)
+    return np.einsum("nk,nkg->ng", w, ref_target[idx]).astype(np.float32)
+
+
+def _reference_impute(rho, model_genes, ref_counts, ref_genes, shared, targets, n_neighbors, n_comps, seed):
+    """Expression of ``targets`` for each cell from its reference neighbours on the ``shared`` genes.
+
+    The reference's values are counts per 10,000 counts of the panel genes it measures, i.e. on the scale
+    of the spatial cells' own normalised panel.
+    """
+    ridx = pd.Index(ref_genes)
+    qi = pd.Index(model_genes).get_indexer(shared)
+    query = np.log1p(rho[:, qi] / np.maximum(rho[:, qi].sum(1, keepdims=True), 1e-12) * 1e4)
+    ref_shared = np.log1p(_cp10k(ref_counts[:, ridx.get_indexer(shared)]))
+    panel_in_ref = ridx.get_indexer([g for g in model_genes if g in set(ref_genes)])
+    lib = np.asarray(ref_counts[:, panel_in_ref].sum(1)).ravel()
+    tgt = ref_counts[:, ridx.get_indexer(targets)]
+    tgt = (tgt.toarray() if sp_sparse.issparse(tgt) else np.asarray(tgt)) / np.maximum(lib, 1)[:, None] * 1e4
+    return _map_to_reference(query, ref_shared, tgt.astype(np.float32), n_neighbors, n_comps, seed)
+
+
+def impute(
+    data,
+    model,
+    *,
+    reference=None,
+    reference_layer: str | None = None,
+    genes: list[str] | None = None,
+    table_key: str | None = Defaults.TABLE,
+    layer: str | None = None,
+    n_neighbors: int = 30,
+    n_comps: int = 30,
+    validate: bool = False,
+    key_added: str = Keys.IMPUTED,
+    batch_size: int | None = None,
+    device: str | None = None,
+    random_state: int | None = 0,
+    overwrite: bool = False,
+    inplace: bool = True,
+    **prepare_kwargs: Any,
+):
+    """Denoised expression of the panel genes, and genes outside the panel imputed from a reference.
+
+    (a) **Panel genes**: the model's expected counts given the cell's (partly dropped-out) expression, its
+    image and its niche; zeros that are technical dropouts get their expected value.
+    (b) **Genes the panel did not measure** (``reference=`` a scRNA-seq AnnData of raw counts): each cell is
+    matched to reference cells on the shared genes, using the model's denoised profile (so shallow,
+    dropout-heavy cells still find the right neighbours), and takes their expression of the other genes
+    (kNN regression in a joint PCA, each dataset z-scored on its own).
+
+    Parameters
+    ----------
+    data
+        SpatialData (or AnnData with ``crops=``) the model can read (see :func:`spatia.tl.embed`).
+    model
+        Trained :class:`~spatia.SpatiaModel`.
+    reference
+        Optional scRNA-seq :class:`~anndata.AnnData` of raw counts sharing genes with the panel.
+    reference_layer
+        Layer of the reference's raw counts (``None``: ``X``).
+    genes
+        Reference genes to impute (default: all reference genes not in the panel).
+    table_key, layer
+        Table and counts layer of ``data``.
+    n_neighbors, n_comps
+        Reference neighbours per cell and joint-PCA components.
+    validate
+        Also run :func:`validate_imputation` (held-out genes) and return its per-gene scores.
+    key_added
+        Layer name for (a) and table name for (b).
+    batch_size, device
+        Inference settings.
+    random_state
+        Seed of the PCA.
+    overwrite
+        Replace an existing ``key_added`` table.
+    inplace
+        Write into the SpatialData; otherwise return the arrays.
+    **prepare_kwargs
+        ``image_key``, ``labels_key``, ``shapes_key``, ``coordinate_system``, ``crops``, ``allow_empty``
+        as in :func:`spatia.tl.embed`.
+
+    Returns
+    -------
+    With ``inplace=True`` writes
+
+    - ``table.layers['spatia_imputed']``: expected counts of each panel gene at the cell's library size
+      (NaN for table genes that are not in the model's panel);
+    - with ``reference``: ``sdata.tables['spatia_imputed']`` (cells × imputed genes, ``log1p`` of counts
+      per 10,000 counts of the panel genes, i.e. on the scale of the cells' own normalised panel),
+      annotating the same cells as the table;
+    - ``table.uns['spatia']['impute']``: parameters, and the per-gene validation when ``validate=True``;
+
+    and returns ``None``, or the per-gene validation :class:`~pandas.DataFrame` when ``validate=True``.
+    With ``inplace=False``: ``{"panel": DataFrame, "reference": DataFrame | None, "validation": ...}``.
+
+    Examples
+    --------
+    >>> sp.tl.impute(sdata, model)
+    >>> sp.tl.impute(sdata, model, reference=scrna, genes=["EPCAM", "VIM"])
+    >>> scores = sp.tl.validate_imputation(sdata, model, reference=scrna)
+    """
+    kw = dict(prepare_kwargs, table_key=table_key, layer=layer)
+    prepared = _prepare(data, model, kw)
+    table = prepared.table
+    seed = seed_from(random_state)
+    ref_new = None
+    if reference is not None:
+        ref_counts, ref_genes = _reference_profiles(reference, reference_layer)
+        shared = [g for g in model.genes if g in set(ref_genes)]
+        if len(shared) < 5:
+            raise ValueError(
+                f"The reference shares {len(shared)} genes with the model's panel (need at least 5): "
+                "check the gene naming (symbols vs Ensembl ids)."
+            )
+        panel = set(model.genes)
+        targets = [g for g in ref_genes if g not in panel] if genes is None else list(genes)
+        unknown = [g for g in targets if g not in set(ref_genes)]
+        if unknown:
+            raise KeyError(f"Genes not in the reference: {unknown[:10]}{'...' if len(unknown) > 10 else ''}.")
+        if not targets:
+            raise ValueError("No genes to impute: every reference gene is in the panel (pass genes=).")
+        if key_added in getattr(data, "tables", {}) and not overwrite and inplace:
+            raise KeyError(f"Table {key_added!r} already exists: pass overwrite=True or another key_added.")
+    rho = _infer_rho(model, prepared.arrays, batch_size, device)
+    lib = np.asarray(prepared.arrays.counts.sum(1)).ravel()
+    mu = rho * lib[:, None]
+    if reference is not None:
+        ref_new = np.log1p(_reference_impute(rho, model.genes, ref_counts, ref_genes, shared, targets,
+                                             n_neighbors, n_comps, seed))
+    validation = None
+    if validate:
+        validation = validate_imputation(data, model, reference=reference, reference_layer=reference_layer,
+                                         table_key=table_key, layer=layer, n_neighbors=n_neighbors,
+                                         n_comps=n_comps, batch_size=batch_size, device=device,
+                                         random_state=random_state, **prepare_kwargs)
+    if not inplace:
+        return {
+            "panel": pd.DataFrame(mu, index=table.obs_names, columns=model.genes),
+            "reference": None if ref_new is None else pd.DataFrame(ref_new, index=table.obs_names, columns=targets),
+            "validation": validation,
+        }
+    params = {"n_neighbors": n_neighbors, "n_comps": n_comps, "reference": reference is not None,
+              "n_reference_genes": 0 if ref_new is None else len(targets), "missing_genes": prepared.missing_genes}
+    if validation is not None:
+        params["validation"] = {c: validation[c].astype(float).tolist() for c in ("pearson", "spearman", "rmse")}
+        params["validation"]["gene"] = validation.index.tolist()
+    new_table = None
+    if ref_new is not None:
+        new_table = _new_table_like(table, ref_new, targets, {"function": "impute", "shared_genes": len(shared)})
+    # all computed: write
+    table.layers[key_added] = _layer_for_table(table, model.genes, mu)
+    log_added("adata.layers", key_added)
+    if new_table is not None:
+        _put_table(data, key_added, new_table, overwrite=True)
+    table.uns.setdefault(Keys.UNS, {})["impute"] = params
+    return validation
+
+
+def validate_imputation(
+    data,
+    model,
+    *,
+    genes: list[str] | None = None,
+    n_genes: int | None = None,
+    n_folds: int = 5,
+    reference=None,
+    reference_layer: str | None = None,
+    table_key: str | None = Defaults.TABLE,
+    layer: str | None = None,
+    n_neighbors: int = 30,
+    n_comps: int = 30,
+    batch_size: int | None = None,
+    device: str | None = None,
+    random_state: int | None = 0,
+    **prepare_kwargs: Any,
+) -> pd.DataFrame:
+    """Hide measured genes, predict them, and score each gene: which imputed genes can you trust?
+
+    The held-out genes are split into ``n_folds`` groups; each group is removed from the input (from the
+    cells' counts for the model, or from the shared genes for the reference mapping) and predicted from
+    everything else. Predictions and measurements are compared on counts per 10,000 (the scale on which
+    the model's expectation is unbiased; a log would penalise the expectation of shallow, mostly-zero
+    counts).
+
+    Parameters
+    ----------
+    data, model
+        As in :func:`impute`.
+    genes
+        Measured genes to hold out (default: all model genes present in the table, or ``n_genes`` of the
+        most expressed).
+    n_genes
+        Hold out only the ``n_genes`` most detected genes (faster).
+    n_folds
+        Groups of genes hidden together (each inference hides ~1/n_folds of the held-out genes).
+    reference, reference_layer
+        With a scRNA-seq reference, validate the reference imputation (shared genes held out of the
+        mapping) instead of the model's panel imputation.
+    table_key, layer, n_neighbors, n_comps, batch_size, device, random_state, **prepare_kwargs
+        As in :func:`impute`.
+
+    Returns
+    -------
+    :class:`~pandas.DataFrame` indexed by gene: ``pearson``, ``spearman``, ``rmse`` (of predicted vs
+    measured counts per 10,000, over cells), ``mean_measured``, ``frac_detected``, and
+    ``rmse_mean_baseline`` (predicting every cell with the gene's mean: a gene whose ``rmse`` is not
+    below it is not imputed usefully).
+
+    Examples
+    --------
+    >>> scores = sp.tl.validate_imputation(sdata, model, n_genes=20)
+    >>> scores.sort_values("pearson", ascending=False).head()
+    """
+    kw = dict(prepare_kwargs, table_key=table_key, layer=layer)
+    prepared = _prepare(data, model, kw)
+    arrays = prepared.arrays
+    counts = arrays.counts.tocsc()
+    present = [g for g in model.genes if g not in set(prepared.missing_genes)]
+    if genes is None:
+        det = np.asarray((counts > 0).mean(0)).ravel()
+        gi = pd.Index(model.genes).get_indexer(present)
+        order = np.argsort(-det[gi], kind="stable")
+        genes = [present[i] for i in order[: (n_genes or len(present))]]
+    unknown = [g for g in genes if g not in set(present)]
+    if unknown:
+        raise KeyError(f"Genes not measured in the table (or not in the model): {unknown[:10]}.")
+    if len(genes) == 0:
+        raise ValueError("No genes to validate.")
+    rng = np.random.default_rng(seed_from(random_state))
+    groups = np.array_split(rng.permutation(len(genes)), max(1, min(n_folds, len(genes))))
+    gidx = pd.Index(model.genes).get_indexer(genes)
+    truth = _cp10k(arrays.counts)[:, gidx]
+    pred = np.zeros_like(truth)
+    if reference is not None:
+        ref_counts, ref_genes = _reference_profiles(reference, reference_layer)
+        shared_all = [g for g in model.genes if g in set(ref_genes) and g in set(present)]
+        rho = _infer_rho(model, arrays, batch_size, device)
+        missing_ref = [g for g in genes if g not in set(ref_genes)]
+        if missing_ref:
+            raise KeyError(f"Genes not in the reference: {missing_ref[:10]}.")
+        for grp in groups:
+            hidden = {genes[i] for i in grp}
+            shared = [g for g in shared_all if g not in hidden]
+            if len(shared) < 5:
+                raise ValueError("Fewer than 5 shared genes left after hiding: use more folds or fewer genes.")
+            # the model's input must not see the hidden genes either
+            hid_cols = pd.Index(model.genes).get_indexer(list(hidden))
+            rho_h = _infer_rho(model, _hide(arrays, hid_cols), batch_size, device) if len(hid_cols) else rho
+            pred[:, grp] = _reference_impute(rho_h, model.genes, ref_counts, ref_genes, shared,
+                                             [genes[i] for i in grp], n_neighbors, n_comps, seed_from(random_state))
+    else:
+        for grp in groups:
+            cols = gidx[grp]
+            rho = _infer_rho(model, _hide(arrays, cols), batch_size, device)
+            # proportions on the measured library: the hidden genes' share is predicted, the rest is known
+            pred[:, grp] = rho[:, cols] * 1e4
+    scores = _gene_scores(pred, truth, list(genes))
+    scores["rmse_mean_baseline"] = np.sqrt(((truth - truth.mean(0)) ** 2).mean(0))
+    return scores
+
+
+def _hide(arrays, cols: np.ndarray):
+    """A copy of ``arrays`` whose counts have the columns ``cols`` set to zero (the model never sees them)."""
+    import dataclasses
+
+    c = arrays.counts.tocsc(copy=True)
+    for j in np.asarray(cols):
+        c.data[c.indptr[j]:c.indptr[j + 1]] = 0
+    c = sp_sparse.csr_matrix(c)
+    c.eliminate_zeros()
+    return dataclasses.replace(arrays, counts=c)
+
+
+def predict_expression(
+    data,
+    model,
+    *,
+    use_niche: bool = True,
+    table_key: str | None = Defaults.TABLE,
+    key_added: str = Keys.PREDICTED,
+    batch_size: int | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+    inplace: bool = True,
+    **prepare_kwargs: Any,
+):
+    """Expression predicted from the image alone (and the neighbours' images): for slides without expression.
+
+    The model reads each cell's crop with all expression hidden, as in its image-only training passes
+    (modality dropout), and returns its expected expression profile. Works on an H&E- or DAPI-only
+    section whose table has no counts at all (only the cells).
+
+    Parameters
+    ----------
+    data
+        SpatialData with the image and the cells (segmentation or shapes) and a table of the cells.
+    model
+        Trained :class:`~spatia.SpatiaModel` with the image branch.
+    use_niche
+        Let the niche and tissue levels add context from neighbouring cells' images. ``False``: each cell's
+        own crop only.
+    table_key
+        Table of the cells.
+    key_added
+        Layer (when the table's ``var`` holds the model's genes) or, otherwise, name of a new table
+        annotating the same cells.
+    batch_size, device
+        Inference settings.
+    overwrite
+        Replace an existing ``key_added`` table.
+    inplace
+        Write (return ``None``) or return a cells × genes DataFrame.
+    **prepare_kwargs
+        ``image_key``, ``labels_key``, ``shapes_key``, ``coordinate_system``, ``crops`` as in
+        :func:`spatia.tl.embed`.
+
+    Returns
+    -------
+    ``None``, writing log1p expression per 10,000 counts either to ``table.layers['spatia_predicted']``
+    (table genes the model lacks are NaN) or to ``sdata.tables['spatia_predicted']``; the run parameters
+    go to ``table.uns['spatia']['predict_expression']``. With ``inplace=False``, a DataFrame.
+
+    Examples
+    --------
+    >>> sp.tl.predict_expression(dapi_only_sdata, model, image_key="morphology_focus")
+    """
+    if not model.config.image.enabled:
+        raise ValueError("This model has no image branch: it cannot predict expression from images.")
+    kw = dict(prepare_kwargs, table_key=table_key)
+    prepared = _prepare(data, model, kw, use_expression=False)
+    table = prepared.table
+    arrays = prepared.arrays
+    arrays.drop_expression = np.ones(arrays.n, dtype=bool)
+    if not use_niche:
+        arrays.nbr = np.full_like(arrays.nbr, -1)
+        arrays.tile = np.arange(arrays.n)
+    rho = _infer_rho(model, arrays, batch_size, device)
+    pred = np.log1p(rho * 1e4).astype(np.float32)
+    if not inplace:
+        return pd.DataFrame(pred, index=table.obs_names, columns=model.genes)
+    params = {"use_niche": use_niche, "key_added": key_added}
+    covered = pd.Index(model.genes).isin(table.var_names).all()
+    if covered:
+        table.layers[key_added] = _layer_for_table(table, model.genes, pred)
+        log_added("adata.layers", key_added)
+    else:
+        new = _new_table_like(table, pred, list(model.genes), {"function": "predict_expression"})
+        _put_table(data, key_added, new, overwrite)
+        params["table"] = key_added
+    table.uns.setdefault(Keys.UNS, {})["predict_expression"] = params
+    return None

@@ -1,0 +1,102 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+import spatia as sp
+
+
+@pytest.fixture
+def annotated_input(fitted):
+    import copy
+
+    sd, model = fitted
+    sd = copy.deepcopy(sd)
+    t = sd["table"]
+    rng = np.random.default_rng(0)
+    hidden = rng.random(t.n_obs) < 0.7
+    known = t.obs["cell_type"].astype(object).copy()
+    known[hidden] = np.nan
+    t.obs["known"] = known
+    return sd, model, hidden
+
+
+def test_annotate_transfers_labels_better_than_majority(annotated_input):
+    sd, model, hidden = annotated_input
+    t = sd["table"]
+    before = t.obs["known"].copy()
+    sp.tl.annotate(sd, model, labels_key="known", unknown_threshold=0.0)
+    truth = t.obs["cell_type"].astype(str).to_numpy()[hidden]
+    pred = t.obs["spatia_cell_type"].astype(str).to_numpy()[hidden]
+    majority = pd.Series(truth).value_counts(normalize=True).iloc[0]
+    acc = (pred == truth).mean()
+    assert acc > majority + 0.3, (acc, majority)
+    # the user's column is untouched; known cells keep their label
+    pd.testing.assert_series_equal(t.obs["known"], before)
+    np.testing.assert_array_equal(t.obs["spatia_cell_type"].astype(str)[~hidden], before[~hidden].astype(str))
+    proba = t.obsm["spatia_cell_type_proba"]
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-6)
+    stats = t.uns["spatia"]["annotate"]
+    assert stats["cv_accuracy"] > majority + 0.3
+
+
+def test_confidences_are_calibrated(annotated_input):
+    sd, model, hidden = annotated_input
+    t = sd["table"]
+    sp.tl.annotate(sd, model, labels_key="known", unknown_threshold=0.0)
+    stats = t.uns["spatia"]["annotate"]
+    # out-of-fold calibration error is small after temperature scaling
+    assert stats["ece"] < 0.08, stats
+    # on the hidden cells: binned confidence matches accuracy
+    conf = t.obs["spatia_cell_type_confidence"].to_numpy()[hidden]
+    right = (t.obs["spatia_cell_type"].astype(str) == t.obs["cell_type"].astype(str)).to_numpy()[hidden]
+    from spatia.tl._annotate import expected_calibration_error
+
+    p = np.stack([conf, 1 - conf], 1)
+    ece = expected_calibration_error(p, np.where(right, 0, 1), n_bins=10)
+    assert ece < 0.1, ece
+    # low-confidence calls are less often right than high-confidence ones
+    assert right[conf > np.median(conf)].mean() > right[conf <= np.median(conf)].mean()
+
+
+def test_unknown_threshold_marks_low_confidence(annotated_input):
+    sd, model, hidden = annotated_input
+    t = sd["table"]
+    sp.tl.annotate(sd, model, labels_key="known", unknown_threshold=0.9)
+    lab = t.obs["spatia_cell_type"]
+    conf = t.obs["spatia_cell_type_confidence"]
+    assert "unknown" in lab.cat.categories
+    assert (lab[conf < 0.9] == "unknown").all()
+    assert (lab[conf >= 0.9] != "unknown").all()
+    assert t.uns["spatia"]["annotate"]["n_unknown"] == int((lab == "unknown").sum()) > 0
+
+
+def test_annotate_from_reference_and_inplace_false(annotated_input, fitted):
+    sd, model, hidden = annotated_input
+    ref = fitted[0]  # labelled reference with the embedding (same slide here)
+    res = sp.tl.annotate(sd, model, labels_key="cell_type", reference=ref, inplace=False, unknown_threshold=0)
+    assert "spatia_cell_type" not in sd["table"].obs
+    acc = (res["spatia_cell_type"].astype(str) == sd["table"].obs["cell_type"].astype(str)).mean()
+    assert acc > 0.7
+    assert set(res.columns) >= {"spatia_cell_type", "spatia_cell_type_confidence"}
+
+
+def test_annotate_bad_input(annotated_input):
+    sd, model, _ = annotated_input
+    t = sd["table"]
+    with pytest.raises(KeyError, match="nope"):
+        sp.tl.annotate(sd, model, labels_key="nope")
+    with pytest.raises(ValueError, match="your own labels"):
+        sp.tl.annotate(sd, model, labels_key="known", key_added="known")
+    t.obs["mine"] = "x"
+    with pytest.raises(ValueError, match="never overwrites"):
+        sp.tl.annotate(sd, model, labels_key="known", key_added="mine")
+    assert (t.obs["mine"] == "x").all()
+    t.obs["one"] = pd.Series(["a"] * t.n_obs, index=t.obs_names)
+    with pytest.raises(ValueError, match="single class"):
+        sp.tl.annotate(sd, model, labels_key="one")
+    with pytest.raises(KeyError, match="X_nothing"):
+        sp.tl.annotate(sd, None, labels_key="known", use_rep="X_nothing")
+    assert "spatia_cell_type" not in t.obs
+    # re-running over spatia's own column is allowed
+    sp.tl.annotate(sd, model, labels_key="known")
+    sp.tl.annotate(sd, model, labels_key="known")
