@@ -17,7 +17,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _pipeline(sdata, out: Path, *, image_key, table_key, labels_key, shapes_key, layer, config, max_epochs,
-              random_state, resolution) -> None:
+              random_state, resolution, cell_type_key=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,7 +35,24 @@ def _pipeline(sdata, out: Path, *, image_key, table_key, labels_key, shapes_key,
     sp.tl.cluster(sdata, level="niche", resolution=resolution, table_key=table_key, random_state=random_state)
     sp.tl.cluster(sdata, level="cell", resolution=resolution, table_key=table_key, random_state=random_state)
     model.save(out / "model", overwrite=True)
-    written = [
+    written = []
+    if cell_type_key is not None:
+        t1 = time.time()
+        sp.tl.annotate(sdata, model, labels_key=cell_type_key, table_key=table_key, random_state=random_state)
+        st = sdata[table_key].uns["spatia"]["annotate"]
+        log.info("annotate: %.0f s; out-of-fold accuracy %.3f, calibration error %.3f", time.time() - t1,
+                 st.get("cv_accuracy", float("nan")), st.get("ece", float("nan")))
+        written.append(sp.pl.embedding(sdata, level="cell", color="spatia_cell_type", table_key=table_key,
+                                       save=figs / "umap_cell_type.png"))
+    t1 = time.time()
+    scores = sp.tl.impute(sdata, model, table_key=table_key, layer=layer, image_key=image_key, labels_key=labels_key,
+                          shapes_key=shapes_key, validate=True, random_state=random_state)
+    scores.to_csv(out / "imputation_scores.csv")
+    log.info("impute: %.0f s; held-out genes median Pearson %.3f", time.time() - t1, scores["pearson"].median())
+    best = scores["pearson"].sort_values(ascending=False).index[:2].tolist()
+    written.append(sp.pl.imputation(sdata, best, table_key=table_key, counts_layer=layer,
+                                    save=figs / "imputation.png"))
+    written += [
         sp.pl.niches(sdata, image_key=image_key, table_key=table_key, save=figs / "niches.png"),
         sp.pl.embedding(sdata, level="cell", color="spatia_cluster", table_key=table_key,
                         save=figs / "umap_cell.png"),
@@ -53,7 +70,8 @@ def _pipeline(sdata, out: Path, *, image_key, table_key, labels_key, shapes_key,
 
         shutil.rmtree(zarr_path)
     sdata.write(zarr_path)
-    print(f"SpatialData with embeddings and niches: {zarr_path}")
+    print(f"SpatialData with embeddings, niches, labels and imputed expression: {zarr_path}")
+    print(f"Per-gene imputation scores (held-out genes): {out / 'imputation_scores.csv'}")
     print(f"Model: {out / 'model'}")
     print(f"Figures: {', '.join(str(p) for p in sorted(figs.glob('*.png')))}")
     print(f"Total time: {time.time() - t0:.0f} s")
@@ -74,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--table-key", default="table")
     f.add_argument("--labels-key")
     f.add_argument("--shapes-key")
+    f.add_argument("--cell-type-key", help="obs column of known cell types (NaN = unknown) to transfer")
     f.add_argument("--layer")
     f.add_argument("--epochs", type=int)
     f.add_argument("--preset", choices=["tiny", "default", "large"], default="default")
@@ -86,10 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     import spatia as sp
 
     if args.command == "demo":
+        import numpy as np
+
         sdata = sp.datasets.demo()
+        # pretend a pathologist labelled a third of the cells: spatia transfers the labels to the rest
+        t = sdata["table"]
+        known = t.obs["cell_type"].astype(object).copy()
+        known[np.random.default_rng(args.seed).random(t.n_obs) > 1 / 3] = np.nan
+        t.obs["cell_type_known"] = known
         _pipeline(sdata, args.out, image_key="morphology", table_key="table", labels_key=None, shapes_key=None,
                   layer=None, config=sp.SpatiaConfig.default(), max_epochs=args.epochs, random_state=args.seed,
-                  resolution=0.5)
+                  resolution=0.5, cell_type_key="cell_type_known")
         return 0
     import spatialdata as sd
 
@@ -100,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     config = getattr(sp.SpatiaConfig, args.preset)()
     _pipeline(sdata, args.out, image_key=args.image_key, table_key=args.table_key, labels_key=args.labels_key,
               shapes_key=args.shapes_key, layer=args.layer, config=config, max_epochs=args.epochs,
-              random_state=args.seed, resolution=args.resolution)
+              random_state=args.seed, resolution=args.resolution, cell_type_key=args.cell_type_key)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from ._embedding import embedding
 from ._history import history
+from ._imputation import imputation
 from ._niches import niches
 
-__all__ = ["niches", "embedding", "history"]
+__all__ = ["niches", "embedding", "history", "imputation"]

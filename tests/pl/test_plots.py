@@ -69,3 +69,27 @@ def test_history_and_embedding(clustered, tmp_path):
     fig2 = sp.pl.embedding(sd, level="niche", color="domain")
     assert sum(len(c.get_offsets()) for c in fig2.axes[0].collections) == sd["table"].n_obs
     plt.close("all")
+
+
+def test_imputation_plot(clustered, tmp_path):
+    sd, model = clustered
+    sd = copy.deepcopy(sd)
+    genes = list(sd["table"].var_names[:2])
+    with pytest.raises(KeyError, match="sp.tl.impute"):
+        sp.pl.imputation(sd, genes)
+    sp.tl.impute(sd, model)
+    fig = sp.pl.imputation(sd, genes, save=tmp_path / "imp.png")
+    assert (tmp_path / "imp.png").stat().st_size > 1000
+    axes = [a for a in fig.axes if a.get_label() != "<colorbar>"]
+    assert len(axes) == 4
+    # each panel draws every cell, coloured by the gene's values
+    t = sd["table"]
+    for ax in axes:
+        assert len(ax.collections[0].get_offsets()) == t.n_obs
+    x = t.X.toarray()
+    measured = np.log1p(x[:, 0] / x.sum(1) * 1e4)
+    np.testing.assert_allclose(axes[0].collections[0].get_array(), measured, rtol=1e-5)
+    assert "Pearson" in axes[1].get_title()
+    with pytest.raises(KeyError, match="not in the table"):
+        sp.pl.imputation(sd, ["nope"])
+    plt.close(fig)

@@ -1,0 +1,323 @@
+"""spatia's predictive tasks beside the methods users would otherwise pick, in one run on the same data.
+
+    python benchmarks/tasks.py --cells 2400 --seeds 0 1 2 --epochs 30 --out benchmarks/results/tasks.md
+
+For each seed, ``sp.datasets.simulate_with_reference`` gives a shallow panel slide (the left half of a
+simulated tissue: 60 % of the genes, about 40 counts per cell) and a deep whole-transcriptome reference
+(the right half). Then:
+
+- **annotation** (paper protocol): logistic-regression linear probe on frozen features, 80/20 split (3 splits
+  per seed), macro-F1 and macro-precision on cell types; features: ``X_spatia_cell`` vs PCA of log-normalised
+  expression with as many components; and scANVI (scvi-tools, default settings, 80 % of labels);
+- **clustering**: Leiden over a resolution sweep (best ARI / NMI) on ``X_spatia_cell`` vs PCA for cell types,
+  and on ``X_spatia_niche`` vs neighbourhood-averaged expression (PCA of the mean log-expression of each
+  cell's 10 nearest cells) for tissue domains;
+- **imputation** of the genes the panel did not measure, from the reference: median per-gene Pearson of
+  ``sp.tl.impute(reference=...)`` vs gimVI (scvi-tools), Tangram (cells mode) and kNN regression on the raw
+  (not denoised) profile, all against the simulated true counts of those genes;
+- **image → expression**: a model fitted on the top half of the slide predicts the bottom half's expression
+  from images alone (``sp.tl.predict_expression``), vs ridge regression on squidpy image features
+  (summary + histogram + texture) of the same crops, trained on the top half; mean per-gene Pearson over the
+  10 most variable genes and over all genes.
+
+Wall time is reported per method. Prints a markdown table (mean ± sd over seeds) and writes it to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import platform
+import time
+import warnings
+from collections import defaultdict
+
+import numpy as np
+import pandas as pd
+
+warnings.filterwarnings("ignore")
+RESOLUTIONS = (0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.5)
+
+
+def _lognorm(x):
+    import scipy.sparse as sps
+
+    x = x.toarray() if sps.issparse(x) else np.asarray(x)
+    return np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1) * 1e4)
+
+
+def _pca(x, k, seed=0):
+    from sklearn.decomposition import PCA
+
+    return PCA(min(k, x.shape[1] - 1), random_state=seed).fit_transform(x)
+
+
+def _probe(x, y, seed):
+    """Macro-F1 and macro-precision of a logistic-regression probe, 80/20 split."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score, precision_score
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    tr, te = train_test_split(np.arange(len(y)), test_size=0.2, random_state=seed, stratify=y)
+    sc = StandardScaler().fit(x[tr])
+    clf = LogisticRegression(max_iter=2000).fit(sc.transform(x[tr]), y[tr])
+    p = clf.predict(sc.transform(x[te]))
+    return f1_score(y[te], p, average="macro"), precision_score(y[te], p, average="macro", zero_division=0)
+
+
+def _leiden_best(x, truth, seed):
+    import anndata as ad
+    import scanpy as sc
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    a = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(x))]), obsm={"X": np.asarray(x, np.float32)})
+    sc.pp.neighbors(a, use_rep="X", n_neighbors=15, random_state=seed)
+    ari = nmi = 0.0
+    for r in RESOLUTIONS:
+        sc.tl.leiden(a, resolution=r, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
+        ari = max(ari, adjusted_rand_score(truth, a.obs["leiden"]))
+        nmi = max(nmi, normalized_mutual_info_score(truth, a.obs["leiden"]))
+    return ari, nmi
+
+
+def _median_pearson(pred, truth):
+    from scipy.stats import pearsonr
+
+    r = [pearsonr(pred[:, j], truth[:, j]).statistic for j in range(truth.shape[1])
+         if truth[:, j].std() > 0 and np.std(pred[:, j]) > 0]
+    return float(np.median(r)) if r else np.nan
+
+
+def _mean_pearson(pred, truth, genes_idx):
+    from scipy.stats import pearsonr
+
+    r = [pearsonr(pred[:, j], truth[:, j]).statistic for j in genes_idx if np.std(pred[:, j]) > 0]
+    return float(np.mean(r)) if r else 0.0
+
+
+def _subset_table(sdata, mask):
+    """The same SpatialData (shared image / labels) whose table keeps only ``mask`` cells."""
+    import spatialdata as sd
+
+    t = sdata["table"][mask].copy()
+    out = sd.SpatialData(images=dict(sdata.images), labels=dict(sdata.labels), tables={"table": t})
+    return out
+
+
+def _squidpy_features(crops):
+    """squidpy's summary, histogram and texture features of each crop (an ImageContainer per crop)."""
+    import squidpy as sq
+
+    rows = []
+    for c in crops:
+        img = sq.im.ImageContainer(np.moveaxis(c, 0, -1)[:, :, None, :], layer="image", dims=("y", "x", "z", "channels"))
+        f = {}
+        f.update(img.features_summary("image"))
+        f.update(img.features_histogram("image"))
+        f.update(img.features_texture("image"))
+        rows.append(f)
+    return pd.DataFrame(rows).fillna(0).to_numpy(np.float64)
+
+
+def run_seed(seed: int, n_cells: int, epochs: int, res: dict) -> None:
+    import scanpy as sc
+
+    import spatia as sp
+    from spatia.tl._impute import _map_to_reference
+
+    sdata, ref = sp.datasets.simulate_with_reference(n_cells, n_genes=60, mean_depth=40.0, random_state=seed)
+    table = sdata["table"]
+    y = table.obs["cell_type"].astype(str).to_numpy()
+    dom = table.obs["domain"].astype(str).to_numpy()
+    cfg = sp.SpatiaConfig.default()
+    ln = _lognorm(table.X)
+
+    # ---- spatia fit (all spatial cells) ----
+    t0 = time.perf_counter()
+    model = sp.tl.fit(sdata, image_key="morphology", config=cfg, max_epochs=epochs, random_state=seed)
+    res["wall", "spatia fit"].append(time.perf_counter() - t0)
+    cell, niche = table.obsm["X_spatia_cell"], table.obsm["X_spatia_niche"]
+    d = cell.shape[1]
+    pca = _pca(ln, d, seed)
+
+    # ---- annotation ----
+    for split in range(3):
+        s = seed * 10 + split
+        for name, x in (("spatia (X_spatia_cell)", cell), ("spatia (cell + niche)", np.hstack([cell, niche])),
+                        (f"PCA({d}) of expression", pca)):
+            f1, prec = _probe(x, y, s)
+            res["annot F1", name].append(f1)
+            res["annot precision", name].append(prec)
+    t0 = time.perf_counter()
+    f1, prec = _scanvi(table, y, seed)
+    res["annot F1", "scANVI"].append(f1)
+    res["annot precision", "scANVI"].append(prec)
+    res["wall", "scANVI"].append(time.perf_counter() - t0)
+
+    # ---- clustering ----
+    for name, x in (("spatia (X_spatia_cell)", cell), (f"PCA({d}) of expression", pca)):
+        ari, nmi = _leiden_best(x, y, seed)
+        res["cluster types ARI", name].append(ari)
+        res["cluster types NMI", name].append(nmi)
+    from sklearn.neighbors import NearestNeighbors
+
+    xy = np.asarray(table.obsm["spatial"])
+    nb = NearestNeighbors(n_neighbors=11).fit(xy).kneighbors(xy, return_distance=False)
+    neigh = _pca(ln[nb].mean(1), d, seed)
+    for name, x in (("spatia (X_spatia_niche)", niche), ("neighbourhood-mean expression PCA", neigh),
+                    (f"PCA({d}) of expression", pca)):
+        ari, nmi = _leiden_best(x, dom, seed)
+        res["cluster domains ARI", name].append(ari)
+        res["cluster domains NMI", name].append(nmi)
+
+    # ---- imputation of unmeasured genes from the reference ----
+    held = table.uns["simulation"]["held_out_genes"]
+    hc = table.uns["simulation"]["held_out_counts"]
+    truth = hc / np.maximum(np.asarray(table.X.sum(1)).ravel(), 1)[:, None] * 1e4  # per 10k panel counts
+    t0 = time.perf_counter()
+    out = sp.tl.impute(sdata, model, reference=ref, genes=held, inplace=False)["reference"].to_numpy()
+    res["impute Pearson", "spatia"].append(_median_pearson(out, truth))
+    res["wall", "spatia impute"].append(time.perf_counter() - t0)
+    shared = list(table.var_names)
+    ridx = ref.var_names.get_indexer
+    ref_ln = _lognorm(ref.X[:, ridx(shared)])
+    ref_x = ref.X.toarray()
+    ref_cp = ref_x / np.maximum(ref_x[:, ridx(shared)].sum(1, keepdims=True), 1) * 1e4
+    knn = _map_to_reference(ln, ref_ln, ref_cp[:, ridx(held)], 50, 30, seed)
+    res["impute Pearson", "kNN on raw profiles"].append(_median_pearson(knn, truth))
+    t0 = time.perf_counter()
+    res["impute Pearson", "gimVI"].append(_median_pearson(_gimvi(table, ref, held, seed), truth))
+    res["wall", "gimVI"].append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    res["impute Pearson", "Tangram"].append(_median_pearson(_tangram(table, ref, held, seed), truth))
+    res["wall", "Tangram"].append(time.perf_counter() - t0)
+
+    # ---- image -> expression: fit on the top half, predict the bottom half ----
+    top = xy[:, 1] < np.median(xy[:, 1])
+    train_sd, test_sd = _subset_table(sdata, top), _subset_table(sdata, ~top)
+    t0 = time.perf_counter()
+    m_top = sp.tl.fit(train_sd, image_key="morphology", config=cfg, max_epochs=epochs, random_state=seed)
+    pred = sp.tl.predict_expression(test_sd, m_top, inplace=False).to_numpy()
+    res["wall", "spatia fit (top half) + predict"].append(time.perf_counter() - t0)
+    ln_test = _lognorm(test_sd["table"].X)
+    order = np.argsort(-ln_test.var(0))
+    top10, allg = order[:10], np.arange(ln_test.shape[1])
+    res["img->expr Pearson top10", "spatia (image only)"].append(_mean_pearson(pred, ln_test, top10))
+    res["img->expr Pearson all", "spatia (image only)"].append(_mean_pearson(pred, ln_test, allg))
+    t0 = time.perf_counter()
+    crops_tr = sp.pp.extract_crops(train_sd, image_key="morphology", size=cfg.image.size, crop_um=cfg.image.crop_um)
+    crops_te = sp.pp.extract_crops(test_sd, image_key="morphology", size=cfg.image.size, crop_um=cfg.image.crop_um)
+    f_tr = _squidpy_features(crops_tr.get(np.arange(len(crops_tr))))
+    f_te = _squidpy_features(crops_te.get(np.arange(len(crops_te))))
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    ridge = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13))).fit(f_tr, _lognorm(train_sd["table"].X))
+    pr = ridge.predict(f_te)
+    res["wall", "squidpy features + ridge"].append(time.perf_counter() - t0)
+    res["img->expr Pearson top10", "ridge on squidpy features"].append(_mean_pearson(pr, ln_test, top10))
+    res["img->expr Pearson all", "ridge on squidpy features"].append(_mean_pearson(pr, ln_test, allg))
+    sc.settings.verbosity = 0
+
+
+def _scanvi(table, y, seed):
+    import anndata as ad
+    import scvi
+    from sklearn.metrics import f1_score, precision_score
+    from sklearn.model_selection import train_test_split
+
+    scvi.settings.seed = seed
+    a = ad.AnnData(X=table.X.copy(), obs=pd.DataFrame({"label": y}, index=table.obs_names))
+    tr, te = train_test_split(np.arange(len(y)), test_size=0.2, random_state=seed * 10, stratify=y)
+    lab = np.array(y, dtype=object)
+    lab[te] = "Unknown"
+    a.obs["scanvi_label"] = lab
+    scvi.model.SCVI.setup_anndata(a, labels_key="scanvi_label")
+    vae = scvi.model.SCVI(a)
+    vae.train(enable_progress_bar=False)
+    lvae = scvi.model.SCANVI.from_scvi_model(vae, unlabeled_category="Unknown")
+    lvae.train(enable_progress_bar=False)
+    p = np.asarray(lvae.predict())
+    return f1_score(y[te], p[te], average="macro"), precision_score(y[te], p[te], average="macro", zero_division=0)
+
+
+def _gimvi(table, ref, held, seed):
+    import anndata as ad
+    import scvi
+    from scvi.external import GIMVI
+
+    scvi.settings.seed = seed
+    seq = ad.AnnData(X=ref.X.copy(), obs=pd.DataFrame(index=ref.obs_names), var=pd.DataFrame(index=ref.var_names))
+    spa = ad.AnnData(X=table.X.copy(), obs=pd.DataFrame(index=table.obs_names), var=pd.DataFrame(index=table.var_names))
+    GIMVI.setup_anndata(seq)
+    GIMVI.setup_anndata(spa)
+    m = GIMVI(seq, spa)
+    m.train(max_epochs=200, enable_progress_bar=False)
+    _, imputed = m.get_imputed_values(normalized=True)
+    return np.asarray(imputed)[:, ref.var_names.get_indexer(held)]
+
+
+def _tangram(table, ref, held, seed):
+    import anndata as ad
+    import tangram as tg
+
+    logging.getLogger().setLevel(logging.WARNING)
+    sc_ad = ad.AnnData(X=np.asarray(_lognorm(ref.X)), obs=pd.DataFrame(index=ref.obs_names),
+                       var=pd.DataFrame(index=[g.lower() for g in ref.var_names]))
+    sp_ad = ad.AnnData(X=np.asarray(_lognorm(table.X)), obs=pd.DataFrame(index=table.obs_names),
+                       var=pd.DataFrame(index=[g.lower() for g in table.var_names]))
+    tg.pp_adatas(sc_ad, sp_ad, genes=None)
+    amap = tg.map_cells_to_space(sc_ad, sp_ad, mode="cells", device="cpu", random_state=seed, verbose=False)
+    ge = tg.project_genes(amap, sc_ad)
+    return np.asarray(ge[:, [g.lower() for g in held]].X)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cells", type=int, default=2400)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    import spatia as sp
+
+    sp.settings.progress_bar = False
+    for name in ("lightning", "lightning.pytorch", "scvi", "tangram", "squidpy", "spatia"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    res: dict = defaultdict(list)
+    start = time.perf_counter()
+    for s in args.seeds:
+        t0 = time.perf_counter()
+        run_seed(s, args.cells, args.epochs, res)
+        print(f"seed {s}: {time.perf_counter() - t0:.0f} s", flush=True)
+    rows = []
+    for (metric, method), vals in res.items():
+        v = np.asarray(vals, float)
+        rows.append((metric, method, np.nanmean(v), np.nanstd(v), len(v)))
+    df = pd.DataFrame(rows, columns=["metric", "method", "mean", "sd", "n"])
+    lines = [
+        "# Tasks benchmark: spatia vs baselines (simulated panel slide + scRNA-seq reference)", "",
+        f"Command: `python benchmarks/tasks.py --cells {args.cells} --seeds {' '.join(map(str, args.seeds))} "
+        f"--epochs {args.epochs}` ({platform.machine()}, {time.strftime('%Y-%m-%d')}, total "
+        f"{time.perf_counter() - start:.0f} s). Mean ± sd over seeds (annotation: 3 splits per seed); higher is "
+        "better except wall time (s).", "",
+    ]
+    for metric, grp in df.groupby("metric", sort=False):
+        lines += [f"**{metric}**", "", "| method | mean ± sd | n |", "|---|---:|---:|"]
+        best = grp["mean"].max() if metric != "wall" else None
+        for r in grp.itertuples():
+            mark = " **(best)**" if best is not None and np.isclose(r.mean, best) else ""
+            lines.append(f"| {r.method}{mark} | {r.mean:.3f} ± {r.sd:.3f} | {r.n} |")
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
