@@ -26,7 +26,6 @@ Wall time is reported per method. Prints a markdown table (mean ± sd over seeds
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import platform
 import time
