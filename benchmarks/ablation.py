@@ -11,7 +11,7 @@ branch, the expression branch, the niche level or the tissue level off, prints:
   (5-fold cross-validated);
 - held-out panel genes: median Pearson of ``sp.tl.validate_imputation`` (10 most detected genes).
 
-The same-sized PCA of log-normalised expression is printed as the reference row.
+The same-sized PCA of expression (scanpy: normalize_total, log1p, pca) is the reference row.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import pandas as pd
 
 warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).parent))
-from tasks import _leiden_best, _lognorm, _pca, _probe  # noqa: E402
+from tasks import _leiden_best, _probe, _scanpy_pca  # noqa: E402
 
 ABLATIONS = {
     "full model": {},
@@ -69,7 +69,7 @@ def main() -> None:
         dom = t.obs["domain"].astype(str).to_numpy()
         size = t.obs["size_program"].to_numpy()
         base = sp.SpatiaConfig.default()
-        pca = _pca(_lognorm(t.X), base.embed_dim, seed)
+        pca = _scanpy_pca(t.X, base.embed_dim, seed)
         rows.append({"model": f"PCA({base.embed_dim}) of expression", "seed": seed,
                      "type F1": np.mean([_probe(pca, y, seed * 10 + s)[0] for s in range(3)]),
                      "type ARI": _leiden_best(pca, y, seed)[0], "domain ARI": _leiden_best(pca, dom, seed)[0],
