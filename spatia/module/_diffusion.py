@@ -53,7 +53,7 @@ class DecoderConfig:
     enabled: bool = True
     size: int | None = None
     block_out_channels: tuple[int, ...] = (32, 64, 64)
-    attention_levels: tuple[bool, ...] = (True, True, False)
+    attention_levels: tuple[bool, ...] = (False, True, True)
     layers_per_block: int = 1
     attention_heads: int = 4
     cross_attention_dim: int = 64

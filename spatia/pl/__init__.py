@@ -1,7 +1,8 @@
 """Plots: each returns a matplotlib Figure, takes ax= and save=."""
 
 from ._embedding import embedding
+from ._generated import generated
 from ._history import history
 from ._niches import niches
 
-__all__ = ["niches", "embedding", "history"]
+__all__ = ["niches", "embedding", "history", "generated"]
