@@ -39,10 +39,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     import spatia as sp
     from spatia.data._prepare import prepare
     from spatia.module import DecoderConfig
+
+    torch.set_num_threads(args.threads)  # after the imports (one of them resets it)
 
     sp.settings.progress_bar = False
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)

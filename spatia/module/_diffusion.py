@@ -33,6 +33,8 @@ class DecoderConfig:
         UNet channels per resolution level (each level after the first halves the resolution).
     attention_levels
         Which levels have (self + cross) attention transformer blocks; the rest are plain ResNet levels.
+        None at full resolution by default: there, attention over ``S²`` tokens made a 32-px training step
+        4x slower on a CPU; the UNet's middle block always has attention.
     layers_per_block
         ResNet layers per level.
     attention_heads
