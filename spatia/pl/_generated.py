@@ -36,16 +36,17 @@ def _real_crops(sdata, cells, size: int, crop_um, channels, image_key, table_key
     sub = table[table.obs_names.isin(cells)].copy()
     region = sub.uns.get("spatialdata_attrs", {}).get("region")
     regions = [region] if isinstance(region, str) else list(region or [])
+    if image_key is None:  # the morphology image: not one of the crop mosaics (those have a linking table)
+        cands = [k for k in sdata.images if f"{k}_table" not in sdata.tables]
+        if not cands:
+            raise ValueError("No morphology image to cut real crops from: pass image_key=, or real=False.")
+        image_key = cands[0]
     view = SpatialData(
-        images={k: v for k, v in sdata.images.items() if image_key is None or k == image_key},
+        images={image_key: sdata.images[image_key]},
         labels={k: v for k, v in sdata.labels.items() if k in regions},
         shapes={k: v for k, v in sdata.shapes.items() if k in regions},
         tables={table_key: sub},
     )
-    if image_key is None:
-        image_key = next(iter(k for k in view.images if not k.startswith(Keys.GENERATED)), None)
-        view = SpatialData(images={image_key: sdata.images[image_key]}, labels=view.labels, shapes=view.shapes,
-                           tables={table_key: sub})
     store = extract_crops(view, image_key=image_key, table_key=table_key, size=size, crop_um=crop_um,
                           channels=channels)
     return store.get(np.arange(sub.n_obs)), sub.obs
