@@ -32,7 +32,22 @@ class Prepared:
     coordinate_system: str | None
 
 
-def prepare(
+def prepare(*args, **kwargs) -> Prepared:
+    """Validate the input and build :class:`CellArrays` (see :func:`_prepare`).
+
+    Restores torch's thread count afterwards: a library under the crop / graph steps resets it, which made
+    single-threaded runs on a shared CPU oversubscribe it.
+    """
+    import torch
+
+    n_threads = torch.get_num_threads()
+    try:
+        return _prepare(*args, **kwargs)
+    finally:
+        torch.set_num_threads(n_threads)
+
+
+def _prepare(
     data,
     *,
     table_key: str | None = Defaults.TABLE,

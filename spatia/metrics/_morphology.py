@@ -147,3 +147,55 @@ def kid(real: np.ndarray, generated: np.ndarray, *, n_subsets: int = 10, subset_
         mmd = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
         vals.append(mmd)
     return float(np.mean(vals)), float(np.std(vals))
+
+
+def image_features(model, crops, *, batch_size: int = 256) -> np.ndarray:
+    """Image features for :func:`kid`: mean-pooled patch tokens of a trained model's frozen ViT encoder.
+
+    No Inception network can be downloaded offline, so the fixed feature space of KID (and of the
+    benchmarks) is the image branch of a trained SPATIA model, run without masking and without the
+    expression (no fusion). Crops of another size are resized (antialiased) to the encoder's input size.
+    Compare only numbers computed with the same model.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~spatia.SpatiaModel` with an image branch.
+    crops
+        ``(N, C, H, W)`` uint8 (0–255) or float in [0, 1], with the model's channels.
+    batch_size
+        Crops per forward pass.
+
+    Returns
+    -------
+    ``(N, D)`` float32 features (``D`` = the model's width).
+
+    Examples
+    --------
+    >>> real = sp.metrics.image_features(model, store.get(range(500)))
+    >>> gen = sp.metrics.image_features(model, generated)
+    >>> sp.metrics.kid(real, gen)
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if not model.config.image.enabled or not hasattr(model.module, "vit"):
+        raise ValueError("The model has no image branch: it cannot embed images.")
+    x = np.asarray(crops)
+    if x.ndim != 4:
+        raise ValueError(f"crops must be (N, C, H, W), got shape {x.shape}.")
+    if x.shape[1] != model.module.n_channels:
+        raise ValueError(f"crops have {x.shape[1]} channels, the model's image branch {model.module.n_channels}.")
+    scale = 255.0 if x.dtype == np.uint8 else 1.0
+    size = model.config.image.size
+    vit = model.module.vit.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            b = torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size])).float() / scale
+            if b.shape[-1] != size or b.shape[-2] != size:
+                b = F.interpolate(b, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            tok, _ = vit(b, 0.0)
+            out.append(tok.mean(1).float().numpy())
+    d = model.config.width
+    return np.concatenate(out) if out else np.zeros((0, d), dtype=np.float32)

@@ -14,13 +14,14 @@ import torch
 from .._utils import resolve_device, seed_from
 from .._version import __version__
 from ..data import BatchDataset, CellArrays
-from ..module import SpatiaConfig, SpatiaModule
+from ..module import DecoderConfig, SpatiaConfig, SpatiaModule
 
 logger = logging.getLogger(__name__)
 
 _WEIGHTS = "model.safetensors"
 _CONFIG = "config.json"
 _META = "spatia_model.json"
+_DECODER_WEIGHTS = "decoder.safetensors"
 
 
 class SpatiaModel:
@@ -69,13 +70,18 @@ class SpatiaModel:
         self.history: list[dict[str, float]] = []
         self.is_trained = False
         self.train_info: dict[str, Any] = {}
+        # the diffusion decoder (generation): built by fit_decoder, saved beside the encoder
+        self.decoder = None
+        self.decoder_history: list[dict[str, float]] = []
+        self.decoder_info: dict[str, Any] = {}
 
     # ---------------------------------------------------------------------------------------------
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.module.parameters())
         state = "trained" if self.is_trained else "untrained"
+        dec = "" if self.decoder is None else f", decoder {self.decoder.config.size} px"
         return (f"SpatiaModel({state}, {len(self.genes)} genes, channels={self.channels}, "
-                f"{n / 1e6:.2f}M parameters)")
+                f"{n / 1e6:.2f}M parameters{dec})")
 
     @property
     def n_parameters(self) -> int:
@@ -231,6 +237,129 @@ class SpatiaModel:
         self.module.cpu()
         return full
 
+    # generation --------------------------------------------------------------------------------
+    def fit_decoder(
+        self,
+        arrays: CellArrays,
+        *,
+        config: DecoderConfig | None = None,
+        max_epochs: int | None = None,
+        batch_size: int | None = None,
+        lr: float | None = None,
+        accelerator: str = "auto",
+        devices: int | str = "auto",
+        precision: str | int | None = None,
+        random_state: int | None = 0,
+        **trainer_kwargs: Any,
+    ) -> SpatiaModel:
+        """Train the diffusion decoder on prepared arrays, the encoder frozen (see :func:`spatia.tl.fit_decoder`).
+
+        The crops of ``arrays`` set the generated size and channels (``config.size`` must match them).
+        """
+        import lightning.pytorch as pl
+
+        from ..module import DiffusionDecoder
+        from ..train import DecoderBatches, DecoderTrainingPlan, HistoryCallback
+
+        if not self.config.expression.enabled:
+            raise ValueError("The decoder is conditioned on expression: the model needs its expression branch.")
+        if arrays.crops is None:
+            raise ValueError("Training the decoder needs cell crops (the images it learns to generate).")
+        dc = config or DecoderConfig()
+        if not isinstance(dc, DecoderConfig):
+            raise TypeError(f"config must be a DecoderConfig, got {type(dc).__name__}.")
+        size = int(arrays.crops.size)
+        if dc.size is not None and dc.size != size:
+            raise ValueError(f"config.size is {dc.size} but the crops are {size} px.")
+        dc = dc.replace(size=size)
+        max_epochs = dc.max_epochs if max_epochs is None else int(max_epochs)
+        batch_size = dc.batch_size if batch_size is None else int(batch_size)
+        seed = seed_from(random_state)
+        pl.seed_everything(seed, workers=True, verbose=False)
+        rng = np.random.default_rng(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            decoder = DiffusionDecoder(dc, len(arrays.crops.channels), self.config.width)
+        order = rng.permutation(arrays.n)
+        batches = [order[i:i + batch_size] for i in range(0, arrays.n, batch_size)]
+        if precision is None:
+            precision = "bf16-mixed" if resolve_device(accelerator if accelerator != "gpu" else "cuda") == "cuda" else "32-true"
+        from .._settings import settings
+
+        plan = DecoderTrainingPlan(decoder, self.module, lr=lr or dc.lr, weight_decay=dc.weight_decay)
+        history = HistoryCallback()
+        kw = dict(
+            max_epochs=max_epochs, accelerator=accelerator, devices=devices, precision=precision,
+            callbacks=[history], logger=False, enable_progress_bar=settings.progress_bar,
+            enable_model_summary=False, enable_checkpointing=False, deterministic="warn",
+            default_root_dir=tempfile.mkdtemp(prefix="spatia_decoder_"),
+        )
+        kw.update(trainer_kwargs)
+        loader = torch.utils.data.DataLoader(
+            DecoderBatches(arrays.counts, arrays.crops, batches), batch_size=None, shuffle=True,
+            num_workers=settings.num_workers, generator=torch.Generator().manual_seed(seed),
+        )
+        try:
+            pl.Trainer(**kw).fit(plan, train_dataloaders=loader)
+        finally:
+            self.module.requires_grad_(True)
+            self.module.cpu()
+        self.decoder = plan.decoder.cpu().eval()
+        self.decoder_history = list(history.history)
+        self.decoder_info = {"epochs": max_epochs, "n_cells": int(arrays.n), "batch_size": batch_size,
+                             "random_state": seed, "channels": list(arrays.crops.channels),
+                             "crop_params": dict(getattr(arrays.crops, "params", {}) or {})}
+        return self
+
+    def _require_decoder(self):
+        if self.decoder is None:
+            raise ValueError("This model has no trained diffusion decoder: train one with "
+                             "`sp.tl.fit_decoder(sdata, model)` first.")
+        return self.decoder
+
+    @torch.no_grad()
+    def sample_images(
+        self,
+        counts,
+        *,
+        guidance_scale: float = 2.0,
+        num_inference_steps: int = 20,
+        scheduler: str = "ddim",
+        token_merging: float | None = None,
+        unconditional: bool = False,
+        random_state: int | None = 0,
+        batch_size: int = 64,
+        device: str | None = None,
+    ) -> np.ndarray:
+        """Generated crops ``(n, C, S, S)`` uint8, one per row of ``counts (n, G)`` (model gene order).
+
+        The same ``random_state`` gives the same images (on the same device).
+        """
+        import scipy.sparse as sp_sparse
+
+        decoder = self._require_decoder()
+        x = counts.toarray() if sp_sparse.issparse(counts) else np.asarray(counts)
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != len(self.genes):
+            raise ValueError(f"counts must be (n, {len(self.genes)}) in the model's gene order, got {x.shape}.")
+        dev = torch.device(resolve_device(device))
+        gen = torch.Generator().manual_seed(seed_from(random_state))
+        encoder = self.module.to(dev).eval()
+        decoder = decoder.to(dev).eval()
+        out = []
+        try:
+            for i in range(0, len(x), batch_size):
+                tokens, pad = encoder.encode_expression(torch.from_numpy(x[i:i + batch_size]).to(dev))
+                img = decoder.sample(tokens, pad, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                                     scheduler=scheduler, token_merging=token_merging, generator=gen,
+                                     unconditional=unconditional)
+                out.append(((img.float().cpu().numpy() + 1) * 127.5 + 0.5).clip(0, 255).astype(np.uint8))
+        finally:
+            self.module.cpu()
+            decoder.cpu()
+        s = decoder.config.size
+        return np.concatenate(out) if out else np.zeros((0, decoder.channels, s, s), dtype=np.uint8)
+
     # persistence ---------------------------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> None:
         """Write ``config.json``, ``model.safetensors`` and ``spatia_model.json`` (genes, channels, version).
@@ -255,6 +384,14 @@ class SpatiaModel:
             "history": self.history, "is_trained": self.is_trained,
             "train_info": {k: v for k, v in self.train_info.items() if isinstance(v, int | float | str)},
         }
+        if self.decoder is not None:
+            dstate = {k: v.detach().cpu().contiguous() for k, v in self.decoder.state_dict().items()}
+            save_file(dstate, str(tmp / _DECODER_WEIGHTS))
+            meta["decoder"] = {
+                "config": self.decoder.config.to_dict(), "channels": self.decoder.channels,
+                "history": self.decoder_history,
+                "info": {k: v for k, v in self.decoder_info.items() if isinstance(v, int | float | str | list | dict)},
+            }
         (tmp / _META).write_text(json.dumps(meta, indent=1, default=float))
         if path.exists():
             shutil.rmtree(path)
@@ -279,4 +416,15 @@ class SpatiaModel:
         model.history = meta.get("history", [])
         model.is_trained = bool(meta.get("is_trained", True))
         model.train_info = meta.get("train_info", {})
+        if "decoder" in meta:  # saves from before the decoder have none
+            from ..module import DiffusionDecoder
+
+            d = meta["decoder"]
+            if not (path / _DECODER_WEIGHTS).exists():
+                raise FileNotFoundError(f"{path} describes a decoder but {_DECODER_WEIGHTS} is missing.")
+            decoder = DiffusionDecoder(DecoderConfig.from_dict(d["config"]), int(d["channels"]), config.width)
+            decoder.load_state_dict(load_file(str(path / _DECODER_WEIGHTS), device="cpu"))
+            model.decoder = decoder.eval()
+            model.decoder_history = d.get("history", [])
+            model.decoder_info = d.get("info", {})
         return model

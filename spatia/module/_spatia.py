@@ -150,6 +150,21 @@ class SpatiaModule(nn.Module):
         out["h"] = self.cell_in(z)
         return out
 
+    def encode_expression(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expression tokens of ``counts (N, G)`` alone (no image, no corruption), before fusion.
+
+        Returns ``tokens (N, 2 + L, D)`` (CLS, depth, then the ``L`` most expressed genes) and
+        ``pad (N, 2 + L)`` (True = padding). The condition of the diffusion decoder.
+        """
+        if not self.config.expression.enabled:
+            raise ValueError("The model has no expression branch: it cannot encode expression.")
+        lib = counts.sum(1)
+        norm = torch.log1p(counts / lib.clamp(min=1)[:, None] * 1e4)
+        gidx, pad = sample_expressed(counts, self.config.expression.max_len, training=False)
+        vals = torch.gather(norm, 1, gidx)
+        shown = torch.zeros_like(counts).scatter(1, gidx, torch.gather(counts, 1, gidx) * (~pad).float())
+        return self.expr(gidx, vals, pad, torch.zeros_like(pad), torch.log2(1 + shown.sum(1)))
+
     def forward(self, batch: dict[str, torch.Tensor], *, train: bool = False) -> SpatiaOutput:
         """One batch of centre cells with their niche members.
 

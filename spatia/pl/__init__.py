@@ -1,8 +1,9 @@
 """Plots: each returns a matplotlib Figure, takes ax= and save=."""
 
 from ._embedding import embedding
+from ._generated import generated
 from ._history import history
 from ._imputation import imputation
 from ._niches import niches
 
-__all__ = ["niches", "embedding", "history", "imputation"]
+__all__ = ["niches", "embedding", "history", "imputation", "generated"]

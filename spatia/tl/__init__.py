@@ -1,8 +1,10 @@
-"""User-facing tools: fit, embed, annotate, cluster, impute, predict expression."""
+"""User-facing tools: fit, embed, annotate, cluster, impute, predict expression, generate."""
 
 from ._annotate import annotate
 from ._cluster import cluster
 from ._fit import embed, fit
+from ._generate import fit_decoder, generate
 from ._impute import impute, predict_expression, validate_imputation
 
-__all__ = ["fit", "embed", "annotate", "cluster", "impute", "validate_imputation", "predict_expression"]
+__all__ = ["fit", "embed", "annotate", "cluster", "impute", "validate_imputation", "predict_expression",
+           "fit_decoder", "generate"]

@@ -258,7 +258,7 @@ def embed(
 
 
 def _prepare_for_model(data, model, *, image_key, labels_key, shapes_key, table_key, layer, coordinate_system,
-                       crops, allow_empty, use_expression=True):
+                       crops, allow_empty, use_expression=True, crop_size: int | None = None):
     from ..data._prepare import prepare
     from ..model import SpatiaModel
 
@@ -269,6 +269,8 @@ def _prepare_for_model(data, model, *, image_key, labels_key, shapes_key, table_
     cp = model.crop_params or {}
     crop_kwargs = {k: cp[k] for k in ("size", "crop_um", "extent_factor", "min_um", "max_um") if k in cp}
     crop_kwargs.setdefault("size", model.config.image.size)
+    if crop_size is not None:  # e.g. the diffusion decoder's resolution
+        crop_kwargs["size"] = int(crop_size)
     if model.channels and model.config.image.enabled:
         crop_kwargs["channels"] = model.channels
     c = model.config

@@ -1,5 +1,6 @@
 """Lightning training plans and callbacks."""
 
+from ._decoder import DecoderBatches, DecoderTrainingPlan
 from ._plan import HistoryCallback, SpatiaTrainingPlan
 
-__all__ = ["SpatiaTrainingPlan", "HistoryCallback"]
+__all__ = ["SpatiaTrainingPlan", "HistoryCallback", "DecoderTrainingPlan", "DecoderBatches"]
