@@ -28,7 +28,6 @@ def trained(fitted, tmp_path_factory):
     from spatia.module import DiffusionDecoder
 
     sd, base = fitted
-    torch.set_num_threads(1)
     cond = _copy_model(base, tmp_path_factory.mktemp("m") / "cond")
     sp.tl.fit_decoder(sd, cond, image_key="morphology", config=CONFIG, max_epochs=EPOCHS, random_state=0)
     untrained = _copy_model(cond, tmp_path_factory.mktemp("m") / "untrained")
