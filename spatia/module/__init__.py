@@ -1,4 +1,4 @@
-"""Composite nn.Modules: the SPATIA encoder (and, later, the diffusion decoder and flow model)."""
+"""Composite nn.Modules: the SPATIA encoder, the state-transition flow (and, later, the diffusion decoder)."""
 
 from ._config import (
     ExpressionConfig,
@@ -10,9 +10,10 @@ from ._config import (
     TissueConfig,
     TrainConfig,
 )
+from ._flow import FlowConfig, FlowOutput, TransitionFlow
 from ._spatia import SpatiaModule, SpatiaOutput
 
 __all__ = [
     "SpatiaConfig", "ImageConfig", "ExpressionConfig", "FusionConfig", "NicheConfig", "TissueConfig",
-    "LossConfig", "TrainConfig", "SpatiaModule", "SpatiaOutput",
+    "LossConfig", "TrainConfig", "SpatiaModule", "SpatiaOutput", "FlowConfig", "FlowOutput", "TransitionFlow",
 ]
