@@ -29,6 +29,8 @@ class FlowConfig:
     width of the condition vector (added to the UNet's time embedding). Loss weights follow DESIGN.md:
     FM 1.0, contrastive hinge 0.1 (margin 0.1), sliced-Wasserstein 0.1 over ``n_projections`` directions.
     ``cond_dropout`` replaces the condition by a learned null condition (classifier-free guidance).
+    ``augment`` turns source and target crops by independent random right-angle rotations / flips in
+    training (the pairing is between cells, not orientations; it multiplies the few pairs a slide has).
     """
 
     block_out_channels: tuple[int, ...] = (32, 64)
@@ -44,7 +46,8 @@ class FlowConfig:
     sw_weight: float = 0.1
     n_projections: int = 64
     cond_dropout: float = 0.1
-    lr: float = 1e-3
+    augment: bool = True
+    lr: float = 2e-3
     weight_decay: float = 1e-4
     max_epochs: int = 40
     batch_size: int = 32
@@ -95,6 +98,18 @@ class FlowOutput:
     weights: torch.Tensor | None = None
     fm_error: torch.Tensor | None = None
     x1_hat: torch.Tensor | None = None
+
+
+def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each crop of ``x (B, C, S, S)`` turned by a random multiple of 90° and possibly mirrored."""
+    k = torch.randint(0, 8, (x.shape[0],), generator=generator).to(x.device)
+    out = x.clone()
+    for code in range(8):
+        sel = k == code
+        if sel.any():
+            y = torch.rot90(x[sel], code % 4, dims=(2, 3))
+            out[sel] = y.flip(3) if code >= 4 else y
+    return out
 
 
 def confidence_weights(confidence: torch.Tensor, mean_confidence: float | torch.Tensor) -> torch.Tensor:
@@ -220,10 +235,14 @@ class TransitionFlow(nn.Module):
         """Training losses of a batch of pairs.
 
         ``batch``: ``x0`` / ``x1`` ``(B, C, S, S)`` source and matched target crops in [0, 1],
-        ``cell_emb (B, E)``, ``transition (B,)``, ``confidence (B,)``.
+        ``cell_emb (B, E)``, ``transition (B,)``, ``confidence (B,)``; optionally ``t (B,)`` (default
+        uniform on [0, 1]).
         """
         c = self.config
-        x0, x1 = batch["x0"] * 2 - 1, batch["x1"] * 2 - 1
+        x0, x1r = batch["x0"], batch["x1"]
+        if c.augment and self.training:
+            x0, x1r = random_dihedral(x0, generator), random_dihedral(x1r, generator)
+        x0, x1 = x0 * 2 - 1, x1r * 2 - 1
         b = x0.shape[0]
         dev = x0.device
         # 1. condition, with dropout to the null condition (for classifier-free guidance)
@@ -231,7 +250,7 @@ class TransitionFlow(nn.Module):
         dropped = torch.rand(b, device=dev, generator=generator) < c.cond_dropout
         cond = torch.where(dropped[:, None], self.null_cond.expand(b, -1), cond)
         # 2. straight path and velocity
-        t = torch.rand(b, device=dev, generator=generator)
+        t = batch["t"] if "t" in batch else torch.rand(b, device=dev, generator=generator)
         tt = t[:, None, None, None]
         xt = (1 - tt) * x0 + tt * x1
         target = x1 - x0
@@ -254,7 +273,7 @@ class TransitionFlow(nn.Module):
         x1_hat = xt + (1 - tt) * v
         if c.sw_weight > 0 and b > 1:
             fa = morphology_proxies(((x1_hat + 1) / 2).clamp(0, 1))
-            fb = morphology_proxies(batch["x1"])
+            fb = morphology_proxies(x1r)
             losses["sw"] = sliced_wasserstein(fa, fb, c.n_projections, generator=generator)
             total = total + c.sw_weight * losses["sw"]
         return FlowOutput(loss=total, losses=losses, weights=w.detach(), fm_error=err.detach(),

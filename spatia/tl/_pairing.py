@@ -8,6 +8,7 @@ that an entropic OT plan (Sinkhorn, POT) on expression sends it to. The pairing 
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -222,7 +223,9 @@ def compute_pairing(
     delta_m = delta_m_std = pd.Series(dtype=float)
     if fs is not None and ft is not None:
         d = ft.to_numpy()[match] - fs.to_numpy()
-        delta_m = pd.Series(np.nanmean(np.where(np.isfinite(d), d, np.nan), 0), index=fs.columns)
+        with warnings.catch_warnings():  # a feature NaN in every pair (no foreground anywhere) stays NaN → 0
+            warnings.simplefilter("ignore", RuntimeWarning)
+            delta_m = pd.Series(np.nanmean(np.where(np.isfinite(d), d, np.nan), 0), index=fs.columns)
         pooled = pd.concat([fs, ft]).std()
         delta_m_std = (delta_m / pooled.where(pooled > 0)).fillna(0.0)
         delta_m = delta_m.fillna(0.0)

@@ -421,9 +421,10 @@ def transition(
     pixel = float(cp["crop_um"]) / model.flow.size if cp.get("crop_um") else 1.0
     uns = _sanitize({"function": "transition", "transition": name, "groupby": groupby, "guidance_scale": w,
                      "steps": steps, "solver": solver, "velocity_evaluations": nfe, "seconds": seconds,
-                     "table_key": table_key, "channels": model.channels})
+                     "table_key": table_key, "channels": model.channels, "crop_size": int(model.flow.size),
+                     "gap": 2, "crop_params": dict(model.crop_params or {})})
     add_crop_mosaic(data, pred, obs, key_added=key_added, channels=model.channels, pixel_size=pixel, uns=uns,
-                    overwrite=overwrite)
+                    gap=2, overwrite=overwrite)
     return None
 
 
