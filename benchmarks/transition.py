@@ -92,7 +92,7 @@ def pairing_recovery(sdata, seed) -> dict:
             "mean confidence": res.info["mean_confidence"], "uniform confidence": res.info["uniform_confidence"]}
 
 
-def run_seed(seed: int, n_cells: int, epochs: int, fit_epochs: int) -> tuple[list[dict], dict]:
+def run_seed(seed: int, n_cells: int, epochs: int, fit_epochs: int, steps: int) -> tuple[list[dict], dict]:
     sdata = sp.datasets.simulate(n_cells, random_state=seed)
     rec = pairing_recovery(sdata, seed)
     add_tstate(sdata["table"])
@@ -119,7 +119,7 @@ def run_seed(seed: int, n_cells: int, epochs: int, fit_epochs: int) -> tuple[lis
         sp.tl.fit_transition(sdata, m, groupby="tstate", source="control", target="transitioned",
                              max_epochs=epochs, random_state=seed, crops=crops, inplace=False, **kw)
         out = sp.tl.transition(sdata, m, groupby="tstate", source="control", target="transitioned", crops=crops,
-                               inplace=False)
+                               steps=steps, inplace=False)
         seconds = time.perf_counter() - t0
         rows.append(score(name, out["crops"], real, f_real, k_real, m, seed, seconds))
         logging.info("seed %d: %s %.0f s", seed, name, seconds)
@@ -132,6 +132,7 @@ def main() -> None:
     p.add_argument("--n-cells", type=int, default=1200)
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--fit-epochs", type=int, default=20)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--out", default="benchmarks/results/transition.md")
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -141,10 +142,14 @@ def main() -> None:
     for name in ("lightning", "lightning.pytorch", "spatia", "squidpy"):
         logging.getLogger(name).setLevel(logging.ERROR)
     rows, recs = [], []
-    for seed in a.seeds:
-        r, rec = run_seed(seed, a.n_cells, a.epochs, a.fit_epochs)
+    for seed in a.seeds:  # the report is rewritten after every seed, so a cut-short run keeps what it has
+        r, rec = run_seed(seed, a.n_cells, a.epochs, a.fit_epochs, a.steps)
         rows += r
         recs.append(rec)
+        report(rows, recs, a)
+
+
+def report(rows: list[dict], recs: list[dict], a) -> None:
     df = pd.DataFrame(rows)
     order = list(dict.fromkeys(df["method"]))
     num = [c for c in df.columns if c not in ("method", "seed")]
@@ -159,10 +164,10 @@ def main() -> None:
         "",
         f"Command: `{cmd}` (CPU, 1 torch thread, machine shared with other jobs: wall times are indicative).",
         "",
-        f"Simulator (`sp.datasets.simulate(n_cells, random_state=seed)`, seeds {a.seeds}): source = control cells of "
+        f"Simulator (`sp.datasets.simulate({a.n_cells}, random_state=seed)`, seeds {sorted(set(df['seed']))}): source = control cells of "
         "the transitioning type, target = its transitioned cells (nuclei 1.6–2.4× larger, 1.4× brighter, "
         "coarser chromatin). SPATIA model: `SpatiaConfig.tiny()` (16-px crops over 16 µm), "
-        f"{a.fit_epochs} epochs; flows: `FlowConfig.tiny()`, {a.epochs} epochs, midpoint solver, 100 steps, "
+        f"{a.fit_epochs} epochs; flows: `FlowConfig.tiny()`, {a.epochs} epochs, midpoint solver, {a.steps} steps, "
         "guidance 0.2. W = Wasserstein distance / std of the real targets' feature (lower is better); KS = "
         "Kolmogorov–Smirnov statistic; KID on mean-pooled tokens of the SPATIA model's frozen ViT. "
         "`seconds` = flow training + sampling.",

@@ -47,7 +47,8 @@ class FlowConfig:
     n_projections: int = 64
     cond_dropout: float = 0.1
     augment: bool = True
-    lr: float = 2e-3
+    lr: float = 1e-3
+    grad_clip: float = 1.0
     weight_decay: float = 1e-4
     max_epochs: int = 40
     batch_size: int = 32

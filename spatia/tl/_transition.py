@@ -199,7 +199,7 @@ def fit_transition(
     history = HistoryCallback()
     kw = dict(max_epochs=max_epochs, accelerator=accelerator, devices=devices, precision=precision,
               callbacks=[history], logger=False, enable_progress_bar=settings.progress_bar,
-              enable_model_summary=False, enable_checkpointing=False,
+              enable_model_summary=False, enable_checkpointing=False, gradient_clip_val=config.grad_clip or None,
               default_root_dir=tempfile.mkdtemp(prefix="spatia_flow_"), num_sanity_val_steps=0)
     kw.update(trainer_kwargs)
     trainer = pl.Trainer(**kw)
