@@ -92,7 +92,17 @@ def pairing_recovery(sdata, seed) -> dict:
             "mean confidence": res.info["mean_confidence"], "uniform confidence": res.info["uniform_confidence"]}
 
 
-def run_seed(seed: int, n_cells: int, epochs: int, fit_epochs: int, steps: int) -> tuple[list[dict], dict]:
+VARIANTS = {
+    "full": ("full (OT + FM + contrastive + SW)", dict(pairing="ot", config=FlowConfig.tiny())),
+    "random": ("random pairs (no OT)", dict(pairing="random", config=FlowConfig.tiny())),
+    "no_sw": ("no morphology loss (sw_weight=0)", dict(pairing="ot", config=FlowConfig.tiny().replace(sw_weight=0.0))),
+    "sw_late": ("full, SW only for t >= 0.7 (sw_min_t=0.7)",
+                dict(pairing="ot", config=FlowConfig.tiny().replace(sw_min_t=0.7))),
+}
+
+
+def run_seed(seed: int, n_cells: int, epochs: int, fit_epochs: int, steps: int,
+             variants: list[str]) -> tuple[list[dict], dict]:
     sdata = sp.datasets.simulate(n_cells, random_state=seed)
     rec = pairing_recovery(sdata, seed)
     add_tstate(sdata["table"])
@@ -108,12 +118,7 @@ def run_seed(seed: int, n_cells: int, epochs: int, fit_epochs: int, steps: int) 
     real = crops.get(tgt).astype(np.float32) / 255
     f_real, k_real = morphology_features(real), vit_features(model, real)
     rows = [score("unchanged source", crops.get(src).astype(np.float32) / 255, real, f_real, k_real, model, seed, 0.0)]
-    variants = {
-        "full (OT + FM + contrastive + SW)": dict(pairing="ot", config=FlowConfig.tiny()),
-        "random pairs (no OT)": dict(pairing="random", config=FlowConfig.tiny()),
-        "no morphology loss (sw_weight=0)": dict(pairing="ot", config=FlowConfig.tiny().replace(sw_weight=0.0)),
-    }
-    for name, kw in variants.items():
+    for name, kw in (VARIANTS[v] for v in variants):
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
         sp.tl.fit_transition(sdata, m, groupby="tstate", source="control", target="transitioned",
@@ -133,6 +138,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--fit-epochs", type=int, default=20)
     p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--variants", nargs="+", default=["full", "random", "no_sw"], choices=list(VARIANTS))
     p.add_argument("--out", default="benchmarks/results/transition.md")
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -143,7 +149,7 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     rows, recs = [], []
     for seed in a.seeds:  # the report is rewritten after every seed, so a cut-short run keeps what it has
-        r, rec = run_seed(seed, a.n_cells, a.epochs, a.fit_epochs, a.steps)
+        r, rec = run_seed(seed, a.n_cells, a.epochs, a.fit_epochs, a.steps, a.variants)
         rows += r
         recs.append(rec)
         report(rows, recs, a)

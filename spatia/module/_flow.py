@@ -27,7 +27,9 @@ class FlowConfig:
 
     ``block_out_channels`` / ``layers_per_block`` shape the diffusers ``UNet2DModel``; ``cond_dim`` is the
     width of the condition vector (added to the UNet's time embedding). Loss weights follow DESIGN.md:
-    FM 1.0, contrastive hinge 0.1 (margin 0.1), sliced-Wasserstein 0.1 over ``n_projections`` directions.
+    FM 1.0, contrastive hinge 0.1 (margin 0.1), sliced-Wasserstein 0.1 over ``n_projections`` directions,
+    computed on the pairs whose path time is at least ``sw_min_t`` (0: all; the one-step prediction of an
+    early point of the path is a blurry average, which the FM loss wants and the morphology loss does not).
     ``cond_dropout`` replaces the condition by a learned null condition (classifier-free guidance).
     ``augment`` turns source and target crops by independent random right-angle rotations / flips in
     training (the pairing is between cells, not orientations; it multiplies the few pairs a slide has).
@@ -44,6 +46,7 @@ class FlowConfig:
     contrastive_weight: float = 0.1
     margin: float = 0.1
     sw_weight: float = 0.1
+    sw_min_t: float = 0.0
     n_projections: int = 64
     cond_dropout: float = 0.1
     augment: bool = True
@@ -272,9 +275,10 @@ class TransitionFlow(nn.Module):
                 total = total + c.contrastive_weight * losses["contrastive"]
         # 5. sliced Wasserstein between morphology proxies of one-step predicted and real targets
         x1_hat = xt + (1 - tt) * v
-        if c.sw_weight > 0 and b > 1:
-            fa = morphology_proxies(((x1_hat + 1) / 2).clamp(0, 1))
-            fb = morphology_proxies(x1r)
+        late = t >= c.sw_min_t
+        if c.sw_weight > 0 and int(late.sum()) > 1:
+            fa = morphology_proxies(((x1_hat[late] + 1) / 2).clamp(0, 1))
+            fb = morphology_proxies(x1r[late])
             losses["sw"] = sliced_wasserstein(fa, fb, c.n_projections, generator=generator)
             total = total + c.sw_weight * losses["sw"]
         return FlowOutput(loss=total, losses=losses, weights=w.detach(), fm_error=err.detach(),

@@ -357,6 +357,8 @@ def pair_states(
     >>> obs = sdata["table"].obs
     >>> obs.loc[obs["condition"] == "control", ["spatia_pair_match", "spatia_pair_confidence"]]
     """
+    from ._fit import _sanitize
+
     if min_cells < 2:
         raise ValueError(f"min_cells must be at least 2, got {min_cells}.")
     st = get_table(data, table_key)
@@ -388,7 +390,7 @@ def pair_states(
     log_added("adata.obs", f"{key_added}_match")
     log_added("adata.obs", f"{key_added}_confidence")
     uns = st.uns.setdefault(Keys.UNS, {})
-    uns.setdefault(Keys.TRANSITIONS, {})[res.name] = res.to_uns()
+    uns.setdefault(Keys.TRANSITIONS, {})[res.name] = _sanitize(res.to_uns())
     log_added("adata.uns", f"{Keys.UNS}']['{Keys.TRANSITIONS}")
     return None
 
