@@ -155,6 +155,8 @@ def fit_transition(
         raise TypeError(f"config must be a FlowConfig, got {type(config).__name__}.")
     if not model.config.image.enabled:
         raise ValueError("The model has no image branch: a morphology flow needs image crops.")
+    # the image the model was trained on (a slide may also hold mosaics written by earlier transitions)
+    image_key = image_key or (model.crop_params or {}).get("image_key")
     prepared = _prepare_for_model(
         data, model, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key, table_key=table_key,
         layer=layer, coordinate_system=coordinate_system, crops=crops, allow_empty=True,
@@ -365,6 +367,8 @@ def transition(
     steps = fcfg.steps if steps is None else int(steps)
     solver = fcfg.solver if solver is None else solver
     w = fcfg.guidance_scale if guidance_scale is None else float(guidance_scale)
+    # the image the model was trained on (a slide may also hold mosaics written by earlier transitions)
+    image_key = image_key or (model.crop_params or {}).get("image_key")
     prepared = _prepare_for_model(
         data, model, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key, table_key=table_key,
         layer=layer, coordinate_system=coordinate_system, crops=crops, allow_empty=True,
