@@ -30,6 +30,8 @@ class Keys:
     # generated images
     GENERATED = "spatia_generated"
     TRANSITION = "spatia_transition"
+    PAIR = "spatia_pair"  # -> obs["spatia_pair_match"], obs["spatia_pair_confidence"]
+    TRANSITIONS = "transitions"  # uns["spatia"]["transitions"][f"{source}->{target}"]
 
     # run parameters (table.uns)
     UNS = "spatia"

@@ -22,6 +22,8 @@ _WEIGHTS = "model.safetensors"
 _CONFIG = "config.json"
 _META = "spatia_model.json"
 _DECODER_WEIGHTS = "decoder.safetensors"
+_FLOW_WEIGHTS = "flow.safetensors"
+_FLOW_META = "flow.json"
 
 
 class SpatiaModel:
@@ -74,6 +76,10 @@ class SpatiaModel:
         self.decoder = None
         self.decoder_history: list[dict[str, float]] = []
         self.decoder_info: dict[str, Any] = {}
+        # state-transition flow (sp.tl.fit_transition): the module and its description (config, sizes,
+        # transitions, pairing parameters, history), saved as flow.safetensors + flow.json
+        self.flow = None
+        self.flow_info: dict[str, Any] = {}
 
     # ---------------------------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -364,6 +370,9 @@ class SpatiaModel:
     def save(self, path: str | Path, overwrite: bool = False) -> None:
         """Write ``config.json``, ``model.safetensors`` and ``spatia_model.json`` (genes, channels, version).
 
+        A state-transition flow (:func:`spatia.tl.fit_transition`) adds ``flow.safetensors`` and
+        ``flow.json`` (its configuration, transitions and pairing parameters).
+
         Written to a temporary folder first and moved into place, so an interrupted save leaves no
         half-written model.
         """
@@ -393,6 +402,10 @@ class SpatiaModel:
                 "info": {k: v for k, v in self.decoder_info.items() if isinstance(v, int | float | str | list | dict)},
             }
         (tmp / _META).write_text(json.dumps(meta, indent=1, default=float))
+        if self.flow is not None:
+            fstate = {k: v.detach().cpu().contiguous() for k, v in self.flow.state_dict().items()}
+            save_file(fstate, str(tmp / _FLOW_WEIGHTS))
+            (tmp / _FLOW_META).write_text(json.dumps(self.flow_info, indent=1, default=float))
         if path.exists():
             shutil.rmtree(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -427,4 +440,11 @@ class SpatiaModel:
             model.decoder = decoder.eval()
             model.decoder_history = d.get("history", [])
             model.decoder_info = d.get("info", {})
+        if (path / _FLOW_META).exists() and (path / _FLOW_WEIGHTS).exists():  # older saves have no flow
+            from ..module._flow import build_flow
+
+            model.flow_info = json.loads((path / _FLOW_META).read_text())
+            model.flow = build_flow(model.flow_info)
+            model.flow.load_state_dict(load_file(str(path / _FLOW_WEIGHTS), device=resolve_device(map_location)))
+            model.flow.to(resolve_device(map_location))
         return model

@@ -1,4 +1,4 @@
-"""Composite nn.Modules: the SPATIA encoder, the diffusion decoder (and, later, the flow model)."""
+"""Composite nn.Modules: the SPATIA encoder, the diffusion decoder and the state-transition flow."""
 
 from ._config import (
     ExpressionConfig,
@@ -11,9 +11,11 @@ from ._config import (
     TrainConfig,
 )
 from ._diffusion import DecoderConfig, DiffusionDecoder
+from ._flow import FlowConfig, FlowOutput, TransitionFlow
 from ._spatia import SpatiaModule, SpatiaOutput
 
 __all__ = [
     "SpatiaConfig", "ImageConfig", "ExpressionConfig", "FusionConfig", "NicheConfig", "TissueConfig",
     "LossConfig", "TrainConfig", "SpatiaModule", "SpatiaOutput", "DecoderConfig", "DiffusionDecoder",
+    "FlowConfig", "FlowOutput", "TransitionFlow",
 ]

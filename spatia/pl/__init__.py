@@ -5,5 +5,6 @@ from ._generated import generated
 from ._history import history
 from ._imputation import imputation
 from ._niches import niches
+from ._transition import transition
 
-__all__ = ["niches", "embedding", "history", "imputation", "generated"]
+__all__ = ["niches", "embedding", "history", "imputation", "generated", "transition"]

@@ -1,0 +1,71 @@
+"""Batches of (source crop, matched target crop) pairs for the state-transition flow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+@dataclass
+class PairArrays:
+    """Training pairs over one crop store.
+
+    Attributes
+    ----------
+    crops
+        :class:`~spatia.pp.CropStore` (``.get(rows) -> (n, C, S, S)`` uint8) of the table's cells.
+    cell_emb
+        ``(n_cells, E)`` SPATIA cell embeddings of the table's cells.
+    source, target
+        ``(P,)`` table rows of each pair's source and matched target cell.
+    transition
+        ``(P,)`` transition index of each pair.
+    confidence
+        ``(P,)`` OT confidence of each pair.
+    """
+
+    crops: object
+    cell_emb: np.ndarray
+    source: np.ndarray
+    target: np.ndarray
+    transition: np.ndarray
+    confidence: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def plan(self, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+        """Shuffled pair indices cut into batches (a last batch of one pair is merged into the previous)."""
+        order = rng.permutation(len(self))
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        if len(batches) > 1 and len(batches[-1]) < 2:
+            batches[-2] = np.concatenate(batches[-2:])
+            batches.pop()
+        return batches
+
+    def collate(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        s, t = self.source[idx], self.target[idx]
+        return {
+            "x0": torch.from_numpy(np.asarray(self.crops.get(s), dtype=np.float32) / 255.0),
+            "x1": torch.from_numpy(np.asarray(self.crops.get(t), dtype=np.float32) / 255.0),
+            "cell_emb": torch.from_numpy(np.asarray(self.cell_emb[s], dtype=np.float32)),
+            "transition": torch.from_numpy(self.transition[idx].astype(np.int64)),
+            "confidence": torch.from_numpy(self.confidence[idx].astype(np.float32)),
+        }
+
+
+class PairDataset(Dataset):
+    """Map-style dataset whose items are whole batches of pairs, reshuffled every epoch."""
+
+    def __init__(self, pairs: PairArrays, batch_size: int, seed: int) -> None:
+        self.pairs, self.batch_size, self.seed, self.epoch = pairs, batch_size, seed, 0
+        self.batches = pairs.plan(batch_size, np.random.default_rng(seed))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.pairs.collate(self.batches[i])

@@ -1,0 +1,319 @@
+"""The state-transition flow: a conditioned velocity UNet moving a source cell's crop to a target-state crop.
+
+Straight-path flow matching (x_t = (1 − t)·x0 + t·x1, target velocity x1 − x0) from a source crop x0 to
+the crop x1 of its optimal-transport match, conditioned by an MLP over [source cell's SPATIA embedding ;
+transition embedding ; proj(Δg) ; proj(Δm)]. Loss = confidence-weighted FM MSE + contrastive hinge
+against shuffled conditions + sliced-Wasserstein distance between morphology-proxy features of the
+one-step predicted target and the real targets (DESIGN.md, "State transitions").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn._ode import integrate
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """Flow model configuration (saved next to the weights as ``flow.json``).
+
+    ``block_out_channels`` / ``layers_per_block`` shape the diffusers ``UNet2DModel``; ``cond_dim`` is the
+    width of the condition vector (added to the UNet's time embedding). Loss weights follow DESIGN.md:
+    FM 1.0, contrastive hinge 0.1 (margin 0.1), sliced-Wasserstein 0.1 over ``n_projections`` directions,
+    computed on the pairs whose path time is at least ``sw_min_t`` (0: all; the one-step prediction of an
+    early point of the path is a blurry average, which the FM loss wants and the morphology loss does not).
+    ``cond_dropout`` replaces the condition by a learned null condition (classifier-free guidance).
+    ``augment`` turns source and target crops by independent random right-angle rotations / flips in
+    training (the pairing is between cells, not orientations; it multiplies the few pairs a slide has).
+    """
+
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+    cond_dim: int = 128
+    transition_dim: int = 16
+    delta_dim: int = 16
+    hidden: int = 128
+    fm_weight: float = 1.0
+    contrastive_weight: float = 0.1
+    margin: float = 0.1
+    sw_weight: float = 0.1
+    sw_min_t: float = 0.0
+    n_projections: int = 64
+    cond_dropout: float = 0.1
+    augment: bool = True
+    lr: float = 1e-3
+    grad_clip: float = 1.0
+    weight_decay: float = 1e-4
+    max_epochs: int = 40
+    batch_size: int = 32
+    steps: int = 100
+    solver: str = "midpoint"
+    guidance_scale: float = 0.2
+
+    def __post_init__(self) -> None:
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            raise ValueError(f"block_out_channels {self.block_out_channels} must be multiples of "
+                             f"norm_num_groups {self.norm_num_groups}.")
+        if not 0 <= self.cond_dropout < 1:
+            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}.")
+
+    @classmethod
+    def tiny(cls) -> FlowConfig:
+        """For tests: trains in tens of seconds on a CPU."""
+        return cls(block_out_channels=(16, 32), cond_dim=64, hidden=64, max_epochs=30, batch_size=32)
+
+    def replace(self, **changes: Any) -> FlowConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FlowConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"Unknown FlowConfig fields: {sorted(unknown)}.")
+        kw = dict(d)
+        if "block_out_channels" in kw:
+            kw["block_out_channels"] = tuple(kw["block_out_channels"])
+        return cls(**kw)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+
+@dataclass
+class FlowOutput:
+    """``loss`` (weighted sum), ``losses`` (each term), ``weights`` ``(B,)`` per-pair FM weights,
+    ``fm_error`` ``(B,)`` per-pair velocity MSE, ``x1_hat`` ``(B, C, S, S)`` one-step predicted targets."""
+
+    loss: torch.Tensor
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights: torch.Tensor | None = None
+    fm_error: torch.Tensor | None = None
+    x1_hat: torch.Tensor | None = None
+
+
+def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each crop of ``x (B, C, S, S)`` turned by a random multiple of 90° and possibly mirrored."""
+    k = torch.randint(0, 8, (x.shape[0],), generator=generator).to(x.device)
+    out = x.clone()
+    for code in range(8):
+        sel = k == code
+        if sel.any():
+            y = torch.rot90(x[sel], code % 4, dims=(2, 3))
+            out[sel] = y.flip(3) if code >= 4 else y
+    return out
+
+
+def confidence_weights(confidence: torch.Tensor, mean_confidence: float | torch.Tensor) -> torch.Tensor:
+    """FM weight of each pair: its OT confidence relative to the mean over all training pairs.
+
+    A pair as confident as the average weighs 1; a pair near the uniform confidence weighs little.
+    """
+    return confidence / torch.clamp(torch.as_tensor(mean_confidence, dtype=confidence.dtype), min=1e-12)
+
+
+def morphology_proxies(img: torch.Tensor, channel: int = 0, sharpness: float = 0.05) -> torch.Tensor:
+    """Differentiable stand-ins for the region features of :func:`spatia.metrics.morphology_features`.
+
+    ``img (B, C, S, S)`` in [0, 1] → ``(B, 7)``: soft foreground area (a sigmoid around a per-crop threshold
+    halfway between mean and max), mean / soft-max / std of the intensity inside, whole-crop mean
+    intensity, and the square roots of the two eigenvalues of the foreground's second moments (axis
+    lengths).
+    """
+    x = img[:, channel]
+    b, s, _ = x.shape
+    flat = x.reshape(b, -1)
+    thr = (0.5 * (flat.mean(1) + flat.amax(1))).detach()
+    m = torch.sigmoid((flat - thr[:, None]) / sharpness)
+    mass = m.sum(1) + 1e-4
+    area = m.mean(1)
+    mean_in = (flat * m).sum(1) / mass
+    std_in = torch.sqrt(((flat - mean_in[:, None]) ** 2 * m).sum(1) / mass + 1e-6)
+    soft_max = torch.logsumexp(flat * 20.0, 1) / 20.0
+    coords = torch.linspace(-1.0, 1.0, s, device=img.device, dtype=img.dtype)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    yy, xx = yy.reshape(1, -1), xx.reshape(1, -1)
+    cy, cx = (m * yy).sum(1) / mass, (m * xx).sum(1) / mass
+    dy, dx = yy - cy[:, None], xx - cx[:, None]
+    vyy, vxx, vxy = (m * dy * dy).sum(1) / mass, (m * dx * dx).sum(1) / mass, (m * dx * dy).sum(1) / mass
+    tr, det = vyy + vxx, vyy * vxx - vxy**2
+    disc = torch.sqrt(torch.clamp((tr / 2) ** 2 - det, min=0.0) + 1e-8)
+    l1, l2 = tr / 2 + disc, torch.clamp(tr / 2 - disc, min=0.0)
+    return torch.stack([area, mean_in, soft_max, std_in, flat.mean(1), torch.sqrt(l1 + 1e-6),
+                        torch.sqrt(l2 + 1e-6)], 1)
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_projections: int, generator=None) -> torch.Tensor:
+    """Squared sliced-Wasserstein-2 distance between two equal-size point sets ``(B, d)``.
+
+    Features are standardised by ``b``'s (real) standard deviation first, so each counts equally.
+    """
+    scale = b.detach().std(0, keepdim=True).clamp(min=1e-3)
+    a, b = a / scale, b / scale
+    theta = torch.randn(a.shape[1], n_projections, device=a.device, dtype=a.dtype, generator=generator)
+    theta = theta / theta.norm(dim=0, keepdim=True)
+    pa, _ = (a @ theta).sort(0)
+    pb, _ = (b @ theta).sort(0)
+    return ((pa - pb) ** 2).mean()
+
+
+class TransitionFlow(nn.Module):
+    """Conditioner MLP + velocity UNet for one or more state transitions.
+
+    Parameters
+    ----------
+    config
+        :class:`FlowConfig`.
+    channels, size
+        Crop channels and side (pixels; a multiple of ``2 ** (len(block_out_channels) - 1)``).
+    emb_dim
+        Width of the SPATIA cell embedding.
+    n_genes
+        Length of ``Δg`` (the SPATIA model's gene panel).
+    n_features
+        Length of ``Δm`` (standardised morphology-feature shifts).
+    n_transitions
+        Transitions the model knows; their ``Δg`` / ``Δm`` sit in buffers ``delta_g (T, G)``,
+        ``delta_m (T, F)``.
+    """
+
+    def __init__(self, config: FlowConfig, *, channels: int, size: int, emb_dim: int, n_genes: int,
+                 n_features: int, n_transitions: int) -> None:
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        c = config
+        self.config = c
+        down = 2 ** (len(c.block_out_channels) - 1)
+        if size % down:
+            raise ValueError(f"Crop size {size} must be a multiple of {down} for {len(c.block_out_channels)} "
+                             "UNet levels.")
+        self.channels, self.size = channels, size
+        self.register_buffer("delta_g", torch.zeros(n_transitions, n_genes))
+        self.register_buffer("delta_m", torch.zeros(n_transitions, n_features))
+        self.register_buffer("mean_confidence", torch.ones(()))
+        self.transition = nn.Embedding(n_transitions, c.transition_dim)
+        self.proj_g = nn.Linear(n_genes, c.delta_dim)
+        self.proj_m = nn.Linear(n_features, c.delta_dim)
+        self.emb_norm = nn.LayerNorm(emb_dim)
+        self.conditioner = nn.Sequential(
+            nn.Linear(emb_dim + c.transition_dim + 2 * c.delta_dim, c.hidden), nn.SiLU(),
+            nn.Linear(c.hidden, c.hidden), nn.SiLU(), nn.Linear(c.hidden, c.cond_dim),
+        )
+        self.null_cond = nn.Parameter(torch.zeros(c.cond_dim))
+        n = len(c.block_out_channels)
+        self.unet = UNet2DModel(
+            sample_size=size, in_channels=channels, out_channels=channels,
+            block_out_channels=tuple(c.block_out_channels), layers_per_block=c.layers_per_block,
+            down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n,
+            norm_num_groups=c.norm_num_groups, add_attention=False, class_embed_type="identity",
+            time_embedding_dim=c.cond_dim,
+        )
+
+    # ---------------------------------------------------------------------------------------------
+    def condition(self, cell_emb: torch.Tensor, transition: torch.Tensor) -> torch.Tensor:
+        """``cell_emb (B, E)``, ``transition (B,)`` long → condition ``(B, cond_dim)``."""
+        parts = [
+            self.emb_norm(cell_emb), self.transition(transition),
+            self.proj_g(self.delta_g[transition]), self.proj_m(self.delta_m[transition]),
+        ]
+        return self.conditioner(torch.cat(parts, -1))
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``x (B, C, S, S)`` in [-1, 1], ``t (B,)`` in [0, 1], ``cond (B, cond_dim)`` → ``(B, C, S, S)``."""
+        return self.unet(x, t * 1000.0, class_labels=cond).sample
+
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> FlowOutput:
+        """Training losses of a batch of pairs.
+
+        ``batch``: ``x0`` / ``x1`` ``(B, C, S, S)`` source and matched target crops in [0, 1],
+        ``cell_emb (B, E)``, ``transition (B,)``, ``confidence (B,)``; optionally ``t (B,)`` (default
+        uniform on [0, 1]).
+        """
+        c = self.config
+        x0, x1r = batch["x0"], batch["x1"]
+        if c.augment and self.training:
+            x0, x1r = random_dihedral(x0, generator), random_dihedral(x1r, generator)
+        x0, x1 = x0 * 2 - 1, x1r * 2 - 1
+        b = x0.shape[0]
+        dev = x0.device
+        # 1. condition, with dropout to the null condition (for classifier-free guidance)
+        cond = self.condition(batch["cell_emb"], batch["transition"])
+        dropped = torch.rand(b, device=dev, generator=generator) < c.cond_dropout
+        cond = torch.where(dropped[:, None], self.null_cond.expand(b, -1), cond)
+        # 2. straight path and velocity
+        t = batch["t"] if "t" in batch else torch.rand(b, device=dev, generator=generator)
+        tt = t[:, None, None, None]
+        xt = (1 - tt) * x0 + tt * x1
+        target = x1 - x0
+        v = self.velocity(xt, t, cond)
+        err = ((v - target) ** 2).flatten(1).mean(1)
+        # 3. confidence-weighted flow matching
+        w = confidence_weights(batch["confidence"], self.mean_confidence)
+        losses = {"fm": (w * err).mean()}
+        total = c.fm_weight * losses["fm"]
+        # 4. contrastive hinge: the true condition must explain the velocity better than a shuffled one
+        if c.contrastive_weight > 0 and b > 1:
+            perm = torch.roll(torch.arange(b, device=dev), 1)
+            keep = ~(dropped | dropped[perm])
+            if keep.any():
+                v_shuf = self.velocity(xt[keep], t[keep], cond[perm][keep])
+                err_shuf = ((v_shuf - target[keep]) ** 2).flatten(1).mean(1)
+                losses["contrastive"] = F.relu(c.margin + err[keep] - err_shuf).mean()
+                total = total + c.contrastive_weight * losses["contrastive"]
+        # 5. sliced Wasserstein between morphology proxies of one-step predicted and real targets
+        x1_hat = xt + (1 - tt) * v
+        late = t >= c.sw_min_t
+        if c.sw_weight > 0 and int(late.sum()) > 1:
+            fa = morphology_proxies(((x1_hat[late] + 1) / 2).clamp(0, 1))
+            fb = morphology_proxies(x1r[late])
+            losses["sw"] = sliced_wasserstein(fa, fb, c.n_projections, generator=generator)
+            total = total + c.sw_weight * losses["sw"]
+        return FlowOutput(loss=total, losses=losses, weights=w.detach(), fm_error=err.detach(),
+                          x1_hat=x1_hat.detach())
+
+    # ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, x0: torch.Tensor, cell_emb: torch.Tensor, transition: torch.Tensor, *,
+               guidance_scale: float | None = None, steps: int | None = None, solver: str | None = None,
+               ) -> tuple[torch.Tensor, int]:
+        """Transport source crops ``x0 (B, C, S, S)`` in [0, 1] to predicted target crops in [0, 1].
+
+        Integrates the guided velocity ``v_c + w·(v_c − v_null)`` (``w = guidance_scale``; 0 = no guidance)
+        from t = 0 to 1 with :func:`spatia.nn.integrate`. Returns the crops and the velocity evaluations.
+        """
+        c = self.config
+        w = c.guidance_scale if guidance_scale is None else float(guidance_scale)
+        cond = self.condition(cell_emb, transition)
+        null = self.null_cond.expand_as(cond)
+
+        def vel(x, t):
+            if w == 0:
+                return self.velocity(x, t, cond)
+            v = self.velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null]))
+            vc, vu = v.chunk(2)
+            return vc + w * (vc - vu)
+
+        x1, nfe = integrate(vel, x0 * 2 - 1, steps=steps or c.steps, solver=solver or c.solver)
+        return ((x1 + 1) / 2).clamp(0, 1), nfe
+
+
+def build_flow(info: dict[str, Any]) -> TransitionFlow:
+    """An untrained :class:`TransitionFlow` shaped as described by ``info`` (``flow.json``)."""
+    return TransitionFlow(
+        FlowConfig.from_dict(info["config"]), channels=int(info["channels"]), size=int(info["size"]),
+        emb_dim=int(info["emb_dim"]), n_genes=int(info["n_genes"]), n_features=int(info["n_features"]),
+        n_transitions=len(info["transitions"]),
+    )

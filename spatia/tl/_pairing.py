@@ -1,0 +1,398 @@
+"""``sp.tl.pair_states``: entropic optimal-transport pairing of source-state and target-state cells.
+
+No cell is observed before and after a change of state, so each source cell is paired with the target cell
+that an entropic OT plan (Sinkhorn, POT) on expression sends it to. The pairing drives the flow model
+(:func:`spatia.tl.fit_transition`) and can be inspected on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp_sparse
+
+from .._constants import Defaults, Keys
+from .._utils import log_added, seed_from
+from ..pp._elements import get_table
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PairResult:
+    """The pairing of one ``source -> target`` transition (see :func:`pair_states`).
+
+    Attributes
+    ----------
+    name
+        ``"source->target"``.
+    source_obs, target_obs
+        ``obs_names`` of the source cells (rows of the plan) and of the target cells.
+    source_rows, target_rows
+        Their row positions in the source and target tables.
+    match
+        ``(n_source,)`` index into ``target_obs`` of each source cell's hard match (argmax of its plan row).
+    confidence
+        ``(n_source,)`` plan entry of the match divided by the row mass: 1 = certain, ``1 / n_target`` =
+        uniform over the targets it could be sent to.
+    stratum
+        ``(n_source,)`` niche the cell was paired within, or ``"global"``.
+    delta_g
+        Mean log-normalised expression shift (matched target − source) per shared gene.
+    delta_m
+        Mean morphology-feature shift per feature (empty without crops).
+    delta_m_std
+        ``delta_m`` divided by the pooled standard deviation of each feature (unitless; the flow's input).
+    info
+        Parameters and summary numbers (written to ``uns``).
+    """
+
+    name: str
+    source_obs: np.ndarray
+    target_obs: np.ndarray
+    source_rows: np.ndarray
+    target_rows: np.ndarray
+    match: np.ndarray
+    confidence: np.ndarray
+    stratum: np.ndarray
+    delta_g: pd.Series
+    delta_m: pd.Series = field(default_factory=lambda: pd.Series(dtype=float))
+    delta_m_std: pd.Series = field(default_factory=lambda: pd.Series(dtype=float))
+    info: dict = field(default_factory=dict)
+
+    @property
+    def matched_obs(self) -> np.ndarray:
+        """``obs_names`` of each source cell's matched target cell."""
+        return self.target_obs[self.match]
+
+    def to_uns(self) -> dict:
+        """The entry written to ``uns['spatia']['transitions'][name]`` (plain types only)."""
+        out = dict(self.info)
+        out["delta_g"] = {str(k): float(v) for k, v in self.delta_g.items()}
+        out["delta_m"] = {str(k): float(v) for k, v in self.delta_m.items()}
+        out["delta_m_std"] = {str(k): float(v) for k, v in self.delta_m_std.items()}
+        return out
+
+
+def _group_rows(table, groupby: str, group: str, *, role: str, min_cells: int) -> np.ndarray:
+    if groupby not in table.obs:
+        raise KeyError(f"No obs column {groupby!r} in the table; available columns: {list(table.obs.columns)}.")
+    col = table.obs[groupby]
+    values = col.astype(str).where(col.notna(), None)
+    available = sorted({str(v) for v in col.dropna().unique()})
+    if str(group) not in available:
+        raise KeyError(f"The {role} group {group!r} is not in obs[{groupby!r}]; available groups: {available}.")
+    rows = np.flatnonzero((values == str(group)).to_numpy())
+    if len(rows) < min_cells:
+        raise ValueError(
+            f"The {role} group {group!r} of obs[{groupby!r}] has {len(rows)} cells; pairing needs at least "
+            f"min_cells={min_cells}: merge groups or lower min_cells."
+        )
+    return rows
+
+
+def _lognorm(counts: sp_sparse.csr_matrix) -> sp_sparse.csr_matrix:
+    """``log1p`` of counts scaled to the median library size (scanpy's ``normalize_total`` default)."""
+    import scanpy as sc
+    from anndata import AnnData
+
+    a = AnnData(sp_sparse.csr_matrix(counts, dtype=np.float32))
+    sc.pp.normalize_total(a)
+    sc.pp.log1p(a)
+    return sp_sparse.csr_matrix(a.X)
+
+
+def _pca(x: sp_sparse.csr_matrix, n_pcs: int, seed: int) -> np.ndarray:
+    import scanpy as sc
+    from anndata import AnnData
+
+    n_comps = int(min(n_pcs, x.shape[0] - 1, x.shape[1] - 1))
+    if n_comps < 1:
+        return np.asarray(x.todense(), dtype=np.float64)
+    a = AnnData(x)
+    sc.pp.pca(a, n_comps=n_comps, random_state=seed)
+    return np.asarray(a.obsm["X_pca"], dtype=np.float64)
+
+
+def _sinkhorn_match(xs: np.ndarray, xt: np.ndarray, scale: float, epsilon: float, max_iter: int):
+    """Hard match and confidence of each source row under the entropic plan between ``xs`` and ``xt``.
+
+    Cost = squared Euclidean distance divided by ``scale`` (the median of the whole problem's costs), so
+    ``epsilon`` is relative to a typical cost whatever the dataset.
+    """
+    import ot
+
+    cost = ot.dist(xs, xt, metric="sqeuclidean") / scale
+    a = np.full(len(xs), 1.0 / len(xs))
+    b = np.full(len(xt), 1.0 / len(xt))
+    plan = ot.bregman.sinkhorn_log(a, b, cost, reg=epsilon, numItermax=max_iter, stopThr=1e-9)
+    plan = np.asarray(plan, dtype=np.float64)
+    if not np.isfinite(plan).all() or plan.sum() <= 0:
+        raise ValueError(f"Sinkhorn did not converge to a valid plan (epsilon={epsilon}): increase epsilon.")
+    row = plan.sum(1, keepdims=True)
+    match = plan.argmax(1)
+    conf = plan[np.arange(len(xs)), match] / np.maximum(row[:, 0], 1e-300)
+    return match, conf
+
+
+def _features(crops, rows: np.ndarray, channel: int) -> pd.DataFrame | None:
+    from ..metrics import morphology_features
+
+    if crops is None:
+        return None
+    imgs = crops.get(rows) if hasattr(crops, "get") else np.asarray(crops)[rows]
+    return morphology_features(np.asarray(imgs, dtype=np.float32) / 255.0, channel=channel)
+
+
+def compute_pairing(
+    source_table,
+    target_table,
+    source_rows: np.ndarray,
+    target_rows: np.ndarray,
+    *,
+    name: str,
+    layer: str | None = None,
+    n_pcs: int = 50,
+    epsilon: float = 0.05,
+    max_iter: int = 1000,
+    niche_key: str | None = None,
+    min_cells: int = 10,
+    source_crops=None,
+    target_crops=None,
+    channel: int = 0,
+    random_state: int | None = 0,
+) -> PairResult:
+    """Pair ``source_rows`` of ``source_table`` with ``target_rows`` of ``target_table`` (no writing)."""
+    from ..pp._expression import get_counts
+
+    if epsilon <= 0:
+        raise ValueError(f"epsilon must be positive, got {epsilon}.")
+    genes_s = source_table.var_names.astype(str)
+    genes_t = target_table.var_names.astype(str)
+    shared = genes_s.intersection(genes_t, sort=False) if source_table is not target_table else genes_s
+    if len(shared) == 0:
+        raise ValueError(
+            "The source and target tables share no genes (var_names): pair cells measured on the same panel "
+            "or rename the genes to a common naming (symbols vs Ensembl ids)."
+        )
+    cs = get_counts(source_table, layer, allow_empty=True)[source_rows][:, genes_s.get_indexer(shared)]
+    ct = get_counts(target_table, layer, allow_empty=True)[target_rows][:, genes_t.get_indexer(shared)]
+    x = _lognorm(sp_sparse.vstack([cs, ct], format="csr"))
+    seed = seed_from(random_state)
+    z = _pca(x, n_pcs, seed)
+    ns = len(source_rows)
+    zs, zt = z[:ns], z[ns:]
+    # one cost scale for every stratum: the median squared distance over the whole problem (on a sample)
+    rng = np.random.default_rng(seed)
+    i = rng.integers(0, ns, 4000)
+    j = rng.integers(0, len(zt), 4000)
+    scale = float(np.median(((zs[i] - zt[j]) ** 2).sum(1)))
+    scale = scale if scale > 0 else 1.0
+
+    match = np.full(ns, -1, dtype=np.int64)
+    conf = np.zeros(ns)
+    stratum = np.full(ns, "global", dtype=object)
+    strata_used: list[str] = []
+    if niche_key is not None:
+        for t, role in ((source_table, "source"), (target_table, "target")):
+            if niche_key not in t.obs:
+                raise KeyError(f"No obs column {niche_key!r} (niche_key) in the {role} table; run "
+                               "`sp.tl.cluster(..., level='niche')` first or pass niche_key=None.")
+        ns_lab = source_table.obs[niche_key].astype(str).to_numpy()[source_rows]
+        nt_lab = target_table.obs[niche_key].astype(str).to_numpy()[target_rows]
+        for lab in sorted(set(ns_lab) & set(nt_lab)):
+            si, ti = np.flatnonzero(ns_lab == lab), np.flatnonzero(nt_lab == lab)
+            if len(si) < min_cells or len(ti) < min_cells:
+                continue
+            m, c = _sinkhorn_match(zs[si], zt[ti], scale, epsilon, max_iter)
+            match[si], conf[si], stratum[si] = ti[m], c, lab
+            strata_used.append(lab)
+    rest = np.flatnonzero(match < 0)
+    if len(rest):
+        m, c = _sinkhorn_match(zs[rest], zt, scale, epsilon, max_iter)
+        match[rest], conf[rest] = m, c
+
+    xd = x.toarray()
+    delta_g = pd.Series((xd[ns:][match] - xd[:ns]).mean(0), index=shared.to_numpy())
+    fs = _features(source_crops, source_rows, channel)
+    ft = _features(target_crops, target_rows, channel)
+    delta_m = delta_m_std = pd.Series(dtype=float)
+    if fs is not None and ft is not None:
+        d = ft.to_numpy()[match] - fs.to_numpy()
+        with warnings.catch_warnings():  # a feature NaN in every pair (no foreground anywhere) stays NaN → 0
+            warnings.simplefilter("ignore", RuntimeWarning)
+            delta_m = pd.Series(np.nanmean(np.where(np.isfinite(d), d, np.nan), 0), index=fs.columns)
+        pooled = pd.concat([fs, ft]).std()
+        delta_m_std = (delta_m / pooled.where(pooled > 0)).fillna(0.0)
+        delta_m = delta_m.fillna(0.0)
+    info = {
+        "source": name.split("->")[0], "target": name.split("->")[1], "epsilon": float(epsilon),
+        "n_pcs": int(z.shape[1]), "cost": "squared euclidean / median", "cost_scale": scale,
+        "max_iter": int(max_iter), "n_source": int(ns), "n_target": int(len(target_rows)), "n_pairs": int(ns),
+        "n_unique_targets": int(len(np.unique(match))), "mean_confidence": float(conf.mean()),
+        "uniform_confidence": float(1.0 / len(target_rows)),
+        "pairing": "niche-stratified" if strata_used else "global",
+        "niches": strata_used, "n_global": int((stratum == "global").sum()), "n_shared_genes": int(len(shared)),
+    }
+    return PairResult(
+        name=name, source_obs=source_table.obs_names.to_numpy()[source_rows],
+        target_obs=target_table.obs_names.to_numpy()[target_rows], source_rows=source_rows,
+        target_rows=target_rows, match=match, confidence=conf, stratum=stratum.astype(str), delta_g=delta_g,
+        delta_m=delta_m, delta_m_std=delta_m_std, info=info,
+    )
+
+
+def _crops_of(data, table_key, crops, image_key, crop_size, crop_um):
+    from ..pp._crops import crops_for
+    from ..pp._elements import _is_sdata
+
+    if crops is not None or not (_is_sdata(data) and len(data.images)):
+        if crops is None:
+            return None
+        if isinstance(crops, np.ndarray):
+            return crops
+        return crops_for(data, crops, table_key=table_key)
+    return crops_for(data, None, table_key=table_key, image_key=image_key, size=crop_size, crop_um=crop_um)
+
+
+def pair_states(
+    data,
+    *,
+    groupby: str,
+    source: str,
+    target: str,
+    target_data=None,
+    table_key: str | None = Defaults.TABLE,
+    target_table_key: str | None = Defaults.TABLE,
+    layer: str | None = None,
+    n_pcs: int = 50,
+    epsilon: float = 0.05,
+    max_iter: int = 1000,
+    niche_key: str | None = None,
+    min_cells: int = 10,
+    crops=None,
+    image_key: str | None = None,
+    crop_size: int = Defaults.CROP_SIZE,
+    crop_um: float | None = Defaults.CROP_UM,
+    channel: int = 0,
+    random_state: int | None = 0,
+    key_added: str = Keys.PAIR,
+    inplace: bool = True,
+):
+    """Pair source-state with target-state cells by entropic optimal transport on expression.
+
+    The cells of both groups are log-normalised together (:func:`scanpy.pp.normalize_total`,
+    :func:`scanpy.pp.log1p`) and projected on their ``n_pcs`` principal components (:func:`scanpy.pp.pca`).
+    The cost between a source and a target cell is their squared Euclidean distance divided by the median
+    of all such costs, so ``epsilon`` means the same on any dataset (0.05: sharp, 1: nearly uniform).
+    POT's log-domain Sinkhorn (:func:`ot.sinkhorn_log`, stable at small ``epsilon``) with uniform marginals
+    gives the plan; each source cell's **hard match** is the argmax of its row and its **confidence** is
+    that entry divided by the row mass (1 = certain, ``1 / n_target`` = uniform). With ``niche_key``, cells
+    are paired within each niche cluster where both groups have at least ``min_cells`` cells, and the rest
+    globally (against all target cells).
+
+    Per transition, ``Δg`` is the mean expression shift (log-normalised, matched target − source) per gene
+    and ``Δm`` the mean shift of the 10 morphology features of :func:`spatia.metrics.morphology_features`
+    (when crops are available).
+
+    Parameters
+    ----------
+    data
+        AnnData or SpatialData with the source cells (and the target cells unless ``target_data``).
+    groupby
+        ``obs`` column holding the states (e.g. ``"condition"``).
+    source, target
+        Group names in ``obs[groupby]``.
+    target_data
+        Another AnnData / SpatialData holding the target cells (another slide); genes are matched by name.
+    table_key, target_table_key
+        Tables when the inputs are SpatialData.
+    layer
+        Layer with raw counts (``None``: ``X``).
+    n_pcs
+        Principal components of the cost.
+    epsilon
+        Entropic regularisation, relative to the median cost.
+    max_iter
+        Sinkhorn iterations at most.
+    niche_key
+        ``obs`` column of niche clusters (e.g. ``"spatia_niche"`` from :func:`spatia.tl.cluster`) to pair
+        within; ``None`` pairs globally.
+    min_cells
+        Fewest cells a group (and a group within a niche) must have.
+    crops
+        :class:`~spatia.pp.CropStore` of the table's cells for ``Δm``; by default extracted from the
+        SpatialData's image (``image_key``, ``crop_size`` px over ``crop_um`` µm); an AnnData without
+        crops gets no ``Δm``.
+    image_key, crop_size, crop_um
+        Crop extraction when ``crops`` is ``None``.
+    channel
+        Crop channel measured for ``Δm`` (0: the nuclear stain).
+    random_state
+        Seed of the PCA.
+    key_added
+        Prefix of the ``obs`` columns.
+    inplace
+        Write into the (source) table and return ``None``; ``False`` returns a :class:`PairResult`.
+
+    Returns
+    -------
+    ``None``, writing into the source table:
+
+    - ``obs[f"{key_added}_match"]``: ``obs_name`` of each source cell's matched target cell (NaN elsewhere);
+    - ``obs[f"{key_added}_confidence"]``: its confidence (NaN elsewhere);
+    - ``uns['spatia']['transitions'][f"{source}->{target}"]``: ``delta_g`` (gene → shift), ``delta_m``
+      and ``delta_m_std`` (feature → shift), ``epsilon``, ``n_pairs``, ``pairing`` (``"global"`` or
+      ``"niche-stratified"``), ``mean_confidence``, ``uniform_confidence`` and the other parameters.
+
+    With ``inplace=False``, the :class:`PairResult`.
+
+    Examples
+    --------
+    >>> sp.tl.pair_states(sdata, groupby="condition", source="control", target="disease")
+    >>> obs = sdata["table"].obs
+    >>> obs.loc[obs["condition"] == "control", ["spatia_pair_match", "spatia_pair_confidence"]]
+    """
+    from ._fit import _sanitize
+
+    if min_cells < 2:
+        raise ValueError(f"min_cells must be at least 2, got {min_cells}.")
+    st = get_table(data, table_key)
+    tt = st if target_data is None else get_table(target_data, target_table_key)
+    srows = _group_rows(st, groupby, source, role="source", min_cells=min_cells)
+    trows = _group_rows(tt, groupby, target, role="target", min_cells=min_cells)
+    if target_data is None and source == target:
+        raise ValueError(f"source and target are the same group {source!r}.")
+    sc_ = _crops_of(data, table_key, crops, image_key, crop_size, crop_um)
+    tc_ = sc_ if target_data is None else _crops_of(target_data, target_table_key, None, image_key, crop_size, crop_um)
+    res = compute_pairing(
+        st, tt, srows, trows, name=f"{source}->{target}", layer=layer, n_pcs=n_pcs, epsilon=epsilon,
+        max_iter=max_iter, niche_key=niche_key, min_cells=min_cells, source_crops=sc_, target_crops=tc_,
+        channel=channel, random_state=random_state,
+    )
+    res.info["groupby"] = groupby
+    logger.info("Paired %d %r cells with %d %r cells (%s, mean confidence %.3f, uniform %.3f).",
+                len(srows), source, len(trows), target, res.info["pairing"], res.info["mean_confidence"],
+                res.info["uniform_confidence"])
+    if not inplace:
+        return res
+    # everything computed: write
+    match = pd.Series(np.nan, index=st.obs_names, dtype=object)
+    match.iloc[srows] = res.matched_obs
+    conf = pd.Series(np.nan, index=st.obs_names, dtype=float)
+    conf.iloc[srows] = res.confidence
+    st.obs[f"{key_added}_match"] = match.to_numpy()
+    st.obs[f"{key_added}_confidence"] = conf.to_numpy()
+    log_added("adata.obs", f"{key_added}_match")
+    log_added("adata.obs", f"{key_added}_confidence")
+    uns = st.uns.setdefault(Keys.UNS, {})
+    uns.setdefault(Keys.TRANSITIONS, {})[res.name] = _sanitize(res.to_uns())
+    log_added("adata.uns", f"{Keys.UNS}']['{Keys.TRANSITIONS}")
+    return None
+
+
+__all__ = ["pair_states", "PairResult", "compute_pairing"]

@@ -1,0 +1,435 @@
+"""``sp.tl.fit_transition`` and ``sp.tl.transition``: learn and apply state transitions of cell morphology."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .._constants import Defaults, Keys
+from .._utils import log_added, seed_from
+from ..metrics import MORPHOLOGY_FEATURES
+from ..pp._elements import _is_sdata
+from ._fit import _prepare_for_model, _sanitize
+from ._pairing import PairResult, _group_rows, compute_pairing
+
+logger = logging.getLogger(__name__)
+
+
+def _transition_list(source, target, transitions) -> list[tuple[str, str]]:
+    if transitions is None:
+        if source is None or target is None:
+            raise ValueError("Pass source= and target=, or transitions=[(source, target), ...].")
+        transitions = [(source, target)]
+    elif source is not None or target is not None:
+        raise ValueError("Pass either source= / target= or transitions=, not both.")
+    out = [(str(s), str(t)) for s, t in transitions]
+    if not out:
+        raise ValueError("transitions is empty.")
+    if len(set(out)) != len(out):
+        raise ValueError(f"Duplicated transitions in {out}.")
+    for s, t in out:
+        if s == t:
+            raise ValueError(f"source and target are the same group {s!r}.")
+    return out
+
+
+def _pairs_for(table, arrays, groupby, source, target, *, n_pcs, epsilon, max_iter, niche_key, min_cells,
+               random_state, pairing) -> PairResult:
+    srows = _group_rows(table, groupby, source, role="source", min_cells=min_cells)
+    trows = _group_rows(table, groupby, target, role="target", min_cells=min_cells)
+    res = compute_pairing(
+        table, table, srows, trows, name=f"{source}->{target}", n_pcs=n_pcs, epsilon=epsilon, max_iter=max_iter,
+        niche_key=niche_key, min_cells=min_cells, source_crops=arrays.crops, target_crops=arrays.crops,
+        random_state=random_state,
+    )
+    res.info["groupby"] = groupby
+    if pairing == "random":  # ablation: pairs without OT, every pair equally trusted
+        rng = np.random.default_rng(seed_from(random_state))
+        res.match = rng.integers(0, len(trows), len(srows))
+        res.confidence = np.full(len(srows), 1.0 / len(trows))
+        res.info["pairing"] = "random"
+    return res
+
+
+def fit_transition(
+    data,
+    model,
+    *,
+    groupby: str,
+    source: str | None = None,
+    target: str | None = None,
+    transitions: list[tuple[str, str]] | None = None,
+    config=None,
+    image_key: str | None = None,
+    labels_key: str | None = None,
+    shapes_key: str | None = None,
+    table_key: str | None = Defaults.TABLE,
+    layer: str | None = None,
+    coordinate_system: str | None = None,
+    crops=None,
+    n_pcs: int = 50,
+    epsilon: float = 0.05,
+    max_iter: int = 1000,
+    niche_key: str | None = None,
+    min_cells: int = 10,
+    pairing: str = "ot",
+    max_epochs: int | None = None,
+    batch_size: int | None = None,
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    precision: str | int | None = None,
+    random_state: int | None = 0,
+    inplace: bool = True,
+    **trainer_kwargs: Any,
+):
+    """Train a state-transition flow on a trained SPATIA model and store it on the model (``model.flow``).
+
+    Each transition's source cells are paired with target cells by entropic OT (:func:`pair_states`); a
+    velocity UNet conditioned on [the source cell's SPATIA embedding ; a learned transition embedding ;
+    proj(Δg) ; proj(Δm)] learns the straight path from each source crop to its match's crop (flow matching,
+    pairs weighted by their OT confidence), with a contrastive hinge against shuffled conditions and a
+    sliced-Wasserstein loss on morphology proxies (weights in :class:`~spatia.module.FlowConfig`). Several
+    transitions of one ``groupby`` column train into one flow model; a new call replaces the model's flow.
+
+    Parameters
+    ----------
+    data
+        The :class:`~spatialdata.SpatialData` the model was trained on (or another slide of the same panel).
+    model
+        A trained :class:`~spatia.SpatiaModel` (its image crops and cell embeddings are reused).
+    groupby
+        ``obs`` column holding the states.
+    source, target
+        One transition; or ``transitions=[(source, target), ...]`` for several.
+    config
+        :class:`~spatia.module.FlowConfig` (default ``FlowConfig()``).
+    image_key, labels_key, shapes_key, table_key, layer, coordinate_system, crops
+        As in :func:`spatia.tl.embed`.
+    n_pcs, epsilon, max_iter, niche_key, min_cells
+        Pairing parameters (:func:`pair_states`).
+    pairing
+        ``"ot"``, or ``"random"`` (random pairs of equal weight: an ablation).
+    max_epochs, batch_size
+        Override ``config``.
+    accelerator, devices, precision
+        Passed to :class:`lightning.pytorch.Trainer`.
+    random_state
+        Seed of the pairing, the initial weights and the batches.
+    inplace
+        Also write the pairing summaries into the table's ``uns``.
+    **trainer_kwargs
+        More :class:`lightning.pytorch.Trainer` arguments.
+
+    Returns
+    -------
+    The model, with ``model.flow`` (a :class:`~spatia.module.TransitionFlow`) and ``model.flow_info``
+    (configuration, transitions with their pairing summaries, training history), saved by
+    :meth:`~spatia.SpatiaModel.save`. With ``inplace=True`` it also writes
+    ``uns['spatia']['transitions'][f"{source}->{target}"]`` (as :func:`pair_states`).
+
+    Examples
+    --------
+    >>> model = sp.tl.fit(sdata, image_key="morphology")
+    >>> sp.tl.fit_transition(sdata, model, groupby="condition", source="control", target="disease")
+    >>> sp.tl.transition(sdata, model, groupby="condition", source="control", target="disease")
+    """
+    import lightning.pytorch as pl
+    import torch
+
+    from .._settings import settings
+    from .._utils import resolve_device
+    from ..data import PairArrays, PairDataset
+    from ..module import FlowConfig, TransitionFlow
+    from ..train import FlowTrainingPlan, HistoryCallback
+
+    pairs_wanted = _transition_list(source, target, transitions)
+    if pairing not in ("ot", "random"):
+        raise ValueError(f"pairing must be 'ot' or 'random', got {pairing!r}.")
+    config = config or FlowConfig()
+    if not isinstance(config, FlowConfig):
+        raise TypeError(f"config must be a FlowConfig, got {type(config).__name__}.")
+    if not model.config.image.enabled:
+        raise ValueError("The model has no image branch: a morphology flow needs image crops.")
+    # the image the model was trained on (a slide may also hold mosaics written by earlier transitions)
+    image_key = image_key or (model.crop_params or {}).get("image_key")
+    prepared = _prepare_for_model(
+        data, model, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key, table_key=table_key,
+        layer=layer, coordinate_system=coordinate_system, crops=crops, allow_empty=True,
+    )
+    table, arrays = prepared.table, prepared.arrays
+    # 1. pairing of every transition (validates groups before any training)
+    results = [
+        _pairs_for(table, arrays, groupby, s, t, n_pcs=n_pcs, epsilon=epsilon, max_iter=max_iter,
+                   niche_key=niche_key, min_cells=min_cells, random_state=random_state, pairing=pairing)
+        for s, t in pairs_wanted
+    ]
+    emb = model.infer(arrays, outputs=("cell",))["cell"]
+    # 2. the flow module, with each transition's Δg (model gene order) and Δm (standardised) in buffers
+    seed = seed_from(random_state)
+    feats = list(MORPHOLOGY_FEATURES)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        flow = TransitionFlow(config, channels=len(model.channels), size=arrays.crops.size, emb_dim=emb.shape[1],
+                              n_genes=len(model.genes), n_features=len(feats), n_transitions=len(results))
+    dg = np.stack([r.delta_g.reindex(model.genes).fillna(0.0).to_numpy(np.float32) for r in results])
+    dm = np.stack([r.delta_m_std.reindex(feats).fillna(0.0).to_numpy(np.float32) for r in results])
+    conf_all = np.concatenate([r.confidence for r in results])
+    flow.delta_g.copy_(torch.from_numpy(dg))
+    flow.delta_m.copy_(torch.from_numpy(dm))
+    flow.mean_confidence.fill_(float(conf_all.mean()))
+    pairs = PairArrays(
+        crops=arrays.crops, cell_emb=emb,
+        source=np.concatenate([r.source_rows for r in results]),
+        target=np.concatenate([r.target_rows[r.match] for r in results]),
+        transition=np.concatenate([np.full(len(r.match), i) for i, r in enumerate(results)]),
+        confidence=conf_all,
+    )
+    # 3. training (Lightning)
+    max_epochs = config.max_epochs if max_epochs is None else int(max_epochs)
+    batch_size = config.batch_size if batch_size is None else int(batch_size)
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be at least 2, got {batch_size}.")
+    pl.seed_everything(seed, workers=True, verbose=False)
+    if precision is None:
+        dev = resolve_device(accelerator if accelerator != "gpu" else "cuda")
+        precision = "bf16-mixed" if dev == "cuda" else "32-true"
+    history = HistoryCallback()
+    kw = dict(max_epochs=max_epochs, accelerator=accelerator, devices=devices, precision=precision,
+              callbacks=[history], logger=False, enable_progress_bar=settings.progress_bar,
+              enable_model_summary=False, enable_checkpointing=False, gradient_clip_val=config.grad_clip or None,
+              default_root_dir=tempfile.mkdtemp(prefix="spatia_flow_"), num_sanity_val_steps=0)
+    kw.update(trainer_kwargs)
+    trainer = pl.Trainer(**kw)
+    loader = torch.utils.data.DataLoader(
+        PairDataset(pairs, batch_size, seed), batch_size=None, shuffle=True, num_workers=settings.num_workers,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    t0 = time.perf_counter()
+    plan = FlowTrainingPlan(flow, lr=config.lr, weight_decay=config.weight_decay)
+    trainer.fit(plan, train_dataloaders=loader)
+    model.flow = plan.flow.cpu().eval()
+    model.flow_info = {
+        "config": config.to_dict(), "channels": len(model.channels), "size": int(arrays.crops.size),
+        "emb_dim": int(emb.shape[1]), "n_genes": len(model.genes), "n_features": len(feats),
+        "features": feats, "groupby": groupby,
+        "transitions": [
+            {"name": r.name, "source": s, "target": t, "n_pairs": int(len(r.match)),
+             "mean_confidence": float(r.confidence.mean()), "pairing": r.info["pairing"]}
+            for r, (s, t) in zip(results, pairs_wanted, strict=True)
+        ],
+        "pairing": {"n_pcs": n_pcs, "epsilon": epsilon, "max_iter": max_iter, "niche_key": niche_key,
+                    "min_cells": min_cells, "method": pairing, "random_state": seed},
+        "epochs": int(trainer.current_epoch), "train_seconds": round(time.perf_counter() - t0, 2),
+        "history": history.history,
+    }
+    logger.info("Trained a flow for %d transition(s) of %r in %.1f s.", len(results), groupby,
+                model.flow_info["train_seconds"])
+    if inplace:
+        uns = table.uns.setdefault(Keys.UNS, {})
+        trs = uns.setdefault(Keys.TRANSITIONS, {})
+        for r in results:
+            trs[r.name] = _sanitize(r.to_uns())
+        log_added("adata.uns", f"{Keys.UNS}']['{Keys.TRANSITIONS}")
+    return model
+
+
+def _find_transition(model, groupby: str, source: str, target: str) -> int:
+    if getattr(model, "flow", None) is None:
+        raise ValueError("The model has no state-transition flow: train one with `sp.tl.fit_transition` first.")
+    info = model.flow_info
+    known = [f"{info['groupby']}: {t['source']}->{t['target']}" for t in info["transitions"]]
+    if groupby != info["groupby"]:
+        raise KeyError(f"The flow was trained on groupby={info['groupby']!r}, not {groupby!r}; known transitions: "
+                       f"{known}.")
+    for i, t in enumerate(info["transitions"]):
+        if t["source"] == str(source) and t["target"] == str(target):
+            return i
+    raise KeyError(f"The flow has no transition {source!r}->{target!r}; known transitions: {known}.")
+
+
+def _select_cells(table, source_rows: np.ndarray, cells) -> np.ndarray:
+    if cells is None:
+        return source_rows
+    names = table.obs_names
+    if isinstance(cells, pd.Index | list | tuple | np.ndarray) and len(cells) and isinstance(
+            np.asarray(cells).flat[0], str | np.str_):
+        idx = names.get_indexer(pd.Index(cells).astype(str))
+        if (idx < 0).any():
+            bad = list(pd.Index(cells)[idx < 0][:5])
+            raise KeyError(f"cells not in the table's obs_names: {bad}.")
+    else:
+        arr = np.asarray(cells)
+        idx = np.flatnonzero(arr) if arr.dtype == bool else arr.astype(np.int64)
+        if arr.dtype == bool and len(arr) != len(names):
+            raise ValueError(f"A boolean cells mask must have {len(names)} entries, got {len(arr)}.")
+    outside = ~np.isin(idx, source_rows)
+    if outside.any():
+        raise ValueError(f"{int(outside.sum())} of the selected cells are not in the source group.")
+    if len(idx) == 0:
+        raise ValueError("No cells selected.")
+    return idx
+
+
+def transition(
+    data,
+    model,
+    *,
+    groupby: str,
+    source: str,
+    target: str,
+    cells=None,
+    guidance_scale: float | None = None,
+    steps: int | None = None,
+    solver: str | None = None,
+    batch_size: int = 64,
+    image_key: str | None = None,
+    labels_key: str | None = None,
+    shapes_key: str | None = None,
+    table_key: str | None = Defaults.TABLE,
+    layer: str | None = None,
+    coordinate_system: str | None = None,
+    crops=None,
+    device: str | None = None,
+    random_state: int | None = 0,
+    key_added: str = Keys.TRANSITION,
+    overwrite: bool = False,
+    inplace: bool = True,
+):
+    """Transform source cells' crops into predicted target-state crops with the model's flow.
+
+    Each source crop is carried along the learned velocity field from t = 0 to 1 (classifier-free
+    guidance ``v_c + w·(v_c − v_null)``), conditioned on the cell's own SPATIA embedding and the transition.
+    Each prediction is linked to its source cell, to the source cell's OT-matched real target cell (the
+    pairing recomputed with the parameters the flow was trained with) and to the real target cell nearest
+    to it in morphology features.
+
+    Parameters
+    ----------
+    data
+        :class:`~spatialdata.SpatialData` with the cells.
+    model
+        A :class:`~spatia.SpatiaModel` with a flow from :func:`fit_transition`.
+    groupby, source, target
+        The transition (as trained).
+    cells
+        Source cells to transform (obs_names, row positions or a boolean mask); default all of the group.
+    guidance_scale
+        Guidance weight ``w`` (default ``FlowConfig.guidance_scale``, 0.2; 0 = plain conditional).
+    steps
+        Steps of the fixed-step solvers (default ``FlowConfig.steps``).
+    solver
+        ``"euler"``, ``"midpoint"`` (default) or ``"rk45"`` (adaptive).
+    batch_size
+        Cells per sampling batch.
+    image_key, labels_key, shapes_key, table_key, layer, coordinate_system, crops
+        As in :func:`spatia.tl.embed`.
+    device
+        ``"auto"``, ``"cpu"``, ``"cuda"``.
+    random_state
+        Seed of the pairing's PCA (sampling itself is a deterministic ODE from the source crop).
+    key_added
+        Name of the image element (labels ``f"{key_added}_labels"``, table ``f"{key_added}_table"``).
+    overwrite
+        Replace existing elements called ``key_added...``.
+    inplace
+        Write the elements (return ``None``) or return ``{"crops": (N, C, S, S) float, "obs": DataFrame}``.
+
+    Returns
+    -------
+    ``None``, writing (one crop mosaic, as the generation functions do):
+
+    - ``images[key_added]``: the predicted crops tiled in a grid;
+    - ``labels[f"{key_added}_labels"]``: one label per predicted crop;
+    - ``tables[f"{key_added}_table"]``: one row per prediction with ``obs`` columns ``source_cell``,
+      ``transition``, ``groupby``, ``matched_target`` (OT match), ``nearest_target`` (nearest real target
+      in standardised morphology features), ``guidance_scale``, ``steps``, ``solver``; ``uns['spatia']``
+      holds the run parameters.
+
+    Examples
+    --------
+    >>> sp.tl.transition(sdata, model, groupby="condition", source="control", target="disease", steps=50)
+    >>> sdata["spatia_transition_table"].obs.head()
+    """
+    import torch
+
+    from .._utils import resolve_device
+    from ..metrics import morphology_features
+
+    tid = _find_transition(model, groupby, source, target)
+    if inplace and not _is_sdata(data):
+        raise TypeError("transition(inplace=True) writes image elements: pass a SpatialData (or inplace=False).")
+    fcfg = model.flow.config
+    steps = fcfg.steps if steps is None else int(steps)
+    solver = fcfg.solver if solver is None else solver
+    w = fcfg.guidance_scale if guidance_scale is None else float(guidance_scale)
+    # the image the model was trained on (a slide may also hold mosaics written by earlier transitions)
+    image_key = image_key or (model.crop_params or {}).get("image_key")
+    prepared = _prepare_for_model(
+        data, model, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key, table_key=table_key,
+        layer=layer, coordinate_system=coordinate_system, crops=crops, allow_empty=True,
+    )
+    table, arrays = prepared.table, prepared.arrays
+    if arrays.crops.size != model.flow.size:
+        raise ValueError(f"The crops are {arrays.crops.size} px but the flow was trained on {model.flow.size} px.")
+    p = model.flow_info["pairing"]
+    res = _pairs_for(table, arrays, groupby, source, target, n_pcs=p["n_pcs"], epsilon=p["epsilon"],
+                     max_iter=p["max_iter"], niche_key=p["niche_key"], min_cells=p["min_cells"],
+                     random_state=random_state, pairing="ot")
+    rows = _select_cells(table, res.source_rows, cells)
+    emb = model.infer(arrays, outputs=("cell",))["cell"]
+    dev = resolve_device(device)
+    flow = model.flow.to(dev).eval()
+    out, nfe = [], 0
+    t0 = time.perf_counter()
+    try:
+        for i in range(0, len(rows), batch_size):
+            r = rows[i:i + batch_size]
+            x0 = torch.from_numpy(np.asarray(arrays.crops.get(r), dtype=np.float32) / 255.0).to(dev)
+            e = torch.from_numpy(emb[r]).to(dev)
+            tr = torch.full((len(r),), tid, dtype=torch.long, device=dev)
+            x1, n = flow.sample(x0, e, tr, guidance_scale=w, steps=steps, solver=solver)
+            out.append(x1.float().cpu().numpy())
+            nfe += n
+    finally:
+        model.flow.cpu()
+    pred = np.concatenate(out)
+    seconds = time.perf_counter() - t0
+    # links: OT match of each source cell, and the real target nearest to the prediction in morphology
+    pos = pd.Series(np.arange(len(res.source_rows)), index=res.source_rows)[rows].to_numpy()
+    matched = res.matched_obs[pos]
+    f_pred = morphology_features(pred).to_numpy()
+    f_tgt = morphology_features(arrays.crops.get(res.target_rows).astype(np.float32) / 255.0).to_numpy()
+    mu, sd = np.nanmean(f_tgt, 0), np.nanstd(f_tgt, 0)
+    sd = np.where(sd > 0, sd, 1.0)
+    a, b = np.nan_to_num((f_pred - mu) / sd), np.nan_to_num((f_tgt - mu) / sd)
+    nearest = res.target_obs[((a[:, None, :] - b[None, :, :]) ** 2).sum(-1).argmin(1)]
+    name = f"{source}->{target}"
+    obs = pd.DataFrame({
+        "source_cell": table.obs_names.to_numpy()[rows].astype(str), "transition": name, "groupby": groupby,
+        "matched_target": np.asarray(matched, dtype=str), "nearest_target": np.asarray(nearest, dtype=str),
+        "guidance_scale": w, "steps": steps, "solver": solver,
+    })
+    obs["transition"] = obs["transition"].astype("category")
+    logger.info("Transformed %d cells (%s) in %.1f s (%d velocity evaluations per batch on average).",
+                len(rows), name, seconds, nfe // max(1, len(out)))
+    if not inplace:
+        return {"crops": pred, "obs": obs}
+    from ._mosaic import add_crop_mosaic
+
+    cp = model.crop_params or {}
+    pixel = float(cp["crop_um"]) / model.flow.size if cp.get("crop_um") else 1.0
+    uns = _sanitize({"function": "transition", "transition": name, "groupby": groupby, "guidance_scale": w,
+                     "steps": steps, "solver": solver, "velocity_evaluations": nfe, "seconds": seconds,
+                     "table_key": table_key, "channels": model.channels, "crop_size": int(model.flow.size),
+                     "gap": 2, "crop_params": dict(model.crop_params or {})})
+    add_crop_mosaic(data, pred, obs, key_added=key_added, channels=model.channels, pixel_size=pixel, uns=uns,
+                    gap=2, overwrite=overwrite)
+    return None
+
+
+__all__ = ["fit_transition", "transition"]

@@ -1,0 +1,30 @@
+"""Lightning training plan for the state-transition flow."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+
+from ..module import TransitionFlow
+
+
+class FlowTrainingPlan(pl.LightningModule):
+    """Optimises :class:`~spatia.module.TransitionFlow`; logs ``train_loss`` and each term
+    (``train_fm``, ``train_contrastive``, ``train_sw``) per epoch."""
+
+    def __init__(self, flow: TransitionFlow, lr: float = 1e-3, weight_decay: float = 1e-4) -> None:
+        super().__init__()
+        self.flow = flow
+        self.lr, self.weight_decay = lr, weight_decay
+
+    def training_step(self, batch, batch_idx):
+        out = self.flow(batch)
+        bs = int(batch["x0"].shape[0])
+        self.log("train_loss", out.loss, on_epoch=True, on_step=False, prog_bar=True, batch_size=bs, sync_dist=True)
+        for k, v in out.losses.items():
+            self.log(f"train_{k}", v.detach(), on_epoch=True, on_step=False, batch_size=bs, sync_dist=True)
+        return out.loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.flow.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return opt

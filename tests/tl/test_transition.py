@@ -1,0 +1,293 @@
+"""State transitions: OT pairing, the flow model, sp.tl.fit_transition / sp.tl.transition, sp.pl.transition."""
+
+from __future__ import annotations
+
+import copy
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from anndata import AnnData  # noqa: E402
+
+import spatia as sp  # noqa: E402
+from spatia.metrics import feature_distances, morphology_features  # noqa: E402
+from spatia.module import FlowConfig, TransitionFlow  # noqa: E402
+from spatia.nn import integrate  # noqa: E402
+
+
+def _add_tstate(table) -> None:
+    """Cells of the simulator's transitioning type: 'control' (control side) or 'transitioned' (disease)."""
+    o = table.obs
+    tr = table.uns["simulation"]["transition_type"]
+    lab = pd.Series(np.nan, index=o.index, dtype=object)
+    is_t = (o["cell_type"] == tr).to_numpy()
+    lab[is_t & (o["condition"] == "control").to_numpy()] = "control"
+    lab[is_t & (o["state"] == "transitioned").to_numpy()] = "transitioned"
+    o["tstate"] = lab.to_numpy()
+
+
+# ------------------------------------------------------------------------------------------- pairing
+def test_pairing_recovers_correspondence(sdata):
+    table = sdata["table"]
+    sp.tl.pair_states(sdata, groupby="condition", source="control", target="disease", crop_size=16)
+    obs = table.obs
+    src = (obs["condition"] == "control").to_numpy()
+    match = obs["spatia_pair_match"]
+    conf = obs["spatia_pair_confidence"]
+    assert match[~src].isna().all() and conf[~src].isna().all()
+    assert match[src].notna().all() and set(match[src]) <= set(obs_names := obs.index[~src]) and len(obs_names)
+    # matched cells share the cell type far more often than chance (measured 0.65 vs chance 0.20)
+    t_src = obs["cell_type"][src].astype(str).to_numpy()
+    t_tgt = obs.loc[match[src].astype(str), "cell_type"].astype(str).to_numpy()
+    rate = (t_src == t_tgt).mean()
+    p_s = obs["cell_type"][src].value_counts(normalize=True)
+    p_t = obs["cell_type"][~src].value_counts(normalize=True).reindex(p_s.index)
+    chance = float((p_s * p_t).sum())
+    assert rate > chance + 0.3, (rate, chance)
+    # control cells of the transitioning type go to transitioned cells more often than chance (0.26 vs 0.11)
+    tr = table.uns["simulation"]["transition_type"]
+    is_tr = t_src == tr
+    to_moved = (obs.loc[match[src].astype(str), "state"].to_numpy()[is_tr] == "transitioned").mean()
+    chance_moved = (obs["state"][~src] == "transitioned").mean()
+    assert to_moved > 1.6 * chance_moved, (to_moved, chance_moved)
+    # the summary of the transition
+    info = table.uns["spatia"]["transitions"]["control->disease"]
+    assert info["n_pairs"] == src.sum() and info["pairing"] == "global" and info["epsilon"] == 0.05
+    assert set(info["delta_g"]) == set(table.var_names) and len(info["delta_m"]) == 10
+    assert 1 / (~src).sum() <= info["mean_confidence"] <= 1
+
+
+def test_pairing_confidence_and_epsilon(sim):
+    sharp = sp.tl.pair_states(sim, groupby="condition", source="control", target="disease", epsilon=0.05,
+                              crops=np.zeros((sim["table"].n_obs, 1, 8, 8), np.uint8), inplace=False)
+    blurry = sp.tl.pair_states(sim, groupby="condition", source="control", target="disease", epsilon=5.0,
+                               crops=np.zeros((sim["table"].n_obs, 1, 8, 8), np.uint8), inplace=False)
+    n_t = len(sharp.target_obs)
+    for r in (sharp, blurry):
+        assert (r.confidence >= 1 / n_t - 1e-9).all() and (r.confidence <= 1 + 1e-9).all()
+    assert sharp.confidence.mean() > 5 * blurry.confidence.mean()
+    assert blurry.confidence.mean() < 3 / n_t  # near uniform at large epsilon
+    assert "spatia_pair_match" not in sim["table"].obs  # inplace=False writes nothing
+
+
+def test_pairing_within_niches(sim):
+    ad = sim["table"].copy()
+    res = sp.tl.pair_states(ad, groupby="condition", source="control", target="disease", niche_key="domain",
+                            min_cells=10, inplace=False)
+    assert res.info["pairing"] == "niche-stratified" and res.info["niches"]
+    src_dom = ad.obs["domain"].astype(str).to_numpy()[res.source_rows]
+    tgt_dom = ad.obs.loc[res.matched_obs, "domain"].astype(str).to_numpy()
+    strat = res.stratum != "global"
+    assert strat.any() and (src_dom[strat] == tgt_dom[strat]).all()
+    assert (res.stratum[strat] == src_dom[strat]).all()
+    assert res.delta_m.empty  # an AnnData without crops has no morphology shift
+
+
+def test_pairing_bad_input(sim):
+    ad = sim["table"].copy()
+    with pytest.raises(KeyError, match="available columns"):
+        sp.tl.pair_states(ad, groupby="nope", source="control", target="disease")
+    with pytest.raises(KeyError, match=r"available groups: \['control', 'disease'\]"):
+        sp.tl.pair_states(ad, groupby="condition", source="control", target="tumour")
+    with pytest.raises(ValueError, match="min_cells"):
+        sp.tl.pair_states(ad, groupby="condition", source="control", target="disease", min_cells=10_000)
+    other = AnnData(ad.X.copy(), obs=ad.obs.copy())
+    other.var_names = [f"other_{g}" for g in ad.var_names]
+    with pytest.raises(ValueError, match="share no genes"):
+        sp.tl.pair_states(ad, groupby="condition", source="control", target="disease", target_data=other)
+    with pytest.raises(KeyError, match="niche_key"):
+        sp.tl.pair_states(ad, groupby="condition", source="control", target="disease", niche_key="spatia_niche")
+    assert not any(c.startswith("spatia_pair") for c in ad.obs) and "spatia" not in ad.uns  # nothing written
+
+
+def test_pairing_across_slides_on_shared_genes(sim):
+    ad = sim["table"].copy()
+    other = ad[:, ad.var_names[::-1][:30]].copy()  # another slide: a subset of the genes, another order
+    res = sp.tl.pair_states(ad, groupby="condition", source="control", target="disease", target_data=other,
+                            inplace=False)
+    assert res.info["n_shared_genes"] == 30 and set(res.delta_g.index) == set(other.var_names)
+
+
+# ------------------------------------------------------------------------------------------- module
+def _batch(b=4, s=16, conf=None):
+    g = torch.Generator().manual_seed(0)
+    return {
+        "x0": torch.rand(b, 2, s, s, generator=g), "x1": torch.rand(b, 2, s, s, generator=g),
+        "cell_emb": torch.randn(b, 8, generator=g), "transition": torch.zeros(b, dtype=torch.long),
+        "confidence": torch.tensor(conf if conf is not None else [0.5] * b),
+    }
+
+
+def _flow(**kw):
+    cfg = FlowConfig.tiny().replace(cond_dropout=0.0, augment=False, **kw)
+    torch.manual_seed(0)
+    return TransitionFlow(cfg, channels=2, size=16, emb_dim=8, n_genes=5, n_features=10, n_transitions=2)
+
+
+def test_low_confidence_pairs_get_low_weight():
+    flow = _flow(contrastive_weight=0.0, sw_weight=0.0)
+    flow.mean_confidence.fill_(0.4)
+    conf = [0.8, 0.4, 0.05, 0.01]
+    out = flow(_batch(conf=conf), generator=torch.Generator().manual_seed(1))
+    w = out.weights.numpy()
+    np.testing.assert_allclose(w, np.array(conf) / 0.4, rtol=1e-6)
+    assert w[3] < w[2] < w[1] < w[0]
+    # the FM loss is the weighted mean: a pair's contribution scales with its confidence
+    torch.testing.assert_close(out.losses["fm"], (out.weights * out.fm_error).mean())
+    # gradient through the loss: the same pair contributes ~80x less at confidence 0.01 than at 0.8
+    b = _batch(conf=conf)
+    b["x1"] = b["x1"][[0, 0, 0, 0]].clone().requires_grad_(True)
+    b["x0"] = b["x0"][[0, 0, 0, 0]]
+    b["cell_emb"] = b["cell_emb"][[0, 0, 0, 0]]
+    b["t"] = torch.full((4,), 0.5)  # the same point of the path for all four copies
+    flow(b).loss.backward()
+    gn = b["x1"].grad.flatten(1).norm(dim=1).numpy()
+    np.testing.assert_allclose(gn / gn[0], np.array(conf) / conf[0], rtol=1e-4)
+
+
+def test_flow_losses_and_backward():
+    flow = _flow()
+    out = flow(_batch())
+    assert set(out.losses) == {"fm", "contrastive", "sw"} and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in flow.named_parameters() if not n.startswith("null"))
+    assert out.x1_hat.shape == (4, 2, 16, 16)
+    x, nfe = flow.sample(_batch()["x0"], _batch()["cell_emb"], _batch()["transition"], steps=3, solver="euler")
+    assert x.shape == (4, 2, 16, 16) and nfe == 3 and 0 <= float(x.min()) and float(x.max()) <= 1
+
+
+def test_ode_solvers():
+    x0 = torch.ones(2, 3)
+    exact = torch.exp(torch.tensor(-1.0))
+    errs = {}
+    for solver in ("euler", "midpoint", "rk45"):
+        x1, nfe = integrate(lambda x, t: -x, x0, steps=10, solver=solver)
+        errs[solver] = float((x1 - exact).abs().max())
+    assert errs["midpoint"] < errs["euler"] / 10 and errs["rk45"] < 1e-3 and errs["euler"] < 0.03
+    with pytest.raises(ValueError, match="Unknown solver"):
+        integrate(lambda x, t: -x, x0, solver="heun")
+
+
+# ------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def transitioned(fitted):
+    sd, model = fitted
+    sd = copy.deepcopy(sd)
+    model = copy.deepcopy(model)
+    _add_tstate(sd["table"])
+    sp.tl.fit_transition(sd, model, groupby="tstate", transitions=[("control", "transitioned")],
+                         config=FlowConfig.tiny(), max_epochs=60, random_state=0)
+    sp.tl.transition(sd, model, groupby="tstate", source="control", target="transitioned", steps=20)
+    return sd, model
+
+
+def test_transition_moves_morphology_toward_targets(transitioned):
+    sd, model = transitioned
+    table = sd["table"]
+    ttab = sd["spatia_transition_table"]
+    src = table.obs["tstate"] == "control"
+    assert ttab.n_obs == src.sum() and list(ttab.obs["source_cell"]) == list(table.obs_names[src])
+    assert set(ttab.obs["matched_target"]) <= set(table.obs_names[table.obs["tstate"] == "transitioned"])
+    assert (ttab.obs["transition"] == "control->transitioned").all() and (ttab.obs["steps"] == 20).all()
+    from spatia.pl._transition import _predicted
+
+    pred = _predicted(sd, "spatia_transition", ttab)
+    crops = sp.pp.extract_crops(sd, image_key="morphology", size=model.flow.size,
+                                crop_um=model.crop_params.get("crop_um"), channels=model.channels)
+    rows = lambda m: np.flatnonzero(m.to_numpy())  # noqa: E731
+    f_src = morphology_features(crops.get(rows(src)))
+    f_tgt = morphology_features(crops.get(rows(table.obs["tstate"] == "transitioned")))
+    f_pred = morphology_features(pred)
+    d_src = feature_distances(f_tgt, f_src)["wasserstein_std"]
+    d_pred = feature_distances(f_tgt, f_pred)["wasserstein_std"]
+    # measured (60 epochs): area 1.00 vs 1.16, mean intensity 0.56 vs 2.79, mean of 10 features 0.78 vs 1.73
+    assert d_pred["area"] < d_src["area"], (d_pred["area"], d_src["area"])
+    assert d_pred["mean_intensity"] < 0.5 * d_src["mean_intensity"], (d_pred["mean_intensity"], d_src["mean_intensity"])
+    assert d_pred["mean"] < 0.75 * d_src["mean"], (d_pred["mean"], d_src["mean"])
+    info = table.uns["spatia"]["transitions"]["control->transitioned"]
+    assert info["delta_m"]["area"] > 0 and info["delta_m"]["mean_intensity"] > 0  # nuclei grow and brighten
+    # Δg: response genes up, suppressed markers down (the simulator's ground truth)
+    sim = table.uns["simulation"]
+    dg = pd.Series(info["delta_g"])
+    others = dg.drop(sim["response_genes"] + sim["suppressed_markers"])
+    assert dg[sim["response_genes"]].mean() > others.mean() + 0.3
+    assert dg[sim["suppressed_markers"]].mean() < others.mean() - 0.1
+
+
+def test_transition_save_load_keeps_flow(transitioned, tmp_path):
+    sd, model = transitioned
+    model.save(tmp_path / "m")
+    loaded = sp.SpatiaModel.load(tmp_path / "m")
+    assert loaded.flow is not None and loaded.flow_info["transitions"] == model.flow_info["transitions"]
+    for (k, a), (_, b) in zip(model.flow.state_dict().items(), loaded.flow.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, msg=k)
+    kw = dict(groupby="tstate", source="control", target="transitioned", cells=[0, 1, 2], steps=3, inplace=False)
+    src_rows = np.flatnonzero((sd["table"].obs["tstate"] == "control").to_numpy())[:3]
+    kw["cells"] = src_rows
+    a = sp.tl.transition(sd, model, **kw)
+    b = sp.tl.transition(sd, loaded, **kw)
+    np.testing.assert_allclose(a["crops"], b["crops"], atol=1e-6)
+    assert list(a["obs"]["source_cell"]) == list(sd["table"].obs_names[src_rows])
+    # a model saved without a flow (older saves) still loads, without one
+    plain = copy.deepcopy(model)
+    plain.flow, plain.flow_info = None, {}
+    plain.save(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "flow.json").exists() and sp.SpatiaModel.load(tmp_path / "plain").flow is None
+
+
+def test_transition_bad_input(transitioned, fitted):
+    sd, model = transitioned
+    kw = dict(groupby="tstate", source="control", target="transitioned")
+    with pytest.raises(ValueError, match="no state-transition flow"):
+        sp.tl.transition(sd, fitted[1], **kw)
+    with pytest.raises(KeyError, match="known transitions"):
+        sp.tl.transition(sd, model, groupby="tstate", source="transitioned", target="control")
+    with pytest.raises(KeyError, match="known transitions"):
+        sp.tl.transition(sd, model, groupby="condition", source="control", target="disease")
+    with pytest.raises(KeyError, match="already exist"):
+        sp.tl.transition(sd, model, **kw, steps=1)
+    with pytest.raises(ValueError, match="not in the source group"):
+        sp.tl.transition(sd, model, **kw, cells=np.flatnonzero((sd["table"].obs["tstate"] != "control").to_numpy()),
+                         steps=1, inplace=False)
+    with pytest.raises(ValueError, match="min_cells"):
+        sp.tl.fit_transition(sd, copy.deepcopy(fitted[1]), groupby="tstate", source="control", target="transitioned",
+                             min_cells=500, max_epochs=1)
+    with pytest.raises(KeyError, match="available groups"):
+        sp.tl.fit_transition(sd, copy.deepcopy(fitted[1]), groupby="tstate", source="control", target="tumour",
+                             max_epochs=1)
+
+
+def test_several_transitions_in_one_flow(fitted):
+    sd, model = fitted
+    sd, model = copy.deepcopy(sd), copy.deepcopy(model)
+    _add_tstate(sd["table"])
+    sp.tl.fit_transition(sd, model, groupby="tstate", transitions=[("control", "transitioned"),
+                                                                   ("transitioned", "control")],
+                         config=FlowConfig.tiny(), max_epochs=1)
+    assert [t["name"] for t in model.flow_info["transitions"]] == ["control->transitioned", "transitioned->control"]
+    assert model.flow.delta_g.shape == (2, len(model.genes))
+    # the two directions have opposite shifts
+    torch.testing.assert_close(model.flow.delta_m[0], -model.flow.delta_m[1], atol=0.5, rtol=0.5)
+    for s, t in (("control", "transitioned"), ("transitioned", "control")):
+        sp.tl.transition(sd, model, groupby="tstate", source=s, target=t, steps=2, key_added=f"tr_{s}")
+        assert sd[f"tr_{s}_table"].obs["transition"].iloc[0] == f"{s}->{t}"
+
+
+def test_pl_transition(transitioned, tmp_path):
+    sd, _ = transitioned
+    fig = sp.pl.transition(sd, n=4, save=tmp_path / "t.png")
+    assert isinstance(fig, plt.Figure) and (tmp_path / "t.png").stat().st_size > 1000
+    img = fig.axes[0].images[0].get_array()
+    s = sd["spatia_transition_table"].uns["spatia"]["crop_size"]
+    assert img.shape == (4 * (s + 2) - 2, 3 * (s + 2) - 2)
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    assert sp.pl.transition(sd, n=2, target="matched", ax=ax) is fig
+    plt.close(fig)
+    with pytest.raises(KeyError, match="run `sp.tl.transition`"):
+        sp.pl.transition(sd, key="nothing")
