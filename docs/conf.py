@@ -88,6 +88,8 @@ nitpick_ignore_regex = [
 nitpick_ignore = [
     # SpatiaModel.train / .infer take ``arrays: CellArrays`` (spatia/data/_dataset.py), which is not public.
     ("py:class", "spatia.data._dataset.CellArrays"),
+    # the flow's forward output (an internal dataclass) appears in a type hint
+    ("py:class", "spatia.module._flow.FlowOutput"),
 ]
 
 # -- HTML ------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def morphology_features(crops, *, channel: int | None = 0, pixel_size: float | N
 
     Returns
     -------
-    A :class:`~pandas.DataFrame` with one row per crop and the columns :data:`MORPHOLOGY_FEATURES`.
+    A :class:`~pandas.DataFrame` with one row per crop and the columns ``spatia.metrics.MORPHOLOGY_FEATURES``.
     Crops without foreground (constant, or nothing above the Otsu threshold) have area 0 and NaN shape
     and intensity features.
 
@@ -150,7 +150,7 @@ def kid(real: np.ndarray, generated: np.ndarray, *, n_subsets: int = 10, subset_
 
 
 def image_features(model, crops, *, batch_size: int = 256) -> np.ndarray:
-    """Image features for :func:`kid`: mean-pooled patch tokens of a trained model's frozen ViT encoder.
+    """Image features for :func:`~spatia.metrics.kid`: mean-pooled patch tokens of a trained model's frozen ViT encoder.
 
     No Inception network can be downloaded offline, so the fixed feature space of KID (and of the
     benchmarks) is the image branch of a trained SPATIA model, run without masking and without the

@@ -218,7 +218,7 @@ def generate(
         ``"ddim"`` (deterministic DDIM), ``"dpm"`` (DPM-Solver++ multistep) or ``"ddpm"`` (ancestral).
     token_merging
         Fraction of the tokens merged before each self-attention (ToMe); ``None`` = off. The default
-        (:data:`DEFAULT_TOKEN_MERGING`) comes from ``benchmarks/generate.py``.
+        (``DEFAULT_TOKEN_MERGING``) comes from ``benchmarks/generate.py``.
     random_state
         Seed of the noise: the same seed gives the same images.
     table_key, layer

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PairResult:
-    """The pairing of one ``source -> target`` transition (see :func:`pair_states`).
+    """The pairing of one ``source -> target`` transition (see :func:`~spatia.tl.pair_states`).
 
     Attributes
     ----------
@@ -289,7 +289,7 @@ def pair_states(
     :func:`scanpy.pp.log1p`) and projected on their ``n_pcs`` principal components (:func:`scanpy.pp.pca`).
     The cost between a source and a target cell is their squared Euclidean distance divided by the median
     of all such costs, so ``epsilon`` means the same on any dataset (0.05: sharp, 1: nearly uniform).
-    POT's log-domain Sinkhorn (:func:`ot.sinkhorn_log`, stable at small ``epsilon``) with uniform marginals
+    POT's log-domain Sinkhorn (``ot.bregman.sinkhorn_log``, stable at small ``epsilon``) with uniform marginals
     gives the plan; each source cell's **hard match** is the argmax of its row and its **confidence** is
     that entry divided by the row mass (1 = certain, ``1 / n_target`` = uniform). With ``niche_key``, cells
     are paired within each niche cluster where both groups have at least ``min_cells`` cells, and the rest

@@ -89,7 +89,7 @@ def fit_transition(
 ):
     """Train a state-transition flow on a trained SPATIA model and store it on the model (``model.flow``).
 
-    Each transition's source cells are paired with target cells by entropic OT (:func:`pair_states`); a
+    Each transition's source cells are paired with target cells by entropic OT (:func:`~spatia.tl.pair_states`); a
     velocity UNet conditioned on [the source cell's SPATIA embedding ; a learned transition embedding ;
     proj(Δg) ; proj(Δm)] learns the straight path from each source crop to its match's crop (flow matching,
     pairs weighted by their OT confidence), with a contrastive hinge against shuffled conditions and a
@@ -111,7 +111,7 @@ def fit_transition(
     image_key, labels_key, shapes_key, table_key, layer, coordinate_system, crops
         As in :func:`spatia.tl.embed`.
     n_pcs, epsilon, max_iter, niche_key, min_cells
-        Pairing parameters (:func:`pair_states`).
+        Pairing parameters (:func:`~spatia.tl.pair_states`).
     pairing
         ``"ot"``, or ``"random"`` (random pairs of equal weight: an ablation).
     max_epochs, batch_size
@@ -127,10 +127,10 @@ def fit_transition(
 
     Returns
     -------
-    The model, with ``model.flow`` (a :class:`~spatia.module.TransitionFlow`) and ``model.flow_info``
+    The model, with ``model.flow`` (a ``spatia.module.TransitionFlow``) and ``model.flow_info``
     (configuration, transitions with their pairing summaries, training history), saved by
     :meth:`~spatia.SpatiaModel.save`. With ``inplace=True`` it also writes
-    ``uns['spatia']['transitions'][f"{source}->{target}"]`` (as :func:`pair_states`).
+    ``uns['spatia']['transitions'][f"{source}->{target}"]`` (as :func:`~spatia.tl.pair_states`).
 
     Examples
     --------
