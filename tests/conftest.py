@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
 
-import numpy as np
-import pytest
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # one torch thread per xdist worker: two workers × two threads oversubscribe a 2-core machine, and
+    # spinning OpenMP threads then make training several times slower
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import spatia as sp
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import spatia as sp  # noqa: E402
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(1)
 
 sp.settings.progress_bar = False
 logging.getLogger("lightning").setLevel(logging.ERROR)
