@@ -351,6 +351,10 @@ def validate_imputation(
     arrays = prepared.arrays
     counts = arrays.counts.tocsc()
     present = [g for g in model.genes if g not in set(prepared.missing_genes)]
+    if reference is not None:
+        ref_counts, ref_genes = _reference_profiles(reference, reference_layer)
+        if genes is None:  # only genes both measured here and in the reference can be scored
+            present = [g for g in present if g in set(ref_genes)]
     if genes is None:
         det = np.asarray((counts > 0).mean(0)).ravel()
         gi = pd.Index(model.genes).get_indexer(present)
@@ -367,7 +371,6 @@ def validate_imputation(
     truth = _cp10k(arrays.counts)[:, gidx]
     pred = np.zeros_like(truth)
     if reference is not None:
-        ref_counts, ref_genes = _reference_profiles(reference, reference_layer)
         shared_all = [g for g in model.genes if g in set(ref_genes) and g in set(present)]
         rho = _infer_rho(model, arrays, batch_size, device)
         missing_ref = [g for g in genes if g not in set(ref_genes)]
