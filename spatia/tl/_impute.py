@@ -254,6 +254,11 @@ def impute(
             raise KeyError(f"Genes not in the reference: {unknown[:10]}{'...' if len(unknown) > 10 else ''}.")
         if not targets:
             raise ValueError("No genes to impute: every reference gene is in the panel (pass genes=).")
+        from ..pp._elements import _is_sdata
+
+        if inplace and not _is_sdata(data):
+            raise TypeError("Reference genes go to a new table, which needs a SpatialData: pass one, or "
+                            "inplace=False to get the arrays.")
         if key_added in getattr(data, "tables", {}) and not overwrite and inplace:
             raise KeyError(f"Table {key_added!r} already exists: pass overwrite=True or another key_added.")
     rho = _infer_rho(model, prepared.arrays, batch_size, device)
