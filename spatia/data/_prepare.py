@@ -105,8 +105,12 @@ def _prepare(
     if _is_sdata(data):
         shared = ()
         if use_image and crops is None:
-            image_key, _ = get_image(data, image_key)
-            shared = (data.images[image_key],)
+            if image_key is not None and not isinstance(image_key, str):  # several images (e.g. CosMx FOVs)
+                image_key = list(image_key)
+                shared = tuple(data.images[get_image(data, k)[0]] for k in image_key)
+            else:
+                image_key, _ = get_image(data, image_key)
+                shared = (data.images[image_key],)
         geo = cell_geometry(data, table, labels_key=labels_key, shapes_key=shapes_key,
                             coordinate_system=coordinate_system, spatial_key=spatial_key, shared_with=shared)
         xy, cs = geo.xy, geo.coordinate_system

@@ -21,7 +21,7 @@ def niches(
     coordinate_system: str | None = None,
     zoom: tuple[float, float, float, float] | None = None,
     size: float | None = None,
-    alpha: float = 0.8,
+    alpha: float = 0.6,
     max_pixels: int = 2_000_000,
     ax=None,
     save: str | Path | None = None,
@@ -45,7 +45,9 @@ def niches(
     zoom
         ``(xmin, xmax, ymin, ymax)`` window in coordinate-system units (µm).
     size
-        Marker size; default from the number of cells.
+        Marker size in points²: draws every cell as a dot of that size. By default each cell is drawn as a
+        circle of its own diameter (from its segmentation or shape), or as a dot sized from the number of
+        cells when diameters are unknown.
     alpha
         Marker opacity.
     max_pixels
@@ -98,10 +100,24 @@ def niches(
     sel = np.ones(len(xy), dtype=bool)
     if zoom is not None:
         sel = (xy[:, 0] >= zoom[0]) & (xy[:, 0] <= zoom[1]) & (xy[:, 1] >= zoom[2]) & (xy[:, 1] <= zoom[3])
+    colors = [cmap(i % cmap.N) for i in range(len(cats.cat.categories))]
+    diam = np.asarray(geo.diameter, dtype=float)
+    circles = size is None and np.isfinite(diam).all() and len(diam) > 0
     s = size if size is not None else max(2.0, 4000.0 / max(1, sel.sum()) ** 0.8)
     for i, c in enumerate(cats.cat.categories):
         mask = sel & (cats == c).to_numpy()
-        ax.scatter(xy[mask, 0], xy[mask, 1], s=s, color=cmap(i % cmap.N), alpha=alpha, label=str(c), linewidths=0)
+        if circles:  # each cell at its own size, in data units (stays right when zooming)
+            from matplotlib.collections import EllipseCollection
+
+            ax.add_collection(EllipseCollection(
+                diam[mask], diam[mask], np.zeros(mask.sum()), units="xy", offsets=xy[mask],
+                offset_transform=ax.transData, facecolors=[colors[i]], alpha=alpha, linewidths=0, label=str(c)))
+        else:
+            ax.scatter(xy[mask, 0], xy[mask, 1], s=s, color=colors[i], alpha=alpha, label=str(c), linewidths=0)
+    if zoom is None and not len(ax.images):
+        pad = np.nanmax(diam) if circles else 0.0
+        ax.set_xlim(xy[sel, 0].min() - pad, xy[sel, 0].max() + pad)
+        ax.set_ylim(xy[sel, 1].min() - pad, xy[sel, 1].max() + pad)
     if zoom is not None:
         ax.set_xlim(zoom[0], zoom[1])
         ax.set_ylim(zoom[3], zoom[2])
@@ -111,5 +127,9 @@ def niches(
     ax.set_xlabel(f"x ({geo.coordinate_system})")
     ax.set_ylabel("y")
     ax.set_title(key)
-    ax.legend(markerscale=2, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], marker="o", linestyle="", markersize=6, color=colors[i], alpha=alpha, label=str(c))
+               for i, c in enumerate(cats.cat.categories)]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     return finish(fig, save)

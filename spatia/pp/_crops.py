@@ -470,7 +470,7 @@ def _resample(block, labels, own, cy, cx, step, lo, scale, out, out_rows):  # pr
 def extract_crops(
     data,
     *,
-    image_key: str | None = None,
+    image_key: str | Sequence[str] | None = None,
     table_key: str | None = Defaults.TABLE,
     labels_key: str | None = None,
     shapes_key: str | None = None,
@@ -503,6 +503,8 @@ def extract_crops(
         The :class:`~spatialdata.SpatialData`.
     image_key
         Image to crop from (the only image when ``None``). Multiscale images use their full resolution.
+        A list of images (e.g. CosMx's one image per field of view) crops every cell from the first image
+        of the list that contains its centre; intensities are then scaled per image.
     table_key
         Table whose cells are cropped.
     labels_key, shapes_key
@@ -554,6 +556,26 @@ def extract_crops(
     if outside not in ("error", "pad"):
         raise ValueError(f"outside must be 'error' or 'pad', got {outside!r}.")
     table = get_table(data, table_key)
+    if image_key is not None and not isinstance(image_key, str):
+        return _extract_from_images(
+            data, table, list(image_key), labels_key=labels_key, shapes_key=shapes_key,
+            coordinate_system=coordinate_system, size=size, crop_um=crop_um, extent_factor=extent_factor,
+            min_um=min_um, max_um=max_um, channels=channels, mask_neighbours=mask_neighbours,
+            percentiles=percentiles, outside=outside, store=store, batch_cells=batch_cells, geometry=geometry,
+            table_key=table_key,
+        )  # fmt: skip
+    return _extract_one(
+        data, table, image_key=image_key, table_key=table_key, labels_key=labels_key, shapes_key=shapes_key,
+        coordinate_system=coordinate_system, size=size, crop_um=crop_um, extent_factor=extent_factor, min_um=min_um,
+        max_um=max_um, channels=channels, mask_neighbours=mask_neighbours, percentiles=percentiles, outside=outside,
+        store=store, batch_cells=batch_cells, geometry=geometry,
+    )  # fmt: skip
+
+
+def _extract_one(data, table, *, image_key, table_key, labels_key, shapes_key, coordinate_system, size, crop_um,
+                 extent_factor, min_um, max_um, channels, mask_neighbours, percentiles, outside, store, batch_cells,
+                 geometry) -> CropStore:
+    """:func:`extract_crops` from one image, for the cells of ``table`` (the table or a subset of its rows)."""
     image_key, img = get_image(data, image_key)
     geo = geometry
     if geo is None:
@@ -596,6 +618,9 @@ def extract_crops(
             f"{cs!r}. Check that image and cells are registered to the same coordinate system, or pass "
             "outside='pad' to give them blank crops."
         )
+    if n_out:
+        logger.warning("%d of %d cells lie outside the image(s): they get blank crops (outside='pad').", n_out,
+                       len(geo.xy))
 
     labels_tiles = None
     own_ids = np.zeros(len(pix), dtype=np.int64)
@@ -636,6 +661,7 @@ def extract_crops(
         "image_key": image_key, "table_key": table_key, "labels_key": labels_key, "shapes_key": shapes_key,
         "coordinate_system": cs, "size": int(size), "crop_um": crop_um, "extent_factor": extent_factor,
         "min_um": min_um, "max_um": max_um, "channels": ch_names, "mask_neighbours": mask_neighbours,
+        "outside": outside, "n_outside": n_out,
         "intensity_lo": lo.tolist(), "intensity_hi": hi.tolist(), "pixel_size": px_size,
     }
 
@@ -699,6 +725,78 @@ def extract_crops(
         return CropStore(out, np.arange(n_cells), obs_names, ch_names, params)
     _write_meta(Path(store), order, obs_names, ch_names, params)
     return CropStore(out, order, obs_names, ch_names, params, str(store))
+
+
+def _extract_from_images(data, table, image_keys: list[str], *, labels_key, shapes_key, coordinate_system,
+                         geometry, outside, store, mask_neighbours, table_key, **kwargs) -> CropStore:
+    """:func:`extract_crops` over several images: each cell from the first image containing its centre."""
+    if not image_keys:
+        raise ValueError("image_key is an empty list: name at least one image.")
+    for k in image_keys:
+        get_image(data, k)  # exists, has channels
+    if len(set(image_keys)) != len(image_keys):
+        raise ValueError(f"image_key lists an image twice: {image_keys}.")
+    if mask_neighbours:
+        raise ValueError("mask_neighbours=True works with one image (and its segmentation), not a list of images.")
+    geo = geometry
+    if geo is None:
+        geo = cell_geometry(data, table, labels_key=labels_key, shapes_key=shapes_key,
+                            coordinate_system=coordinate_system, shared_with=tuple(data.images[k] for k in image_keys))
+    elif len(geo.xy) != table.n_obs:
+        raise ValueError(f"geometry has {len(geo.xy)} cells but the table has {table.n_obs}.")
+    owner = np.full(table.n_obs, -1)
+    for i, k in enumerate(image_keys):
+        _, img = get_image(data, k)
+        h, w = img.shape[-2:]
+        pix = apply_affine(np.linalg.inv(affine_to(data.images[k], geo.coordinate_system)), geo.xy)
+        inside = (pix[:, 0] >= 0) & (pix[:, 0] < w) & (pix[:, 1] >= 0) & (pix[:, 1] < h)
+        owner[(owner < 0) & inside] = i
+    n_out = int((owner < 0).sum())
+    if n_out and outside == "error":
+        raise ValueError(
+            f"{n_out} of {table.n_obs} cells lie outside all of the images {image_keys} in coordinate system "
+            f"{geo.coordinate_system!r}. Check that images and cells are registered to the same coordinate "
+            "system, list every image that holds cells, or pass outside='pad' to give them blank crops."
+        )
+    if n_out:
+        logger.warning("%d of %d cells lie outside the image(s): they get blank crops (outside='pad').", n_out,
+                       len(geo.xy))
+    parts: list[tuple[np.ndarray, CropStore]] = []
+    for i, k in enumerate(image_keys):
+        rows = np.flatnonzero(owner == i)
+        if not len(rows):
+            continue
+        sub_geo = CellGeometry(geo.xy[rows], geo.diameter[rows], geo.region[rows], geo.coordinate_system, geo.source)
+        parts.append((rows, _extract_one(
+            data, table[rows], image_key=k, table_key=table_key, labels_key=labels_key, shapes_key=shapes_key,
+            coordinate_system=coordinate_system, geometry=sub_geo, outside="error", store=None,
+            mask_neighbours=False, **kwargs)))  # fmt: skip
+    if not parts:
+        raise ValueError(f"No cell lies inside any of the images {image_keys}.")
+    channels = parts[0][1].channels
+    for _, part in parts[1:]:
+        if list(part.channels) != list(channels):
+            raise ValueError(f"The images have different channels ({channels} vs {part.channels}): pass channels=.")
+    n_ch, size = len(channels), parts[0][1].size
+    out = np.zeros((table.n_obs, n_ch, size, size), dtype=np.uint8)
+    for rows, part in parts:
+        out[rows] = part.get(np.arange(len(rows)))
+    params = dict(parts[0][1].params)
+    params.update(
+        image_key=list(image_keys), table_key=table_key, labels_key=labels_key, shapes_key=shapes_key,
+        intensity_lo={image_keys[int(owner[r[0]])]: p.params["intensity_lo"] for r, p in parts},
+        intensity_hi={image_keys[int(owner[r[0]])]: p.params["intensity_hi"] for r, p in parts},
+        n_outside=n_out,
+    )
+    obs_names = table.obs_names.to_numpy().astype(object)
+    order = np.arange(table.n_obs)
+    if store is None:
+        return CropStore(out, order, obs_names, channels, params)
+    path = Path(store)
+    arr = _store_array(path / "crops", out.shape)
+    arr[:] = out
+    _write_meta(path, order, obs_names, channels, params)
+    return CropStore(arr, order, obs_names, channels, params, str(store))
 
 
 def crops_for(data, crops: CropStore | str | Path | None, **kwargs) -> CropStore:

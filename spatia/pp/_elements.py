@@ -85,7 +85,10 @@ def get_image(sdata, image_key: str | None):
     images = sdata.images
     if image_key is None:
         if len(images) != 1:
-            raise KeyError(f"SpatialData has {len(images)} images ({_available(images)}): pass image_key=.")
+            raise KeyError(
+                f"SpatialData has {len(images)} images ({_available(images)}): pass image_key= (one image, or "
+                "a list of images, e.g. one per field of view, to crop each cell from the image that holds it)."
+            )
         image_key = next(iter(images))
     if image_key not in images:
         raise KeyError(f"No image {image_key!r} in the SpatialData; available images: {_available(images)}.")

@@ -76,8 +76,14 @@ def niche_graph(
     if radius is not None and radius <= 0:
         raise ValueError(f"radius must be positive, got {radius}.")
     tmp = AnnData(obs=table.obs[[]].copy(), obsm={spatial_key: np.asarray(table.obsm[spatial_key])[:, :2]})
-    kw = {"radius": float(radius)} if radius is not None else {"n_neighs": int(min(n_neighs, max(1, table.n_obs - 1)))}
-    sq.gr.spatial_neighbors(tmp, spatial_key=spatial_key, coord_type="generic", key_added=key_added, **kw)
+    if radius is not None:
+        kw, new_api = {"radius": float(radius)}, "spatial_neighbors_radius"
+    else:
+        kw, new_api = {"n_neighs": int(min(n_neighs, max(1, table.n_obs - 1)))}, "spatial_neighbors_knn"
+    if hasattr(sq.gr, new_api):  # squidpy >= 1.8 splits spatial_neighbors by graph type
+        getattr(sq.gr, new_api)(tmp, spatial_key=spatial_key, key_added=key_added, **kw)
+    else:
+        sq.gr.spatial_neighbors(tmp, spatial_key=spatial_key, coord_type="generic", key_added=key_added, **kw)
     conn = tmp.obsp[f"{key_added}_connectivities"].tocsr()
     dist = tmp.obsp[f"{key_added}_distances"].tocsr()
     if not inplace:

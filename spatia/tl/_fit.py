@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def _run_params(model, prepared, extra: dict[str, Any]) -> dict[str, Any]:
 def fit(
     data,
     *,
-    image_key: str | None = None,
+    image_key: str | Sequence[str] | None = None,
     labels_key: str | None = None,
     shapes_key: str | None = None,
     table_key: str | None = Defaults.TABLE,
@@ -88,6 +89,7 @@ def fit(
     early_stopping: bool = True,
     compile: bool = False,
     allow_empty: bool = False,
+    outside: str = "error",
     inplace: bool = True,
     **trainer_kwargs: Any,
 ):
@@ -99,7 +101,8 @@ def fit(
         A :class:`~spatialdata.SpatialData` with an image, the cells' segmentation or shapes, and a table
         of raw counts.
     image_key
-        Morphology image (the only image when ``None``).
+        Morphology image (the only image when ``None``), or a list of images (e.g. one per CosMx field of
+        view): each cell is cropped from the first image that contains its centre.
     labels_key, shapes_key
         Element with the cells (default: the one the table annotates).
     table_key
@@ -134,6 +137,10 @@ def fit(
         Train a :func:`torch.compile`-d module (worth it on CUDA; the saved weights are the plain module's).
     allow_empty
         Keep cells with zero counts.
+    outside
+        Cells whose centre lies outside the image(s) (e.g. at the edge of a cropped slide): ``"error"``, or
+        ``"pad"`` to give them blank crops (their embedding then rests on expression and context). The
+        choice is saved with the model and reused by :func:`embed` and the other tools.
     inplace
         Write the results into the table (and return the model); with ``False`` return
         ``(model, embeddings)`` and leave ``data`` untouched.
@@ -165,7 +172,8 @@ def fit(
     prepared = prepare(
         data, table_key=table_key, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key,
         coordinate_system=coordinate_system, layer=layer, crops=crops,
-        crop_kwargs={"size": config.image.size, "crop_um": config.image.crop_um}, use_image=config.image.enabled,
+        crop_kwargs={"size": config.image.size, "crop_um": config.image.crop_um, "outside": outside},
+        use_image=config.image.enabled,
         niche_k=config.niche.k, niche_radius=config.niche.radius, tile_um=config.tissue.tile_um,
         allow_empty=allow_empty,
     )
@@ -202,7 +210,7 @@ def embed(
     data,
     model,
     *,
-    image_key: str | None = None,
+    image_key: str | Sequence[str] | None = None,
     labels_key: str | None = None,
     shapes_key: str | None = None,
     table_key: str | None = Defaults.TABLE,
@@ -267,7 +275,7 @@ def _prepare_for_model(data, model, *, image_key, labels_key, shapes_key, table_
     if not model.is_trained:
         logger.warning("The model has not been trained: its embeddings are random projections.")
     cp = model.crop_params or {}
-    crop_kwargs = {k: cp[k] for k in ("size", "crop_um", "extent_factor", "min_um", "max_um") if k in cp}
+    crop_kwargs = {k: cp[k] for k in ("size", "crop_um", "extent_factor", "min_um", "max_um", "outside") if k in cp}
     crop_kwargs.setdefault("size", model.config.image.size)
     if crop_size is not None:  # e.g. the diffusion decoder's resolution
         crop_kwargs["size"] = int(crop_size)

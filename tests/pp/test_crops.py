@@ -16,6 +16,7 @@ from spatialdata import SpatialData
 from spatialdata.models import Image2DModel, Labels2DModel, ShapesModel, TableModel
 from spatialdata.transformations import Affine, Identity, Scale, Sequence, Translation
 
+import spatia as sp
 from spatia import settings
 from spatia.datasets import simulate
 from spatia.pp import CropStore, extract_crops
@@ -508,3 +509,51 @@ def test_simulated_crops_show_own_nucleus():
     bright = np.where(own > np.percentile(own, 75, axis=(1, 2), keepdims=True), own, 0.0)
     err = np.abs(_com(bright) - 16)
     assert np.median(err) < 0.5 and np.percentile(err, 90) < 1.5
+
+
+# --------------------------------------------------------------------------- several images (CosMx FOVs)
+def test_crops_from_a_list_of_images_take_each_cell_from_its_own_image():
+    """CosMx: one image per field of view. A list of images crops each cell from the image holding it,
+    exactly as cropping that image alone would."""
+    sd = sp.datasets.cosmx_lung_mini(transcripts=False)
+    t = sd["table"]
+    keys = ["F002_image", "F003_image"]
+    store = sp.pp.extract_crops(sd, image_key=keys, size=16, crop_um=20.0)
+    assert len(store) == t.n_obs and store.params["image_key"] == keys
+    assert set(store.params["intensity_lo"]) == set(keys)
+    for k in keys:
+        rows = np.flatnonzero((t.obs["region"] == k.replace("_image", "_labels")).to_numpy())
+        assert len(rows)
+        alone = sp.pp.extract_crops(sd, image_key=k, size=16, crop_um=20.0, outside="pad")
+        np.testing.assert_array_equal(store.get(rows), alone.get(rows))
+        assert store.get(rows).reshape(len(rows), -1).std(1).min() > 0  # real pixels, not padding
+
+
+def test_list_of_images_must_cover_the_cells():
+    sd = sp.datasets.cosmx_lung_mini(transcripts=False)
+    with pytest.raises(ValueError, match="outside all of the images"):
+        sp.pp.extract_crops(sd, image_key=["F002_image"], size=8, crop_um=20.0)
+    n_f3 = int((sd["table"].obs["region"] == "F003_labels").sum())
+    padded = sp.pp.extract_crops(sd, image_key=["F002_image"], size=8, crop_um=20.0, outside="pad")
+    assert padded.params["n_outside"] == n_f3
+    with pytest.raises(KeyError, match="No image 'nope'"):
+        sp.pp.extract_crops(sd, image_key=["F002_image", "nope"], size=8)
+    with pytest.raises(KeyError, match="a list of images"):
+        sp.pp.extract_crops(sd, size=8)
+
+
+def test_fit_on_a_slide_with_cells_outside_the_image(tmp_path):
+    """The Xenium toy is cut from a larger slide: some cells' centres fall outside its image. fit explains
+    the fix, then with outside='pad' embeds every cell and remembers the choice for embed."""
+    sd = sp.datasets.xenium_toy(transcripts=False)
+    cfg = sp.SpatiaConfig.tiny()
+    with pytest.raises(ValueError, match="outside='pad'"):
+        sp.tl.fit(sd, config=cfg, max_epochs=1)
+    assert "X_spatia_cell" not in sd["table"].obsm  # nothing half-written
+    model = sp.tl.fit(sd, config=cfg, max_epochs=1, outside="pad", enable_progress_bar=False)
+    emb = sd["table"].obsm["X_spatia_cell"]
+    assert emb.shape[0] == sd["table"].n_obs and np.isfinite(emb).all()
+    assert model.crop_params["outside"] == "pad" and model.crop_params["n_outside"] > 0
+    model.save(tmp_path / "m")
+    again = sp.tl.embed(sd, sp.SpatiaModel.load(tmp_path / "m"), inplace=False)
+    np.testing.assert_allclose(again["cell"], emb, atol=1e-5)
