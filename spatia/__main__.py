@@ -17,10 +17,12 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _pipeline(sdata, out: Path, *, image_key, table_key, labels_key, shapes_key, layer, config, max_epochs,
-              random_state, resolution, cell_type_key=None) -> None:
+              random_state, resolution, cell_type_key=None, decoder_epochs=0, groupby=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    import numpy as np
+
     import spatia as sp
 
     log = logging.getLogger("spatia")
@@ -52,6 +54,21 @@ def _pipeline(sdata, out: Path, *, image_key, table_key, labels_key, shapes_key,
     best = scores["pearson"].sort_values(ascending=False).index[:2].tolist()
     written.append(sp.pl.imputation(sdata, best, table_key=table_key, counts_layer=layer,
                                     save=figs / "imputation.png"))
+    if decoder_epochs > 0:
+        # generation: the decoder learns each cell's crop from its expression; one generated crop per cell of
+        # a sample, next to real cells of the same group
+        t1 = time.time()
+        sp.tl.fit_decoder(sdata, model, image_key=image_key, table_key=table_key, labels_key=labels_key,
+                          shapes_key=shapes_key, layer=layer, max_epochs=decoder_epochs, random_state=random_state)
+        table = sdata[table_key]
+        n_gen = min(table.n_obs, 120)
+        cells = table.obs_names[np.sort(np.random.default_rng(random_state).choice(table.n_obs, n_gen, replace=False))]
+        sp.tl.generate(sdata, model, cells=cells, table_key=table_key, layer=layer, random_state=random_state)
+        model.save(out / "model", overwrite=True)  # now with the decoder
+        log.info("generation: %.0f s (%d decoder epochs, %d crops)", time.time() - t1, decoder_epochs, n_gen)
+        by = groupby if groupby is not None and groupby in table.obs else "spatia_cluster"
+        written.append(sp.pl.generated(sdata, groupby=by, image_key=image_key, table_key=table_key,
+                                       n_per_group=5, save=figs / "generated.png"))
     written += [
         sp.pl.niches(sdata, image_key=image_key, table_key=table_key, save=figs / "niches.png"),
         sp.pl.embedding(sdata, level="cell", color="spatia_cluster", table_key=table_key,
@@ -84,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--out", type=Path, default=Path("spatia_demo_out"))
     d.add_argument("--epochs", type=int, default=30)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--decoder-epochs", type=int, default=8, help="diffusion decoder epochs (0: no generation)")
     d.add_argument("-q", "--quiet", action="store_true")
     f = sub.add_parser("fit", help="fit on a SpatialData zarr store and write the results")
     f.add_argument("path", type=Path, help="SpatialData .zarr")
@@ -98,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--preset", choices=["tiny", "default", "large"], default="default")
     f.add_argument("--resolution", type=float, default=0.5)
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--decoder-epochs", type=int, default=0,
+                   help="also train the diffusion decoder for this many epochs and generate crops (0: no)")
     f.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     _setup_logging(not args.quiet)
@@ -115,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         t.obs["cell_type_known"] = known
         _pipeline(sdata, args.out, image_key="morphology", table_key="table", labels_key=None, shapes_key=None,
                   layer=None, config=sp.SpatiaConfig.default(), max_epochs=args.epochs, random_state=args.seed,
-                  resolution=0.5, cell_type_key="cell_type_known")
+                  resolution=0.5, cell_type_key="cell_type_known", decoder_epochs=args.decoder_epochs,
+                  groupby="cell_type")
         return 0
     import spatialdata as sd
 
@@ -126,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     config = getattr(sp.SpatiaConfig, args.preset)()
     _pipeline(sdata, args.out, image_key=args.image_key, table_key=args.table_key, labels_key=args.labels_key,
               shapes_key=args.shapes_key, layer=args.layer, config=config, max_epochs=args.epochs,
-              random_state=args.seed, resolution=args.resolution, cell_type_key=args.cell_type_key)
+              random_state=args.seed, resolution=args.resolution, cell_type_key=args.cell_type_key,
+              decoder_epochs=args.decoder_epochs, groupby=args.cell_type_key)
     return 0
 
 

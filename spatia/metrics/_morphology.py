@@ -88,6 +88,12 @@ def feature_distances(real: pd.DataFrame, generated: pd.DataFrame) -> pd.DataFra
     One row per feature: ``wasserstein`` (in the feature's units), ``wasserstein_std`` (divided by the
     real set's standard deviation, comparable across features), ``ks`` and ``ks_pvalue``; plus a final
     row ``"mean"`` averaging ``wasserstein_std`` and ``ks`` over the features.
+
+    Examples
+    --------
+    >>> real = sp.metrics.morphology_features(real_crops)
+    >>> gen = sp.metrics.morphology_features(generated_crops)
+    >>> sp.metrics.feature_distances(real, gen).loc["mean"]
     """
     from scipy.stats import ks_2samp, wasserstein_distance
 
@@ -127,6 +133,12 @@ def kid(real: np.ndarray, generated: np.ndarray, *, n_subsets: int = 10, subset_
         Subsets drawn (``subset_size`` is capped at the smaller set).
     random_state
         Seed of the subset draws.
+
+    Examples
+    --------
+    >>> f_real = sp.metrics.image_features(model, real_crops)
+    >>> f_gen = sp.metrics.image_features(model, generated_crops)
+    >>> mean, std = sp.metrics.kid(f_real, f_gen)
     """
     x = np.asarray(real, dtype=np.float64)
     y = np.asarray(generated, dtype=np.float64)

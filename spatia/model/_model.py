@@ -112,7 +112,13 @@ class SpatiaModel:
         compile: bool = False,
         **trainer_kwargs: Any,
     ) -> SpatiaModel:
-        """Train with PyTorch Lightning on prepared arrays (see :func:`spatia.tl.fit`)."""
+        """Train with PyTorch Lightning on prepared arrays (see :func:`spatia.tl.fit`).
+
+        Examples
+        --------
+        >>> model = sp.SpatiaModel(sp.SpatiaConfig.tiny(), genes, channels)
+        >>> model.train(prepared.arrays, max_epochs=10)  # sp.tl.fit does all of this from a SpatialData
+        """
         import lightning.pytorch as pl
         from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
@@ -202,6 +208,11 @@ class SpatiaModel:
 
         Under an initialised ``torch.distributed`` process group, each rank embeds a shard of the
         batches and the results are gathered; every rank returns the full arrays.
+
+        Examples
+        --------
+        >>> emb = model.infer(prepared.arrays)  # {"cell": ..., "niche": ..., "tissue": ...}
+        >>> mu = model.infer(prepared.arrays, outputs=("mu",))["mu"]  # expected counts
         """
         device = resolve_device(device)
         module = self.module.to(device).eval()
@@ -261,6 +272,10 @@ class SpatiaModel:
         """Train the diffusion decoder on prepared arrays, the encoder frozen (see :func:`spatia.tl.fit_decoder`).
 
         The crops of ``arrays`` set the generated size and channels (``config.size`` must match them).
+
+        Examples
+        --------
+        >>> model.fit_decoder(prepared.arrays, max_epochs=20)  # or sp.tl.fit_decoder(sdata, model)
         """
         import lightning.pytorch as pl
 
@@ -340,6 +355,11 @@ class SpatiaModel:
         """Generated crops ``(n, C, S, S)`` uint8, one per row of ``counts (n, G)`` (model gene order).
 
         The same ``random_state`` gives the same images (on the same device).
+
+        Examples
+        --------
+        >>> counts = sp.pp.get_counts(sdata["table"])[:8]
+        >>> crops = model.sample_images(counts, num_inference_steps=20, guidance_scale=2.0)
         """
         import scipy.sparse as sp_sparse
 
@@ -375,6 +395,10 @@ class SpatiaModel:
 
         Written to a temporary folder first and moved into place, so an interrupted save leaves no
         half-written model.
+
+        Examples
+        --------
+        >>> model.save("my_model")  # config.json + model.safetensors (+ decoder / flow weights)
         """
         import shutil
 
@@ -413,7 +437,13 @@ class SpatiaModel:
 
     @classmethod
     def load(cls, path: str | Path, map_location: str = "cpu") -> SpatiaModel:
-        """Load a model written by :meth:`save` (safetensors; nothing is unpickled)."""
+        """Load a model written by :meth:`save` (safetensors; nothing is unpickled).
+
+        Examples
+        --------
+        >>> model = sp.SpatiaModel.load("my_model", map_location="cpu")
+        >>> sp.tl.embed(sdata, model)
+        """
         from safetensors.torch import load_file
 
         path = Path(path)

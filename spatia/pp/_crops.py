@@ -60,6 +60,12 @@ class CropStore:
         Extraction parameters (image key, coordinate system, sizes, normalisation ranges, ...).
     path
         Where the store lives on disk, or ``None`` for an in-memory store.
+
+    Examples
+    --------
+    >>> crops = sp.pp.extract_crops(sdata, size=32)
+    >>> crops.get([0, 1, 2]).shape  # (3, n_channels, 32, 32), uint8
+    >>> crops.save("crops.zarr")  # reuse with sp.tl.fit(sdata, crops="crops.zarr")
     """
 
     images: Any

@@ -43,6 +43,10 @@ def get_table(data: AnnData, table_key: str | None = Defaults.TABLE) -> AnnData:
     Returns
     -------
     The :class:`~anndata.AnnData` table (not a copy).
+
+    Examples
+    --------
+    >>> table = sp.pp.get_table(sdata)  # the only table, or table_key="table"
     """
     if isinstance(data, AnnData):
         return data
@@ -59,7 +63,12 @@ def get_table(data: AnnData, table_key: str | None = Defaults.TABLE) -> AnnData:
 
 
 def get_embedding(table: AnnData, level: str) -> np.ndarray:
-    """``obsm['X_spatia_<level>']`` of the table, with clear errors for a bad level or a missing fit."""
+    """``obsm['X_spatia_<level>']`` of the table, with clear errors for a bad level or a missing fit.
+
+    Examples
+    --------
+    >>> emb = sp.pp.get_embedding(sdata["table"], "niche")  # obsm["X_spatia_niche"]
+    """
     if level not in Keys.LEVEL_TO_EMB:
         raise ValueError(f"level must be one of {list(Keys.LEVEL_TO_EMB)}, got {level!r}.")
     key = Keys.LEVEL_TO_EMB[level]
@@ -83,6 +92,12 @@ def get_image(sdata, image_key: str | None):
     from xarray import DataArray, DataTree
 
     images = sdata.images
+    if image_key is None:
+        if len(images) > 1:  # spatia's own outputs (generated / transition crop mosaics) are never the input
+            tables = sdata.tables
+            own = {k for k in images if f"{k}_table" in tables and "spatia" in tables[f"{k}_table"].uns}
+            if len(images) - len(own) == 1:
+                image_key = next(k for k in images if k not in own)
     if image_key is None:
         if len(images) != 1:
             raise KeyError(
@@ -163,6 +178,11 @@ class CellGeometry:
         The coordinate system of ``xy``.
     source
         ``"labels"``, ``"shapes"``, ``"points"`` or ``"obsm"``.
+
+    Examples
+    --------
+    >>> geo = sp.pp.cell_geometry(sdata, sdata["table"])
+    >>> geo.xy[:3], geo.diameter[:3], geo.coordinate_system
     """
 
     xy: np.ndarray
@@ -290,6 +310,11 @@ def cell_geometry(
     nothing falls back to ``table.obsm[spatial_key]``, taken to be in ``coordinate_system``.
     Coordinates always go through the elements' transformations. The default coordinate system is one
     shared by the cells' elements and the elements in ``shared_with`` (e.g. the image to crop from).
+
+    Examples
+    --------
+    >>> geo = sp.pp.cell_geometry(sdata, sdata["table"], coordinate_system="global")
+    >>> geo.xy.shape  # (n_cells, 2), µm
     """
     regions, region_key, instance_key = table_annotation(table)
     n = table.n_obs

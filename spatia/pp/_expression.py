@@ -34,6 +34,11 @@ def get_counts(table: AnnData, layer: str | None = None, *, allow_empty: bool = 
     ValueError
         Duplicated gene names, NaN / infinite / negative / non-integer values, no genes, or (unless
         ``allow_empty``) cells with zero counts.
+
+    Examples
+    --------
+    >>> counts = sp.pp.get_counts(sdata["table"])  # CSR of raw counts; raises on log-normalised data
+    >>> counts = sp.pp.get_counts(adata, layer="counts")
     """
     if table.n_vars == 0:
         raise ValueError("The table has no genes (n_vars == 0).")

@@ -80,10 +80,16 @@ def niche_graph(
         kw, new_api = {"radius": float(radius)}, "spatial_neighbors_radius"
     else:
         kw, new_api = {"n_neighs": int(min(n_neighs, max(1, table.n_obs - 1)))}, "spatial_neighbors_knn"
-    if hasattr(sq.gr, new_api):  # squidpy >= 1.8 splits spatial_neighbors by graph type
-        getattr(sq.gr, new_api)(tmp, spatial_key=spatial_key, key_added=key_added, **kw)
-    else:
-        sq.gr.spatial_neighbors(tmp, spatial_key=spatial_key, coord_type="generic", key_added=key_added, **kw)
+    sd_logger = logging.getLogger("spatialdata._logging")  # squidpy logs each graph at INFO through it
+    level = sd_logger.level
+    sd_logger.setLevel(max(level, logging.WARNING))
+    try:
+        if hasattr(sq.gr, new_api):  # squidpy >= 1.8 splits spatial_neighbors by graph type
+            getattr(sq.gr, new_api)(tmp, spatial_key=spatial_key, key_added=key_added, **kw)
+        else:
+            sq.gr.spatial_neighbors(tmp, spatial_key=spatial_key, coord_type="generic", key_added=key_added, **kw)
+    finally:
+        sd_logger.setLevel(level)
     conn = tmp.obsp[f"{key_added}_connectivities"].tocsr()
     dist = tmp.obsp[f"{key_added}_distances"].tocsr()
     if not inplace:
@@ -114,6 +120,10 @@ def tissue_tiles(
     -------
     ``None``, writing ``obs[key_added]`` (categorical tile id); or, with ``inplace=False``, the integer
     tile id of each cell.
+
+    Examples
+    --------
+    >>> sp.pp.tissue_tiles(sdata, tile_size=200.0)  # obs["spatia_tile"]: the 200-µm tile of each cell
     """
     import pandas as pd
 

@@ -49,6 +49,11 @@ class PairResult:
         ``delta_m`` divided by the pooled standard deviation of each feature (unitless; the flow's input).
     info
         Parameters and summary numbers (written to ``uns``).
+
+    Examples
+    --------
+    >>> res = sp.tl.pair_states(sdata, groupby="condition", source="control", target="disease", inplace=False)
+    >>> res.confidence[:5], res.delta_m
     """
 
     name: str
