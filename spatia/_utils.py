@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 from typing import Any
 
 import numpy as np
@@ -56,3 +58,21 @@ def progress(iterable: Any, **kwargs: Any) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(iterable, **kwargs)
+
+
+@contextlib.contextmanager
+def keep_torch_threads():
+    """Restore torch's intra-op thread count on exit.
+
+    numba's parallel kernels (crop resampling) share the OpenMP runtime with torch and set its thread count
+    to all cores; a user (or a test worker) who limited torch to fewer threads would then oversubscribe a
+    shared CPU, which slows training several times over.
+    """
+    torch = sys.modules.get("torch")
+    n = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        torch = sys.modules.get("torch")
+        if torch is not None and n is not None and torch.get_num_threads() != n:
+            torch.set_num_threads(n)

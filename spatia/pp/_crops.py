@@ -17,6 +17,7 @@ import numpy as np
 from numba import njit, prange
 
 from .._constants import Defaults
+from .._utils import keep_torch_threads
 from ._elements import (
     CellGeometry,
     _is_sdata,
@@ -562,20 +563,16 @@ def extract_crops(
     if outside not in ("error", "pad"):
         raise ValueError(f"outside must be 'error' or 'pad', got {outside!r}.")
     table = get_table(data, table_key)
-    if image_key is not None and not isinstance(image_key, str):
-        return _extract_from_images(
-            data, table, list(image_key), labels_key=labels_key, shapes_key=shapes_key,
-            coordinate_system=coordinate_system, size=size, crop_um=crop_um, extent_factor=extent_factor,
-            min_um=min_um, max_um=max_um, channels=channels, mask_neighbours=mask_neighbours,
-            percentiles=percentiles, outside=outside, store=store, batch_cells=batch_cells, geometry=geometry,
-            table_key=table_key,
-        )  # fmt: skip
-    return _extract_one(
-        data, table, image_key=image_key, table_key=table_key, labels_key=labels_key, shapes_key=shapes_key,
-        coordinate_system=coordinate_system, size=size, crop_um=crop_um, extent_factor=extent_factor, min_um=min_um,
-        max_um=max_um, channels=channels, mask_neighbours=mask_neighbours, percentiles=percentiles, outside=outside,
-        store=store, batch_cells=batch_cells, geometry=geometry,
+    kwargs = dict(
+        labels_key=labels_key, shapes_key=shapes_key, coordinate_system=coordinate_system, size=size, crop_um=crop_um,
+        extent_factor=extent_factor, min_um=min_um, max_um=max_um, channels=channels, mask_neighbours=mask_neighbours,
+        percentiles=percentiles, outside=outside, store=store, batch_cells=batch_cells, geometry=geometry,
+        table_key=table_key,
     )  # fmt: skip
+    with keep_torch_threads():
+        if image_key is not None and not isinstance(image_key, str):
+            return _extract_from_images(data, table, list(image_key), **kwargs)
+        return _extract_one(data, table, image_key=image_key, **kwargs)
 
 
 def _extract_one(data, table, *, image_key, table_key, labels_key, shapes_key, coordinate_system, size, crop_um,
