@@ -557,3 +557,16 @@ def test_fit_on_a_slide_with_cells_outside_the_image(tmp_path):
     model.save(tmp_path / "m")
     again = sp.tl.embed(sd, sp.SpatiaModel.load(tmp_path / "m"), inplace=False)
     np.testing.assert_allclose(again["cell"], emb, atol=1e-5)
+
+
+def test_extract_crops_keeps_torch_thread_count():
+    """numba's parallel resampling shares OpenMP with torch: a caller's thread limit must survive it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sp.pp.extract_crops(simulate(60, random_state=0), size=8)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
