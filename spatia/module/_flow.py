@@ -4,7 +4,8 @@ Straight-path flow matching (x_t = (1 − t)·x0 + t·x1, target velocity x1 −
 the crop x1 of its optimal-transport match, conditioned by an MLP over [source cell's SPATIA embedding ;
 transition embedding ; proj(Δg) ; proj(Δm)]. Loss = confidence-weighted FM MSE + contrastive hinge
 against shuffled conditions + sliced-Wasserstein distance between morphology-proxy features of the
-one-step predicted target and the real targets (DESIGN.md, "State transitions").
+flow's predicted targets and the real targets (DESIGN.md, "State transitions"; the prediction is a short
+Euler rollout of the flow from the source crop, after a warm-up: see :class:`FlowConfig`).
 """
 
 from __future__ import annotations
@@ -27,9 +28,14 @@ class FlowConfig:
 
     ``block_out_channels`` / ``layers_per_block`` shape the diffusers ``UNet2DModel``; ``cond_dim`` is the
     width of the condition vector (added to the UNet's time embedding). Loss weights follow DESIGN.md:
-    FM 1.0, contrastive hinge 0.1 (margin 0.1), sliced-Wasserstein 0.1 over ``n_projections`` directions,
-    computed on the pairs whose path time is at least ``sw_min_t`` (0: all; the one-step prediction of an
-    early point of the path is a blurry average, which the FM loss wants and the morphology loss does not).
+    FM 1.0, contrastive hinge 0.1 (margin 0.1), sliced-Wasserstein 0.1 over ``n_projections`` directions.
+    The sliced-Wasserstein (morphology) loss compares the real targets with an estimate of where the flow
+    sends the source crops, chosen by ``sw_endpoint``: ``"rollout"`` (default) integrates the conditional
+    velocity from the source crop in ``sw_steps`` Euler steps (with gradients) — the model's own sample, what
+    the loss is meant to shape; ``"one_step"`` extrapolates the FM point, x_t + (1 − t)·v, for pairs whose
+    path time is at least ``sw_min_t`` (at small t that is the blurry conditional mean the FM loss asks for,
+    so the two losses pull against each other). The loss is off for the first ``sw_warmup`` fraction of the
+    epochs (set by the training plan), while the velocity field is still untrained and its samples noise.
     ``cond_dropout`` replaces the condition by a learned null condition (classifier-free guidance).
     ``augment`` turns source and target crops by independent random right-angle rotations / flips in
     training (the pairing is between cells, not orientations; it multiplies the few pairs a slide has).
@@ -46,6 +52,10 @@ class FlowConfig:
     contrastive_weight: float = 0.1
     margin: float = 0.1
     sw_weight: float = 0.1
+    sw_endpoint: str = "rollout"
+    sw_steps: int = 2
+    sw_warmup: float = 0.5
+    sw_joint: bool = True
     sw_min_t: float = 0.0
     n_projections: int = 64
     cond_dropout: float = 0.1
@@ -65,6 +75,12 @@ class FlowConfig:
                              f"norm_num_groups {self.norm_num_groups}.")
         if not 0 <= self.cond_dropout < 1:
             raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}.")
+        if self.sw_endpoint not in ("rollout", "one_step"):
+            raise ValueError(f"sw_endpoint must be 'rollout' or 'one_step', got {self.sw_endpoint!r}.")
+        if self.sw_steps < 1:
+            raise ValueError(f"sw_steps must be at least 1, got {self.sw_steps}.")
+        if not 0 <= self.sw_warmup < 1:
+            raise ValueError(f"sw_warmup must be in [0, 1), got {self.sw_warmup}.")
 
     @classmethod
     def tiny(cls) -> FlowConfig:
@@ -95,13 +111,16 @@ class FlowConfig:
 @dataclass
 class FlowOutput:
     """``loss`` (weighted sum), ``losses`` (each term), ``weights`` ``(B,)`` per-pair FM weights,
-    ``fm_error`` ``(B,)`` per-pair velocity MSE, ``x1_hat`` ``(B, C, S, S)`` one-step predicted targets."""
+    ``fm_error`` ``(B,)`` per-pair velocity MSE, ``x1_hat`` ``(B, C, S, S)`` one-step predicted targets,
+    ``x1_end`` ``(B, C, S, S)`` the endpoints the morphology loss compared with the real targets (``None``
+    when it was off)."""
 
     loss: torch.Tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     weights: torch.Tensor | None = None
     fm_error: torch.Tensor | None = None
     x1_hat: torch.Tensor | None = None
+    x1_end: torch.Tensor | None = None
 
 
 def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -213,6 +232,7 @@ class TransitionFlow(nn.Module):
             nn.Linear(c.hidden, c.hidden), nn.SiLU(), nn.Linear(c.hidden, c.cond_dim),
         )
         self.null_cond = nn.Parameter(torch.zeros(c.cond_dim))
+        self.sw_scale = 1.0  # multiplier of the morphology loss (the training plan sets 0 during the warm-up)
         n = len(c.block_out_channels)
         self.unet = UNet2DModel(
             sample_size=size, in_channels=channels, out_channels=channels,
@@ -246,13 +266,14 @@ class TransitionFlow(nn.Module):
         x0, x1r = batch["x0"], batch["x1"]
         if c.augment and self.training:
             x0, x1r = random_dihedral(x0, generator), random_dihedral(x1r, generator)
+        batch_x0r = x0
         x0, x1 = x0 * 2 - 1, x1r * 2 - 1
         b = x0.shape[0]
         dev = x0.device
         # 1. condition, with dropout to the null condition (for classifier-free guidance)
-        cond = self.condition(batch["cell_emb"], batch["transition"])
+        cond_full = self.condition(batch["cell_emb"], batch["transition"])
         dropped = torch.rand(b, device=dev, generator=generator) < c.cond_dropout
-        cond = torch.where(dropped[:, None], self.null_cond.expand(b, -1), cond)
+        cond = torch.where(dropped[:, None], self.null_cond.expand(b, -1), cond_full)
         # 2. straight path and velocity
         t = batch["t"] if "t" in batch else torch.rand(b, device=dev, generator=generator)
         tt = t[:, None, None, None]
@@ -273,16 +294,54 @@ class TransitionFlow(nn.Module):
                 err_shuf = ((v_shuf - target[keep]) ** 2).flatten(1).mean(1)
                 losses["contrastive"] = F.relu(c.margin + err[keep] - err_shuf).mean()
                 total = total + c.contrastive_weight * losses["contrastive"]
-        # 5. sliced Wasserstein between morphology proxies of one-step predicted and real targets
+        # 5. sliced Wasserstein between morphology proxies of the flow's endpoints and the real targets
         x1_hat = xt + (1 - tt) * v
-        late = t >= c.sw_min_t
-        if c.sw_weight > 0 and int(late.sum()) > 1:
-            fa = morphology_proxies(((x1_hat[late] + 1) / 2).clamp(0, 1))
-            fb = morphology_proxies(x1r[late])
-            losses["sw"] = sliced_wasserstein(fa, fb, c.n_projections, generator=generator)
-            total = total + c.sw_weight * losses["sw"]
+        x1_end = None
+        if c.sw_weight > 0 and self.sw_scale > 0:
+            if c.sw_endpoint == "rollout":
+                x1_end, use = self._rollout(x0, cond_full, c.sw_steps), torch.ones(b, dtype=torch.bool, device=dev)
+            else:
+                x1_end, use = x1_hat, t >= c.sw_min_t
+            sw = self._sw_per_transition(x1_end, x1r, batch["transition"], use, generator,
+                                         x0r=batch_x0r if c.sw_joint else None)
+            if sw is not None:
+                losses["sw"] = sw
+                total = total + self.sw_scale * c.sw_weight * sw
+            x1_end = x1_end.detach()
         return FlowOutput(loss=total, losses=losses, weights=w.detach(), fm_error=err.detach(),
-                          x1_hat=x1_hat.detach())
+                          x1_hat=x1_hat.detach(), x1_end=x1_end)
+
+    def _rollout(self, x0: torch.Tensor, cond: torch.Tensor, steps: int) -> torch.Tensor:
+        """Euler integration of the conditional velocity from ``x0`` (in [-1, 1]) to t = 1, with gradients."""
+        x, h = x0, 1.0 / steps
+        for k in range(steps):
+            x = x + h * self.velocity(x, torch.full((x.shape[0],), k * h, device=x.device, dtype=x.dtype), cond)
+        return x
+
+    def _sw_per_transition(self, x_end: torch.Tensor, x1r: torch.Tensor, transition: torch.Tensor,
+                           use: torch.Tensor, generator, x0r: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Sliced Wasserstein between the proxies of ``x_end`` (in [-1, 1]) and of the real targets ``x1r``,
+        within each transition of the batch (a transition's targets are not another's), weighted by size.
+
+        With ``x0r`` (the source crops in [0, 1]) the points are [source proxies ; endpoint proxies] against
+        [source proxies ; matched target proxies]: the joint law of the pairs, not only the targets'
+        marginal, so the loss cannot be lowered by giving one cell type's targets to another's sources.
+        """
+        fa = morphology_proxies(((x_end + 1) / 2).clamp(0, 1))
+        fb = morphology_proxies(x1r)
+        if x0r is not None:
+            f0 = morphology_proxies(x0r).detach()
+            fa, fb = torch.cat([f0, fa], 1), torch.cat([f0, fb], 1)
+        parts, sizes = [], []
+        for tr in transition[use].unique():
+            sel = use & (transition == tr)
+            if int(sel.sum()) > 1:
+                parts.append(sliced_wasserstein(fa[sel], fb[sel], self.config.n_projections, generator=generator))
+                sizes.append(float(sel.sum()))
+        if not parts:
+            return None
+        wts = torch.tensor(sizes, device=x_end.device, dtype=x_end.dtype)
+        return (torch.stack(parts) * wts).sum() / wts.sum()
 
     # ---------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -147,6 +147,7 @@ def fit_transition(
     from ..module import FlowConfig, TransitionFlow
     from ..train import FlowTrainingPlan, HistoryCallback
 
+    n_threads = torch.get_num_threads()  # libraries under the pairing (OpenMP via threadpoolctl) may reset it
     pairs_wanted = _transition_list(source, target, transitions)
     if pairing not in ("ot", "random"):
         raise ValueError(f"pairing must be 'ot' or 'random', got {pairing!r}.")
@@ -169,6 +170,7 @@ def fit_transition(
         for s, t in pairs_wanted
     ]
     emb = model.infer(arrays, outputs=("cell",))["cell"]
+    torch.set_num_threads(n_threads)
     # 2. the flow module, with each transition's Δg (model gene order) and Δm (standardised) in buffers
     seed = seed_from(random_state)
     feats = list(MORPHOLOGY_FEATURES)
@@ -360,6 +362,7 @@ def transition(
     from .._utils import resolve_device
     from ..metrics import morphology_features
 
+    n_threads = torch.get_num_threads()  # libraries under the pairing (OpenMP via threadpoolctl) may reset it
     tid = _find_transition(model, groupby, source, target)
     if inplace and not _is_sdata(data):
         raise TypeError("transition(inplace=True) writes image elements: pass a SpatialData (or inplace=False).")
@@ -382,6 +385,7 @@ def transition(
                      random_state=random_state, pairing="ot")
     rows = _select_cells(table, res.source_rows, cells)
     emb = model.infer(arrays, outputs=("cell",))["cell"]
+    torch.set_num_threads(n_threads)
     dev = resolve_device(device)
     flow = model.flow.to(dev).eval()
     out, nfe = [], 0

@@ -10,12 +10,24 @@ from ..module import TransitionFlow
 
 class FlowTrainingPlan(pl.LightningModule):
     """Optimises :class:`~spatia.module.TransitionFlow`; logs ``train_loss`` and each term
-    (``train_fm``, ``train_contrastive``, ``train_sw``) per epoch."""
+    (``train_fm``, ``train_contrastive``, ``train_sw``) per epoch.
+
+    The morphology (sliced-Wasserstein) loss is off for the first ``config.sw_warmup`` fraction of the
+    epochs: before the velocity field has learned the transport its endpoints are noise, and matching their
+    morphology would fight the flow-matching loss.
+    """
 
     def __init__(self, flow: TransitionFlow, lr: float = 1e-3, weight_decay: float = 1e-4) -> None:
         super().__init__()
         self.flow = flow
         self.lr, self.weight_decay = lr, weight_decay
+
+    def on_train_epoch_start(self) -> None:
+        warm = self.flow.config.sw_warmup * (self.trainer.max_epochs or 0)
+        self.flow.sw_scale = 0.0 if self.current_epoch < warm else 1.0
+
+    def on_train_end(self) -> None:
+        self.flow.sw_scale = 1.0
 
     def training_step(self, batch, batch_idx):
         out = self.flow(batch)

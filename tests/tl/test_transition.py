@@ -161,6 +161,56 @@ def test_flow_losses_and_backward():
     assert x.shape == (4, 2, 16, 16) and nfe == 3 and 0 <= float(x.min()) and float(x.max()) <= 1
 
 
+def _discs(radius, brightness, n=8, s=16):
+    """``(n, 1, s, s)`` crops of one centred disc each (radius in px, jittered), in [0, 1]."""
+    g = torch.Generator().manual_seed(int(radius * 10))
+    yy, xx = torch.meshgrid(torch.arange(s) - s / 2 + 0.5, torch.arange(s) - s / 2 + 0.5, indexing="ij")
+    r = radius + 0.5 * torch.rand(n, generator=g)
+    inside = (yy[None] ** 2 + xx[None] ** 2) <= r[:, None, None] ** 2
+    return (0.05 + brightness * inside.float())[:, None]
+
+
+def test_joint_morphology_loss_penalises_swapping_types():
+    """The morphology loss compares the joint law of (source, endpoint) with that of (source, matched target):
+    endpoints that give one type's target morphology to another type's sources are penalised, whereas the
+    targets' marginal law (the same set of crops, only reassigned) cannot tell the two apart."""
+    flow = _flow()
+    x0 = torch.cat([_discs(2.0, 0.5), _discs(5.0, 0.5)])  # small- and large-nucleus sources
+    x1 = torch.cat([_discs(3.0, 0.9), _discs(6.0, 0.9)])  # their targets: each grows and brightens
+    swapped = x1[torch.cat([torch.arange(8, 16), torch.arange(0, 8)])]  # small sources get large targets
+    tr = torch.zeros(16, dtype=torch.long)
+    use = torch.ones(16, dtype=torch.bool)
+
+    def loss(end, joint):
+        g = torch.Generator().manual_seed(0)
+        return float(flow._sw_per_transition(end * 2 - 1, x1, tr, use, g, x0r=x0 if joint else None))
+
+    assert loss(x1, joint=True) < 1e-6 and loss(swapped, joint=False) < 1e-6  # same marginal: no signal
+    assert loss(swapped, joint=True) > 0.1, loss(swapped, joint=True)
+
+
+def test_morphology_loss_on_the_flow_rollout():
+    """By default the morphology loss sees the flow's own few-step sample from the source crop."""
+    flow = _flow(contrastive_weight=0.0, sw_steps=3)
+    b = _batch()
+    cond = flow.condition(b["cell_emb"], b["transition"])
+    out = flow(b)
+    x_euler, _ = integrate(lambda x, t: flow.velocity(x, t, cond), b["x0"] * 2 - 1, steps=3, solver="euler")
+    torch.testing.assert_close(out.x1_end, x_euler, atol=1e-5, rtol=1e-5)
+    assert "sw" in out.losses
+    # the one-step variant compares x_t + (1 - t) v instead, only where t >= sw_min_t
+    one = _flow(contrastive_weight=0.0, sw_endpoint="one_step", sw_min_t=0.5)
+    b["t"] = torch.tensor([0.1, 0.2, 0.3, 0.9])  # one late pair: too few for a distance
+    assert "sw" not in one(b).losses
+    # switched off (the warm-up sets the scale to 0): no morphology term, no rollout
+    flow.sw_scale = 0.0
+    out = flow(_batch())
+    assert "sw" not in out.losses and out.x1_end is None
+    for bad in (dict(sw_endpoint="two_step"), dict(sw_steps=0), dict(sw_warmup=1.0)):
+        with pytest.raises(ValueError, match="sw_"):
+            FlowConfig(**bad)
+
+
 def test_ode_solvers():
     x0 = torch.ones(2, 3)
     exact = torch.exp(torch.tensor(-1.0))
@@ -268,7 +318,10 @@ def test_several_transitions_in_one_flow(fitted):
     _add_tstate(sd["table"])
     sp.tl.fit_transition(sd, model, groupby="tstate", transitions=[("control", "transitioned"),
                                                                    ("transitioned", "control")],
-                         config=FlowConfig.tiny(), max_epochs=1)
+                         config=FlowConfig.tiny(), max_epochs=2)
+    # the morphology loss is off during the warm-up (first half of the epochs), on afterwards
+    hist = model.flow_info["history"]
+    assert "train_sw" not in hist[0] and "train_sw" in hist[1] and model.flow.sw_scale == 1.0
     assert [t["name"] for t in model.flow_info["transitions"]] == ["control->transitioned", "transitioned->control"]
     assert model.flow.delta_g.shape == (2, len(model.genes))
     # the two directions have opposite shifts
