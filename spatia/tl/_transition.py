@@ -147,7 +147,7 @@ def fit_transition(
     from ..module import FlowConfig, TransitionFlow
     from ..train import FlowTrainingPlan, HistoryCallback
 
-    n_threads = torch.get_num_threads()  # libraries under the pairing (OpenMP via threadpoolctl) may reset it
+    n_threads = torch.get_num_threads()  # kept across the pairing and crop steps (OpenMP kernels reset it)
     pairs_wanted = _transition_list(source, target, transitions)
     if pairing not in ("ot", "random"):
         raise ValueError(f"pairing must be 'ot' or 'random', got {pairing!r}.")
@@ -362,7 +362,7 @@ def transition(
     from .._utils import resolve_device
     from ..metrics import morphology_features
 
-    n_threads = torch.get_num_threads()  # libraries under the pairing (OpenMP via threadpoolctl) may reset it
+    n_threads = torch.get_num_threads()  # kept across the pairing and crop steps (OpenMP kernels reset it)
     tid = _find_transition(model, groupby, source, target)
     if inplace and not _is_sdata(data):
         raise TypeError("transition(inplace=True) writes image elements: pass a SpatialData (or inplace=False).")
