@@ -58,3 +58,28 @@ def test_cluster_smoothing_recovers_domains_hidden_by_cell_noise():
     del a.obsm["spatial"]
     with pytest.raises(KeyError, match="spatial"):
         sp.tl.cluster(a, level="niche", smooth_k=5)
+
+
+def test_niche_embedding_describes_the_surroundings(fitted):
+    """The niche embedding is trained on the neighbours' pooled counts (the centre left out): it predicts
+    the neighbours' mean expression better than the cell embedding does."""
+    import numpy as np
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold, cross_val_score
+    from sklearn.neighbors import NearestNeighbors
+
+    sd, _ = fitted
+    t = sd["table"]
+    x = t.X.toarray() if hasattr(t.X, "toarray") else np.asarray(t.X)
+    ln = np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1) * 1e4)
+    xy = np.asarray(t.obsm["spatial"])
+    nb = NearestNeighbors(n_neighbors=11).fit(xy).kneighbors(xy, return_distance=False)[:, 1:]
+    target = PCA(5, random_state=0).fit_transform(ln[nb].mean(1))
+    cv = KFold(5, shuffle=True, random_state=0)
+
+    def r2(emb):
+        return cross_val_score(RidgeCV(alphas=np.logspace(-2, 3, 6)), emb, target, cv=cv, scoring="r2").mean()
+
+    r_niche, r_cell = r2(t.obsm[Keys.NICHE_EMB]), r2(t.obsm[Keys.CELL_EMB])
+    assert r_niche > r_cell, (r_niche, r_cell)
