@@ -198,13 +198,23 @@ class SpatiaModule(nn.Module):
             ntok = self.niche_tf(tok, npad)
             valid = (~npad).float()[..., None]
             n_h = (ntok * valid).sum(1) / valid.sum(1).clamp(min=1)
-            niche = self.niche_proj(n_h)
+            # the niche embedding pools the neighbours' tokens (after they attended to the centre and to each
+            # other), not the centre's own token: it describes the cell's surroundings
+            nv = valid.clone()
+            nv[:, 0] = (nv[:, 1:].sum(1) == 0).float()  # a cell without neighbours keeps its own token
+            niche = self.niche_proj((ntok * nv).sum(1) / nv.sum(1).clamp(min=1))
             ctx.append((ntok, npad))
             if train and c.loss.niche_counts > 0:
-                ncounts = (counts[safe] * valid).sum(1)
+                # the niche embedding predicts the pooled counts of the *neighbours* (the centre cell left
+                # out): their expression composition, a property of the surroundings and not of the cell
+                # itself, so that the niche embedding tracks tissue domains rather than the centre's type
+                nvalid = valid[:, 1:]
+                has = nvalid.sum(1)[:, 0] > 0
+                ncounts = (counts[safe[:, 1:]] * nvalid).sum(1)
                 nlib = ncounts.sum(1, keepdim=True)
-                nmu = F.softmax(self.niche_counts(niche).float(), dim=-1) * nlib
-                losses["niche_counts"] = -self._log_nb(ncounts, nmu, None).mean() / c.niche.k
+                if has.any():
+                    nmu = F.softmax(self.niche_counts(niche[has]).float(), dim=-1) * nlib[has]
+                    losses["niche_counts"] = -self._log_nb(ncounts[has], nmu, None).mean() / c.niche.k
         else:
             n_h = h_core
             niche = z_all[core]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pandas as pd
 
 from .._constants import Defaults, Keys
@@ -19,6 +20,7 @@ def cluster(
     level: str = "niche",
     resolution: float = 0.5,
     n_neighbors: int = 15,
+    smooth_k: int | None = None,
     table_key: str | None = Defaults.TABLE,
     key_added: str | None = None,
     random_state: int | None = 0,
@@ -36,6 +38,12 @@ def cluster(
         Leiden resolution (higher → more clusters).
     n_neighbors
         Neighbours of the kNN graph on the embedding (:func:`scanpy.pp.neighbors`).
+    smooth_k
+        Average the embedding of each cell with that of its ``smooth_k`` nearest cells in space
+        (``obsm['spatial']``) before building the graph: the neighbourhood aggregation CellCharter applies to
+        scVI latents, which turns per-cell profiles into profiles of the surroundings, so that clusters follow
+        tissue domains. ``None``: the model's niche size (``k`` of the fit, :attr:`SpatiaConfig.niche`) at the
+        niche level, no smoothing at the cell and tissue levels; ``0``: no smoothing.
     table_key
         Table when ``data`` is a SpatialData.
     key_added
@@ -62,6 +70,12 @@ def cluster(
     if resolution <= 0:
         raise ValueError(f"resolution must be positive, got {resolution}.")
     key_added = key_added or (Keys.NICHE if level == "niche" else Keys.CLUSTER)
+    if smooth_k is None:
+        smooth_k = _niche_k(table) if level == "niche" else 0
+    if smooth_k < 0:
+        raise ValueError(f"smooth_k must be >= 0, got {smooth_k}.")
+    if smooth_k > 0:
+        emb = spatial_smooth(emb, table, smooth_k)
     tmp = AnnData(obs=pd.DataFrame(index=table.obs_names), obsm={"X": emb})
     seed = seed_from(random_state)
     sc.pp.neighbors(tmp, use_rep="X", n_neighbors=min(n_neighbors, max(2, table.n_obs - 1)), random_state=seed)
@@ -72,3 +86,24 @@ def cluster(
     table.obs[key_added] = labels.values
     log_added("adata.obs", key_added)
     return None
+
+
+def _niche_k(table) -> int:
+    """``niche.k`` of the fit that wrote the table's embeddings (the package default otherwise)."""
+    cfg = table.uns.get(Keys.UNS, {}).get("config", {})
+    niche = cfg.get("niche", {}) if isinstance(cfg, dict) else {}
+    return int(niche.get("k", Defaults.NICHE_K)) if isinstance(niche, dict) else Defaults.NICHE_K
+
+
+def spatial_smooth(emb: np.ndarray, table, k: int) -> np.ndarray:
+    """Mean of ``emb`` over each cell and its ``k`` nearest cells in ``obsm['spatial']``."""
+    from sklearn.neighbors import NearestNeighbors
+
+    if Keys.SPATIAL not in table.obsm:
+        raise KeyError(f"No obsm[{Keys.SPATIAL!r}] (cell centroids) in the table: pass smooth_k=0.")
+    xy = np.asarray(table.obsm[Keys.SPATIAL], dtype=np.float64)[:, :2]
+    k = min(int(k), table.n_obs - 1)
+    if k < 1:
+        return emb
+    nb = NearestNeighbors(n_neighbors=k + 1).fit(xy).kneighbors(xy, return_distance=False)
+    return np.asarray(emb, dtype=np.float64)[nb].mean(1).astype(np.float32)
