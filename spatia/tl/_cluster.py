@@ -75,7 +75,7 @@ def cluster(
     if smooth_k < 0:
         raise ValueError(f"smooth_k must be >= 0, got {smooth_k}.")
     if smooth_k > 0:
-        emb = spatial_smooth(emb, table, smooth_k)
+        emb = spatial_smooth(emb, table, smooth_k, data=data)
     tmp = AnnData(obs=pd.DataFrame(index=table.obs_names), obsm={"X": emb})
     seed = seed_from(random_state)
     sc.pp.neighbors(tmp, use_rep="X", n_neighbors=min(n_neighbors, max(2, table.n_obs - 1)), random_state=seed)
@@ -95,13 +95,22 @@ def _niche_k(table) -> int:
     return int(niche.get("k", Defaults.NICHE_K)) if isinstance(niche, dict) else Defaults.NICHE_K
 
 
-def spatial_smooth(emb: np.ndarray, table, k: int) -> np.ndarray:
-    """Mean of ``emb`` over each cell and its ``k`` nearest cells in ``obsm['spatial']``."""
+def spatial_smooth(emb: np.ndarray, table, k: int, data=None) -> np.ndarray:
+    """Mean of ``emb`` over each cell and its ``k`` nearest cells in space.
+
+    Positions: ``obsm['spatial']``, or, when the table has none and ``data`` is the SpatialData, the cells'
+    centroids from their segmentation / shapes (:func:`spatia.pp.cell_geometry`).
+    """
     from sklearn.neighbors import NearestNeighbors
 
-    if Keys.SPATIAL not in table.obsm:
-        raise KeyError(f"No obsm[{Keys.SPATIAL!r}] (cell centroids) in the table: pass smooth_k=0.")
-    xy = np.asarray(table.obsm[Keys.SPATIAL], dtype=np.float64)[:, :2]
+    if Keys.SPATIAL in table.obsm:
+        xy = np.asarray(table.obsm[Keys.SPATIAL], dtype=np.float64)[:, :2]
+    elif data is not None and data is not table:
+        from ..pp import cell_geometry
+
+        xy = cell_geometry(data, table).xy
+    else:
+        raise KeyError(f"No obsm[{Keys.SPATIAL!r}] (cell centroids) in the table: add it, or pass smooth_k=0.")
     k = min(int(k), table.n_obs - 1)
     if k < 1:
         return emb

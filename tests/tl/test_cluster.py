@@ -83,3 +83,25 @@ def test_niche_embedding_describes_the_surroundings(fitted):
 
     r_niche, r_cell = r2(t.obsm[Keys.NICHE_EMB]), r2(t.obsm[Keys.CELL_EMB])
     assert r_niche > r_cell, (r_niche, r_cell)
+
+
+def test_niche_smoothing_without_obsm_spatial_uses_the_segmentation(fitted):
+    """A SpatialData whose table has no obsm['spatial'] still clusters niches: positions come from the cells'
+    segmentation (centroids within ~2 µm of the simulator's), so the smoothed embedding barely changes."""
+    import copy
+
+    import numpy as np
+
+    from spatia.tl._cluster import spatial_smooth
+
+    sd, _ = fitted
+    emb = sd["table"].obsm[Keys.NICHE_EMB]
+    with_xy = spatial_smooth(emb, sd["table"], 8)
+    sd2 = copy.deepcopy(sd)
+    del sd2["table"].obsm["spatial"]
+    without = spatial_smooth(emb, sd2["table"], 8, data=sd2)
+    rel = np.linalg.norm(with_xy - without) / np.linalg.norm(with_xy - with_xy.mean(0))
+    assert rel < 0.2, rel
+    assert not np.allclose(with_xy, emb)  # it did smooth
+    sp.tl.cluster(sd2, level="niche", resolution=0.3)  # and the default path runs
+    assert sd2["table"].obs["spatia_niche"].nunique() > 1
