@@ -94,7 +94,7 @@ def get_image(sdata, image_key: str | None):
     images = sdata.images
     if image_key is None:
         if len(images) > 1:  # spatia's own outputs (generated / transition crop mosaics) are never the input
-            tables = sdata.tables
+            tables = getattr(sdata, "tables", {})
             own = {k for k in images if f"{k}_table" in tables and "spatia" in tables[f"{k}_table"].uns}
             if len(images) - len(own) == 1:
                 image_key = next(k for k in images if k not in own)
