@@ -42,8 +42,9 @@ def cluster(
         Average the embedding of each cell with that of its ``smooth_k`` nearest cells in space
         (``obsm['spatial']``) before building the graph: the neighbourhood aggregation CellCharter applies to
         scVI latents, which turns per-cell profiles into profiles of the surroundings, so that clusters follow
-        tissue domains. ``None``: the model's niche size (``k`` of the fit, :attr:`SpatiaConfig.niche`) at the
-        niche level, no smoothing at the cell and tissue levels; ``0``: no smoothing.
+        tissue domains. ``None``: the model's niche size (``niche.k`` of the fitted
+        :class:`~spatia.SpatiaConfig`) at the niche level, no smoothing at the cell and tissue levels; ``0``: no
+        smoothing.
     table_key
         Table when ``data`` is a SpatialData.
     key_added
