@@ -141,6 +141,10 @@ class SpatiaModel:
         if is_val.sum() == 0 and early_stopping and arrays.n >= 20:
             # one tile or very few: hold out a random 10 % of cells instead
             is_val = rng.random(arrays.n) < tc.val_fraction
+        if not self.is_trained and ckpt_path is None:
+            # expression normalisation target from the training cells (kept when training goes on)
+            lib = np.asarray(arrays.counts[np.nonzero(~is_val)[0]].sum(1)).ravel()
+            self.module.set_library_target(lib)
         train_batches = arrays.plan(batch_size, rng, np.nonzero(~is_val)[0])
         val_batches = arrays.plan(batch_size, None, np.nonzero(is_val)[0])
         if not train_batches:
@@ -193,6 +197,7 @@ class SpatiaModel:
             "epochs": int(trainer.current_epoch), "n_train_cells": int((~is_val).sum()),
             "n_val_cells": int(is_val.sum()), "batch_size": batch_size, "random_state": seed,
             "checkpoint_dir": str(ckdir), "world_size": int(trainer.world_size), "precision": str(precision),
+            "library_target": float(self.module.library_target),
         }
         self._trainer = trainer
         return self
@@ -454,6 +459,8 @@ class SpatiaModel:
         meta = json.loads((path / _META).read_text())
         model = cls(config, meta["genes"], meta["channels"], meta["label_categories"], meta["crop_params"])
         state = load_file(str(path / _WEIGHTS), device=resolve_device(map_location))
+        # models saved before the normalisation target was learned used a fixed 1e4
+        state.setdefault("library_target", torch.tensor(1e4))
         model.module.load_state_dict(state)
         model.module.to(resolve_device(map_location))
         model.history = meta.get("history", [])

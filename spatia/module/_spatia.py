@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -104,8 +105,26 @@ class SpatiaModule(nn.Module):
         self.log_theta = nn.Parameter(torch.zeros(n_genes))
         self.zi_head = nn.Linear(d, n_genes) if c.loss.likelihood == "zinb" else None
         self.label_head = nn.Linear(c.embed_dim, n_labels) if n_labels > 0 else None
+        # expression values are log1p(counts / library · target): ``target`` is the median library size of
+        # the training cells (set once, before training; saved with the weights). A fixed 1e4 on shallow
+        # panels (tens of counts per cell) turns one count into log1p(~400) ≈ 6 against 0 for none: the
+        # input is then almost binary and the embedding loses to PCA of median-normalised expression.
+        self.register_buffer("library_target", torch.tensor(1e4))
 
     # ---------------------------------------------------------------------------------------------
+    def set_library_target(self, libraries: np.ndarray | torch.Tensor) -> float:
+        """Set the expression normalisation target to the median of ``libraries`` (counts per cell > 0)."""
+        lib = torch.as_tensor(libraries, dtype=torch.float64).flatten()
+        lib = lib[lib > 0]
+        target = float(lib.median()) if lib.numel() else 1e4
+        self.library_target.fill_(max(target, 1.0))
+        return float(self.library_target)
+
+    def normalise(self, counts: torch.Tensor, lib: torch.Tensor | None = None) -> torch.Tensor:
+        """``log1p(counts / library · library_target)`` per cell (the values of the expression tokens)."""
+        lib = counts.sum(1) if lib is None else lib
+        return torch.log1p(counts / lib.clamp(min=1)[:, None] * self.library_target.to(counts.dtype))
+
     def encode_cells(self, images, counts, *, corrupt: bool, drop_expression: torch.Tensor | None = None):
         """Cell level. ``images (N, C, S, S)``, ``counts (N, G)`` → dict of per-cell tensors.
 
@@ -118,7 +137,7 @@ class SpatiaModule(nn.Module):
         genes = gpad = None
         if c.expression.enabled:
             lib = counts.sum(1)
-            norm = torch.log1p(counts / lib.clamp(min=1)[:, None] * 1e4)
+            norm = self.normalise(counts, lib)
             gidx, pad = sample_expressed(counts, c.expression.max_len, training=corrupt)
             vals = torch.gather(norm, 1, gidx)
             vmask = torch.zeros_like(pad)
@@ -159,7 +178,7 @@ class SpatiaModule(nn.Module):
         if not self.config.expression.enabled:
             raise ValueError("The model has no expression branch: it cannot encode expression.")
         lib = counts.sum(1)
-        norm = torch.log1p(counts / lib.clamp(min=1)[:, None] * 1e4)
+        norm = self.normalise(counts, lib)
         gidx, pad = sample_expressed(counts, self.config.expression.max_len, training=False)
         vals = torch.gather(norm, 1, gidx)
         shown = torch.zeros_like(counts).scatter(1, gidx, torch.gather(counts, 1, gidx) * (~pad).float())
