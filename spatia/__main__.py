@@ -10,10 +10,22 @@ from pathlib import Path
 
 
 def _setup_logging(verbose: bool) -> None:
+    import warnings
+
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("spatia").setLevel(logging.INFO)
-    for name in ("lightning", "lightning.pytorch", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    # Lightning sets its loggers to INFO and adds a handler when it is first imported: import it now, then
+    # quieten it (its banner and tips would print twice, once through the root handler)
+    import lightning.pytorch  # noqa: F401
+
+    for name in ("lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        lg.setLevel(logging.WARNING)
+        lg.handlers.clear()
+    # notices meant for library developers, not for someone running the pipeline
+    warnings.filterwarnings("ignore", category=SyntaxWarning)  # docrep docstrings (via squidpy)
+    warnings.filterwarnings("ignore", module=r"lightning(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def _pipeline(sdata, out: Path, *, image_key, table_key, labels_key, shapes_key, layer, config, max_epochs,

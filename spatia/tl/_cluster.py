@@ -33,7 +33,9 @@ def cluster(
     data
         AnnData or SpatialData holding ``obsm['X_spatia_<level>']`` (from :func:`spatia.tl.fit`).
     level
-        ``"cell"``, ``"niche"`` or ``"tissue"``.
+        ``"cell"``, ``"niche"`` or ``"tissue"``. At the tissue level the embedding is one vector per tissue
+        tile, so the graph is built over the tiles (``n_neighbors`` nearest tiles) and every cell gets its
+        tile's cluster: tissue regions made of whole tiles.
     resolution
         Leiden resolution (higher → more clusters).
     n_neighbors
@@ -77,11 +79,24 @@ def cluster(
         raise ValueError(f"smooth_k must be >= 0, got {smooth_k}.")
     if smooth_k > 0:
         emb = spatial_smooth(emb, table, smooth_k, data=data)
-    tmp = AnnData(obs=pd.DataFrame(index=table.obs_names), obsm={"X": emb})
+    if level == "tissue":
+        # one graph node per tile: the tissue embedding is shared by all the cells of a tile, and a kNN graph
+        # over the cells would link each cell only to its own tile-mates (every tile a component, hence at
+        # least one cluster per tile whatever the resolution)
+        uniq, inverse = np.unique(np.asarray(emb, dtype=np.float32), axis=0, return_inverse=True)
+        inverse = inverse.ravel()
+    else:
+        uniq, inverse = np.asarray(emb), np.arange(table.n_obs)
     seed = seed_from(random_state)
-    sc.pp.neighbors(tmp, use_rep="X", n_neighbors=min(n_neighbors, max(2, table.n_obs - 1)), random_state=seed)
-    sc.tl.leiden(tmp, resolution=resolution, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
-    labels = tmp.obs["leiden"].astype("category")
+    if len(uniq) < 3:
+        codes = inverse
+    else:
+        tmp = AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(uniq))]), obsm={"X": uniq})
+        sc.pp.neighbors(tmp, use_rep="X", n_neighbors=min(n_neighbors, len(uniq) - 1), random_state=seed)
+        sc.tl.leiden(tmp, resolution=resolution, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
+        codes = tmp.obs["leiden"].astype(int).to_numpy()[inverse]
+    labels = pd.Series(pd.Categorical(codes.astype(str), categories=[str(c) for c in np.unique(codes)]),
+                       index=table.obs_names, name=key_added)
     if not inplace:
         return labels
     table.obs[key_added] = labels.values

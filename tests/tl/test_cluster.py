@@ -105,3 +105,21 @@ def test_niche_smoothing_without_obsm_spatial_uses_the_segmentation(fitted):
     assert not np.allclose(with_xy, emb)  # it did smooth
     sp.tl.cluster(sd2, level="niche", resolution=0.3)  # and the default path runs
     assert sd2["table"].obs["spatia_niche"].nunique() > 1
+
+
+def test_tissue_level_clusters_tiles_not_cells(fitted):
+    """The tissue embedding is one vector per tile: clusters group tiles, and a tile is never split."""
+    import numpy as np
+
+    sd, _ = fitted
+    t = sd["table"]
+    emb = t.obsm[Keys.TISSUE_EMB]
+    _, tile = np.unique(emb, axis=0, return_inverse=True)
+    n_tiles = tile.max() + 1
+    assert n_tiles >= 4  # the test slide has several tiles
+    labels = sp.tl.cluster(sd, level="tissue", resolution=0.3, inplace=False).to_numpy()
+    # each tile in one cluster ...
+    for k in range(n_tiles):
+        assert len(set(labels[tile.ravel() == k])) == 1
+    # ... and fewer clusters than tiles (a kNN graph over the cells made every tile its own component)
+    assert 1 < len(set(labels)) < n_tiles, (len(set(labels)), n_tiles)
