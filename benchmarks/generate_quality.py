@@ -33,6 +33,7 @@ import argparse
 import ast
 import logging
 import os
+import shlex
 import sys
 import time
 
@@ -149,9 +150,10 @@ def main() -> None:
         for k, f in feats.items():
             row[f"W all {k}"] = _per_type(real, f, types)
             row[f"W area {k}"] = _per_type(real, f, types, "area")
-        up = sp.metrics.morphology_features(models["cond"].sample_images(x_up, random_state=200 + seed, **kw))["area"]
-        down = sp.metrics.morphology_features(models["cond"].sample_images(x_down, random_state=200 + seed, **kw))["area"]
-        a_up, a_down = up.to_numpy(), down.to_numpy()
+        a_up, a_down = (
+            sp.metrics.morphology_features(models["cond"].sample_images(xe, random_state=200 + seed, **kw))["area"]
+            .to_numpy() for xe in (x_up, x_down)
+        )
         row["Δarea"] = float(np.nanmean(a_up) / np.nanmean(a_down) - 1.0)
         row["up"] = float(np.mean(a_up > a_down))
         rows.append(row)
@@ -162,7 +164,7 @@ def main() -> None:
             "W area uncond", "Δarea", "up", "opt steps", "steps/s", "train s", "loss"]
     real_area = real["area"].to_numpy()
     lines = [
-        f"Command: `OMP_NUM_THREADS=1 python benchmarks/generate_quality.py {' '.join(sys.argv[1:])}`  ",
+        f"Command: `OMP_NUM_THREADS=1 python benchmarks/generate_quality.py {shlex.join(sys.argv[1:])}`  ",
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s); {args.cells} simulated cells "
         f"(mean depth 25), tiny SPATIA encoder ({args.encoder_epochs} epochs); {len(cells)} evaluation cells, "
         f"{len(np.unique(types))} types; {args.steps} DDIM steps, guidance "
@@ -183,7 +185,7 @@ def main() -> None:
             return str(int(v))
         if abs(v) >= 100:
             return f"{v:.0f}"
-        return f"{v:+.3f}" if False else f"{v:.3f}"
+        return f"{v:.3f}"
 
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")

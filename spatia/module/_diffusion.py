@@ -49,7 +49,11 @@ class DecoderConfig:
         Fraction of training cells whose condition is replaced by the null condition (classifier-free
         guidance; 1.0 trains an unconditional model).
     num_train_timesteps, beta_schedule, prediction_type
-        The DDPM noise schedule (diffusers ``DDPMScheduler``) and the training target.
+        The DDPM noise schedule (diffusers ``DDPMScheduler``) and the training target. ``"v_prediction"``
+        (default) rather than ``"epsilon"``: with the cosine schedule, a noise-predicting decoder trained on
+        a CPU budget gave speckled, over-bright crops under few-step DDIM sampling (morphology 2-3 real
+        standard deviations away whatever the condition); predicting the velocity gives clean crops whose
+        morphology follows the expression (``benchmarks/results/generate_quality.md``).
     expression_embedding
         Add an MLP of the log-normalised expression of all genes (and the log library size) to the global
         (class) embedding, besides the projected CLS token. The frozen encoder's tokens before fusion are
