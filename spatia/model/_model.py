@@ -305,7 +305,7 @@ class SpatiaModel:
         rng = np.random.default_rng(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            decoder = DiffusionDecoder(dc, len(arrays.crops.channels), self.config.width)
+            decoder = DiffusionDecoder(dc, len(arrays.crops.channels), self.config.width, len(self.genes))
         order = rng.permutation(arrays.n)
         batches = [order[i:i + batch_size] for i in range(0, arrays.n, batch_size)]
         if precision is None:
@@ -325,14 +325,16 @@ class SpatiaModel:
             DecoderBatches(arrays.counts, arrays.crops, batches), batch_size=None, shuffle=True,
             num_workers=settings.num_workers, generator=torch.Generator().manual_seed(seed),
         )
+        trainer = pl.Trainer(**kw)
         try:
-            pl.Trainer(**kw).fit(plan, train_dataloaders=loader)
+            trainer.fit(plan, train_dataloaders=loader)
         finally:
             self.module.requires_grad_(True)
             self.module.cpu()
         self.decoder = plan.decoder.cpu().eval()
         self.decoder_history = list(history.history)
         self.decoder_info = {"epochs": max_epochs, "n_cells": int(arrays.n), "batch_size": batch_size,
+                             "optimizer_steps": int(trainer.global_step),
                              "random_state": seed, "channels": list(arrays.crops.channels),
                              "crop_params": dict(getattr(arrays.crops, "params", {}) or {})}
         return self
@@ -380,10 +382,11 @@ class SpatiaModel:
         out = []
         try:
             for i in range(0, len(x), batch_size):
-                tokens, pad = encoder.encode_expression(torch.from_numpy(x[i:i + batch_size]).to(dev))
+                xb = torch.from_numpy(x[i:i + batch_size]).to(dev)
+                tokens, pad = encoder.encode_expression(xb)
                 img = decoder.sample(tokens, pad, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                                      scheduler=scheduler, token_merging=token_merging, generator=gen,
-                                     unconditional=unconditional)
+                                     unconditional=unconditional, counts=xb)
                 out.append(((img.float().cpu().numpy() + 1) * 127.5 + 0.5).clip(0, 255).astype(np.uint8))
         finally:
             self.module.cpu()
@@ -472,7 +475,8 @@ class SpatiaModel:
             d = meta["decoder"]
             if not (path / _DECODER_WEIGHTS).exists():
                 raise FileNotFoundError(f"{path} describes a decoder but {_DECODER_WEIGHTS} is missing.")
-            decoder = DiffusionDecoder(DecoderConfig.from_dict(d["config"]), int(d["channels"]), config.width)
+            decoder = DiffusionDecoder(DecoderConfig.from_dict(d["config"]), int(d["channels"]), config.width,
+                                       len(model.genes))
             decoder.load_state_dict(load_file(str(path / _DECODER_WEIGHTS), device="cpu"))
             model.decoder = decoder.eval()
             model.decoder_history = d.get("history", [])

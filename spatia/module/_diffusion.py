@@ -3,8 +3,10 @@
 A diffusers ``UNet2DConditionModel`` denoises crops in pixel space. The condition is the frozen SPATIA
 expression branch's tokens (CLS, depth and gene tokens, before fusion with the image, so generation never
 sees the target image), projected to ``cross_attention_dim``: the UNet cross-attends to all tokens and
-adds the projected CLS token to its time embedding. A learned null condition, swapped in for a fraction
-``cond_dropout`` of the training cells, gives classifier-free guidance at sampling.
+adds a global embedding to its time embedding: the projected CLS token plus (``expression_embedding``) an
+MLP of the cell's log-normalised expression of all genes and its library size. A learned null condition,
+swapped in for a fraction ``cond_dropout`` of the training cells, gives classifier-free guidance at
+sampling.
 """
 
 from __future__ import annotations
@@ -47,9 +49,24 @@ class DecoderConfig:
         Fraction of training cells whose condition is replaced by the null condition (classifier-free
         guidance; 1.0 trains an unconditional model).
     num_train_timesteps, beta_schedule, prediction_type
-        The DDPM noise schedule (diffusers ``DDPMScheduler``) and the training target.
+        The DDPM noise schedule (diffusers ``DDPMScheduler``) and the training target. ``"v_prediction"``
+        (default) rather than ``"epsilon"``: with the cosine schedule, a noise-predicting decoder trained on
+        a CPU budget gave speckled, over-bright crops under few-step DDIM sampling (morphology 2-3 real
+        standard deviations away whatever the condition); predicting the velocity gives clean crops whose
+        morphology follows the expression (``benchmarks/results/generate_quality.md``).
+    expression_embedding
+        Add an MLP of the log-normalised expression of all genes (and the log library size) to the global
+        (class) embedding, besides the projected CLS token. The frozen encoder's tokens before fusion are
+        a weak summary of a cell's expression; this direct path is what lets a decoder trained on a CPU
+        budget follow its condition (``benchmarks/results/generate_quality.md``).
     lr, weight_decay, max_epochs, batch_size
         Training.
+    warmup_steps
+        Linear learning-rate warmup over this many optimiser steps (0 = none).
+    ema_decay
+        Decay of the exponential moving average of the weights kept during training (0 = off); the averaged
+        weights are the ones sampled from and saved. The decay is ramped up as ``(1 + n) / (10 + n)`` after
+        ``n`` steps, so short trainings average over their last steps only.
     """
 
     enabled: bool = True
@@ -63,11 +80,14 @@ class DecoderConfig:
     cond_dropout: float = 0.1
     num_train_timesteps: int = 1000
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
+    expression_embedding: bool = True
     lr: float = 1e-3
     weight_decay: float = 0.0
     max_epochs: int = 40
     batch_size: int = 32
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
 
     def __post_init__(self) -> None:
         if len(self.attention_levels) != len(self.block_out_channels):
@@ -78,21 +98,41 @@ class DecoderConfig:
             raise ValueError(f"cond_dropout must be in [0, 1], got {self.cond_dropout}.")
         if self.size is not None and self.size % 2 ** (len(self.block_out_channels) - 1):
             raise ValueError(f"size {self.size} must be divisible by 2^(levels - 1).")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DecoderConfig:
+        """The config of ``to_dict``; fields missing from older saves take what those models were built with."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"Unknown fields for DecoderConfig: {sorted(unknown)}.")
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        for k, v in _BEFORE_FIELD.items():
+            kw.setdefault(k, v)
         return cls(**kw)
 
     def replace(self, **changes: Any) -> DecoderConfig:
         return dataclasses.replace(self, **changes)
+
+
+# what decoders saved before a field existed were built / trained with (DecoderConfig.from_dict)
+_BEFORE_FIELD: dict[str, Any] = {"expression_embedding": False, "warmup_steps": 0, "ema_decay": 0.0}
+
+
+def log_expression(counts: torch.Tensor) -> torch.Tensor:
+    """Input of the expression embedding: ``log1p`` of counts per 10⁴ for each gene, and the log library size.
+
+    ``counts (B, G)`` raw counts → ``(B, G + 1)``.
+    """
+    lib = counts.sum(1, keepdim=True)
+    return torch.cat([torch.log1p(counts / lib.clamp(min=1) * 1e4), torch.log1p(lib)], dim=1)
 
 
 def _scheduler(name: str, train_config: dict):
@@ -115,17 +155,25 @@ class DiffusionDecoder(nn.Module):
         Image channels ``C``.
     cond_dim
         Width ``D`` of the expression tokens.
+    n_genes
+        Genes ``G`` of the counts given to :meth:`condition` (needed with ``config.expression_embedding``).
     """
 
-    def __init__(self, config: DecoderConfig, channels: int, cond_dim: int) -> None:
+    def __init__(self, config: DecoderConfig, channels: int, cond_dim: int, n_genes: int | None = None) -> None:
         super().__init__()
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
         if config.size is None:
             raise ValueError("DecoderConfig.size must be set to build a decoder.")
-        self.config, self.channels, self.cond_dim = config, channels, cond_dim
+        self.config, self.channels, self.cond_dim, self.n_genes = config, channels, cond_dim, n_genes
         x = config.cross_attention_dim
         self.cond_proj = nn.Sequential(nn.LayerNorm(cond_dim), nn.Linear(cond_dim, x))
+        self.expr_embed = None
+        if config.expression_embedding:
+            if not n_genes:
+                raise ValueError("expression_embedding needs n_genes.")
+            self.expr_embed = nn.Sequential(nn.LayerNorm(n_genes + 1), nn.Linear(n_genes + 1, 2 * x), nn.SiLU(),
+                                            nn.Linear(2 * x, x))
         self.null_tokens = nn.Parameter(torch.randn(1, 1, x) * 0.02)
         self.null_cls = nn.Parameter(torch.zeros(1, x))
         att = config.attention_levels
@@ -143,14 +191,20 @@ class DiffusionDecoder(nn.Module):
         )
 
     # ---------------------------------------------------------------------------------------------
-    def condition(self, tokens: torch.Tensor, pad: torch.Tensor, drop: torch.Tensor | None = None):
+    def condition(self, tokens: torch.Tensor, pad: torch.Tensor, drop: torch.Tensor | None = None,
+                  counts: torch.Tensor | None = None):
         """Expression tokens ``(B, L, D)`` + padding ``(B, L)`` (True = pad) → UNet inputs.
 
-        Rows with ``drop`` True get the null condition. Returns ``(enc (B, L, X), mask (B, L) 1 = keep,
+        ``counts (B, G)``: the raw counts, for the expression embedding (required when the decoder has
+        one). Rows with ``drop`` True get the null condition. Returns ``(enc (B, L, X), mask (B, L) 1 = keep,
         cls (B, X))``.
         """
         enc = self.cond_proj(tokens)
         cls = enc[:, 0]
+        if self.expr_embed is not None:
+            if counts is None:
+                raise ValueError("This decoder embeds the expression of all genes: pass counts.")
+            cls = cls + self.expr_embed(log_expression(counts.to(enc.dtype)))
         mask = (~pad).to(enc.dtype)
         if drop is not None and drop.any():
             d = drop[:, None, None]
@@ -166,14 +220,15 @@ class DiffusionDecoder(nn.Module):
         """Model output (noise or velocity) ``(B, C, S, S)`` for noisy crops ``x_t`` at timesteps ``t (B,)``."""
         return self.unet(x_t, t, encoder_hidden_states=enc, encoder_attention_mask=mask, class_labels=cls).sample
 
-    def loss(self, x0: torch.Tensor, tokens: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        """Denoising loss of clean crops ``x0 (B, C, S, S)`` in [-1, 1].
+    def loss(self, x0: torch.Tensor, tokens: torch.Tensor, pad: torch.Tensor,
+             counts: torch.Tensor | None = None) -> torch.Tensor:
+        """Denoising loss of clean crops ``x0 (B, C, S, S)`` in [-1, 1] (``counts``: see :meth:`condition`).
 
         Steps: 1. condition dropout; 2. random timestep and noise; 3. MSE to the noise (or velocity).
         """
         b = x0.shape[0]
         drop = torch.rand(b, device=x0.device) < self.config.cond_dropout
-        enc, mask, cls = self.condition(tokens, pad, drop)
+        enc, mask, cls = self.condition(tokens, pad, drop, counts)
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.config.num_train_timesteps, (b,), device=x0.device)
         x_t = self.noise_scheduler.add_noise(x0, noise, t)
@@ -193,8 +248,9 @@ class DiffusionDecoder(nn.Module):
         token_merging: float | None = None,
         generator: torch.Generator | None = None,
         unconditional: bool = False,
+        counts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Crops ``(B, C, S, S)`` in [-1, 1] for expression tokens ``(B, L, D)``.
+        """Crops ``(B, C, S, S)`` in [-1, 1] for expression tokens ``(B, L, D)`` (``counts``: see :meth:`condition`).
 
         ``guidance_scale`` ``w``: output = uncond + w · (cond - uncond) (1 = conditional only, 0 =
         unconditional only). ``unconditional=True`` samples from the null condition. ``token_merging``:
@@ -210,9 +266,9 @@ class DiffusionDecoder(nn.Module):
             guidance_scale = 0.0
         parts = []
         if guidance_scale != 0.0:
-            parts.append(self.condition(tokens, pad, None))
+            parts.append(self.condition(tokens, pad, None, counts))
         if guidance_scale != 1.0:
-            parts.append(self.condition(tokens, pad, null))
+            parts.append(self.condition(tokens, pad, null, counts))
         enc = torch.cat([p[0] for p in parts])
         mask = torch.cat([p[1] for p in parts])
         cls = torch.cat([p[2] for p in parts])

@@ -33,7 +33,9 @@ class DecoderTrainingPlan(pl.LightningModule):
 
     Each step: 1. expression tokens from the frozen encoder (no gradient); 2. crops scaled to [-1, 1]
     with a random flip / 90° rotation (cell morphology has no orientation); 3. the denoising loss, logged
-    as ``train_loss``.
+    as ``train_loss``; 4. after the optimiser step, the exponential moving average of the weights
+    (``decoder.config.ema_decay``), copied into the decoder at the end of training (:meth:`on_train_end`).
+    The learning rate warms up linearly over ``decoder.config.warmup_steps`` steps.
     """
 
     def __init__(self, decoder: DiffusionDecoder, encoder: SpatiaModule, lr: float = 1e-3,
@@ -43,6 +45,26 @@ class DecoderTrainingPlan(pl.LightningModule):
         self.encoder = encoder
         self.encoder.requires_grad_(False)
         self.lr, self.weight_decay = lr, weight_decay
+        self._ema: list[torch.Tensor] | None = None
+        self._ema_steps = 0
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        decay = float(self.decoder.config.ema_decay)
+        if decay <= 0:
+            return
+        params = [p.detach() for p in self.decoder.parameters()]
+        if self._ema is None:
+            self._ema = [p.clone().float() for p in params]
+        d = min(decay, (1 + self._ema_steps) / (10 + self._ema_steps))
+        torch._foreach_lerp_(self._ema, [p.float() for p in params], 1.0 - d)
+        self._ema_steps += 1
+
+    @torch.no_grad()
+    def on_train_end(self) -> None:
+        if self._ema is not None:
+            for p, e in zip(self.decoder.parameters(), self._ema, strict=True):
+                p.copy_(e.to(p.dtype))
 
     def training_step(self, batch, batch_idx):
         self.encoder.eval()
@@ -53,10 +75,15 @@ class DecoderTrainingPlan(pl.LightningModule):
         x0 = torch.rot90(x0, k, dims=(2, 3))
         if torch.rand(()) < 0.5:
             x0 = x0.flip(3)
-        loss = self.decoder.loss(x0, tokens.detach(), pad)
+        loss = self.decoder.loss(x0, tokens.detach(), pad, batch["counts"])
         self.log("train_loss", loss, on_epoch=True, on_step=False, prog_bar=True, batch_size=x0.shape[0],
                  sync_dist=True)
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.decoder.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        opt = torch.optim.AdamW(self.decoder.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        warm = int(self.decoder.config.warmup_steps)
+        if warm <= 0:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

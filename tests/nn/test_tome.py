@@ -39,7 +39,7 @@ def test_merge_averages_and_unmerge_copies():
 def decoder():
     torch.manual_seed(0)
     dc = DecoderConfig(size=16, block_out_channels=(16, 16), attention_levels=(True, True), attention_heads=2,
-                       cross_attention_dim=16)
+                       cross_attention_dim=16, expression_embedding=False)
     return DiffusionDecoder(dc, 2, 8).eval()
 
 
