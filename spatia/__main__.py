@@ -26,6 +26,7 @@ def _setup_logging(verbose: bool) -> None:
     warnings.filterwarnings("ignore", category=SyntaxWarning)  # docrep docstrings (via squidpy)
     warnings.filterwarnings("ignore", module=r"lightning(\.|$)")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*zarr v3 autosharding.*")
 
 
 def _pipeline(sdata, out: Path, *, image_key, table_key, labels_key, shapes_key, layer, config, max_epochs,
@@ -69,9 +70,18 @@ def _pipeline(sdata, out: Path, *, image_key, table_key, labels_key, shapes_key,
     if decoder_epochs > 0:
         # generation: the decoder learns each cell's crop from its expression; one generated crop per cell of
         # a sample, next to real cells of the same group
+        import torch
+
+        from spatia.module import DecoderConfig
+
         t1 = time.time()
+        # on a CPU, the small UNet in small batches (more optimiser steps per second: what a short training
+        # learns from; benchmarks/results/generate_quality.md); the default decoder on a GPU
+        dconf = DecoderConfig() if torch.cuda.is_available() else DecoderConfig(block_out_channels=(16, 32, 32),
+                                                                                  batch_size=8)
         sp.tl.fit_decoder(sdata, model, image_key=image_key, table_key=table_key, labels_key=labels_key,
-                          shapes_key=shapes_key, layer=layer, max_epochs=decoder_epochs, random_state=random_state)
+                          shapes_key=shapes_key, layer=layer, config=dconf, max_epochs=decoder_epochs,
+                          random_state=random_state)
         table = sdata[table_key]
         n_gen = min(table.n_obs, 120)
         cells = table.obs_names[np.sort(np.random.default_rng(random_state).choice(table.n_obs, n_gen, replace=False))]
@@ -113,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--out", type=Path, default=Path("spatia_demo_out"))
     d.add_argument("--epochs", type=int, default=30)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--decoder-epochs", type=int, default=8, help="diffusion decoder epochs (0: no generation)")
+    d.add_argument("--decoder-epochs", type=int, default=3, help="diffusion decoder epochs (0: no generation)")
     d.add_argument("-q", "--quiet", action="store_true")
     f = sub.add_parser("fit", help="fit on a SpatialData zarr store and write the results")
     f.add_argument("path", type=Path, help="SpatialData .zarr")
