@@ -54,3 +54,23 @@ def test_kid_zero_for_same_distribution_and_positive_for_shift():
     assert abs(same) < 0.05 < shifted
     with pytest.raises(ValueError, match="same d"):
         sp.metrics.kid(a, b[:, :4])
+
+
+def test_feature_distances_by_group_matches_per_group_calls():
+    import numpy as np
+    import pandas as pd
+
+    import spatia as sp
+
+    rng = np.random.default_rng(0)
+    real = pd.DataFrame({"area": rng.normal(10, 1, 60), "solidity": rng.normal(0.9, 0.05, 60)})
+    gen = pd.DataFrame({"area": rng.normal(12, 1, 60), "solidity": rng.normal(0.9, 0.05, 60)})
+    groups = np.repeat(["a", "b"], 30)
+    gen.loc[groups == "b", "area"] += 5  # group b is further off
+    d = sp.metrics.feature_distances_by_group(real, gen, groups)
+    assert list(d.columns) == ["a", "b"] and "mean" in d.index
+    a = sp.metrics.feature_distances(real[groups == "a"], gen[groups == "a"])
+    assert np.isclose(d.loc["area", "a"], a.loc["area", "wasserstein_std"])
+    assert d.loc["area", "b"] > d.loc["area", "a"] + 3
+    with pytest.raises(ValueError, match="one entry per row"):
+        sp.metrics.feature_distances_by_group(real, gen, groups[:10])
