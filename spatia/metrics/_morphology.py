@@ -125,18 +125,20 @@ def feature_distances_by_group(
     *,
     statistic: str = "wasserstein_std",
 ) -> pd.DataFrame:
-    """:func:`feature_distances` within each group (e.g. cell type): real vs generated cells of the same group.
+    """Morphology distances within each group (e.g. cell type): real vs generated cells of the same group.
+
+    :func:`~spatia.metrics.feature_distances` applied group by group.
 
     Parameters
     ----------
     real, generated
-        Outputs of :func:`morphology_features`.
+        Outputs of :func:`~spatia.metrics.morphology_features`.
     groups
         Group of each row of ``real`` (array-like).
     generated_groups
         Group of each row of ``generated``; default ``groups`` (generated row ``i`` made for real cell ``i``).
     statistic
-        Column of :func:`feature_distances` to report (``"wasserstein_std"``, ``"wasserstein"`` or ``"ks"``).
+        Column of :func:`~spatia.metrics.feature_distances` to report (``"wasserstein_std"``, ``"wasserstein"`` or ``"ks"``).
 
     Returns
     -------
