@@ -9,4 +9,11 @@ from ._morphology import (
     morphology_features,
 )
 
-__all__ = ["MORPHOLOGY_FEATURES", "morphology_features", "feature_distances", "feature_distances_by_group", "kid", "image_features"]
+__all__ = [
+    "MORPHOLOGY_FEATURES",
+    "morphology_features",
+    "feature_distances",
+    "feature_distances_by_group",
+    "kid",
+    "image_features",
+]

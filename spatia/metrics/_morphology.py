@@ -138,7 +138,8 @@ def feature_distances_by_group(
     generated_groups
         Group of each row of ``generated``; default ``groups`` (generated row ``i`` made for real cell ``i``).
     statistic
-        Column of :func:`~spatia.metrics.feature_distances` to report (``"wasserstein_std"``, ``"wasserstein"`` or ``"ks"``).
+        Column of :func:`~spatia.metrics.feature_distances` to report (``"wasserstein_std"``, ``"wasserstein"``
+        or ``"ks"``).
 
     Returns
     -------
@@ -153,7 +154,9 @@ def feature_distances_by_group(
     real_g = np.asarray(groups)
     gen_g = real_g if generated_groups is None else np.asarray(generated_groups)
     if len(real_g) != len(real) or len(gen_g) != len(generated):
-        raise ValueError("groups must have one entry per row of real (and generated_groups per row of generated).")
+        raise ValueError(
+            "groups must have one entry per row of real (and generated_groups per row of generated)."
+        )
     out = {}
     for g in pd.unique(real_g):
         if (gen_g == g).any():
