@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=16, help="decoder training batch")
+    p.add_argument("--sample-batch", type=int, default=64, help="images per sampling batch")
     args = p.parse_args()
     import spatia as sp
     from spatia.data._prepare import prepare
@@ -52,14 +54,15 @@ def main() -> None:
     model = sp.tl.fit(sdata, image_key="morphology", config=sp.SpatiaConfig.tiny(), max_epochs=20, random_state=0)
     rng = np.random.default_rng(0)
     cells = np.sort(rng.choice(args.cells, args.n, replace=False))
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} thread(s)"
     lines = [
         f"Command: `python benchmarks/generate.py {' '.join(sys.argv[1:])}`  ",
-        f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s); {args.cells} simulated cells; "
-        f"decoder trained {args.train_minutes:g} min per size (CPU, `max_time`); {args.n} images, "
-        f"{args.steps} DDIM steps, guidance 2.",
+        f"torch {torch.__version__}, {device}; {args.cells} simulated cells; "
+        f"decoder trained {args.train_minutes:g} min per size (`max_time`, batch {args.batch_size}); {args.n} images, "
+        f"{args.steps} DDIM steps, guidance 2, sampled in batches of {args.sample_batch}.",
         "",
-        "| size | ToMe ratio | epochs | img/s | speed-up | KID x1e3 | W_std | Δpix vs off |",
-        "|---|---|---|---|---|---|---|---|",
+        "| size | ToMe ratio | epochs | optimiser steps | img/s | speed-up | KID x1e3 | W_std | Δpix vs off |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for size in args.sizes:
         prep = prepare(sdata, table_key="table", image_key="morphology", genes=model.genes,
@@ -67,9 +70,10 @@ def main() -> None:
                                     "channels": model.channels})
         arrays = prep.arrays
         minutes = args.train_minutes
-        model.fit_decoder(arrays, config=DecoderConfig(batch_size=16), max_epochs=1000,
+        model.fit_decoder(arrays, config=DecoderConfig(batch_size=args.batch_size), max_epochs=1000,
                           max_time={"minutes": minutes}, random_state=0)
         epochs = len(model.decoder_history)
+        opt_steps = model.decoder_info["optimizer_steps"]
         real = arrays.crops.get(cells)
         real_f = sp.metrics.image_features(model, real)
         real_m = sp.metrics.morphology_features(real)
@@ -80,14 +84,14 @@ def main() -> None:
             model.sample_images(counts[:2], num_inference_steps=2, token_merging=ratio)  # warm-up
             t0 = time.perf_counter()
             gen = model.sample_images(counts, num_inference_steps=args.steps, token_merging=ratio, random_state=1,
-                                      batch_size=args.n)
+                                      batch_size=args.sample_batch)
             dt = time.perf_counter() - t0
             if ratio is None:
                 base, t_off = gen, dt
             k, _ = sp.metrics.kid(real_f, sp.metrics.image_features(model, gen), subset_size=args.n)
             w = sp.metrics.feature_distances(real_m, sp.metrics.morphology_features(gen)).loc["mean", "wasserstein_std"]
             dpix = float(np.abs(gen.astype(float) - base.astype(float)).mean())
-            lines.append(f"| {size} | {'off' if ratio is None else ratio} | {epochs} | {args.n / dt:.2f} | "
+            lines.append(f"| {size} | {'off' if ratio is None else ratio} | {epochs} | {opt_steps} | {args.n / dt:.2f} | "
                          f"{t_off / dt:.2f}x | {k * 1e3:.1f} | {w:.3f} | {dpix:.2f} |")
             print(lines[-1], file=sys.stderr, flush=True)
     lines += ["", f"Total wall time {(time.time() - t_all) / 60:.1f} min."]

@@ -98,7 +98,15 @@ def _run(target, *args):
     q = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, q))
     proc.start()
-    res = q.get()
+    import queue
+
+    while True:  # a crashed child must not leave the parent waiting forever
+        try:
+            res = q.get(timeout=5)
+            break
+        except queue.Empty:
+            if not proc.is_alive():
+                raise RuntimeError(f"{target.__name__} failed (exit code {proc.exitcode}); see its traceback above.") from None
     proc.join()
     return res
 

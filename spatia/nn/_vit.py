@@ -76,7 +76,7 @@ class PixelDecoder(nn.Module):
         x = self.inp(tokens)
         b, _, w = x.shape
         if keep is not None:
-            full = self.mask_token.expand(b, self.n, w).clone()
+            full = self.mask_token.to(x.dtype).expand(b, self.n, w).clone()
             full.scatter_(1, keep[..., None].expand(-1, -1, w), x)
             x = full
         return self.out(self.blocks(x + self.pos.to(x.dtype)))

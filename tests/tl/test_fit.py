@@ -114,6 +114,14 @@ def test_same_seed_same_embeddings(sdata):
     assert not np.allclose(a["cell"], c["cell"])
 
 
+def test_fit_under_bf16_mixed_precision(sdata):
+    # CUDA runs default to bf16-mixed; CPU autocast exercises the same dtype paths (masked-token scatter, ...)
+    model, res = sp.tl.fit(sdata, config=sp.SpatiaConfig.tiny(), max_epochs=1, precision="bf16-mixed",
+                           accelerator="cpu", inplace=False)
+    assert model.train_info["precision"] == "bf16-mixed"
+    assert np.isfinite(res["cell"]).all() and np.isfinite(res["niche"]).all()
+
+
 def test_resume_from_checkpoint(sdata, tmp_path):
     cfg = sp.SpatiaConfig.tiny()
     m1 = sp.tl.fit(sdata, config=cfg, max_epochs=2, checkpoint_dir=tmp_path, early_stopping=False)
