@@ -40,6 +40,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=16, help="decoder training batch")
     p.add_argument("--sample-batch", type=int, default=64, help="images per sampling batch")
+    p.add_argument("--channels", type=int, nargs="+", default=None,
+                   help="UNet block_out_channels (default: DecoderConfig's; the CLI demo uses 16 32 32 on CPU)")
     args = p.parse_args()
     import spatia as sp
     from spatia.data._prepare import prepare
@@ -64,13 +66,17 @@ def main() -> None:
         "| size | ToMe ratio | epochs | optimiser steps | img/s | speed-up | KID x1e3 | W_std | Δpix vs off |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    dconf = DecoderConfig(batch_size=args.batch_size)
+    if args.channels:
+        dconf = dconf.replace(block_out_channels=tuple(args.channels))
+    lines[1] += f" UNet channels {'/'.join(map(str, dconf.block_out_channels))}."
     for size in args.sizes:
         prep = prepare(sdata, table_key="table", image_key="morphology", genes=model.genes,
                        crop_kwargs={"size": size, "crop_um": model.crop_params.get("crop_um"),
                                     "channels": model.channels})
         arrays = prep.arrays
         minutes = args.train_minutes
-        model.fit_decoder(arrays, config=DecoderConfig(batch_size=args.batch_size), max_epochs=1000,
+        model.fit_decoder(arrays, config=dconf, max_epochs=1000,
                           max_time={"minutes": minutes}, random_state=0)
         epochs = len(model.decoder_history)
         opt_steps = model.decoder_info["optimizer_steps"]
