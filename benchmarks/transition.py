@@ -6,12 +6,15 @@ disease side, the others keep their morphology) and compare predicted crops with
 the source cell's own type**, so a flow that turns a cell into another type's morphology is penalised:
 
 - ``unchanged source``: the source crops themselves (no model);
-- ``full``: OT pairing, confidence-weighted FM + contrastive + sliced-Wasserstein (FlowConfig defaults:
-  the morphology loss on a 2-step Euler rollout of the flow, joint with the source, after a 50 % warm-up);
-- ``full, one-step SW``: the morphology loss as first implemented (one-step prediction x_t + (1 − t)·v at
-  every t, targets' marginal only, no warm-up);
+- ``full``: unbalanced OT pairing (``reg_m=0.3``), confidence-weighted FM + contrastive + sliced-Wasserstein
+  (FlowConfig defaults: the morphology loss on a 2-step Euler rollout of the flow, joint with the source, on
+  crops smoothed by a 1-px Gaussian, after a 50 % warm-up; minibatch OT re-pairing; cosine learning rate);
 - ``random pairs``: the full model trained on random source→target pairs (no OT, equal weights);
-- ``no morphology loss``: the full model with ``sw_weight=0``.
+- ``no morphology loss``: the full model with ``sw_weight=0``;
+- ``full, balanced OT``: the full model with the balanced OT pairing of DESIGN.md (uniform marginals);
+- ``previous full``: balanced OT and the FlowConfig defaults before 2026-11-26 (constant learning rate, sharp
+  crops in the morphology loss, no minibatch re-pairing);
+- ``one_step`` (not run by default): the morphology loss as first implemented.
 
 Metrics (mean ± std over seeds), each computed per source cell type (predicted crops of control cells of
 type k vs real disease cells of type k) and then reported for the transitioning type and averaged over the
@@ -101,13 +104,18 @@ def pairing_recovery(sdata, seed) -> dict:
             "mean confidence": res.info["mean_confidence"], "uniform confidence": res.info["uniform_confidence"]}
 
 
+PREVIOUS = dict(lr_schedule="constant", sw_blur=0.0, batch_ot=False)  # FlowConfig defaults before 2026-11-26
 VARIANTS = {
-    "full": ("full (OT + FM + contrastive + SW)", dict(pairing="ot", config=FlowConfig.tiny())),
+    "full": ("full (unbalanced OT + FM + contrastive + SW)", dict(pairing="ot", reg_m=0.3, config=FlowConfig.tiny())),
+    "random": ("random pairs (no OT)", dict(pairing="random", config=FlowConfig.tiny())),
+    "no_sw": ("no morphology loss (sw_weight=0)",
+              dict(pairing="ot", reg_m=0.3, config=FlowConfig.tiny().replace(sw_weight=0.0))),
+    "balanced": ("full, balanced OT", dict(pairing="ot", config=FlowConfig.tiny())),
+    "previous": ("previous full (balanced OT, constant LR, sharp SW, no batch OT)",
+                 dict(pairing="ot", config=FlowConfig.tiny().replace(**PREVIOUS))),
     "one_step": ("full, one-step SW (as first built)",
                  dict(pairing="ot", config=FlowConfig.tiny().replace(sw_endpoint="one_step", sw_joint=False,
-                                                                     sw_warmup=0.0))),
-    "random": ("random pairs (no OT)", dict(pairing="random", config=FlowConfig.tiny())),
-    "no_sw": ("no morphology loss (sw_weight=0)", dict(pairing="ot", config=FlowConfig.tiny().replace(sw_weight=0.0))),
+                                                                     sw_warmup=0.0, **PREVIOUS))),
 }
 
 
@@ -161,7 +169,8 @@ def main() -> None:
     p.add_argument("--fit-epochs", type=int, default=15)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--per-type", type=int, default=40, help="control cells of each type transformed and scored")
-    p.add_argument("--variants", nargs="+", default=["full", "one_step", "random", "no_sw"], choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=["full", "random", "no_sw", "balanced", "previous"],
+                   choices=list(VARIANTS))
     p.add_argument("--out", default="benchmarks/results/transition.md")
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -202,7 +211,8 @@ def report(rows: list[dict], recs: list[dict], a) -> None:
         "the same type**: `[tr]` = the transitioning type, `[others]` = mean over the 4 other types (their "
         "best possible prediction is no change: `unchanged source` there is the noise floor of two samples of "
         "one distribution), `[all types]` = mean over the 5 types. SPATIA model: `SpatiaConfig.tiny()` "
-        f"(16-px crops over 16 µm), {a.fit_epochs} epochs; flows: `FlowConfig.tiny()`, {a.epochs} epochs, "
+        f"(16-px crops over 16 µm), {a.fit_epochs} epochs; flows: `FlowConfig.tiny()` (rows as in the "
+        f"script's docstring), {a.epochs} epochs, "
         f"midpoint solver, {a.steps} steps, guidance 0.2. W = Wasserstein distance / std of the real cells' "
         "feature (lower is better; `W mean` over the 10 features); KS = Kolmogorov–Smirnov statistic (mean "
         "over the 10 features); KID on mean-pooled tokens of the SPATIA model's frozen ViT (subsets of 50). "

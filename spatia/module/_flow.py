@@ -39,6 +39,14 @@ class FlowConfig:
     ``cond_dropout`` replaces the condition by a learned null condition (classifier-free guidance).
     ``augment`` turns source and target crops by independent random right-angle rotations / flips in
     training (the pairing is between cells, not orientations; it multiplies the few pairs a slide has).
+    ``sw_blur`` smooths predicted, target and source crops by a Gaussian of that many pixels before their
+    morphology proxies are computed: the flow's crops lack the real crops' pixel-scale texture, and on sharp
+    crops the loss made up for it by brightening every cell (intensity features of unchanged cell types far
+    off); 0 = no smoothing (as before). ``batch_ot`` re-pairs each training batch's targets among its sources
+    by an exact assignment on pixel distance plus ``batch_ot_emb_weight`` × source-embedding distance
+    (:func:`batch_repair`; minibatch OT: the batch keeps the same targets, the paths get shorter).
+    ``lr_schedule``: ``"cosine"`` (decay to 0 over the run) or ``"constant"``.
+    Models saved before a field existed load with the value they were trained with (``_BEFORE_FIELD``).
     """
 
     block_out_channels: tuple[int, ...] = (32, 64)
@@ -57,10 +65,14 @@ class FlowConfig:
     sw_warmup: float = 0.5
     sw_joint: bool = True
     sw_min_t: float = 0.0
+    sw_blur: float = 1.0
     n_projections: int = 64
     cond_dropout: float = 0.1
     augment: bool = True
+    batch_ot: bool = True
+    batch_ot_emb_weight: float = 1.0
     lr: float = 1e-3
+    lr_schedule: str = "cosine"
     grad_clip: float = 1.0
     weight_decay: float = 1e-4
     max_epochs: int = 40
@@ -77,6 +89,12 @@ class FlowConfig:
             raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}.")
         if self.sw_endpoint not in ("rollout", "one_step"):
             raise ValueError(f"sw_endpoint must be 'rollout' or 'one_step', got {self.sw_endpoint!r}.")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}.")
+        if self.batch_ot_emb_weight < 0:
+            raise ValueError(f"batch_ot_emb_weight must be non-negative, got {self.batch_ot_emb_weight}.")
+        if self.sw_blur < 0:
+            raise ValueError(f"sw_blur must be non-negative, got {self.sw_blur}.")
         if self.sw_steps < 1:
             raise ValueError(f"sw_steps must be at least 1, got {self.sw_steps}.")
         if not 0 <= self.sw_warmup < 1:
@@ -102,10 +120,17 @@ class FlowConfig:
         kw = dict(d)
         if "block_out_channels" in kw:
             kw["block_out_channels"] = tuple(kw["block_out_channels"])
+        for k, v in _BEFORE_FIELD.items():
+            kw.setdefault(k, v)
         return cls(**kw)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
+
+
+# what flows saved before a field existed were trained with (FlowConfig.from_dict)
+_BEFORE_FIELD: dict[str, Any] = {"sw_blur": 0.0, "batch_ot": False, "batch_ot_emb_weight": 1.0,
+                                 "lr_schedule": "constant"}
 
 
 @dataclass
@@ -133,6 +158,36 @@ def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -
             y = torch.rot90(x[sel], code % 4, dims=(2, 3))
             out[sel] = y.flip(3) if code >= 4 else y
     return out
+
+
+def batch_repair(x0: torch.Tensor, x1: torch.Tensor, emb: torch.Tensor, group: torch.Tensor,
+                 emb_weight: float = 1.0) -> torch.Tensor:
+    """Minibatch OT re-pairing: a permutation of the batch's targets ``x1`` among its sources ``x0``.
+
+    Within each ``group`` (transition), source i is given target j (the match of source j) minimising
+    Σ ‖x0_i − x1_j‖² / m_px + ``emb_weight`` · ‖e_i − e_j‖² / m_e (each term divided by its median over the
+    group; ``e`` the sources' cell embeddings), by an exact assignment. The targets of the batch stay the same
+    multiset (the target distribution is untouched), each goes to the source that looks most like it among
+    sources that look like its own (embedding term), so the paths are shorter and cross less. Returns the
+    permutation ``(B,)``.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    b = x0.shape[0]
+    perm = torch.arange(b)
+    with torch.no_grad():
+        d_px = torch.cdist(x0.flatten(1).float(), x1.flatten(1).float()) ** 2
+        d_e = torch.cdist(emb.float(), emb.float()) ** 2
+        for g in group.unique():
+            idx = torch.nonzero(group == g).flatten().cpu()
+            if len(idx) < 2:
+                continue
+            a, e = d_px[idx][:, idx].cpu(), d_e[idx][:, idx].cpu()
+            cost = a / a.median().clamp(min=1e-12) + emb_weight * e / e[e > 0].median().clamp(min=1e-12) \
+                if (e > 0).any() else a / a.median().clamp(min=1e-12)
+            rows, cols = linear_sum_assignment(cost.double().numpy())
+            perm[idx[torch.as_tensor(rows)]] = idx[torch.as_tensor(cols)]
+    return perm.to(x0.device)
 
 
 def confidence_weights(confidence: torch.Tensor, mean_confidence: float | torch.Tensor) -> torch.Tensor:
@@ -172,6 +227,20 @@ def morphology_proxies(img: torch.Tensor, channel: int = 0, sharpness: float = 0
     l1, l2 = tr / 2 + disc, torch.clamp(tr / 2 - disc, min=0.0)
     return torch.stack([area, mean_in, soft_max, std_in, flat.mean(1), torch.sqrt(l1 + 1e-6),
                         torch.sqrt(l2 + 1e-6)], 1)
+
+
+def gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``img (B, C, S, S)`` smoothed by a Gaussian of ``sigma`` pixels (reflect padding); ``sigma <= 0``: as is."""
+    if sigma <= 0:
+        return img
+    r = min(max(1, int(round(3 * sigma))), img.shape[-1] - 1)
+    x = torch.arange(-r, r + 1, device=img.device, dtype=img.dtype)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = k / k.sum()
+    c = img.shape[1]
+    y = F.pad(img, (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_projections: int, generator=None) -> torch.Tensor:
@@ -266,6 +335,8 @@ class TransitionFlow(nn.Module):
         x0, x1r = batch["x0"], batch["x1"]
         if c.augment and self.training:
             x0, x1r = random_dihedral(x0, generator), random_dihedral(x1r, generator)
+        if c.batch_ot and self.training:  # after the orientations are drawn: it sees the crops as trained on
+            x1r = x1r[batch_repair(x0, x1r, batch["cell_emb"], batch["transition"], c.batch_ot_emb_weight)]
         batch_x0r = x0
         x0, x1 = x0 * 2 - 1, x1r * 2 - 1
         b = x0.shape[0]
@@ -327,10 +398,11 @@ class TransitionFlow(nn.Module):
         [source proxies ; matched target proxies]: the joint law of the pairs, not only the targets'
         marginal, so the loss cannot be lowered by giving one cell type's targets to another's sources.
         """
-        fa = morphology_proxies(((x_end + 1) / 2).clamp(0, 1))
-        fb = morphology_proxies(x1r)
+        blur = self.config.sw_blur
+        fa = morphology_proxies(gaussian_blur(((x_end + 1) / 2).clamp(0, 1), blur))
+        fb = morphology_proxies(gaussian_blur(x1r, blur))
         if x0r is not None:
-            f0 = morphology_proxies(x0r).detach()
+            f0 = morphology_proxies(gaussian_blur(x0r, blur)).detach()
             fa, fb = torch.cat([f0, fa], 1), torch.cat([f0, fb], 1)
         parts, sizes = [], []
         for tr in transition[use].unique():

@@ -123,18 +123,27 @@ def _pca(x: sp_sparse.csr_matrix, n_pcs: int, seed: int) -> np.ndarray:
     return np.asarray(a.obsm["X_pca"], dtype=np.float64)
 
 
-def _sinkhorn_match(xs: np.ndarray, xt: np.ndarray, scale: float, epsilon: float, max_iter: int):
+def _sinkhorn_match(xs: np.ndarray, xt: np.ndarray, scale: float, epsilon: float, max_iter: int,
+                    reg_m: float | None = None):
     """Hard match and confidence of each source row under the entropic plan between ``xs`` and ``xt``.
 
     Cost = squared Euclidean distance divided by ``scale`` (the median of the whole problem's costs), so
-    ``epsilon`` is relative to a typical cost whatever the dataset.
+    ``epsilon`` is relative to a typical cost whatever the dataset. ``reg_m``: ``None`` = balanced OT
+    (uniform marginals); a number = unbalanced OT, the marginals held by a KL penalty of that weight.
     """
     import ot
 
     cost = ot.dist(xs, xt, metric="sqeuclidean") / scale
     a = np.full(len(xs), 1.0 / len(xs))
     b = np.full(len(xt), 1.0 / len(xt))
-    plan = ot.bregman.sinkhorn_log(a, b, cost, reg=epsilon, numItermax=max_iter, stopThr=1e-9)
+    if reg_m is None:
+        plan = ot.bregman.sinkhorn_log(a, b, cost, reg=epsilon, numItermax=max_iter, stopThr=1e-9)
+    else:
+        with warnings.catch_warnings():  # POT warns on slow convergence; the plan is checked below
+            warnings.simplefilter("ignore", UserWarning)
+            plan = ot.unbalanced.sinkhorn_unbalanced(a, b, cost, reg=epsilon, reg_m=float(reg_m),
+                                                     method="sinkhorn_stabilized", numItermax=max_iter,
+                                                     stopThr=1e-9)
     plan = np.asarray(plan, dtype=np.float64)
     if not np.isfinite(plan).all() or plan.sum() <= 0:
         raise ValueError(f"Sinkhorn did not converge to a valid plan (epsilon={epsilon}): increase epsilon.")
@@ -166,6 +175,7 @@ def compute_pairing(
     max_iter: int = 1000,
     niche_key: str | None = None,
     min_cells: int = 10,
+    reg_m: float | None = None,
     source_crops=None,
     target_crops=None,
     channel: int = 0,
@@ -176,6 +186,8 @@ def compute_pairing(
 
     if epsilon <= 0:
         raise ValueError(f"epsilon must be positive, got {epsilon}.")
+    if reg_m is not None and reg_m <= 0:
+        raise ValueError(f"reg_m must be positive or None (balanced), got {reg_m}.")
     genes_s = source_table.var_names.astype(str)
     genes_t = target_table.var_names.astype(str)
     shared = genes_s.intersection(genes_t, sort=False) if source_table is not target_table else genes_s
@@ -213,12 +225,12 @@ def compute_pairing(
             si, ti = np.flatnonzero(ns_lab == lab), np.flatnonzero(nt_lab == lab)
             if len(si) < min_cells or len(ti) < min_cells:
                 continue
-            m, c = _sinkhorn_match(zs[si], zt[ti], scale, epsilon, max_iter)
+            m, c = _sinkhorn_match(zs[si], zt[ti], scale, epsilon, max_iter, reg_m)
             match[si], conf[si], stratum[si] = ti[m], c, lab
             strata_used.append(lab)
     rest = np.flatnonzero(match < 0)
     if len(rest):
-        m, c = _sinkhorn_match(zs[rest], zt, scale, epsilon, max_iter)
+        m, c = _sinkhorn_match(zs[rest], zt, scale, epsilon, max_iter, reg_m)
         match[rest], conf[rest] = m, c
 
     xd = x.toarray()
@@ -237,7 +249,8 @@ def compute_pairing(
     info = {
         "source": name.split("->")[0], "target": name.split("->")[1], "epsilon": float(epsilon),
         "n_pcs": int(z.shape[1]), "cost": "squared euclidean / median", "cost_scale": scale,
-        "max_iter": int(max_iter), "n_source": int(ns), "n_target": int(len(target_rows)), "n_pairs": int(ns),
+        "max_iter": int(max_iter), "reg_m": None if reg_m is None else float(reg_m), "n_source": int(ns),
+        "n_target": int(len(target_rows)), "n_pairs": int(ns),
         "n_unique_targets": int(len(np.unique(match))), "mean_confidence": float(conf.mean()),
         "uniform_confidence": float(1.0 / len(target_rows)),
         "pairing": "niche-stratified" if strata_used else "global",
@@ -279,6 +292,7 @@ def pair_states(
     max_iter: int = 1000,
     niche_key: str | None = None,
     min_cells: int = 10,
+    reg_m: float | None = None,
     crops=None,
     image_key: str | None = None,
     crop_size: int = Defaults.CROP_SIZE,
@@ -329,6 +343,11 @@ def pair_states(
         within; ``None`` pairs globally.
     min_cells
         Fewest cells a group (and a group within a niche) must have.
+    reg_m
+        ``None`` (default): balanced OT, every source and target cell carries the same mass. A positive
+        number: unbalanced OT (``ot.unbalanced.sinkhorn_unbalanced``), the marginals only held by a KL
+        penalty of weight ``reg_m`` (relative to the median cost, like ``epsilon``), so cell types whose
+        proportions differ between the groups need not send mass to other types (0.3: mild, 0.1: strong).
     crops
         :class:`~spatia.pp.CropStore` of the table's cells for ``Δm``; by default extracted from the
         SpatialData's image (``image_key``, ``crop_size`` px over ``crop_um`` µm); an AnnData without
@@ -376,8 +395,8 @@ def pair_states(
     tc_ = sc_ if target_data is None else _crops_of(target_data, target_table_key, None, image_key, crop_size, crop_um)
     res = compute_pairing(
         st, tt, srows, trows, name=f"{source}->{target}", layer=layer, n_pcs=n_pcs, epsilon=epsilon,
-        max_iter=max_iter, niche_key=niche_key, min_cells=min_cells, source_crops=sc_, target_crops=tc_,
-        channel=channel, random_state=random_state,
+        max_iter=max_iter, niche_key=niche_key, min_cells=min_cells, reg_m=reg_m, source_crops=sc_,
+        target_crops=tc_, channel=channel, random_state=random_state,
     )
     res.info["groupby"] = groupby
     logger.info("Paired %d %r cells with %d %r cells (%s, mean confidence %.3f, uniform %.3f).",

@@ -39,13 +39,13 @@ def _transition_list(source, target, transitions) -> list[tuple[str, str]]:
 
 
 def _pairs_for(table, arrays, groupby, source, target, *, n_pcs, epsilon, max_iter, niche_key, min_cells,
-               random_state, pairing) -> PairResult:
+               random_state, pairing, reg_m=None) -> PairResult:
     srows = _group_rows(table, groupby, source, role="source", min_cells=min_cells)
     trows = _group_rows(table, groupby, target, role="target", min_cells=min_cells)
     res = compute_pairing(
         table, table, srows, trows, name=f"{source}->{target}", n_pcs=n_pcs, epsilon=epsilon, max_iter=max_iter,
-        niche_key=niche_key, min_cells=min_cells, source_crops=arrays.crops, target_crops=arrays.crops,
-        random_state=random_state,
+        niche_key=niche_key, min_cells=min_cells, reg_m=reg_m, source_crops=arrays.crops,
+        target_crops=arrays.crops, random_state=random_state,
     )
     res.info["groupby"] = groupby
     if pairing == "random":  # ablation: pairs without OT, every pair equally trusted
@@ -77,6 +77,7 @@ def fit_transition(
     max_iter: int = 1000,
     niche_key: str | None = None,
     min_cells: int = 10,
+    reg_m: float | None = None,
     pairing: str = "ot",
     max_epochs: int | None = None,
     batch_size: int | None = None,
@@ -110,8 +111,8 @@ def fit_transition(
         :class:`~spatia.module.FlowConfig` (default ``FlowConfig()``).
     image_key, labels_key, shapes_key, table_key, layer, coordinate_system, crops
         As in :func:`spatia.tl.embed`.
-    n_pcs, epsilon, max_iter, niche_key, min_cells
-        Pairing parameters (:func:`~spatia.tl.pair_states`).
+    n_pcs, epsilon, max_iter, niche_key, min_cells, reg_m
+        Pairing parameters (:func:`~spatia.tl.pair_states`; ``reg_m`` = unbalanced OT, ``None`` = balanced).
     pairing
         ``"ot"``, or ``"random"`` (random pairs of equal weight: an ablation).
     max_epochs, batch_size
@@ -166,7 +167,8 @@ def fit_transition(
     # 1. pairing of every transition (validates groups before any training)
     results = [
         _pairs_for(table, arrays, groupby, s, t, n_pcs=n_pcs, epsilon=epsilon, max_iter=max_iter,
-                   niche_key=niche_key, min_cells=min_cells, random_state=random_state, pairing=pairing)
+                   niche_key=niche_key, min_cells=min_cells, random_state=random_state, pairing=pairing,
+                   reg_m=reg_m)
         for s, t in pairs_wanted
     ]
     emb = model.infer(arrays, outputs=("cell",))["cell"]
@@ -225,7 +227,8 @@ def fit_transition(
             for r, (s, t) in zip(results, pairs_wanted, strict=True)
         ],
         "pairing": {"n_pcs": n_pcs, "epsilon": epsilon, "max_iter": max_iter, "niche_key": niche_key,
-                    "min_cells": min_cells, "method": pairing, "random_state": seed},
+                    "min_cells": min_cells, "method": pairing, "random_state": seed,
+                    "reg_m": None if reg_m is None else float(reg_m)},
         "epochs": int(trainer.current_epoch), "train_seconds": round(time.perf_counter() - t0, 2),
         "history": history.history,
     }
@@ -382,7 +385,7 @@ def transition(
     p = model.flow_info["pairing"]
     res = _pairs_for(table, arrays, groupby, source, target, n_pcs=p["n_pcs"], epsilon=p["epsilon"],
                      max_iter=p["max_iter"], niche_key=p["niche_key"], min_cells=p["min_cells"],
-                     random_state=random_state, pairing="ot")
+                     random_state=random_state, pairing="ot", reg_m=p.get("reg_m"))
     rows = _select_cells(table, res.source_rows, cells)
     emb = model.infer(arrays, outputs=("cell",))["cell"]
     torch.set_num_threads(n_threads)

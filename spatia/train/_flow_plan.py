@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import torch
 
@@ -39,4 +41,10 @@ class FlowTrainingPlan(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.flow.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        return opt
+        if getattr(self.flow.config, "lr_schedule", "constant") != "cosine":
+            return opt
+        # cosine decay to 0 over the whole run: the last weights are an average-like, low-noise iterate
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total)))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -75,6 +75,27 @@ def test_pairing_confidence_and_epsilon(sim):
     assert "spatia_pair_match" not in sim["table"].obs  # inplace=False writes nothing
 
 
+def test_unbalanced_pairing_keeps_cell_types(sim):
+    """Cell-type proportions differ between the conditions: balanced OT must send some mass across types,
+    unbalanced OT (reg_m) need not (same-type rate: this slide 0.65 -> 0.73; benchmark slides 0.73-0.89 -> 0.89-0.94)."""
+    table = sim["table"]
+    zeros = np.zeros((table.n_obs, 1, 8, 8), np.uint8)
+    o = table.obs
+
+    def same_type(res):
+        ts = o["cell_type"].astype(str).to_numpy()[res.source_rows]
+        return (ts == o.loc[res.matched_obs, "cell_type"].astype(str).to_numpy()).mean()
+
+    kw = dict(groupby="condition", source="control", target="disease", crops=zeros, inplace=False)
+    bal = sp.tl.pair_states(sim, **kw)
+    unb = sp.tl.pair_states(sim, reg_m=0.3, **kw)
+    assert bal.info["reg_m"] is None and unb.info["reg_m"] == 0.3
+    assert same_type(unb) > same_type(bal) + 0.02, (same_type(unb), same_type(bal))
+    assert (unb.confidence > 0).all() and (unb.confidence <= 1 + 1e-9).all()
+    with pytest.raises(ValueError, match="reg_m"):
+        sp.tl.pair_states(sim, reg_m=0.0, **kw)
+
+
 def test_pairing_within_niches(sim):
     ad = sim["table"].copy()
     res = sp.tl.pair_states(ad, groupby="condition", source="control", target="disease", niche_key="domain",
@@ -209,6 +230,54 @@ def test_morphology_loss_on_the_flow_rollout():
     for bad in (dict(sw_endpoint="two_step"), dict(sw_steps=0), dict(sw_warmup=1.0)):
         with pytest.raises(ValueError, match="sw_"):
             FlowConfig(**bad)
+
+
+def test_flow_config_old_models_keep_their_training_defaults():
+    """Configurations saved before a field existed load with the behaviour they were trained with."""
+    d = FlowConfig.tiny().to_dict()
+    for k in ("sw_blur", "batch_ot", "batch_ot_emb_weight", "lr_schedule"):
+        d.pop(k)
+    old = FlowConfig.from_dict(d)
+    assert old.sw_blur == 0.0 and old.batch_ot is False and old.lr_schedule == "constant"
+    new = FlowConfig.tiny()
+    assert new.sw_blur == 1.0 and new.batch_ot is True and new.lr_schedule == "cosine"
+    assert FlowConfig.from_dict(new.to_dict()) == new
+    for bad in (dict(lr_schedule="step"), dict(sw_blur=-1.0), dict(batch_ot_emb_weight=-1.0)):
+        with pytest.raises(ValueError):
+            FlowConfig(**bad)
+
+
+def test_batch_repair_keeps_the_targets_and_shortens_paths():
+    from spatia.module._flow import batch_repair
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(12, 1, 8, 8, generator=g)
+    x1 = x0[torch.randperm(12, generator=g)] + 0.01 * torch.rand(12, 1, 8, 8, generator=g)
+    emb = torch.zeros(12, 4)
+    group = torch.tensor([0] * 6 + [1] * 6)
+    perm = batch_repair(x0, x1, emb, group)
+    assert sorted(perm.tolist()) == list(range(12))  # a permutation: the same targets
+    assert (group[perm] == group).all()  # within each transition only
+    d_before = ((x1 - x0) ** 2).flatten(1).sum(1)
+    d_after = ((x1[perm] - x0) ** 2).flatten(1).sum(1)
+    assert d_after.sum() <= d_before.sum() + 1e-6
+    # with a heavy embedding term, a source only takes the target of a source with the same embedding
+    emb = torch.tensor([[0.0], [0.0], [10.0], [10.0]])
+    x0 = torch.stack([torch.full((1, 4, 4), v) for v in (0.0, 0.05, 0.85, 0.9)])
+    x1 = torch.stack([torch.full((1, 4, 4), v) for v in (0.9, 0.8, 0.0, 0.1)])  # pixel cost alone swaps groups
+    perm = batch_repair(x0, x1, emb, torch.zeros(4, dtype=torch.long), emb_weight=100.0)
+    assert set(perm[:2].tolist()) == {0, 1} and set(perm[2:].tolist()) == {2, 3}
+    assert set(batch_repair(x0, x1, emb, torch.zeros(4, dtype=torch.long), emb_weight=0.0)[:2].tolist()) == {2, 3}
+
+
+def test_gaussian_blur_of_morphology_loss():
+    from spatia.module._flow import gaussian_blur
+
+    x = torch.zeros(2, 1, 16, 16)
+    x[:, :, 8, 8] = 1.0
+    y = gaussian_blur(x, 1.0)
+    assert y.shape == x.shape and torch.allclose(y.sum((2, 3)), torch.ones(2, 1), atol=1e-5)
+    assert float(y.max()) < 0.2 and gaussian_blur(x, 0.0) is x
 
 
 def test_ode_solvers():
