@@ -44,7 +44,7 @@ class FlowConfig:
     crops the loss made up for it by brightening every cell (intensity features of unchanged cell types far
     off); 0 = no smoothing (as before). ``batch_ot`` re-pairs each training batch's targets among its sources
     by an exact assignment on pixel distance plus ``batch_ot_emb_weight`` × source-embedding distance
-    (:func:`batch_repair`; minibatch OT: the batch keeps the same targets, the paths get shorter).
+    (``spatia.module._flow.batch_repair``; minibatch OT: the batch keeps the same targets, the paths get shorter).
     ``lr_schedule``: ``"cosine"`` (decay to 0 over the run) or ``"constant"``.
     Models saved before a field existed load with the value they were trained with (``_BEFORE_FIELD``).
     """
