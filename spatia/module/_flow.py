@@ -183,8 +183,9 @@ def batch_repair(x0: torch.Tensor, x1: torch.Tensor, emb: torch.Tensor, group: t
             if len(idx) < 2:
                 continue
             a, e = d_px[idx][:, idx].cpu(), d_e[idx][:, idx].cpu()
-            cost = a / a.median().clamp(min=1e-12) + emb_weight * e / e[e > 0].median().clamp(min=1e-12) \
-                if (e > 0).any() else a / a.median().clamp(min=1e-12)
+            cost = a / a.median().clamp(min=1e-12)
+            if (e > 0).any():
+                cost = cost + emb_weight * e / e[e > 0].median().clamp(min=1e-12)
             rows, cols = linear_sum_assignment(cost.double().numpy())
             perm[idx[torch.as_tensor(rows)]] = idx[torch.as_tensor(cols)]
     return perm.to(x0.device)

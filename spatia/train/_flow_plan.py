@@ -41,7 +41,7 @@ class FlowTrainingPlan(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.flow.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        if getattr(self.flow.config, "lr_schedule", "constant") != "cosine":
+        if self.flow.config.lr_schedule != "cosine":
             return opt
         # cosine decay to 0 over the whole run: the last weights are an average-like, low-noise iterate
         total = max(1, int(self.trainer.estimated_stepping_batches))
