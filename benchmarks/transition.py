@@ -6,15 +6,19 @@ disease side, the others keep their morphology) and compare predicted crops with
 the source cell's own type**, so a flow that turns a cell into another type's morphology is penalised:
 
 - ``unchanged source``: the source crops themselves (no model);
-- ``full``: unbalanced OT pairing (``reg_m=0.3``), confidence-weighted FM + contrastive + sliced-Wasserstein
+- ``full``: balanced OT pairing (DESIGN.md), confidence-weighted FM + contrastive + sliced-Wasserstein
   (FlowConfig defaults: the morphology loss on a 2-step Euler rollout of the flow, joint with the source, on
-  crops smoothed by a 1-px Gaussian, after a 50 % warm-up; minibatch OT re-pairing; cosine learning rate);
-- ``random pairs``: the full model trained on random source→target pairs (no OT, equal weights);
+  crops smoothed by a 1-px Gaussian, after a 50 % warm-up; minibatch OT re-pairing; cosine learning rate),
+  sampled with ``sp.tl.transition``'s default gate (cells whose neighbourhood shows no significant
+  morphology shift to their OT matches keep their crop);
+- ``unbalanced OT``: the full model with unbalanced OT pairing (``reg_m=0.3``);
+- ``random pairs``: the full model trained on random source→target pairs (no OT, equal weights); its gate
+  is still the OT pairing's shift test (``sp.tl.transition`` always tests the OT pairing);
 - ``no morphology loss``: the full model with ``sw_weight=0``;
-- ``full, balanced OT``: the full model with the balanced OT pairing of DESIGN.md (uniform marginals);
-- ``previous full``: balanced OT and the FlowConfig defaults before 2026-11-26 (constant learning rate, sharp
-  crops in the morphology loss, no minibatch re-pairing);
+- ``previous full`` (not run by default): balanced OT and the FlowConfig defaults before 2026-11-26;
 - ``one_step`` (not run by default): the morphology loss as first implemented.
+
+Each flow is also sampled with ``gate=None`` (every cell transformed): the ``..., ungated`` rows.
 
 Metrics (mean ± std over seeds), each computed per source cell type (predicted crops of control cells of
 type k vs real disease cells of type k) and then reported for the transitioning type and averaged over the
@@ -83,6 +87,7 @@ def score(name, pred, types_pred, real_by_type, model, seed, seconds, transition
     for c in ("W mean", "KS mean", "KID x1000"):
         row[f"{c} [others]"] = others[c].mean()
     row["W mean [all types]"] = per["W mean"].mean()
+    row["transformed [tr]"] = row["transformed [others]"] = 0.0
     row["seconds"] = seconds
     return row
 
@@ -106,11 +111,11 @@ def pairing_recovery(sdata, seed) -> dict:
 
 PREVIOUS = dict(lr_schedule="constant", sw_blur=0.0, batch_ot=False)  # FlowConfig defaults before 2026-11-26
 VARIANTS = {
-    "full": ("full (unbalanced OT + FM + contrastive + SW)", dict(pairing="ot", reg_m=0.3, config=FlowConfig.tiny())),
+    "full": ("full (balanced OT + FM + contrastive + SW)", dict(pairing="ot", config=FlowConfig.tiny())),
+    "unbalanced": ("unbalanced OT (reg_m=0.3)", dict(pairing="ot", reg_m=0.3, config=FlowConfig.tiny())),
     "random": ("random pairs (no OT)", dict(pairing="random", config=FlowConfig.tiny())),
     "no_sw": ("no morphology loss (sw_weight=0)",
-              dict(pairing="ot", reg_m=0.3, config=FlowConfig.tiny().replace(sw_weight=0.0))),
-    "balanced": ("full, balanced OT", dict(pairing="ot", config=FlowConfig.tiny())),
+              dict(pairing="ot", config=FlowConfig.tiny().replace(sw_weight=0.0))),
     "previous": ("previous full (balanced OT, constant LR, sharp SW, no batch OT)",
                  dict(pairing="ot", config=FlowConfig.tiny().replace(**PREVIOUS))),
     "one_step": ("full, one-step SW (as first built)",
@@ -153,11 +158,18 @@ def run_seed(seed: int, n_cells: int, epochs: int, fit_epochs: int, steps: int, 
         t0 = time.perf_counter()
         sp.tl.fit_transition(sdata, m, groupby="condition", source="control", target="disease",
                              max_epochs=epochs, random_state=seed, crops=crops, inplace=False, **kw)
-        out = sp.tl.transition(sdata, m, groupby="condition", source="control", target="disease", crops=crops,
-                               cells=src, steps=steps, inplace=False)
-        seconds = time.perf_counter() - t0
-        rows.append(score(name, out["crops"], types[src], real_by_type, m, seed, seconds, tr_type))
-        logging.info("seed %d: %s %.0f s %s", seed, name, seconds, rows[-1])
+        train = time.perf_counter() - t0
+        for suffix, gate in (("", sp.tl.transition.__kwdefaults__["gate"]), (", ungated", None)):
+            t1 = time.perf_counter()
+            out = sp.tl.transition(sdata, m, groupby="condition", source="control", target="disease", crops=crops,
+                                   cells=src, steps=steps, gate=gate, inplace=False)
+            seconds = train + time.perf_counter() - t1
+            row = score(name + suffix, out["crops"], types[src], real_by_type, m, seed, seconds, tr_type)
+            moved = out["obs"]["transformed"].to_numpy()
+            row["transformed [tr]"] = moved[types[src] == tr_type].mean()
+            row["transformed [others]"] = moved[types[src] != tr_type].mean()
+            rows.append(row)
+            logging.info("seed %d: %s %.0f s %s", seed, name + suffix, seconds, rows[-1])
     return rows, rec
 
 
@@ -169,7 +181,7 @@ def main() -> None:
     p.add_argument("--fit-epochs", type=int, default=15)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--per-type", type=int, default=40, help="control cells of each type transformed and scored")
-    p.add_argument("--variants", nargs="+", default=["full", "random", "no_sw", "balanced", "previous"],
+    p.add_argument("--variants", nargs="+", default=["full", "unbalanced", "random", "no_sw"],
                    choices=list(VARIANTS))
     p.add_argument("--out", default="benchmarks/results/transition.md")
     a = p.parse_args()
@@ -216,7 +228,8 @@ def report(rows: list[dict], recs: list[dict], a) -> None:
         f"midpoint solver, {a.steps} steps, guidance 0.2. W = Wasserstein distance / std of the real cells' "
         "feature (lower is better; `W mean` over the 10 features); KS = Kolmogorov–Smirnov statistic (mean "
         "over the 10 features); KID on mean-pooled tokens of the SPATIA model's frozen ViT (subsets of 50). "
-        "`seconds` = flow training + sampling.",
+        "`transformed` = fraction of the scored cells the gate let the flow change (0 for the unchanged "
+        "source, 1 ungated). `seconds` = flow training + sampling.",
         "",
         "Mean ± std over seeds:",
         "",

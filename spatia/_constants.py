@@ -30,7 +30,7 @@ class Keys:
     # generated images
     GENERATED = "spatia_generated"
     TRANSITION = "spatia_transition"
-    PAIR = "spatia_pair"  # -> obs["spatia_pair_match"], obs["spatia_pair_confidence"]
+    PAIR = "spatia_pair"  # -> obs["spatia_pair_match"], ["spatia_pair_confidence"], ["spatia_pair_shift_pvalue"]
     TRANSITIONS = "transitions"  # uns["spatia"]["transitions"][f"{source}->{target}"]
 
     # run parameters (table.uns)
@@ -52,3 +52,5 @@ class Defaults:
     CROP_UM = 16.0  # side of the crop in µm when fixed
     NICHE_K = 10
     TILE_UM = 200.0
+    SHIFT_NEIGHBORS = 60  # cells per neighbourhood of the morphology-shift test (PairResult.shift_test)
+    SHIFT_ALPHA = 0.01  # sp.tl.transition transforms the cells whose shift test is significant at this level

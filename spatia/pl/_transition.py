@@ -48,7 +48,8 @@ def transition(
         Real target shown: ``"nearest"`` (the real target cell nearest to the prediction in morphology
         features) or ``"matched"`` (the source cell's optimal-transport match).
     n
-        Number of rows (predictions drawn at random).
+        Number of rows (predictions drawn at random, among the crops the flow transformed when there are
+        any: the others are their source crop, see ``gate`` in :func:`spatia.tl.transition`).
     channel
         Crop channel shown (0: nuclear stain).
     crops
@@ -91,7 +92,10 @@ def transition(
     else:
         crops = crops_for(sdata, crops, table_key=table_key)
     rng = np.random.default_rng(random_state)
-    pick = np.sort(rng.choice(ttab.n_obs, size=min(n, ttab.n_obs), replace=False))
+    pool = np.arange(ttab.n_obs)
+    if "transformed" in ttab.obs and ttab.obs["transformed"].astype(bool).any():
+        pool = np.flatnonzero(ttab.obs["transformed"].astype(bool).to_numpy())
+    pick = np.sort(rng.choice(pool, size=min(n, len(pool)), replace=False))
     names = table.obs_names
     src = crops.get(names.get_indexer(ttab.obs["source_cell"].astype(str).to_numpy()[pick]))
     col = "nearest_target" if target == "nearest" else "matched_target"

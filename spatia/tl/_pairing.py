@@ -47,6 +47,10 @@ class PairResult:
         Mean morphology-feature shift per feature (empty without crops).
     delta_m_std
         ``delta_m`` divided by the pooled standard deviation of each feature (unitless; the flow's input).
+    source_features, target_features
+        The 10 morphology features of each source and target cell (``None`` without crops).
+    source_pcs
+        ``(n_source, n_pcs)`` principal components of the source cells (the cost's space).
     info
         Parameters and summary numbers (written to ``uns``).
 
@@ -68,11 +72,54 @@ class PairResult:
     delta_m: pd.Series = field(default_factory=lambda: pd.Series(dtype=float))
     delta_m_std: pd.Series = field(default_factory=lambda: pd.Series(dtype=float))
     info: dict = field(default_factory=dict)
+    source_features: pd.DataFrame | None = field(default=None, repr=False)
+    target_features: pd.DataFrame | None = field(default=None, repr=False)
+    source_pcs: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def matched_obs(self) -> np.ndarray:
         """``obs_names`` of each source cell's matched target cell."""
         return self.target_obs[self.match]
+
+    def shift_test(self, n_neighbors: int = Defaults.SHIFT_NEIGHBORS) -> pd.DataFrame:
+        """Is the morphology of each source cell's neighbourhood shifted by the pairing?
+
+        For every source cell, the ``n_neighbors`` source cells nearest to it in the pairing's expression
+        space (itself included) and their matched targets: the mean of their morphology shifts (matched
+        target − source, the 10 features of :func:`spatia.metrics.morphology_features` divided by their
+        pooled standard deviation) is tested against zero with a χ² test, its covariance estimated from
+        the shifts' spread around their neighbourhood means (pooled over all cells, so correlated
+        features count once). A small p-value: cells like this one change shape or stain under the
+        transition; a large one: their matches look like them, as for cell types the transition leaves
+        alone (:func:`spatia.tl.transition` returns those crops unchanged).
+
+        Parameters
+        ----------
+        n_neighbors
+            Cells per neighbourhood (capped at the number of source cells); more cells detect smaller
+            shifts but blur the boundaries between cell types.
+
+        Returns
+        -------
+        DataFrame indexed by ``source_obs`` with ``shift_stat`` (the χ² statistic), ``shift_df`` (its degrees
+        of freedom) and ``shift_pvalue``.
+
+        Examples
+        --------
+        >>> res = sp.tl.pair_states(sdata, groupby="condition", source="control", target="disease",
+        ...                         inplace=False)
+        >>> (res.shift_test()["shift_pvalue"] < 0.01).mean()  # fraction of control cells that change
+        """
+        if self.source_features is None or self.target_features is None or self.source_pcs is None:
+            raise ValueError("This pairing has no morphology features: pair with crops (a SpatialData with an "
+                             "image, or crops=).")
+        if n_neighbors < 2:
+            raise ValueError(f"n_neighbors must be at least 2, got {n_neighbors}.")
+        fs = self.source_features.to_numpy(np.float64)
+        ft = self.target_features.to_numpy(np.float64)
+        stat, df, p = _shift_test(self.source_pcs, fs, ft[self.match], n_neighbors)
+        return pd.DataFrame({"shift_stat": stat, "shift_df": df, "shift_pvalue": p},
+                            index=pd.Index(self.source_obs, name=None))
 
     def to_uns(self) -> dict:
         """The entry written to ``uns['spatia']['transitions'][name]`` (plain types only)."""
@@ -151,6 +198,34 @@ def _sinkhorn_match(xs: np.ndarray, xt: np.ndarray, scale: float, epsilon: float
     match = plan.argmax(1)
     conf = plan[np.arange(len(xs)), match] / np.maximum(row[:, 0], 1e-300)
     return match, conf
+
+
+def _shift_test(coords: np.ndarray, fs: np.ndarray, ft: np.ndarray, k: int):
+    """χ² test of the mean morphology shift ``ft − fs`` over each row's ``k`` nearest rows of ``coords``."""
+    from scipy import stats
+    from sklearn.neighbors import NearestNeighbors
+
+    n, f = fs.shape
+    k = int(min(k, n))
+    both = np.concatenate([fs, ft])
+    with warnings.catch_warnings():  # all-NaN features (no foreground anywhere) → 0
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mu, sd = np.nanmean(both, 0), np.nanstd(both, 0)
+    sd = np.where(np.isfinite(sd) & (sd > 0), sd, 1.0)
+    mu = np.where(np.isfinite(mu), mu, 0.0)
+    d = np.nan_to_num((ft - mu) / sd) - np.nan_to_num((fs - mu) / sd)
+    idx = NearestNeighbors(n_neighbors=k).fit(coords).kneighbors(coords, return_distance=False)
+    dbar = d[idx].mean(1)
+    resid = (d[idx] - dbar[:, None, :]).reshape(-1, f)
+    cov = resid.T @ resid / max(len(resid) - n, 1)  # each neighbourhood's mean costs one degree of freedom
+    w, v = np.linalg.eigh(cov)
+    keep = w > max(w.max(), 0.0) * 1e-6
+    if not keep.any():  # no feature varies: nothing can be shifted
+        return np.zeros(n), 0, np.ones(n)
+    proj = dbar @ (v[:, keep] / np.sqrt(w[keep]))
+    stat = k * (proj ** 2).sum(1)
+    dof = int(keep.sum())
+    return stat, dof, stats.chi2.sf(stat, dof)
 
 
 def _features(crops, rows: np.ndarray, channel: int) -> pd.DataFrame | None:
@@ -260,7 +335,8 @@ def compute_pairing(
         name=name, source_obs=source_table.obs_names.to_numpy()[source_rows],
         target_obs=target_table.obs_names.to_numpy()[target_rows], source_rows=source_rows,
         target_rows=target_rows, match=match, confidence=conf, stratum=stratum.astype(str), delta_g=delta_g,
-        delta_m=delta_m, delta_m_std=delta_m_std, info=info,
+        delta_m=delta_m, delta_m_std=delta_m_std, info=info, source_features=fs, target_features=ft,
+        source_pcs=zs,
     )
 
 
@@ -298,6 +374,7 @@ def pair_states(
     crop_size: int = Defaults.CROP_SIZE,
     crop_um: float | None = Defaults.CROP_UM,
     channel: int = 0,
+    shift_neighbors: int = Defaults.SHIFT_NEIGHBORS,
     random_state: int | None = 0,
     key_added: str = Keys.PAIR,
     inplace: bool = True,
@@ -356,6 +433,8 @@ def pair_states(
         Crop extraction when ``crops`` is ``None``.
     channel
         Crop channel measured for ``Δm`` (0: the nuclear stain).
+    shift_neighbors
+        Cells per neighbourhood of the morphology-shift test (:meth:`PairResult.shift_test`).
     random_state
         Seed of the PCA.
     key_added
@@ -369,6 +448,9 @@ def pair_states(
 
     - ``obs[f"{key_added}_match"]``: ``obs_name`` of each source cell's matched target cell (NaN elsewhere);
     - ``obs[f"{key_added}_confidence"]``: its confidence (NaN elsewhere);
+    - ``obs[f"{key_added}_shift_pvalue"]``: p-value of the morphology shift of the cell's neighbourhood to
+      its matches (:meth:`PairResult.shift_test`; small = cells like this one change under the transition;
+      only with crops);
     - ``uns['spatia']['transitions'][f"{source}->{target}"]``: ``delta_g`` (gene → shift), ``delta_m``
       and ``delta_m_std`` (feature → shift), ``epsilon``, ``n_pairs``, ``pairing`` (``"global"`` or
       ``"niche-stratified"``), ``mean_confidence``, ``uniform_confidence`` and the other parameters.
@@ -385,6 +467,8 @@ def pair_states(
 
     if min_cells < 2:
         raise ValueError(f"min_cells must be at least 2, got {min_cells}.")
+    if shift_neighbors < 2:
+        raise ValueError(f"shift_neighbors must be at least 2, got {shift_neighbors}.")
     st = get_table(data, table_key)
     tt = st if target_data is None else get_table(target_data, target_table_key)
     srows = _group_rows(st, groupby, source, role="source", min_cells=min_cells)
@@ -399,9 +483,14 @@ def pair_states(
         target_crops=tc_, channel=channel, random_state=random_state,
     )
     res.info["groupby"] = groupby
-    logger.info("Paired %d %r cells with %d %r cells (%s, mean confidence %.3f, uniform %.3f).",
+    shift = res.shift_test(shift_neighbors) if res.source_features is not None else None
+    if shift is not None:
+        res.info["shift_neighbors"] = int(shift_neighbors)
+        res.info["n_shifted"] = int((shift["shift_pvalue"] < Defaults.SHIFT_ALPHA).sum())
+    logger.info("Paired %d %r cells with %d %r cells (%s, mean confidence %.3f, uniform %.3f%s).",
                 len(srows), source, len(trows), target, res.info["pairing"], res.info["mean_confidence"],
-                res.info["uniform_confidence"])
+                res.info["uniform_confidence"],
+                "" if shift is None else f"; {res.info['n_shifted']} source cells with a significant morphology shift")
     if not inplace:
         return res
     # everything computed: write
@@ -413,6 +502,11 @@ def pair_states(
     st.obs[f"{key_added}_confidence"] = conf.to_numpy()
     log_added("adata.obs", f"{key_added}_match")
     log_added("adata.obs", f"{key_added}_confidence")
+    if shift is not None:
+        pv = pd.Series(np.nan, index=st.obs_names, dtype=float)
+        pv.iloc[srows] = shift["shift_pvalue"].to_numpy()
+        st.obs[f"{key_added}_shift_pvalue"] = pv.to_numpy()
+        log_added("adata.obs", f"{key_added}_shift_pvalue")
     uns = st.uns.setdefault(Keys.UNS, {})
     uns.setdefault(Keys.TRANSITIONS, {})[res.name] = _sanitize(res.to_uns())
     log_added("adata.uns", f"{Keys.UNS}']['{Keys.TRANSITIONS}")

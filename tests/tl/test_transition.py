@@ -39,7 +39,9 @@ def test_pairing_recovers_correspondence(sdata):
     src = (obs["condition"] == "control").to_numpy()
     match = obs["spatia_pair_match"]
     conf = obs["spatia_pair_confidence"]
-    assert match[~src].isna().all() and conf[~src].isna().all()
+    pval = obs["spatia_pair_shift_pvalue"]
+    assert match[~src].isna().all() and conf[~src].isna().all() and pval[~src].isna().all()
+    assert pval[src].between(0, 1).all()
     assert match[src].notna().all() and set(match[src]) <= set(obs_names := obs.index[~src]) and len(obs_names)
     # matched cells share the cell type far more often than chance (measured 0.65 vs chance 0.20)
     t_src = obs["cell_type"][src].astype(str).to_numpy()
@@ -60,6 +62,7 @@ def test_pairing_recovers_correspondence(sdata):
     assert info["n_pairs"] == src.sum() and info["pairing"] == "global" and info["epsilon"] == 0.05
     assert set(info["delta_g"]) == set(table.var_names) and len(info["delta_m"]) == 10
     assert 1 / (~src).sum() <= info["mean_confidence"] <= 1
+    assert info["n_shifted"] == (pval[src] < 0.01).sum() and info["shift_neighbors"] == 60
 
 
 def test_pairing_confidence_and_epsilon(sim):
@@ -96,6 +99,56 @@ def test_unbalanced_pairing_keeps_cell_types(sim):
         sp.tl.pair_states(sim, reg_m=0.0, **kw)
 
 
+def _shift_pairing(seed: int, shift: float):
+    """Two cell types apart in expression, 200 cells each; the matches of type 0 are shifted in 3 of the
+    10 (correlated) morphology features, those of type 1 are fresh draws of the source distribution."""
+    from spatia.metrics import MORPHOLOGY_FEATURES
+
+    rng = np.random.default_rng(seed)
+    n = 400
+    lab = np.repeat([0, 1], n // 2)
+    pcs = rng.normal(size=(n, 5)) + 6.0 * lab[:, None]
+    fs = rng.normal(size=(n, 1)) + 0.5 * rng.normal(size=(n, 10))
+    ft = rng.normal(size=(n, 1)) + 0.5 * rng.normal(size=(n, 10))
+    ft[lab == 0, :3] += shift
+    cols = list(MORPHOLOGY_FEATURES)
+    res = sp.tl.PairResult(
+        name="a->b", source_obs=np.array([f"s{i}" for i in range(n)]), target_obs=np.array([f"t{i}" for i in range(n)]),
+        source_rows=np.arange(n), target_rows=np.arange(n), match=rng.permutation(n), confidence=np.ones(n),
+        stratum=np.full(n, "global"), delta_g=pd.Series(dtype=float), source_pcs=pcs,
+        source_features=pd.DataFrame(fs, columns=cols), target_features=pd.DataFrame(ft, columns=cols))
+    ft_m = ft.copy()
+    ft_m[res.match] = ft  # so that each source's *match* carries its type's shift
+    res.target_features = pd.DataFrame(ft_m, columns=cols)
+    return res, lab
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_shift_test_finds_the_cells_that_change(seed):
+    res, lab = _shift_pairing(seed, shift=0.5)
+    st = res.shift_test(60)
+    assert list(st.columns) == ["shift_stat", "shift_df", "shift_pvalue"] and (st.index == res.source_obs).all()
+    p = st["shift_pvalue"].to_numpy()
+    # power: a half-std shift of 3 features is found in (nearly) every cell of the changed type (measured 1.0) ...
+    assert (p[lab == 0] < 0.01).mean() > 0.95
+    # ... and calibration: the unchanged type is flagged at about the nominal rate (measured 0.0-0.01 at 0.01,
+    # 0.015-0.04 at 0.05)
+    assert (p[lab == 1] < 0.01).mean() < 0.03 and (p[lab == 1] < 0.05).mean() < 0.1
+    # no shift anywhere: nothing is flagged
+    null, _ = _shift_pairing(seed, shift=0.0)
+    assert (null.shift_test(60)["shift_pvalue"] < 0.01).mean() < 0.03
+    # NaN features (no foreground) count as no shift; constant features are dropped from the degrees of freedom
+    res.source_features.iloc[:5] = np.nan
+    res.source_features["area"] = res.target_features["area"] = 1.0
+    st = res.shift_test(60)
+    assert st["shift_pvalue"].notna().all() and (st["shift_df"] == 9).all()
+    with pytest.raises(ValueError, match="n_neighbors"):
+        res.shift_test(1)
+    res.source_features = None
+    with pytest.raises(ValueError, match="no morphology features"):
+        res.shift_test()
+
+
 def test_pairing_within_niches(sim):
     ad = sim["table"].copy()
     res = sp.tl.pair_states(ad, groupby="condition", source="control", target="disease", niche_key="domain",
@@ -123,6 +176,8 @@ def test_pairing_bad_input(sim):
         sp.tl.pair_states(ad, groupby="condition", source="control", target="disease", target_data=other)
     with pytest.raises(KeyError, match="niche_key"):
         sp.tl.pair_states(ad, groupby="condition", source="control", target="disease", niche_key="spatia_niche")
+    with pytest.raises(ValueError, match="shift_neighbors"):
+        sp.tl.pair_states(ad, groupby="condition", source="control", target="disease", shift_neighbors=1)
     assert not any(c.startswith("spatia_pair") for c in ad.obs) and "spatia" not in ad.uns  # nothing written
 
 
@@ -336,6 +391,31 @@ def test_transition_moves_morphology_toward_targets(transitioned):
     others = dg.drop(sim["response_genes"] + sim["suppressed_markers"])
     assert dg[sim["response_genes"]].mean() > others.mean() + 0.3
     assert dg[sim["suppressed_markers"]].mean() < others.mean() - 0.1
+
+
+def test_transition_gate_keeps_unshifted_cells(transitioned):
+    sd, model = transitioned
+    table = sd["table"]
+    ttab = sd["spatia_transition_table"]
+    # control -> transitioned cells of one type: every neighbourhood's morphology shifts, every cell moves
+    assert ttab.obs["transformed"].all() and (ttab.obs["shift_pvalue"] < 0.01).all()
+    assert ttab.uns["spatia"]["gate"] == 0.01 and ttab.uns["spatia"]["n_transformed"] == ttab.n_obs
+    kw = dict(groupby="tstate", source="control", target="transitioned", steps=2, inplace=False)
+    # a gate no p-value passes: the crops come back as they were, and nothing is sampled
+    kept = sp.tl.transition(sd, model, gate=1e-300, **kw)
+    crops = sp.pp.extract_crops(sd, image_key="morphology", size=model.flow.size,
+                                crop_um=model.crop_params.get("crop_um"), channels=model.channels)
+    rows = np.flatnonzero((table.obs["tstate"] == "control").to_numpy())
+    np.testing.assert_array_equal(kept["crops"], crops.get(rows).astype(np.float32) / 255.0)
+    assert not kept["obs"]["transformed"].any()
+    moved = sp.tl.transition(sd, model, gate=None, **kw)
+    assert moved["obs"]["transformed"].all() and np.abs(moved["crops"] - kept["crops"]).mean() > 0.01
+    np.testing.assert_allclose(moved["obs"]["shift_pvalue"], kept["obs"]["shift_pvalue"])
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="significance level"):
+            sp.tl.transition(sd, model, gate=bad, **kw)
+    with pytest.raises(ValueError, match="gate_neighbors"):
+        sp.tl.transition(sd, model, gate_neighbors=1, **kw)
 
 
 def test_transition_save_load_keeps_flow(transitioned, tmp_path):
