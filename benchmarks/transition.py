@@ -12,8 +12,9 @@ the source cell's own type**, so a flow that turns a cell into another type's mo
   sampled with ``sp.tl.transition``'s default gate (cells whose neighbourhood shows no significant
   morphology shift to their OT matches keep their crop);
 - ``unbalanced OT``: the full model with unbalanced OT pairing (``reg_m=0.3``);
-- ``random pairs``: the full model trained on random source→target pairs (no OT, equal weights); its gate
-  is still the OT pairing's shift test (``sp.tl.transition`` always tests the OT pairing);
+- ``random pairs``: the full model trained on random source→target pairs (no OT, equal weights), gated by
+  the shift test of random pairs (``sp.tl.transition`` recomputes the pairing the flow was trained with);
+  ``..., gated by the OT pairing``: the same flow gated by the OT pairing's shift test (a hybrid);
 - ``no morphology loss``: the full model with ``sw_weight=0``;
 - ``previous full`` (not run by default): balanced OT and the FlowConfig defaults before 2026-11-26;
 - ``one_step`` (not run by default): the morphology loss as first implemented.
@@ -159,7 +160,13 @@ def run_seed(seed: int, n_cells: int, epochs: int, fit_epochs: int, steps: int, 
         sp.tl.fit_transition(sdata, m, groupby="condition", source="control", target="disease",
                              max_epochs=epochs, random_state=seed, crops=crops, inplace=False, **kw)
         train = time.perf_counter() - t0
-        for suffix, gate in (("", sp.tl.transition.__kwdefaults__["gate"]), (", ungated", None)):
+        gate = sp.tl.transition.__kwdefaults__["gate"]
+        runs = [("", gate, None), (", ungated", None, None)]
+        if kw.get("pairing") == "random":  # the gate on the OT pairing's shift test instead of the random pairs'
+            runs.append((", gated by the OT pairing", gate, "ot"))
+        for suffix, gate, method in runs:
+            if method is not None:
+                m.flow_info["pairing"]["method"] = method
             t1 = time.perf_counter()
             out = sp.tl.transition(sdata, m, groupby="condition", source="control", target="disease", crops=crops,
                                    cells=src, steps=steps, gate=gate, inplace=False)

@@ -104,7 +104,7 @@ class ToMeAttnProcessor:
     """Attention processor that merges tokens before self-attention and unmerges its output.
 
     Wraps diffusers' default processor: it receives the normalised hidden states ``(B, N, C)`` of a
-    ``BasicTransformerBlock``'s ``attn1``, merges ``round(ratio · N)`` of them, attends over the rest and
+    ``BasicTransformerBlock``'s ``attn1``, merges ``⌊ratio · N⌋`` of them, attends over the rest and
     unmerges. ``ratio = 0`` runs the same code path and merges nothing.
     """
 

@@ -316,7 +316,8 @@ def transition(
     returned as it is, since a flow's rendering of a cell, even when it should not change, is never quite the
     cell (on the simulator, gating took the cell types a transition leaves alone from 0.30–0.50 to 0.28–0.30
     Wasserstein, the floor of two samples of one distribution being 0.28). Each prediction is linked to its source cell, to the source cell's OT-matched real target cell (the
-    pairing recomputed with the parameters the flow was trained with) and to the real target cell nearest
+    pairing recomputed with the parameters the flow was trained with; random pairs for a flow trained with
+    ``pairing="random"``, whose gate then tests those) and to the real target cell nearest
     to it in morphology features.
 
     Parameters
@@ -401,7 +402,7 @@ def transition(
     p = model.flow_info["pairing"]
     res = _pairs_for(table, arrays, groupby, source, target, n_pcs=p["n_pcs"], epsilon=p["epsilon"],
                      max_iter=p["max_iter"], niche_key=p["niche_key"], min_cells=p["min_cells"],
-                     random_state=random_state, pairing="ot", reg_m=p.get("reg_m"))
+                     random_state=random_state, pairing=p.get("method", "ot"), reg_m=p.get("reg_m"))
     rows = _select_cells(table, res.source_rows, cells)
     pos = pd.Series(np.arange(len(res.source_rows)), index=res.source_rows)[rows].to_numpy()
     pvalue = res.shift_test(gate_neighbors)["shift_pvalue"].to_numpy()[pos]
