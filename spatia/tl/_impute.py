@@ -111,7 +111,7 @@ def _reference_profiles(reference, reference_layer):
 
 def _map_to_reference(query: np.ndarray, ref_shared: np.ndarray, ref_target: np.ndarray, n_neighbors: int,
                       n_comps: int, random_state: int) -> np.ndarray:
-    """kNN regression in a joint PCA of the shared genes (each dataset z-scored on its own).
+    """kNN regression in a PCA of the shared genes fitted on the reference (each dataset z-scored on its own).
 
     ``query`` and ``ref_shared`` are log-normalised expression over the same shared genes; each gene is
     standardised within its dataset (removing platform-wide gene scale differences), PCA is fitted on the
@@ -180,7 +180,7 @@ def impute(
     (b) **Genes the panel did not measure** (``reference=`` a scRNA-seq AnnData of raw counts): each cell is
     matched to reference cells on the shared genes, using the model's denoised profile (so shallow,
     dropout-heavy cells still find the right neighbours), and takes their expression of the other genes
-    (kNN regression in a joint PCA, each dataset z-scored on its own).
+    (kNN regression in a PCA fitted on the reference and applied to both, each dataset z-scored on its own).
 
     Parameters
     ----------
