@@ -215,9 +215,14 @@ def _shift_test(coords: np.ndarray, fs: np.ndarray, ft: np.ndarray, k: int):
     mu = np.where(np.isfinite(mu), mu, 0.0)
     d = np.nan_to_num((ft - mu) / sd) - np.nan_to_num((fs - mu) / sd)
     idx = NearestNeighbors(n_neighbors=k).fit(coords).kneighbors(coords, return_distance=False)
-    dbar = d[idx].mean(1)
-    resid = (d[idx] - dbar[:, None, :]).reshape(-1, f)
-    cov = resid.T @ resid / max(len(resid) - n, 1)  # each neighbourhood's mean costs one degree of freedom
+    # neighbourhood means in chunks (no (n, k, f) array: memory stays O(n·k) on large slides)
+    step = max(1, 2**22 // (k * f))
+    dbar = np.concatenate([d[idx[i:i + step]].mean(1) for i in range(0, n, step)])
+    # pooled covariance of the shifts around their neighbourhood means: Σ_i Σ_{j∈N(i)} (d_j − d̄_i)(d_j − d̄_i)ᵀ
+    # = Σ_j c_j d_j d_jᵀ − k Σ_i d̄_i d̄_iᵀ, with c_j the number of neighbourhoods holding j
+    c = np.bincount(idx.ravel(), minlength=n).astype(np.float64)
+    scatter = (d * c[:, None]).T @ d - k * (dbar.T @ dbar)
+    cov = scatter / max(n * (k - 1), 1)  # each neighbourhood's mean costs one degree of freedom
     w, v = np.linalg.eigh(cov)
     keep = w > max(w.max(), 0.0) * 1e-6
     if not keep.any():  # no feature varies: nothing can be shifted
