@@ -313,13 +313,13 @@ def transition(
     guidance ``v_c + w·(v_c − v_null)``), conditioned on the cell's own SPATIA embedding and the transition.
     Only cells the transition changes are transformed (``gate``): a cell whose neighbourhood in expression
     shows no significant morphology shift to its OT matches (:meth:`~spatia.tl.PairResult.shift_test`) is
-    returned as it is, since a flow's rendering of a cell, even when it should not change, is never quite the
-    cell (on the simulator's condition shift, gating took the morphology of the cell types the transition leaves
-    alone from 0.41 to 0.30 Wasserstein, the floor being 0.28; it also leaves some cells that do change, see
-    ``benchmarks/results/transition.md``). Each prediction is linked to its source cell, to the source cell's OT-matched real target cell (the
-    pairing recomputed with the parameters the flow was trained with; random pairs for a flow trained with
-    ``pairing="random"``, whose gate then tests those) and to the real target cell nearest
-    to it in morphology features.
+    returned as it is, since a flow's rendering of a cell, even one that should not change, is never quite
+    the cell (on the simulator's condition shift, gating took the morphology of the cell types the transition
+    leaves alone from 0.41 to 0.30 Wasserstein, the floor being 0.28; it also leaves some cells that do
+    change, see ``benchmarks/results/transition.md``). Each prediction is linked to its source cell, to the
+    source cell's OT-matched real target cell (the pairing recomputed with the parameters the flow was
+    trained with; random pairs for a flow trained with ``pairing="random"``, whose gate then tests those)
+    and to the real target cell nearest to it in morphology features.
 
     Parameters
     ----------
