@@ -512,6 +512,8 @@ def pair_states(
         pv.iloc[srows] = shift["shift_pvalue"].to_numpy()
         st.obs[f"{key_added}_shift_pvalue"] = pv.to_numpy()
         log_added("adata.obs", f"{key_added}_shift_pvalue")
+    elif f"{key_added}_shift_pvalue" in st.obs:  # an earlier pairing's test: it would not match these pairs
+        del st.obs[f"{key_added}_shift_pvalue"]
     uns = st.uns.setdefault(Keys.UNS, {})
     uns.setdefault(Keys.TRANSITIONS, {})[res.name] = _sanitize(res.to_uns())
     log_added("adata.uns", f"{Keys.UNS}']['{Keys.TRANSITIONS}")

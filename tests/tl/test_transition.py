@@ -63,6 +63,10 @@ def test_pairing_recovers_correspondence(sdata):
     assert set(info["delta_g"]) == set(table.var_names) and len(info["delta_m"]) == 10
     assert 1 / (~src).sum() <= info["mean_confidence"] <= 1
     assert info["n_shifted"] == (pval[src] < 0.01).sum() and info["shift_neighbors"] == 60
+    # pairing again without crops (an AnnData): no shift test, and the earlier one's p-values go
+    sp.tl.pair_states(table, groupby="condition", source="control", target="disease")
+    assert "spatia_pair_shift_pvalue" not in table.obs and "n_shifted" not in table.uns["spatia"]["transitions"][
+        "control->disease"]
 
 
 def test_pairing_confidence_and_epsilon(sim):
