@@ -220,7 +220,8 @@ def generate(
         Fraction of the tokens merged before each self-attention (ToMe); ``None`` = off (the default,
         ``DEFAULT_TOKEN_MERGING``, from ``benchmarks/generate.py``). It pays for large crops on CPU (``0.5``
         sampled 128-px crops 1.4–1.9× faster there); at 32–64 px on CPU it gained 0.96–1.17×, and on a
-        GPU at 32–128 px it made sampling slower (0.53–0.95×). Its effect on sample quality was within the noise of KID and the morphology metrics.
+        GPU at 32–128 px it made sampling slower (0.53–0.95×). Its effect on sample quality was within the
+        noise of KID and the morphology metrics.
     random_state
         Seed of the noise: the same seed gives the same images.
     table_key, layer

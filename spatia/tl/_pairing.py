@@ -218,8 +218,9 @@ def _shift_test(coords: np.ndarray, fs: np.ndarray, ft: np.ndarray, k: int):
     # neighbourhood means in chunks (no (n, k, f) array: memory stays O(n·k) on large slides)
     step = max(1, 2**22 // (k * f))
     dbar = np.concatenate([d[idx[i:i + step]].mean(1) for i in range(0, n, step)])
-    # pooled covariance of the shifts around their neighbourhood means: Σ_i Σ_{j∈N(i)} (d_j − d̄_i)(d_j − d̄_i)ᵀ
-    # = Σ_j c_j d_j d_jᵀ − k Σ_i d̄_i d̄_iᵀ, with c_j the number of neighbourhoods holding j
+    # pooled covariance of the shifts around their neighbourhood means:
+    # Σ_i Σ_{j∈N(i)} (d_j − d̄_i)(d_j − d̄_i)ᵀ = Σ_j c_j d_j d_jᵀ − k Σ_i d̄_i d̄_iᵀ,
+    # with c_j the number of neighbourhoods holding j
     c = np.bincount(idx.ravel(), minlength=n).astype(np.float64)
     scatter = (d * c[:, None]).T @ d - k * (dbar.T @ dbar)
     cov = scatter / max(n * (k - 1), 1)  # each neighbourhood's mean costs one degree of freedom

@@ -435,7 +435,7 @@ def transition(
     # links: OT match of each source cell, and the real target nearest to the prediction in morphology
     matched = res.matched_obs[pos]
     f_pred = morphology_features(pred).to_numpy()
-    f_tgt = morphology_features(arrays.crops.get(res.target_rows).astype(np.float32) / 255.0).to_numpy()
+    f_tgt = res.target_features.to_numpy()  # measured by the pairing, on the same crops
     mu, sd = np.nanmean(f_tgt, 0), np.nanstd(f_tgt, 0)
     sd = np.where(sd > 0, sd, 1.0)
     a, b = np.nan_to_num((f_pred - mu) / sd), np.nan_to_num((f_tgt - mu) / sd)
