@@ -6,12 +6,17 @@ disease side, the others keep their morphology) and compare predicted crops with
 the source cell's own type**, so a flow that turns a cell into another type's morphology is penalised:
 
 - ``unchanged source``: the source crops themselves (no model);
-- ``full``: balanced OT pairing (DESIGN.md), confidence-weighted FM + contrastive + sliced-Wasserstein
+- ``full``: balanced OT pairing (DESIGN.md) with composition marginals (``pair_states``' default: the
+  target cells weighted so that each expression cluster of the source cells keeps its share of the mass),
+  confidence-weighted FM + contrastive + sliced-Wasserstein
   (FlowConfig defaults: the morphology loss on a 2-step Euler rollout of the flow, joint with the source, on
-  crops smoothed by a 1-px Gaussian, after a 50 % warm-up; minibatch OT re-pairing; cosine learning rate),
+  crops smoothed by a 1-px Gaussian, after a 50 % warm-up, on the 9 region proxies; minibatch OT
+  re-pairing; cosine learning rate),
   sampled with ``sp.tl.transition``'s default gate (cells whose neighbourhood shows no significant
   morphology shift to their OT matches keep their crop);
-- ``unbalanced OT``: the full model with unbalanced OT pairing (``reg_m=0.3``);
+- ``unbalanced OT``: the full model with unbalanced OT pairing (``reg_m=0.3``, uniform reference marginals);
+- ``uniform marginals`` (not run by default): the full model paired by plain balanced OT
+  (``marginals="uniform"``, the default before 2026-11-27);
 - ``random pairs``: the full model trained on random source→target pairs (no OT, equal weights), gated by
   the shift test of random pairs (``sp.tl.transition`` recomputes the pairing the flow was trained with);
   ``..., gated by the OT pairing``: the same flow gated by the OT pairing's shift test (a hybrid);
@@ -93,27 +98,37 @@ def score(name, pred, types_pred, real_by_type, model, seed, seconds, transition
     return row
 
 
-def pairing_recovery(sdata, seed) -> dict:
+def pairing_recovery(sdata, seed) -> list[dict]:
+    """Correspondence recovered by the OT pairing, with composition (default) and uniform marginals."""
     table = sdata["table"]
-    res = sp.tl.pair_states(sdata, groupby="condition", source="control", target="disease", inplace=False,
-                            crops=np.zeros((table.n_obs, 1, 8, 8), np.uint8), random_state=seed)
     o = table.obs
-    ts = o["cell_type"].astype(str).to_numpy()[res.source_rows]
-    tt = o.loc[res.matched_obs, "cell_type"].astype(str).to_numpy()
-    ps = pd.Series(ts).value_counts(normalize=True)
-    pt = o["cell_type"].iloc[res.target_rows].astype(str).value_counts(normalize=True).reindex(ps.index).fillna(0)
     tr = table.uns["simulation"]["transition_type"]
-    moved = o.loc[res.matched_obs, "state"].to_numpy()[ts == tr] == "transitioned"
-    return {"seed": seed, "same type": float((ts == tt).mean()), "chance": float((ps * pt).sum()),
-            "ctrl transition type -> transitioned": float(moved.mean()),
-            "chance (transitioned among disease)": float((o["state"].iloc[res.target_rows] == "transitioned").mean()),
-            "mean confidence": res.info["mean_confidence"], "uniform confidence": res.info["uniform_confidence"]}
+    out = []
+    for marginals in ("composition", "uniform"):
+        res = sp.tl.pair_states(sdata, groupby="condition", source="control", target="disease", inplace=False,
+                                crops=np.zeros((table.n_obs, 1, 8, 8), np.uint8), random_state=seed,
+                                marginals=marginals)
+        ts = o["cell_type"].astype(str).to_numpy()[res.source_rows]
+        tt = o.loc[res.matched_obs, "cell_type"].astype(str).to_numpy()
+        ps = pd.Series(ts).value_counts(normalize=True)
+        pt = o["cell_type"].iloc[res.target_rows].astype(str).value_counts(normalize=True).reindex(ps.index).fillna(0)
+        moved = o.loc[res.matched_obs, "state"].to_numpy() == "transitioned"
+        out.append({"seed": seed, "marginals": marginals, "same type": float((ts == tt).mean()),
+                    "chance": float((ps * pt).sum()),
+                    "ctrl transition type -> transitioned": float(moved[ts == tr].mean()),
+                    "other types -> transitioned": float(moved[ts != tr].mean()),
+                    "chance (transitioned among disease)": float((o["state"].iloc[res.target_rows] == "transitioned").mean()),
+                    "mean confidence": res.info["mean_confidence"], "uniform confidence": res.info["uniform_confidence"]})
+    return out
 
 
 PREVIOUS = dict(lr_schedule="constant", sw_blur=0.0, batch_ot=False)  # FlowConfig defaults before 2026-11-26
 VARIANTS = {
-    "full": ("full (balanced OT + FM + contrastive + SW)", dict(pairing="ot", config=FlowConfig.tiny())),
-    "unbalanced": ("unbalanced OT (reg_m=0.3)", dict(pairing="ot", reg_m=0.3, config=FlowConfig.tiny())),
+    "full": ("full (composition OT + FM + contrastive + SW)", dict(pairing="ot", config=FlowConfig.tiny())),
+    "unbalanced": ("unbalanced OT (reg_m=0.3)", dict(pairing="ot", reg_m=0.3, marginals="uniform",
+                                                     config=FlowConfig.tiny())),
+    "uniform": ("uniform marginals (plain balanced OT)", dict(pairing="ot", marginals="uniform",
+                                                              config=FlowConfig.tiny())),
     "random": ("random pairs (no OT)", dict(pairing="random", config=FlowConfig.tiny())),
     "no_sw": ("no morphology loss (sw_weight=0)",
               dict(pairing="ot", config=FlowConfig.tiny().replace(sw_weight=0.0))),
@@ -188,7 +203,7 @@ def main() -> None:
     p.add_argument("--fit-epochs", type=int, default=15)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--per-type", type=int, default=40, help="control cells of each type transformed and scored")
-    p.add_argument("--variants", nargs="+", default=["full", "unbalanced", "random", "no_sw"],
+    p.add_argument("--variants", nargs="+", default=["full", "uniform", "unbalanced", "random", "no_sw"],
                    choices=list(VARIANTS))
     p.add_argument("--out", default="benchmarks/results/transition.md")
     a = p.parse_args()
@@ -202,7 +217,7 @@ def main() -> None:
     for seed in a.seeds:  # the report is rewritten after every seed, so a cut-short run keeps what it has
         r, rec = run_seed(seed, a.n_cells, a.epochs, a.fit_epochs, a.steps, a.per_type, a.variants)
         rows += r
-        recs.append(rec)
+        recs.extend(rec)
         report(rows, recs, a)
 
 
@@ -214,7 +229,7 @@ def report(rows: list[dict], recs: list[dict], a) -> None:
     table = mean.copy().astype(object)
     for c in num:
         table[c] = [f"{m:.3f} ± {s:.3f}" if c != "seconds" else f"{m:.0f}" for m, s in zip(mean[c], std[c], strict=True)]
-    rec = pd.DataFrame(recs).set_index("seed")
+    rec = pd.DataFrame(recs).set_index(["seed", "marginals"])
     cmd = "python " + " ".join(sys.argv)
     text = [
         "# State transitions: predicted vs real target-state crops",
@@ -249,9 +264,10 @@ def report(rows: list[dict], recs: list[dict], a) -> None:
         "## OT pairing recovers the simulator's correspondence",
         "",
         "Condition shift, `pair_states(groupby='condition', source='control', target='disease')`, ε = 0.05, "
-        "global: fraction of source cells matched to a target of the same cell type vs chance "
-        "(Σ_t p_source(t)·p_target(t)), and fraction of control cells of the transitioning type matched "
-        "to a transitioned cell vs the fraction of transitioned cells among the targets.",
+        "global, with composition marginals (the default) and uniform ones (plain balanced OT): fraction of "
+        "source cells matched to a target of the same cell type vs chance (Σ_t p_source(t)·p_target(t)), "
+        "fraction of control cells of the transitioning type (and of the other types) matched to a "
+        "transitioned cell vs the fraction of transitioned cells among the targets.",
         "",
         rec.round(3).to_markdown(),
         "",

@@ -54,3 +54,4 @@ class Defaults:
     TILE_UM = 200.0
     SHIFT_NEIGHBORS = 60  # cells per neighbourhood of the morphology-shift test (PairResult.shift_test)
     SHIFT_ALPHA = 0.01  # sp.tl.transition transforms the cells whose shift test is significant at this level
+    PAIR_NEIGHBORS = 15  # pair_states(marginals="composition"): kNN graph of the source clusters, target votes

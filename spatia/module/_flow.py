@@ -45,6 +45,9 @@ class FlowConfig:
     off); 0 = no smoothing (as before). ``batch_ot`` re-pairs each training batch's targets among its sources
     by an exact assignment on pixel distance plus ``batch_ot_emb_weight`` × source-embedding distance
     (``spatia.module._flow.batch_repair``; minibatch OT: the batch keeps the same targets, the paths get shorter).
+    ``proxies``: the morphology proxies the loss compares, ``"region"`` (default; :func:`morphology_proxies`,
+    9 of the 10 measured region features on the same Otsu region) or ``"soft"`` (the looser proxies of flows
+    trained before 2026-11-27, :func:`soft_proxies`).
     ``lr_schedule``: ``"cosine"`` (decay to 0 over the run) or ``"constant"``.
     Models saved before a field existed load with the value they were trained with (``_BEFORE_FIELD``).
     """
@@ -66,6 +69,7 @@ class FlowConfig:
     sw_joint: bool = True
     sw_min_t: float = 0.0
     sw_blur: float = 1.0
+    proxies: str = "region"
     n_projections: int = 64
     cond_dropout: float = 0.1
     augment: bool = True
@@ -89,6 +93,8 @@ class FlowConfig:
             raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}.")
         if self.sw_endpoint not in ("rollout", "one_step"):
             raise ValueError(f"sw_endpoint must be 'rollout' or 'one_step', got {self.sw_endpoint!r}.")
+        if self.proxies not in ("region", "soft"):
+            raise ValueError(f"proxies must be 'region' or 'soft', got {self.proxies!r}.")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}.")
         if self.batch_ot_emb_weight < 0:
@@ -130,7 +136,7 @@ class FlowConfig:
 
 # what flows saved before a field existed were trained with (FlowConfig.from_dict)
 _BEFORE_FIELD: dict[str, Any] = {"sw_blur": 0.0, "batch_ot": False, "batch_ot_emb_weight": 1.0,
-                                 "lr_schedule": "constant"}
+                                 "lr_schedule": "constant", "proxies": "soft"}
 
 
 @dataclass
@@ -199,10 +205,11 @@ def confidence_weights(confidence: torch.Tensor, mean_confidence: float | torch.
     return confidence / torch.clamp(torch.as_tensor(mean_confidence, dtype=confidence.dtype), min=1e-12)
 
 
-def morphology_proxies(img: torch.Tensor, channel: int = 0, sharpness: float = 0.05) -> torch.Tensor:
-    """Differentiable stand-ins for the region features of :func:`spatia.metrics.morphology_features`.
+def soft_proxies(img: torch.Tensor, channel: int = 0, sharpness: float = 0.05) -> torch.Tensor:
+    """The morphology proxies of flows trained before 2026-11-27 (``FlowConfig(proxies="soft")``).
 
-    ``img (B, C, S, S)`` in [0, 1] → ``(B, 7)``: soft foreground area (a sigmoid around a per-crop threshold
+    Poor stand-ins, kept to reproduce those flows: their axis lengths and intensity spread do not follow the
+    measured ones. ``img (B, C, S, S)`` in [0, 1] → ``(B, 7)``: soft foreground area (a sigmoid around a per-crop threshold
     halfway between mean and max), mean / soft-max / std of the intensity inside, whole-crop mean
     intensity, and the square roots of the two eigenvalues of the foreground's second moments (axis
     lengths).
@@ -228,6 +235,100 @@ def morphology_proxies(img: torch.Tensor, channel: int = 0, sharpness: float = 0
     l1, l2 = tr / 2 + disc, torch.clamp(tr / 2 - disc, min=0.0)
     return torch.stack([area, mean_in, soft_max, std_in, flat.mean(1), torch.sqrt(l1 + 1e-6),
                         torch.sqrt(l2 + 1e-6)], 1)
+
+
+def otsu_fraction(flat: torch.Tensor, nbins: int = 256) -> torch.Tensor:
+    """Otsu's threshold of each row of ``flat (B, N)`` as a fraction of the row's range (min → 0, max → 1).
+
+    The histogram algorithm of ``skimage.filters.threshold_otsu`` (``nbins`` bins over the row's range,
+    the threshold at the centre of the bin that maximises the between-class variance), vectorised over
+    rows and without gradients. Constant rows give 0.5.
+    """
+    with torch.no_grad():
+        x = flat.float()
+        lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+        span = (hi - lo).clamp(min=1e-12)
+        idx = ((x - lo) / span * nbins).long().clamp(0, nbins - 1)
+        counts = torch.zeros(x.shape[0], nbins, device=x.device).scatter_add_(1, idx, torch.ones_like(x))
+        centers = (torch.arange(nbins, device=x.device, dtype=x.dtype) + 0.5) / nbins
+        w1 = counts.cumsum(1)
+        w2 = counts.flip(1).cumsum(1).flip(1)
+        m1 = (counts * centers).cumsum(1) / w1.clamp(min=1e-12)
+        m2 = (counts * centers).flip(1).cumsum(1).flip(1) / w2.clamp(min=1e-12)
+        var = w1[:, :-1] * w2[:, 1:] * (m1[:, :-1] - m2[:, 1:]) ** 2
+        frac = centers[var.argmax(1)]
+        return torch.where((hi - lo).squeeze(1) > 1e-8, frac, torch.full_like(frac, 0.5)).to(flat.dtype)
+
+
+def largest_component(mask: torch.Tensor) -> torch.Tensor:
+    """The largest 8-connected region of each boolean ``mask (B, H, W)`` (empty where the mask is), by
+    label propagation (each pixel takes the largest index among its foreground neighbours until stable)."""
+    with torch.no_grad():
+        b, h, w = mask.shape
+        fg = mask.float()[:, None]
+        lab = (torch.arange(1, h * w + 1, device=mask.device, dtype=torch.float32).view(1, 1, h, w) * fg)
+        for _ in range(h * w):
+            new = F.max_pool2d(lab, 3, stride=1, padding=1) * fg
+            if torch.equal(new, lab):
+                break
+            lab = new
+        lab = lab.view(b, -1).long()
+        sizes = torch.zeros(b, h * w + 1, device=mask.device).scatter_add_(1, lab, torch.ones_like(lab, dtype=torch.float32))
+        sizes[:, 0] = 0
+        best = sizes.argmax(1, keepdim=True)
+        return ((lab == best) & (best > 0)).view(b, h, w)
+
+
+def morphology_proxies(img: torch.Tensor, channel: int = 0, softness: float = 0.02, beta: float = 30.0) -> torch.Tensor:
+    """Differentiable stand-ins for the region features of :func:`spatia.metrics.morphology_features`.
+
+    ``img (B, C, S, S)`` in [0, 1] → ``(B, 9)``: area, perimeter, squared eccentricity (stable for round
+    shapes; same ranking), mean / max / min intensity, intensity std, major and minor axis length of the
+    crop's main region (solidity has no smooth stand-in).
+    The region follows the measured one: the foreground is the crop above Otsu's threshold, and of it the
+    largest 8-connected region is kept (found without gradients). Gradients flow through a soft mask,
+    a sigmoid around the threshold (width ``softness`` × the crop's range) inside that region grown by one
+    pixel, so the region can grow or shrink. The threshold is placed at Otsu's fraction of the crop's
+    range, and moves with it: brightening a whole crop does not grow its region. Max and min are soft
+    (log-sum-exp with ``beta`` over the range for the max, a third of it for the min, which is taken inside
+    the region proper). Lengths are in pixels.
+    """
+    x = img[:, channel]
+    b, s, _ = x.shape
+    flat = x.reshape(b, -1)
+    lo, hi = flat.amin(1), flat.amax(1)
+    span = (hi - lo).clamp(min=1e-6)
+    thr = lo + otsu_fraction(flat) * span
+    region = largest_component((flat > thr[:, None]).view(b, s, s))
+    empty = ~region.flatten(1).any(1)
+    zone = F.max_pool2d(region.float()[:, None], 3, stride=1, padding=1)[:, 0].flatten(1)
+    zone = torch.where(empty[:, None], torch.ones_like(zone), zone)
+    m = torch.sigmoid((flat - thr[:, None]) / (softness * span[:, None])) * zone
+    mass = m.sum(1) + 1e-4
+    mean_in = (flat * m).sum(1) / mass
+    std_in = torch.sqrt(((flat - mean_in[:, None]) ** 2 * m).sum(1) / mass + 1e-6)
+    logm = torch.log(m + 1e-6)
+    z = beta / span[:, None]
+    max_in = torch.logsumexp(flat * z + logm, 1) / z[:, 0] - torch.log(mass) / z[:, 0]
+    inner = m * region.flatten(1).to(m.dtype) + 1e-6  # the minimum is taken inside the region, not its rim
+    zmin = z / 3
+    min_in = (torch.log(inner.sum(1)) - torch.logsumexp(-flat * zmin + torch.log(inner), 1)) / zmin[:, 0]
+    coords = torch.arange(s, device=img.device, dtype=img.dtype)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    yy, xx = yy.reshape(1, -1), xx.reshape(1, -1)
+    cy, cx = (m * yy).sum(1) / mass, (m * xx).sum(1) / mass
+    dy, dx = yy - cy[:, None], xx - cx[:, None]
+    vyy, vxx, vxy = (m * dy * dy).sum(1) / mass, (m * dx * dx).sum(1) / mass, (m * dx * dy).sum(1) / mass
+    tr, det = vyy + vxx, vyy * vxx - vxy**2
+    disc = torch.sqrt(torch.clamp((tr / 2) ** 2 - det, min=0.0) + 1e-8)
+    l1, l2 = tr / 2 + disc, torch.clamp(tr / 2 - disc, min=0.0)
+    ecc2 = 2 * disc / (l1 + 1e-6)  # squared eccentricity, 1 − l2/l1: no square root near round shapes
+    mm = F.pad(m.view(b, 1, s, s), (2, 2, 2, 2))  # soft boundary length: |∇m| summed, central differences
+    gy = (mm[:, :, 2:, 1:-1] - mm[:, :, :-2, 1:-1]) / 2
+    gx = (mm[:, :, 1:-1, 2:] - mm[:, :, 1:-1, :-2]) / 2
+    perim = torch.sqrt(gy**2 + gx**2 + 1e-8).sum((1, 2, 3))
+    return torch.stack([m.sum(1), perim, ecc2, mean_in, max_in, min_in, std_in,
+                        4 * torch.sqrt(l1 + 1e-6), 4 * torch.sqrt(l2 + 1e-6)], 1)
 
 
 def gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -400,10 +501,11 @@ class TransitionFlow(nn.Module):
         marginal, so the loss cannot be lowered by giving one cell type's targets to another's sources.
         """
         blur = self.config.sw_blur
-        fa = morphology_proxies(gaussian_blur(((x_end + 1) / 2).clamp(0, 1), blur))
-        fb = morphology_proxies(gaussian_blur(x1r, blur))
+        proxies = morphology_proxies if self.config.proxies == "region" else soft_proxies
+        fa = proxies(gaussian_blur(((x_end + 1) / 2).clamp(0, 1), blur))
+        fb = proxies(gaussian_blur(x1r, blur))
         if x0r is not None:
-            f0 = morphology_proxies(gaussian_blur(x0r, blur)).detach()
+            f0 = proxies(gaussian_blur(x0r, blur)).detach()
             fa, fb = torch.cat([f0, fa], 1), torch.cat([f0, fb], 1)
         parts, sizes = [], []
         for tr in transition[use].unique():

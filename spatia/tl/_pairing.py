@@ -170,19 +170,59 @@ def _pca(x: sp_sparse.csr_matrix, n_pcs: int, seed: int) -> np.ndarray:
     return np.asarray(a.obsm["X_pca"], dtype=np.float64)
 
 
+def _composition_labels(zs: np.ndarray, zt: np.ndarray, n_neighbors: int, seed: int):
+    """Expression clusters of the source cells and the cluster each target cell falls in.
+
+    The source cells are clustered by Leiden (resolution 1) on their ``n_neighbors``-nearest-neighbour graph
+    in ``zs``; each target cell joins the cluster most common among its ``n_neighbors`` nearest source cells.
+    """
+    import scanpy as sc
+    from anndata import AnnData
+    from sklearn.neighbors import NearestNeighbors
+
+    ns = len(zs)
+    k = int(min(n_neighbors, ns - 1))
+    if k < 2:  # too few cells to cluster: one cluster
+        return np.zeros(ns, int), np.zeros(len(zt), int)
+    a = AnnData(np.zeros((ns, 0), np.float32))
+    a.obsm["X_pca"] = zs
+    sc.pp.neighbors(a, n_neighbors=k, use_rep="X_pca", random_state=seed)
+    sc.tl.leiden(a, resolution=1.0, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
+    lab_s = a.obs["leiden"].astype(int).to_numpy()
+    idx = NearestNeighbors(n_neighbors=k).fit(zs).kneighbors(zt, return_distance=False)
+    votes = np.zeros((len(zt), lab_s.max() + 1))
+    np.add.at(votes, (np.repeat(np.arange(len(zt)), k), lab_s[idx].ravel()), 1.0)
+    return lab_s, votes.argmax(1)
+
+
+def _cluster_masses(lab_s: np.ndarray, lab_t: np.ndarray) -> np.ndarray:
+    """Target masses (sum 1) giving each cluster the share it has among the source cells ``lab_s``, spread
+    evenly over its target cells; uniform when no target falls in a source cluster."""
+    n = int(max(lab_s.max(), lab_t.max())) + 1
+    share = np.bincount(lab_s, minlength=n) / len(lab_s)
+    count = np.bincount(lab_t, minlength=n)
+    b = share[lab_t] / count[lab_t]
+    return b / b.sum() if b.sum() > 0 else np.full(len(lab_t), 1.0 / len(lab_t))
+
+
 def _sinkhorn_match(xs: np.ndarray, xt: np.ndarray, scale: float, epsilon: float, max_iter: int,
-                    reg_m: float | None = None):
+                    reg_m: float | None = None, b: np.ndarray | None = None):
     """Hard match and confidence of each source row under the entropic plan between ``xs`` and ``xt``.
 
     Cost = squared Euclidean distance divided by ``scale`` (the median of the whole problem's costs), so
     ``epsilon`` is relative to a typical cost whatever the dataset. ``reg_m``: ``None`` = balanced OT
     (uniform marginals); a number = unbalanced OT, the marginals held by a KL penalty of that weight.
+    ``b``: the target cells' masses (normalised here; ``None`` = uniform).
     """
     import ot
 
+    if b is not None and (np.asarray(b) <= 0).any():  # massless targets cannot be matched: leave them out
+        keep = np.flatnonzero(np.asarray(b) > 0)
+        m, c = _sinkhorn_match(xs, xt[keep], scale, epsilon, max_iter, reg_m, np.asarray(b)[keep])
+        return keep[m], c
     cost = ot.dist(xs, xt, metric="sqeuclidean") / scale
     a = np.full(len(xs), 1.0 / len(xs))
-    b = np.full(len(xt), 1.0 / len(xt))
+    b = np.full(len(xt), 1.0 / len(xt)) if b is None else np.asarray(b, dtype=np.float64) / np.sum(b)
     if reg_m is None:
         plan = ot.bregman.sinkhorn_log(a, b, cost, reg=epsilon, numItermax=max_iter, stopThr=1e-9)
     else:
@@ -257,6 +297,7 @@ def compute_pairing(
     niche_key: str | None = None,
     min_cells: int = 10,
     reg_m: float | None = None,
+    marginals: str = "composition",
     source_crops=None,
     target_crops=None,
     channel: int = 0,
@@ -269,6 +310,8 @@ def compute_pairing(
         raise ValueError(f"epsilon must be positive, got {epsilon}.")
     if reg_m is not None and reg_m <= 0:
         raise ValueError(f"reg_m must be positive or None (balanced), got {reg_m}.")
+    if marginals not in ("composition", "uniform"):
+        raise ValueError(f"marginals must be 'composition' or 'uniform', got {marginals!r}.")
     genes_s = source_table.var_names.astype(str)
     genes_t = target_table.var_names.astype(str)
     shared = genes_s.intersection(genes_t, sort=False) if source_table is not target_table else genes_s
@@ -291,6 +334,10 @@ def compute_pairing(
     scale = float(np.median(((zs[i] - zt[j]) ** 2).sum(1)))
     scale = scale if scale > 0 else 1.0
 
+    if marginals == "composition":
+        lab_s, lab_t = _composition_labels(zs, zt, Defaults.PAIR_NEIGHBORS, seed)
+    else:
+        lab_s, lab_t = np.zeros(ns, int), np.zeros(len(zt), int)
     match = np.full(ns, -1, dtype=np.int64)
     conf = np.zeros(ns)
     stratum = np.full(ns, "global", dtype=object)
@@ -306,12 +353,13 @@ def compute_pairing(
             si, ti = np.flatnonzero(ns_lab == lab), np.flatnonzero(nt_lab == lab)
             if len(si) < min_cells or len(ti) < min_cells:
                 continue
-            m, c = _sinkhorn_match(zs[si], zt[ti], scale, epsilon, max_iter, reg_m)
+            m, c = _sinkhorn_match(zs[si], zt[ti], scale, epsilon, max_iter, reg_m,
+                                   b=_cluster_masses(lab_s[si], lab_t[ti]))
             match[si], conf[si], stratum[si] = ti[m], c, lab
             strata_used.append(lab)
     rest = np.flatnonzero(match < 0)
     if len(rest):
-        m, c = _sinkhorn_match(zs[rest], zt, scale, epsilon, max_iter, reg_m)
+        m, c = _sinkhorn_match(zs[rest], zt, scale, epsilon, max_iter, reg_m, b=_cluster_masses(lab_s[rest], lab_t))
         match[rest], conf[rest] = m, c
 
     xd = x.toarray()
@@ -330,7 +378,8 @@ def compute_pairing(
     info = {
         "source": name.split("->")[0], "target": name.split("->")[1], "epsilon": float(epsilon),
         "n_pcs": int(z.shape[1]), "cost": "squared euclidean / median", "cost_scale": scale,
-        "max_iter": int(max_iter), "reg_m": None if reg_m is None else float(reg_m), "n_source": int(ns),
+        "max_iter": int(max_iter), "reg_m": None if reg_m is None else float(reg_m), "marginals": marginals,
+        "n_clusters": int(len(np.unique(lab_s))), "n_source": int(ns),
         "n_target": int(len(target_rows)), "n_pairs": int(ns),
         "n_unique_targets": int(len(np.unique(match))), "mean_confidence": float(conf.mean()),
         "uniform_confidence": float(1.0 / len(target_rows)),
@@ -375,6 +424,7 @@ def pair_states(
     niche_key: str | None = None,
     min_cells: int = 10,
     reg_m: float | None = None,
+    marginals: str = "composition",
     crops=None,
     image_key: str | None = None,
     crop_size: int = Defaults.CROP_SIZE,
@@ -391,8 +441,7 @@ def pair_states(
     :func:`scanpy.pp.log1p`) and projected on their ``n_pcs`` principal components (:func:`scanpy.pp.pca`).
     The cost between a source and a target cell is their squared Euclidean distance divided by the median
     of all such costs, so ``epsilon`` means the same on any dataset (0.05: sharp, 1: nearly uniform).
-    POT's log-domain Sinkhorn (``ot.bregman.sinkhorn_log``, stable at small ``epsilon``) with uniform marginals
-    gives the plan; each source cell's **hard match** is the argmax of its row and its **confidence** is
+    POT's log-domain Sinkhorn (``ot.bregman.sinkhorn_log``, stable at small ``epsilon``) gives the plan; each source cell's **hard match** is the argmax of its row and its **confidence** is
     that entry divided by the row mass (1 = certain, ``1 / n_target`` = uniform). With ``niche_key``, cells
     are paired within each niche cluster where both groups have at least ``min_cells`` cells, and the rest
     globally (against all target cells).
@@ -431,6 +480,14 @@ def pair_states(
         number: unbalanced OT (``ot.unbalanced.sinkhorn_unbalanced``), the marginals only held by a KL
         penalty of weight ``reg_m`` (relative to the median cost, like ``epsilon``), so cell types whose
         proportions differ between the groups need not send mass to other types (0.3: mild, 0.1: strong).
+    marginals
+        The masses the plan gives the cells. ``"composition"`` (default): every source cell weighs the same,
+        and the target cells are weighted so that each expression cluster of the source cells keeps its share
+        of the mass on the target side (Leiden clusters of the source cells; each target cell joins the
+        cluster most common among its 15 nearest source cells). When a cell type is more common in one state
+        than in the other, the plan then need not send its excess to other types, while cells of a type that
+        changed expression still reach their own type. ``"uniform"``: every cell weighs the same (plain
+        balanced OT, as before 2026-11-27). Within niches the shares are those of the niche's source cells.
     crops
         :class:`~spatia.pp.CropStore` of the table's cells for ``Δm``; by default extracted from the
         SpatialData's image (``image_key``, ``crop_size`` px over ``crop_um`` µm); an AnnData without
@@ -485,7 +542,8 @@ def pair_states(
     tc_ = sc_ if target_data is None else _crops_of(target_data, target_table_key, None, image_key, crop_size, crop_um)
     res = compute_pairing(
         st, tt, srows, trows, name=f"{source}->{target}", layer=layer, n_pcs=n_pcs, epsilon=epsilon,
-        max_iter=max_iter, niche_key=niche_key, min_cells=min_cells, reg_m=reg_m, source_crops=sc_,
+        max_iter=max_iter, niche_key=niche_key, min_cells=min_cells, reg_m=reg_m, marginals=marginals,
+        source_crops=sc_,
         target_crops=tc_, channel=channel, random_state=random_state,
     )
     res.info["groupby"] = groupby

@@ -39,12 +39,12 @@ def _transition_list(source, target, transitions) -> list[tuple[str, str]]:
 
 
 def _pairs_for(table, arrays, groupby, source, target, *, n_pcs, epsilon, max_iter, niche_key, min_cells,
-               random_state, pairing, reg_m=None) -> PairResult:
+               random_state, pairing, reg_m=None, marginals="composition") -> PairResult:
     srows = _group_rows(table, groupby, source, role="source", min_cells=min_cells)
     trows = _group_rows(table, groupby, target, role="target", min_cells=min_cells)
     res = compute_pairing(
         table, table, srows, trows, name=f"{source}->{target}", n_pcs=n_pcs, epsilon=epsilon, max_iter=max_iter,
-        niche_key=niche_key, min_cells=min_cells, reg_m=reg_m, source_crops=arrays.crops,
+        niche_key=niche_key, min_cells=min_cells, reg_m=reg_m, marginals=marginals, source_crops=arrays.crops,
         target_crops=arrays.crops, random_state=random_state,
     )
     res.info["groupby"] = groupby
@@ -78,6 +78,7 @@ def fit_transition(
     niche_key: str | None = None,
     min_cells: int = 10,
     reg_m: float | None = None,
+    marginals: str = "composition",
     pairing: str = "ot",
     max_epochs: int | None = None,
     batch_size: int | None = None,
@@ -111,8 +112,9 @@ def fit_transition(
         :class:`~spatia.module.FlowConfig` (default ``FlowConfig()``).
     image_key, labels_key, shapes_key, table_key, layer, coordinate_system, crops
         As in :func:`spatia.tl.embed`.
-    n_pcs, epsilon, max_iter, niche_key, min_cells, reg_m
-        Pairing parameters (:func:`~spatia.tl.pair_states`; ``reg_m`` = unbalanced OT, ``None`` = balanced).
+    n_pcs, epsilon, max_iter, niche_key, min_cells, reg_m, marginals
+        Pairing parameters (:func:`~spatia.tl.pair_states`; ``reg_m`` = unbalanced OT, ``None`` = balanced;
+        ``marginals="composition"`` keeps each expression cluster's share of the mass on both sides).
     pairing
         ``"ot"``, or ``"random"`` (random pairs of equal weight: an ablation).
     max_epochs, batch_size
@@ -168,7 +170,7 @@ def fit_transition(
     results = [
         _pairs_for(table, arrays, groupby, s, t, n_pcs=n_pcs, epsilon=epsilon, max_iter=max_iter,
                    niche_key=niche_key, min_cells=min_cells, random_state=random_state, pairing=pairing,
-                   reg_m=reg_m)
+                   reg_m=reg_m, marginals=marginals)
         for s, t in pairs_wanted
     ]
     emb = model.infer(arrays, outputs=("cell",))["cell"]
@@ -228,7 +230,7 @@ def fit_transition(
         ],
         "pairing": {"n_pcs": n_pcs, "epsilon": epsilon, "max_iter": max_iter, "niche_key": niche_key,
                     "min_cells": min_cells, "method": pairing, "random_state": seed,
-                    "reg_m": None if reg_m is None else float(reg_m)},
+                    "reg_m": None if reg_m is None else float(reg_m), "marginals": marginals},
         "epochs": int(trainer.current_epoch), "train_seconds": round(time.perf_counter() - t0, 2),
         "history": history.history,
     }
@@ -403,7 +405,8 @@ def transition(
     p = model.flow_info["pairing"]
     res = _pairs_for(table, arrays, groupby, source, target, n_pcs=p["n_pcs"], epsilon=p["epsilon"],
                      max_iter=p["max_iter"], niche_key=p["niche_key"], min_cells=p["min_cells"],
-                     random_state=random_state, pairing=p.get("method", "ot"), reg_m=p.get("reg_m"))
+                     random_state=random_state, pairing=p.get("method", "ot"), reg_m=p.get("reg_m"),
+                     marginals=p.get("marginals", "uniform"))  # flows from before the option: uniform
     rows = _select_cells(table, res.source_rows, cells)
     pos = pd.Series(np.arange(len(res.source_rows)), index=res.source_rows)[rows].to_numpy()
     pvalue = res.shift_test(gate_neighbors)["shift_pvalue"].to_numpy()[pos]
