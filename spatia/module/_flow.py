@@ -48,6 +48,11 @@ class FlowConfig:
     ``proxies``: the morphology proxies the loss compares, ``"region"`` (default; :func:`morphology_proxies`,
     9 of the 10 measured region features on the same Otsu region) or ``"soft"`` (the looser proxies of flows
     trained before 2026-11-27, :func:`soft_proxies`).
+    ``sw_memory``: the morphology loss compares the batch together with the (detached) endpoints and targets
+    of this many earlier batches. On one batch of 32 pairs the sliced-Wasserstein distance varies from batch
+    to batch by as much as the systematic error it should correct. 0 (default) = the batch alone: on the
+    simulator a memory of 8 batches steadied the distance but did not make the loss help
+    (``benchmarks/results/transition.md``).
     ``lr_schedule``: ``"cosine"`` (decay to 0 over the run) or ``"constant"``.
     Models saved before a field existed load with the value they were trained with (``_BEFORE_FIELD``).
     """
@@ -70,6 +75,7 @@ class FlowConfig:
     sw_min_t: float = 0.0
     sw_blur: float = 1.0
     proxies: str = "region"
+    sw_memory: int = 0
     n_projections: int = 64
     cond_dropout: float = 0.1
     augment: bool = True
@@ -101,6 +107,8 @@ class FlowConfig:
             raise ValueError(f"batch_ot_emb_weight must be non-negative, got {self.batch_ot_emb_weight}.")
         if self.sw_blur < 0:
             raise ValueError(f"sw_blur must be non-negative, got {self.sw_blur}.")
+        if self.sw_memory < 0:
+            raise ValueError(f"sw_memory must be non-negative, got {self.sw_memory}.")
         if self.sw_steps < 1:
             raise ValueError(f"sw_steps must be at least 1, got {self.sw_steps}.")
         if not 0 <= self.sw_warmup < 1:
@@ -136,7 +144,7 @@ class FlowConfig:
 
 # what flows saved before a field existed were trained with (FlowConfig.from_dict)
 _BEFORE_FIELD: dict[str, Any] = {"sw_blur": 0.0, "batch_ot": False, "batch_ot_emb_weight": 1.0,
-                                 "lr_schedule": "constant", "proxies": "soft"}
+                                 "lr_schedule": "constant", "proxies": "soft", "sw_memory": 0}
 
 
 @dataclass
@@ -404,6 +412,7 @@ class TransitionFlow(nn.Module):
         )
         self.null_cond = nn.Parameter(torch.zeros(c.cond_dim))
         self.sw_scale = 1.0  # multiplier of the morphology loss (the training plan sets 0 during the warm-up)
+        self.sw_bank: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # earlier batches (fa, fb, tr)
         n = len(c.block_out_channels)
         self.unet = UNet2DModel(
             sample_size=size, in_channels=channels, out_channels=channels,
@@ -499,6 +508,7 @@ class TransitionFlow(nn.Module):
         With ``x0r`` (the source crops in [0, 1]) the points are [source proxies ; endpoint proxies] against
         [source proxies ; matched target proxies]: the joint law of the pairs, not only the targets'
         marginal, so the loss cannot be lowered by giving one cell type's targets to another's sources.
+        In training, the points of the last ``config.sw_memory`` batches (detached) join the batch's own.
         """
         blur = self.config.sw_blur
         proxies = morphology_proxies if self.config.proxies == "region" else soft_proxies
@@ -507,12 +517,27 @@ class TransitionFlow(nn.Module):
         if x0r is not None:
             f0 = proxies(gaussian_blur(x0r, blur)).detach()
             fa, fb = torch.cat([f0, fa], 1), torch.cat([f0, fb], 1)
+        fa, fb, tr_all = fa[use], fb[use], transition[use]
+        n_new = len(fa)
+        memory = self.config.sw_memory > 0 and self.training
+        if memory:
+            bank = [m for m in self.sw_bank if m[0].shape[1:] == fa.shape[1:]]
+            fa = torch.cat([fa] + [m[0] for m in bank])
+            fb = torch.cat([fb] + [m[1] for m in bank])
+            tr_all = torch.cat([tr_all] + [m[2] for m in bank])
+        if memory and n_new:
+            self.sw_bank = ([(fa[:n_new].detach(), fb[:n_new].detach(), tr_all[:n_new])] + self.sw_bank)
+            self.sw_bank = self.sw_bank[:self.config.sw_memory]
         parts, sizes = [], []
-        for tr in transition[use].unique():
-            sel = use & (transition == tr)
+        for tr in tr_all[:n_new].unique():
+            sel = tr_all == tr
             if int(sel.sum()) > 1:
-                parts.append(sliced_wasserstein(fa[sel], fb[sel], self.config.n_projections, generator=generator))
-                sizes.append(float(sel.sum()))
+                d = sliced_wasserstein(fa[sel], fb[sel], self.config.n_projections, generator=generator)
+                # only the batch's own points carry gradients: scaled so that they get what a distance over
+                # the batch alone would give them, while the value stays the distance over all points
+                boost = float(sel.sum()) / float(sel[:n_new].sum())
+                parts.append(d.detach() + boost * (d - d.detach()))
+                sizes.append(float(sel[:n_new].sum()))
         if not parts:
             return None
         wts = torch.tensor(sizes, device=x_end.device, dtype=x_end.dtype)

@@ -24,12 +24,16 @@ class FlowTrainingPlan(pl.LightningModule):
         self.flow = flow
         self.lr, self.weight_decay = lr, weight_decay
 
+    def on_train_start(self) -> None:
+        self.flow.sw_bank = []  # the morphology loss's memory of earlier batches starts empty
+
     def on_train_epoch_start(self) -> None:
         warm = self.flow.config.sw_warmup * (self.trainer.max_epochs or 0)
         self.flow.sw_scale = 0.0 if self.current_epoch < warm else 1.0
 
     def on_train_end(self) -> None:
         self.flow.sw_scale = 1.0
+        self.flow.sw_bank = []
 
     def training_step(self, batch, batch_idx):
         out = self.flow(batch)

@@ -293,7 +293,7 @@ def test_joint_morphology_loss_penalises_swapping_types():
     """The morphology loss compares the joint law of (source, endpoint) with that of (source, matched target):
     endpoints that give one type's target morphology to another type's sources are penalised, whereas the
     targets' marginal law (the same set of crops, only reassigned) cannot tell the two apart."""
-    flow = _flow()
+    flow = _flow(sw_memory=0)
     x0 = torch.cat([_discs(2.0, 0.5), _discs(5.0, 0.5)])  # small- and large-nucleus sources
     x1 = torch.cat([_discs(3.0, 0.9), _discs(6.0, 0.9)])  # their targets: each grows and brightens
     swapped = x1[torch.cat([torch.arange(8, 16), torch.arange(0, 8)])]  # small sources get large targets
@@ -308,6 +308,46 @@ def test_joint_morphology_loss_penalises_swapping_types():
     # the same eccentricity and intensities, so their tiny spread magnifies rounding errors)
     floor = max(loss(x1, joint=True), loss(swapped, joint=False))
     assert loss(swapped, joint=True) > 0.3 and loss(swapped, joint=True) > 20 * floor, (loss(swapped, joint=True), floor)
+
+
+def _blob_batch(seed, n=16, grow=1.0):
+    """Sources: noisy discs of random radius; targets: the same discs grown by ``grow`` px and brighter."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(16.0) - 7.5, torch.arange(16.0) - 7.5, indexing="ij")
+    r = 2.0 + 3.0 * torch.rand(n, 1, 1, generator=g)
+    d = torch.sqrt(yy**2 + xx**2)[None]
+
+    def disc(rad, b):
+        return (0.05 + b * torch.sigmoid((rad - d) * 2) + 0.03 * torch.rand(n, 16, 16, generator=g))[:, None]
+
+    return disc(r, 0.5), disc(r + grow, 0.8)
+
+
+def test_morphology_loss_memory_steadies_the_distance():
+    """With ``sw_memory`` the loss compares the batch together with earlier batches' (detached) points: its
+    value is the distance over all of them, it varies less from batch to batch, and only the batch's own
+    endpoints get gradients."""
+    tr = torch.zeros(16, dtype=torch.long)
+    use = torch.ones(16, dtype=torch.bool)
+    values = {}
+    for memory in (0, 8):
+        flow = _flow(sw_memory=memory).train()
+        vals = []
+        for seed in range(24):
+            x0, x1 = _blob_batch(seed)
+            end = x0.clone().requires_grad_(True)  # a flow that leaves the cells unchanged: a steady error
+            loss = flow._sw_per_transition(end * 2 - 1, x1, tr, use, torch.Generator().manual_seed(seed), x0r=x0)
+            loss.backward()
+            assert torch.isfinite(end.grad).all() and end.grad.abs().sum() > 0
+            vals.append(float(loss))
+        assert len(flow.sw_bank) == memory and all(not t.requires_grad for m in flow.sw_bank for t in m)
+        values[memory] = np.array(vals[8:])  # once the memory is full
+    assert values[8].std() < 0.6 * values[0].std(), (values[8].std(), values[0].std())
+    # outside training the memory is neither used nor filled
+    flow = _flow(sw_memory=8).eval()
+    x0, x1 = _blob_batch(0)
+    flow._sw_per_transition(x0 * 2 - 1, x1, tr, use, None, x0r=x0)
+    assert flow.sw_bank == []
 
 
 def test_morphology_loss_on_the_flow_rollout():
@@ -335,14 +375,16 @@ def test_morphology_loss_on_the_flow_rollout():
 def test_flow_config_old_models_keep_their_training_defaults():
     """Configurations saved before a field existed load with the behaviour they were trained with."""
     d = FlowConfig.tiny().to_dict()
-    for k in ("sw_blur", "batch_ot", "batch_ot_emb_weight", "lr_schedule", "proxies"):
+    for k in ("sw_blur", "batch_ot", "batch_ot_emb_weight", "lr_schedule", "proxies", "sw_memory"):
         d.pop(k)
     old = FlowConfig.from_dict(d)
     assert old.sw_blur == 0.0 and old.batch_ot is False and old.lr_schedule == "constant" and old.proxies == "soft"
+    assert old.sw_memory == 0
     new = FlowConfig.tiny()
     assert new.sw_blur == 1.0 and new.batch_ot is True and new.lr_schedule == "cosine" and new.proxies == "region"
     assert FlowConfig.from_dict(new.to_dict()) == new
-    for bad in (dict(lr_schedule="step"), dict(sw_blur=-1.0), dict(batch_ot_emb_weight=-1.0), dict(proxies="x")):
+    for bad in (dict(lr_schedule="step"), dict(sw_blur=-1.0), dict(batch_ot_emb_weight=-1.0), dict(proxies="x"),
+                dict(sw_memory=-1)):
         with pytest.raises(ValueError):
             FlowConfig(**bad)
 
