@@ -117,8 +117,10 @@ def pairing_recovery(sdata, seed) -> list[dict]:
                     "chance": float((ps * pt).sum()),
                     "ctrl transition type -> transitioned": float(moved[ts == tr].mean()),
                     "other types -> transitioned": float(moved[ts != tr].mean()),
-                    "chance (transitioned among disease)": float((o["state"].iloc[res.target_rows] == "transitioned").mean()),
-                    "mean confidence": res.info["mean_confidence"], "uniform confidence": res.info["uniform_confidence"]})
+                    "chance (transitioned among disease)":
+                        float((o["state"].iloc[res.target_rows] == "transitioned").mean()),
+                    "mean confidence": res.info["mean_confidence"],
+                    "uniform confidence": res.info["uniform_confidence"]})
     return out
 
 

@@ -217,8 +217,8 @@ def soft_proxies(img: torch.Tensor, channel: int = 0, sharpness: float = 0.05) -
     """The morphology proxies of flows trained before 2026-11-27 (``FlowConfig(proxies="soft")``).
 
     Poor stand-ins, kept to reproduce those flows: their axis lengths and intensity spread do not follow the
-    measured ones. ``img (B, C, S, S)`` in [0, 1] → ``(B, 7)``: soft foreground area (a sigmoid around a per-crop threshold
-    halfway between mean and max), mean / soft-max / std of the intensity inside, whole-crop mean
+    measured ones. ``img (B, C, S, S)`` in [0, 1] → ``(B, 7)``: soft foreground area (a sigmoid around a
+    per-crop threshold halfway between mean and max), mean / soft-max / std of the intensity inside, whole-crop mean
     intensity, and the square roots of the two eigenvalues of the foreground's second moments (axis
     lengths).
     """
@@ -281,13 +281,15 @@ def largest_component(mask: torch.Tensor) -> torch.Tensor:
                 break
             lab = new
         lab = lab.view(b, -1).long()
-        sizes = torch.zeros(b, h * w + 1, device=mask.device).scatter_add_(1, lab, torch.ones_like(lab, dtype=torch.float32))
+        sizes = torch.zeros(b, h * w + 1, device=mask.device)
+        sizes.scatter_add_(1, lab, torch.ones_like(lab, dtype=torch.float32))
         sizes[:, 0] = 0
         best = sizes.argmax(1, keepdim=True)
         return ((lab == best) & (best > 0)).view(b, h, w)
 
 
-def morphology_proxies(img: torch.Tensor, channel: int = 0, softness: float = 0.02, beta: float = 30.0) -> torch.Tensor:
+def morphology_proxies(img: torch.Tensor, channel: int = 0, softness: float = 0.02,
+                       beta: float = 30.0) -> torch.Tensor:
     """Differentiable stand-ins for the region features of :func:`spatia.metrics.morphology_features`.
 
     ``img (B, C, S, S)`` in [0, 1] → ``(B, 9)``: area, perimeter, squared eccentricity (stable for round

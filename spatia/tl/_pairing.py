@@ -441,10 +441,11 @@ def pair_states(
     :func:`scanpy.pp.log1p`) and projected on their ``n_pcs`` principal components (:func:`scanpy.pp.pca`).
     The cost between a source and a target cell is their squared Euclidean distance divided by the median
     of all such costs, so ``epsilon`` means the same on any dataset (0.05: sharp, 1: nearly uniform).
-    POT's log-domain Sinkhorn (``ot.bregman.sinkhorn_log``, stable at small ``epsilon``) gives the plan; each source cell's **hard match** is the argmax of its row and its **confidence** is
-    that entry divided by the row mass (1 = certain, ``1 / n_target`` = uniform). With ``niche_key``, cells
-    are paired within each niche cluster where both groups have at least ``min_cells`` cells, and the rest
-    globally (against all target cells).
+    POT's log-domain Sinkhorn (``ot.bregman.sinkhorn_log``, stable at small ``epsilon``) gives the plan
+    (the cells' masses: ``marginals``); each source cell's **hard match** is the argmax of its row and its
+    **confidence** is that entry divided by the row mass (1 = certain, ``1 / n_target`` = uniform). With
+    ``niche_key``, cells are paired within each niche cluster where both groups have at least ``min_cells``
+    cells, and the rest globally (against all target cells).
 
     Per transition, ``Δg`` is the mean expression shift (log-normalised, matched target − source) per gene
     and ``Δm`` the mean shift of the 10 morphology features of :func:`spatia.metrics.morphology_features`
@@ -488,6 +489,7 @@ def pair_states(
         than in the other, the plan then need not send its excess to other types, while cells of a type that
         changed expression still reach their own type. ``"uniform"``: every cell weighs the same (plain
         balanced OT, as before 2026-11-27). Within niches the shares are those of the niche's source cells.
+        With ``reg_m`` these are the masses the KL penalty holds the plan to.
     crops
         :class:`~spatia.pp.CropStore` of the table's cells for ``Δm``; by default extracted from the
         SpatialData's image (``image_key``, ``crop_size`` px over ``crop_um`` µm); an AnnData without
@@ -543,8 +545,7 @@ def pair_states(
     res = compute_pairing(
         st, tt, srows, trows, name=f"{source}->{target}", layer=layer, n_pcs=n_pcs, epsilon=epsilon,
         max_iter=max_iter, niche_key=niche_key, min_cells=min_cells, reg_m=reg_m, marginals=marginals,
-        source_crops=sc_,
-        target_crops=tc_, channel=channel, random_state=random_state,
+        source_crops=sc_, target_crops=tc_, channel=channel, random_state=random_state,
     )
     res.info["groupby"] = groupby
     shift = res.shift_test(shift_neighbors) if res.source_features is not None else None

@@ -307,7 +307,8 @@ def test_joint_morphology_loss_penalises_swapping_types():
     # the true pairs and the swapped pairs' marginal: no signal beyond float noise (every disc of a group has
     # the same eccentricity and intensities, so their tiny spread magnifies rounding errors)
     floor = max(loss(x1, joint=True), loss(swapped, joint=False))
-    assert loss(swapped, joint=True) > 0.3 and loss(swapped, joint=True) > 20 * floor, (loss(swapped, joint=True), floor)
+    swap = loss(swapped, joint=True)
+    assert swap > 0.3 and swap > 20 * floor, (swap, floor)
 
 
 def _blob_batch(seed, n=16, grow=1.0):
