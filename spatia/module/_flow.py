@@ -45,9 +45,9 @@ class FlowConfig:
     off); 0 = no smoothing (as before). ``batch_ot`` re-pairs each training batch's targets among its sources
     by an exact assignment on pixel distance plus ``batch_ot_emb_weight`` × source-embedding distance
     (``spatia.module._flow.batch_repair``; minibatch OT: the batch keeps the same targets, the paths get shorter).
-    ``proxies``: the morphology proxies the loss compares, ``"region"`` (default; :func:`morphology_proxies`,
-    9 of the 10 measured region features on the same Otsu region) or ``"soft"`` (the looser proxies of flows
-    trained before 2026-11-27, :func:`soft_proxies`).
+    ``proxies``: the morphology proxies the loss compares, ``"region"`` (default;
+    ``spatia.module._flow.morphology_proxies``, 9 of the 10 measured region features on the same Otsu region)
+    or ``"soft"`` (the looser proxies of flows trained before 2026-11-27, ``spatia.module._flow.soft_proxies``).
     ``sw_memory``: the morphology loss compares the batch together with the (detached) endpoints and targets
     of this many earlier batches. On one batch of 32 pairs the sliced-Wasserstein distance varies from batch
     to batch by as much as the systematic error it should correct. 0 (default) = the batch alone: on the
