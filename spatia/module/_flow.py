@@ -213,6 +213,19 @@ def confidence_weights(confidence: torch.Tensor, mean_confidence: float | torch.
     return confidence / torch.clamp(torch.as_tensor(mean_confidence, dtype=confidence.dtype), min=1e-12)
 
 
+def _principal_moments(m: torch.Tensor, mass: torch.Tensor, coords: torch.Tensor):
+    """Eigenvalues (l1 ≥ l2) of the second moments of the soft masks ``m (B, S*S)`` of total ``mass (B,)``
+    over a square grid of ``coords (S,)``, and half their difference."""
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    yy, xx = yy.reshape(1, -1), xx.reshape(1, -1)
+    cy, cx = (m * yy).sum(1) / mass, (m * xx).sum(1) / mass
+    dy, dx = yy - cy[:, None], xx - cx[:, None]
+    vyy, vxx, vxy = (m * dy * dy).sum(1) / mass, (m * dx * dx).sum(1) / mass, (m * dx * dy).sum(1) / mass
+    tr, det = vyy + vxx, vyy * vxx - vxy**2
+    disc = torch.sqrt(torch.clamp((tr / 2) ** 2 - det, min=0.0) + 1e-8)
+    return tr / 2 + disc, torch.clamp(tr / 2 - disc, min=0.0), disc
+
+
 def soft_proxies(img: torch.Tensor, channel: int = 0, sharpness: float = 0.05) -> torch.Tensor:
     """The morphology proxies of flows trained before 2026-11-27 (``FlowConfig(proxies="soft")``).
 
@@ -232,15 +245,7 @@ def soft_proxies(img: torch.Tensor, channel: int = 0, sharpness: float = 0.05) -
     mean_in = (flat * m).sum(1) / mass
     std_in = torch.sqrt(((flat - mean_in[:, None]) ** 2 * m).sum(1) / mass + 1e-6)
     soft_max = torch.logsumexp(flat * 20.0, 1) / 20.0
-    coords = torch.linspace(-1.0, 1.0, s, device=img.device, dtype=img.dtype)
-    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-    yy, xx = yy.reshape(1, -1), xx.reshape(1, -1)
-    cy, cx = (m * yy).sum(1) / mass, (m * xx).sum(1) / mass
-    dy, dx = yy - cy[:, None], xx - cx[:, None]
-    vyy, vxx, vxy = (m * dy * dy).sum(1) / mass, (m * dx * dx).sum(1) / mass, (m * dx * dy).sum(1) / mass
-    tr, det = vyy + vxx, vyy * vxx - vxy**2
-    disc = torch.sqrt(torch.clamp((tr / 2) ** 2 - det, min=0.0) + 1e-8)
-    l1, l2 = tr / 2 + disc, torch.clamp(tr / 2 - disc, min=0.0)
+    l1, l2, _ = _principal_moments(m, mass, torch.linspace(-1.0, 1.0, s, device=img.device, dtype=img.dtype))
     return torch.stack([area, mean_in, soft_max, std_in, flat.mean(1), torch.sqrt(l1 + 1e-6),
                         torch.sqrt(l2 + 1e-6)], 1)
 
@@ -323,15 +328,7 @@ def morphology_proxies(img: torch.Tensor, channel: int = 0, softness: float = 0.
     inner = m * region.flatten(1).to(m.dtype) + 1e-6  # the minimum is taken inside the region, not its rim
     zmin = z / 3
     min_in = (torch.log(inner.sum(1)) - torch.logsumexp(-flat * zmin + torch.log(inner), 1)) / zmin[:, 0]
-    coords = torch.arange(s, device=img.device, dtype=img.dtype)
-    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-    yy, xx = yy.reshape(1, -1), xx.reshape(1, -1)
-    cy, cx = (m * yy).sum(1) / mass, (m * xx).sum(1) / mass
-    dy, dx = yy - cy[:, None], xx - cx[:, None]
-    vyy, vxx, vxy = (m * dy * dy).sum(1) / mass, (m * dx * dx).sum(1) / mass, (m * dx * dy).sum(1) / mass
-    tr, det = vyy + vxx, vyy * vxx - vxy**2
-    disc = torch.sqrt(torch.clamp((tr / 2) ** 2 - det, min=0.0) + 1e-8)
-    l1, l2 = tr / 2 + disc, torch.clamp(tr / 2 - disc, min=0.0)
+    l1, l2, disc = _principal_moments(m, mass, torch.arange(s, device=img.device, dtype=img.dtype))
     ecc2 = 2 * disc / (l1 + 1e-6)  # squared eccentricity, 1 − l2/l1: no square root near round shapes
     mm = F.pad(m.view(b, 1, s, s), (2, 2, 2, 2))  # soft boundary length: |∇m| summed, central differences
     gy = (mm[:, :, 2:, 1:-1] - mm[:, :, :-2, 1:-1]) / 2
