@@ -15,13 +15,14 @@ the source cell's own type**, so a flow that turns a cell into another type's mo
   sampled with ``sp.tl.transition``'s default gate (cells whose neighbourhood shows no significant
   morphology shift to their OT matches keep their crop);
 - ``unbalanced OT``: the full model with unbalanced OT pairing (``reg_m=0.3``, uniform reference marginals);
-- ``uniform marginals`` (not run by default): the full model paired by plain balanced OT
+- ``uniform marginals``: the full model paired by plain balanced OT
   (``marginals="uniform"``, the default before 2026-11-27);
 - ``random pairs``: the full model trained on random source→target pairs (no OT, equal weights), gated by
   the shift test of random pairs (``sp.tl.transition`` recomputes the pairing the flow was trained with);
   ``..., gated by the OT pairing``: the same flow gated by the OT pairing's shift test (a hybrid);
 - ``no morphology loss``: the full model with ``sw_weight=0``;
-- ``previous full`` (not run by default): balanced OT and the FlowConfig defaults before 2026-11-26;
+- ``previous full`` (not run by default): balanced OT with uniform marginals and the FlowConfig defaults
+  before 2026-11-26;
 - ``one_step`` (not run by default): the morphology loss as first implemented.
 
 Each flow is also sampled with ``gate=None`` (every cell transformed): the ``..., ungated`` rows.
@@ -124,7 +125,7 @@ def pairing_recovery(sdata, seed) -> list[dict]:
     return out
 
 
-PREVIOUS = dict(lr_schedule="constant", sw_blur=0.0, batch_ot=False)  # FlowConfig defaults before 2026-11-26
+PREVIOUS = dict(lr_schedule="constant", sw_blur=0.0, batch_ot=False, proxies="soft")  # before 2026-11-26
 VARIANTS = {
     "full": ("full (composition OT + FM + contrastive + SW)", dict(pairing="ot", config=FlowConfig.tiny())),
     "unbalanced": ("unbalanced OT (reg_m=0.3)", dict(pairing="ot", reg_m=0.3, marginals="uniform",
@@ -135,10 +136,11 @@ VARIANTS = {
     "no_sw": ("no morphology loss (sw_weight=0)",
               dict(pairing="ot", config=FlowConfig.tiny().replace(sw_weight=0.0))),
     "previous": ("previous full (balanced OT, constant LR, sharp SW, no batch OT)",
-                 dict(pairing="ot", config=FlowConfig.tiny().replace(**PREVIOUS))),
+                 dict(pairing="ot", marginals="uniform", config=FlowConfig.tiny().replace(**PREVIOUS))),
     "one_step": ("full, one-step SW (as first built)",
-                 dict(pairing="ot", config=FlowConfig.tiny().replace(sw_endpoint="one_step", sw_joint=False,
-                                                                     sw_warmup=0.0, **PREVIOUS))),
+                 dict(pairing="ot", marginals="uniform",
+                      config=FlowConfig.tiny().replace(sw_endpoint="one_step", sw_joint=False, sw_warmup=0.0,
+                                                       **PREVIOUS))),
 }
 
 
