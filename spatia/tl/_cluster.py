@@ -65,9 +65,6 @@ def cluster(
     >>> sp.tl.cluster(sdata, level="niche", resolution=0.5)
     >>> sdata["table"].obs["spatia_niche"].value_counts()
     """
-    import scanpy as sc
-    from anndata import AnnData
-
     table = get_table(data, table_key)
     emb = get_embedding(table, level)
     if resolution <= 0:
@@ -91,10 +88,7 @@ def cluster(
     if len(uniq) < 3:
         codes = inverse
     else:
-        tmp = AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(uniq))]), obsm={"X": uniq})
-        sc.pp.neighbors(tmp, use_rep="X", n_neighbors=min(n_neighbors, len(uniq) - 1), random_state=seed)
-        sc.tl.leiden(tmp, resolution=resolution, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
-        codes = tmp.obs["leiden"].astype(int).to_numpy()[inverse]
+        codes = leiden_codes(uniq, n_neighbors=n_neighbors, resolution=resolution, seed=seed)[inverse]
     labels = pd.Series(pd.Categorical(codes.astype(str), categories=[str(c) for c in np.unique(codes)]),
                        index=table.obs_names, name=key_added)
     if not inplace:
@@ -102,6 +96,18 @@ def cluster(
     table.obs[key_added] = labels.values
     log_added("adata.obs", key_added)
     return None
+
+
+def leiden_codes(x: np.ndarray, *, n_neighbors: int, resolution: float, seed: int) -> np.ndarray:
+    """Leiden cluster (an integer) of each row of ``x``, on its kNN graph (:func:`scanpy.pp.neighbors`,
+    ``n_neighbors`` at most ``len(x) - 1``; igraph Leiden, 2 iterations)."""
+    import scanpy as sc
+    from anndata import AnnData
+
+    tmp = AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(x))]), obsm={"X": x})
+    sc.pp.neighbors(tmp, use_rep="X", n_neighbors=min(n_neighbors, len(x) - 1), random_state=seed)
+    sc.tl.leiden(tmp, resolution=resolution, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
+    return tmp.obs["leiden"].astype(int).to_numpy()
 
 
 def _niche_k(table) -> int:

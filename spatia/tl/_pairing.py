@@ -176,19 +176,15 @@ def _composition_labels(zs: np.ndarray, zt: np.ndarray, n_neighbors: int, seed: 
     The source cells are clustered by Leiden (resolution 1) on their ``n_neighbors``-nearest-neighbour graph
     in ``zs``; each target cell joins the cluster most common among its ``n_neighbors`` nearest source cells.
     """
-    import scanpy as sc
-    from anndata import AnnData
     from sklearn.neighbors import NearestNeighbors
+
+    from ._cluster import leiden_codes
 
     ns = len(zs)
     k = int(min(n_neighbors, ns - 1))
     if k < 2:  # too few cells to cluster: one cluster
         return np.zeros(ns, int), np.zeros(len(zt), int)
-    a = AnnData(np.zeros((ns, 0), np.float32))
-    a.obsm["X_pca"] = zs
-    sc.pp.neighbors(a, n_neighbors=k, use_rep="X_pca", random_state=seed)
-    sc.tl.leiden(a, resolution=1.0, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
-    lab_s = a.obs["leiden"].astype(int).to_numpy()
+    lab_s = leiden_codes(zs, n_neighbors=k, resolution=1.0, seed=seed)
     idx = NearestNeighbors(n_neighbors=k).fit(zs).kneighbors(zt, return_distance=False)
     votes = np.zeros((len(zt), lab_s.max() + 1))
     np.add.at(votes, (np.repeat(np.arange(len(zt)), k), lab_s[idx].ravel()), 1.0)
