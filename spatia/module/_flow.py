@@ -304,16 +304,19 @@ def morphology_proxies(img: torch.Tensor, channel: int = 0, softness: float = 0.
     largest 8-connected region is kept (found without gradients). Gradients flow through a soft mask,
     a sigmoid around the threshold (width ``softness`` × the crop's range) inside that region grown by one
     pixel, so the region can grow or shrink. The threshold is placed at Otsu's fraction of the crop's
-    range, and moves with it: brightening a whole crop does not grow its region. Max and min are soft
+    range, and moves with it: brightening a whole crop does not grow its region. The range and the
+    threshold carry no gradient: through them a loss asking for a larger region pulled the crop's maximum
+    down, dimming the cells whose intensity it was also asked to raise. Max and min are soft
     (log-sum-exp with ``beta`` over the range for the max, a third of it for the min, which is taken inside
     the region proper). Lengths are in pixels.
     """
     x = img[:, channel]
     b, s, _ = x.shape
     flat = x.reshape(b, -1)
-    lo, hi = flat.amin(1), flat.amax(1)
-    span = (hi - lo).clamp(min=1e-6)
-    thr = lo + otsu_fraction(flat) * span
+    with torch.no_grad():  # a region must not grow by dimming its brightest pixel (which lowers the threshold)
+        lo, hi = flat.amin(1), flat.amax(1)
+        span = (hi - lo).clamp(min=1e-6)
+        thr = lo + otsu_fraction(flat) * span
     region = largest_component((flat > thr[:, None]).view(b, s, s))
     empty = ~region.flatten(1).any(1)
     zone = F.max_pool2d(region.float()[:, None], 3, stride=1, padding=1)[:, 0].flatten(1)

@@ -56,6 +56,26 @@ def _pairs_for(table, arrays, groupby, source, target, *, n_pcs, epsilon, max_it
     return res
 
 
+def _check_gate(gate, gate_neighbors) -> None:
+    if gate is not None and not 0 < gate <= 1:
+        raise ValueError(f"gate must be a significance level in (0, 1], or None to use every cell; got {gate}.")
+    if gate_neighbors < 2:
+        raise ValueError(f"gate_neighbors must be at least 2, got {gate_neighbors}.")
+
+
+def _train_pairs(res, gate, gate_neighbors) -> np.ndarray:
+    """Indices of the pairs of ``res`` a flow trains on: those whose source cell passes the shift test."""
+    every = np.arange(len(res.match))
+    if gate is None:
+        return every
+    keep = np.flatnonzero(res.shift_test(gate_neighbors)["shift_pvalue"].to_numpy() < gate)
+    if len(keep) < 2:
+        logger.warning("Transition %s: %d source cell(s) with a significant morphology shift (gate=%s); the flow "
+                       "trains on all %d pairs.", res.name, len(keep), gate, len(every))
+        return every
+    return keep
+
+
 def fit_transition(
     data,
     model,
@@ -80,6 +100,8 @@ def fit_transition(
     reg_m: float | None = None,
     marginals: str = "composition",
     pairing: str = "ot",
+    gate: float | None = Defaults.SHIFT_ALPHA,
+    gate_neighbors: int = Defaults.SHIFT_NEIGHBORS,
     max_epochs: int | None = None,
     batch_size: int | None = None,
     accelerator: str = "auto",
@@ -117,6 +139,13 @@ def fit_transition(
         ``marginals="composition"`` keeps each expression cluster's share of the mass on both sides).
     pairing
         ``"ot"``, or ``"random"`` (random pairs of equal weight: an ablation).
+    gate, gate_neighbors
+        Train on the pairs whose source cell passes the morphology-shift test of the pairing
+        (``shift_pvalue < gate`` with ``gate_neighbors`` neighbours: see :func:`~spatia.tl.pair_states`), the
+        cells :func:`~spatia.tl.transition` transforms by default. Cells whose neighbourhood does not change
+        would otherwise make most of the pairs, and teach the flow to move every cell a little rather than
+        the changing ones fully. A transition with fewer than two such cells trains on all its pairs (with a
+        warning). ``None`` = all pairs (before 2026-11-27).
     max_epochs, batch_size
         Override ``config``.
     accelerator, devices, precision
@@ -155,6 +184,7 @@ def fit_transition(
     if pairing not in ("ot", "random"):
         raise ValueError(f"pairing must be 'ot' or 'random', got {pairing!r}.")
     config = config or FlowConfig()
+    _check_gate(gate, gate_neighbors)
     if not isinstance(config, FlowConfig):
         raise TypeError(f"config must be a FlowConfig, got {type(config).__name__}.")
     if not model.config.image.enabled:
@@ -184,15 +214,16 @@ def fit_transition(
                               n_genes=len(model.genes), n_features=len(feats), n_transitions=len(results))
     dg = np.stack([r.delta_g.reindex(model.genes).fillna(0.0).to_numpy(np.float32) for r in results])
     dm = np.stack([r.delta_m_std.reindex(feats).fillna(0.0).to_numpy(np.float32) for r in results])
-    conf_all = np.concatenate([r.confidence for r in results])
+    train = [_train_pairs(r, gate, gate_neighbors) for r in results]
+    conf_all = np.concatenate([r.confidence[k] for r, k in zip(results, train, strict=True)])
     flow.delta_g.copy_(torch.from_numpy(dg))
     flow.delta_m.copy_(torch.from_numpy(dm))
     flow.mean_confidence.fill_(float(conf_all.mean()))
     pairs = PairArrays(
         crops=arrays.crops, cell_emb=emb,
-        source=np.concatenate([r.source_rows for r in results]),
-        target=np.concatenate([r.target_rows[r.match] for r in results]),
-        transition=np.concatenate([np.full(len(r.match), i) for i, r in enumerate(results)]),
+        source=np.concatenate([r.source_rows[k] for r, k in zip(results, train, strict=True)]),
+        target=np.concatenate([r.target_rows[r.match[k]] for r, k in zip(results, train, strict=True)]),
+        transition=np.concatenate([np.full(len(k), i) for i, k in enumerate(train)]),
         confidence=conf_all,
     )
     # 3. training (Lightning)
@@ -224,13 +255,14 @@ def fit_transition(
         "emb_dim": int(emb.shape[1]), "n_genes": len(model.genes), "n_features": len(feats),
         "features": feats, "groupby": groupby,
         "transitions": [
-            {"name": r.name, "source": s, "target": t, "n_pairs": int(len(r.match)),
+            {"name": r.name, "source": s, "target": t, "n_pairs": int(len(r.match)), "n_train_pairs": len(k),
              "mean_confidence": float(r.confidence.mean()), "pairing": r.info["pairing"]}
-            for r, (s, t) in zip(results, pairs_wanted, strict=True)
+            for r, (s, t), k in zip(results, pairs_wanted, train, strict=True)
         ],
         "pairing": {"n_pcs": n_pcs, "epsilon": epsilon, "max_iter": max_iter, "niche_key": niche_key,
                     "min_cells": min_cells, "method": pairing, "random_state": seed,
                     "reg_m": None if reg_m is None else float(reg_m), "marginals": marginals},
+        "train_gate": {"gate": gate, "gate_neighbors": int(gate_neighbors)},
         "epochs": int(trainer.current_epoch), "train_seconds": round(time.perf_counter() - t0, 2),
         "history": history.history,
     }
@@ -389,10 +421,7 @@ def transition(
     steps = fcfg.steps if steps is None else int(steps)
     solver = fcfg.solver if solver is None else solver
     w = fcfg.guidance_scale if guidance_scale is None else float(guidance_scale)
-    if gate is not None and not 0 < gate <= 1:
-        raise ValueError(f"gate must be a significance level in (0, 1], or None to transform every cell; got {gate}.")
-    if gate_neighbors < 2:
-        raise ValueError(f"gate_neighbors must be at least 2, got {gate_neighbors}.")
+    _check_gate(gate, gate_neighbors)
     # the image the model was trained on (a slide may also hold mosaics written by earlier transitions)
     image_key = image_key or (model.crop_params or {}).get("image_key")
     prepared = _prepare_for_model(

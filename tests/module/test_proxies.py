@@ -76,3 +76,16 @@ def test_proxies_are_differentiable_and_ignore_a_uniform_brightening():
     # a constant crop: finite values (no foreground region: the whole crop)
     flat = morphology_proxies(torch.full((1, 1, 8, 8), 0.3))
     assert torch.isfinite(flat).all()
+
+
+def test_region_does_not_grow_by_dimming_the_brightest_pixel():
+    """The area's gradient sits on the region's rim, not on the crop's maximum (which sets the threshold)."""
+    s = 16
+    yy, xx = np.mgrid[:s, :s]
+    img = np.exp(-((yy - 7.5) ** 2 + (xx - 7.5) ** 2) / (2 * 3.0**2)).astype(np.float32)
+    x = torch.tensor(img[None, None], requires_grad=True)
+    morphology_proxies(x)[:, 0].sum().backward()
+    g = x.grad[0, 0].numpy()
+    peak = np.unravel_index(img.argmax(), img.shape)
+    assert abs(g[peak]) < 1e-6, g[peak]  # before 2026-11-27: -15 (dimming the peak lowered the threshold)
+    assert g.max() > 1.0  # brightening pixels at the rim grows the region

@@ -593,3 +593,36 @@ def test_pl_transition(transitioned, tmp_path):
     plt.close(fig)
     with pytest.raises(KeyError, match="run `sp.tl.transition`"):
         sp.pl.transition(sd, key="nothing")
+
+
+def test_fit_transition_trains_on_the_cells_that_change(fitted, caplog):
+    """On the simulator's mixed-type condition shift, the flow trains on the pairs the gate would transform."""
+    sd, model = fitted
+    crops = sp.pp.extract_crops(sd, image_key="morphology", size=model.config.image.size,
+                                crop_um=model.crop_params.get("crop_um"), channels=model.channels)
+    kw = dict(groupby="condition", source="control", target="disease", config=FlowConfig.tiny(), max_epochs=1,
+              random_state=0, inplace=False, crops=crops)
+    res = sp.tl.pair_states(sd, groupby="condition", source="control", target="disease", random_state=0,
+                            inplace=False, crops=crops)
+    shifted = res.shift_test()["shift_pvalue"].to_numpy() < 0.01
+    assert 2 <= shifted.sum() < 0.6 * len(shifted)  # the transitioning type changes, the others do not
+    m = copy.deepcopy(model)
+    sp.tl.fit_transition(sd, m, **kw)
+    info = m.flow_info["transitions"][0]
+    assert info["n_pairs"] == len(shifted) and info["n_train_pairs"] == shifted.sum()
+    assert m.flow_info["train_gate"] == {"gate": 0.01, "gate_neighbors": 60}
+    # confidence weights are relative to the pairs trained on
+    assert float(m.flow.mean_confidence) == pytest.approx(res.confidence[shifted].mean(), rel=1e-5)
+    m = copy.deepcopy(model)
+    sp.tl.fit_transition(sd, m, gate=None, **kw)
+    assert m.flow_info["transitions"][0]["n_train_pairs"] == len(shifted)
+    m = copy.deepcopy(model)
+    with caplog.at_level("WARNING", logger="spatia"):
+        sp.tl.fit_transition(sd, m, gate=1e-300, **kw)  # no cell passes: all pairs, with a warning
+    assert m.flow_info["transitions"][0]["n_train_pairs"] == len(shifted)
+    assert "trains on all" in caplog.text
+    for bad in (0.0, 2.0):
+        with pytest.raises(ValueError, match="significance level"):
+            sp.tl.fit_transition(sd, copy.deepcopy(model), gate=bad, **kw)
+    with pytest.raises(ValueError, match="gate_neighbors"):
+        sp.tl.fit_transition(sd, copy.deepcopy(model), gate_neighbors=1, **kw)
