@@ -262,7 +262,7 @@ def fit_transition(
         "pairing": {"n_pcs": n_pcs, "epsilon": epsilon, "max_iter": max_iter, "niche_key": niche_key,
                     "min_cells": min_cells, "method": pairing, "random_state": seed,
                     "reg_m": None if reg_m is None else float(reg_m), "marginals": marginals},
-        "train_gate": {"gate": gate, "gate_neighbors": int(gate_neighbors)},
+        "train_gate": {"gate": None if gate is None else float(gate), "gate_neighbors": int(gate_neighbors)},
         "epochs": int(trainer.current_epoch), "train_seconds": round(time.perf_counter() - t0, 2),
         "history": history.history,
     }
