@@ -40,7 +40,7 @@ correspondence on the condition shift: the rate at which matched cells share the
 
 Usage::
 
-    python benchmarks/transition.py --seeds 0 1 2 --n-cells 700 --epochs 45 --steps 20 --out benchmarks/results/transition.md
+    python benchmarks/transition.py --seeds 0 1 2 3 --jobs 2 --n-cells 700 --steps 20 --out benchmarks/results/transition.md
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ VARIANTS = {
 
 
 def run_seed(seed: int, n_cells: int, epochs: int, fit_epochs: int, steps: int, per_type: int,
-             variants: list[str]) -> tuple[list[dict], dict]:
+             variants: list[str], replicates: int = 1) -> tuple[list[dict], dict]:
     sdata = sp.datasets.simulate(n_cells, random_state=seed)
     rec = pairing_recovery(sdata, seed)
     torch.set_num_threads(1)  # some steps under simulate / pairing reset it (OpenMP through threadpoolctl)
@@ -175,14 +175,19 @@ def run_seed(seed: int, n_cells: int, epochs: int, fit_epochs: int, steps: int, 
             real = crops.get(rows).astype(np.float32) / 255
             real_by_type[k] = (morphology_features(real), vit_features(model, real))
     src = src[np.isin(types[src], list(real_by_type))]
-    rows = [score("unchanged source", crops.get(src).astype(np.float32) / 255, types[src], real_by_type, model,
-                  seed, 0.0, tr_type)]
-    for name, kw in (VARIANTS[v] for v in variants):
+    unchanged = score("unchanged source", crops.get(src).astype(np.float32) / 255, types[src], real_by_type, model,
+                      seed, 0.0, tr_type)
+    rows = []
+    for rep, (name, kw) in ((r, VARIANTS[v]) for r in range(replicates) for v in variants):
+        if not rows or rows[-1]["replicate"] != rep:
+            rows.append({**unchanged, "replicate": rep})
         m = copy.deepcopy(model)
         torch.set_num_threads(1)
+        if epochs is None:  # the default length: FlowConfig(max_epochs=None), at least min_steps steps
+            kw = {**kw, "config": kw["config"].replace(max_epochs=None)}
         t0 = time.perf_counter()
         sp.tl.fit_transition(sdata, m, groupby="condition", source="control", target="disease",
-                             max_epochs=epochs, random_state=seed, crops=crops, inplace=False, **kw)
+                             max_epochs=epochs, random_state=seed + 1000 * rep, crops=crops, inplace=False, **kw)
         train = time.perf_counter() - t0
         gate = sp.tl.transition.__kwdefaults__["gate"]
         runs = [("", gate, None), (", ungated", None, None)]
@@ -196,6 +201,8 @@ def run_seed(seed: int, n_cells: int, epochs: int, fit_epochs: int, steps: int, 
                                    cells=src, steps=steps, gate=gate, inplace=False)
             seconds = train + time.perf_counter() - t1
             row = score(name + suffix, out["crops"], types[src], real_by_type, m, seed, seconds, tr_type)
+            row["replicate"] = rep
+            row["flow epochs"], row["flow steps"] = m.flow_info["epochs"], m.flow_info["steps"]
             moved = out["obs"]["transformed"].to_numpy()
             row["transformed [tr]"] = moved[types[src] == tr_type].mean()
             row["transformed [others]"] = moved[types[src] != tr_type].mean()
@@ -204,36 +211,79 @@ def run_seed(seed: int, n_cells: int, epochs: int, fit_epochs: int, steps: int, 
     return rows, rec
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--n-cells", type=int, default=700)
-    p.add_argument("--epochs", type=int, default=45)
-    p.add_argument("--fit-epochs", type=int, default=15)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--per-type", type=int, default=40, help="control cells of each type transformed and scored")
-    p.add_argument("--variants", nargs="+", default=["full", "all_pairs", "uniform", "unbalanced", "random", "no_sw"],
-                   choices=list(VARIANTS))
-    p.add_argument("--out", default="benchmarks/results/transition.md")
-    a = p.parse_args()
+def _setup() -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     sp.settings.progress_bar = False
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for name in ("lightning", "lightning.pytorch", "spatia", "squidpy"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _run_seed_job(args: tuple) -> tuple[list[dict], dict]:
+    _setup()
+    return run_seed(*args)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--n-cells", type=int, default=700)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="flow epochs (default: FlowConfig's default length, at least min_steps=500 steps)")
+    p.add_argument("--fit-epochs", type=int, default=15)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--per-type", type=int, default=40, help="control cells of each type transformed and scored")
+    p.add_argument("--variants", nargs="+", default=["full", "all_pairs", "uniform", "unbalanced", "random", "no_sw"],
+                   choices=list(VARIANTS))
+    p.add_argument("--replicates", type=int, default=1,
+                   help="flows trained per variant and slide, with different seeds (random_state = seed + 1000 r)")
+    p.add_argument("--jobs", type=int, default=1, help="seeds run in parallel (one process each, 1 thread)")
+    p.add_argument("--out", default="benchmarks/results/transition.md")
+    a = p.parse_args()
+    _setup()
     rows, recs = [], []
-    for seed in a.seeds:  # the report is rewritten after every seed, so a cut-short run keeps what it has
-        r, rec = run_seed(seed, a.n_cells, a.epochs, a.fit_epochs, a.steps, a.per_type, a.variants)
+    jobs = [(seed, a.n_cells, a.epochs, a.fit_epochs, a.steps, a.per_type, a.variants, a.replicates)
+            for seed in a.seeds]
+    if a.jobs <= 1:
+        results = map(_run_seed_job, jobs)
+    else:
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        pool = cf.ProcessPoolExecutor(max_workers=a.jobs, mp_context=mp.get_context("spawn"))
+        results = (f.result() for f in cf.as_completed([pool.submit(_run_seed_job, j) for j in jobs]))
+    for r, rec in results:  # the report is rewritten after every seed, so a cut-short run keeps what it has
         rows += r
         recs.extend(rec)
+        rows.sort(key=lambda row: (row["seed"], row["replicate"]))
+        recs.sort(key=lambda row: (row["seed"], row["marginals"]))
         report(rows, recs, a)
+
+
+def paired_table(df: pd.DataFrame, metrics=("W mean [tr]", "W mean [all types]", "KID x1000 [tr]")) -> pd.DataFrame:
+    """For each gated row other than ``full``: in how many seeds ``full`` is lower, and the mean difference."""
+    full = VARIANTS["full"][0]
+    ref = df[df["method"] == full].set_index(["seed", "replicate"])
+    out = []
+    for method in dict.fromkeys(df["method"]):
+        if method == full or method.endswith("ungated"):
+            continue
+        other = df[df["method"] == method].set_index(["seed", "replicate"])
+        seeds = ref.index.intersection(other.index)
+        row = {"full vs": method}
+        for m in metrics:
+            d = other.loc[seeds, m] - ref.loc[seeds, m]
+            row[f"{m}: wins"] = f"{int((d > 0).sum())} / {len(seeds)}"
+            row[f"{m}: mean diff"] = round(float(d.mean()), 3)
+        out.append(row)
+    return pd.DataFrame(out)
 
 
 def report(rows: list[dict], recs: list[dict], a) -> None:
     df = pd.DataFrame(rows)
     order = list(dict.fromkeys(df["method"]))
-    num = [c for c in df.columns if c not in ("method", "seed")]
+    num = [c for c in df.columns if c not in ("method", "seed", "replicate")]
     mean, std = df.groupby("method")[num].mean().loc[order], df.groupby("method")[num].std().loc[order]
     per_feature = [c for c in num if c.startswith("W ") and c.endswith(" [tr]") and c != "W mean [tr]"]
     feat_table = mean[per_feature].rename(columns=lambda c: c[2:-5])
@@ -243,6 +293,7 @@ def report(rows: list[dict], recs: list[dict], a) -> None:
     for c in num:
         table[c] = [f"{m:.3f} ± {s:.3f}" if c != "seconds" else f"{m:.0f}" for m, s in zip(mean[c], std[c], strict=True)]
     rec = pd.DataFrame(recs).set_index(["seed", "marginals"])
+    paired = paired_table(df)
     cmd = "python " + " ".join(sys.argv)
     text = [
         "# State transitions: predicted vs real target-state crops",
@@ -259,14 +310,17 @@ def report(rows: list[dict], recs: list[dict], a) -> None:
         "best possible prediction is no change: `unchanged source` there is the noise floor of two samples of "
         "one distribution), `[all types]` = mean over the 5 types. SPATIA model: `SpatiaConfig.tiny()` "
         f"(16-px crops over 16 µm), {a.fit_epochs} epochs; flows: `FlowConfig.tiny()` (rows as in the "
-        f"script's docstring), {a.epochs} epochs, "
-        f"midpoint solver, {a.steps} steps, guidance 0.2. W = Wasserstein distance / std of the real cells' "
+        "script's docstring), "
+        + (f"{a.epochs} epochs, " if a.epochs else "the default length (`max_epochs=None`: at least "
+           "`min_steps=500` optimiser steps; `flow epochs` / `flow steps` columns), ")
+        + f"midpoint solver, {a.steps} steps, guidance 0.2. W = Wasserstein distance / std of the real cells' "
         "feature (lower is better; `W mean` over the 10 features); KS = Kolmogorov–Smirnov statistic (mean "
         "over the 10 features); KID on mean-pooled tokens of the SPATIA model's frozen ViT (subsets of 50). "
         "`transformed` = fraction of the scored cells the gate let the flow change (0 for the unchanged "
         "source, 1 ungated). `seconds` = flow training + sampling.",
         "",
-        "Mean ± std over seeds:",
+        "Mean ± std over seeds" + (f" and {a.replicates} flows per slide (`--replicates`)" if a.replicates > 1 else "")
+        + ":",
         "",
         table.reset_index().to_markdown(index=False),
         "",
@@ -274,9 +328,14 @@ def report(rows: list[dict], recs: list[dict], a) -> None:
         "",
         feat_table.round(3).reset_index().to_markdown(index=False),
         "",
+        "The full model against each other row, seed by seed (gated rows; `wins` = flows (slide seed, replicate) in "
+        "which the full model's value is lower, `mean diff` = other − full, positive when the full model is better):",
+        "",
+        paired.to_markdown(index=False),
+        "",
         "Per seed:",
         "",
-        df[["method", "seed"] + num].round(4).to_markdown(index=False),
+        df[["method", "seed", "replicate"] + num].round(4).to_markdown(index=False),
         "",
         "## OT pairing recovers the simulator's correspondence",
         "",
@@ -291,6 +350,7 @@ def report(rows: list[dict], recs: list[dict], a) -> None:
     ]
     with open(a.out, "w") as fh:
         fh.write("\n".join(text))
+    df.to_csv(a.out.rsplit(".", 1)[0] + ".csv", index=False)  # every row and column, for re-analysis
     print("\n".join(text))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from typing import Any
@@ -76,6 +77,12 @@ def _train_pairs(res, gate, gate_neighbors) -> np.ndarray:
     return keep
 
 
+def default_flow_epochs(n_batches: int, min_steps: int) -> int:
+    """Epochs of a flow trained with ``FlowConfig(max_epochs=None)``: enough for ``min_steps`` optimiser steps
+    at ``n_batches`` batches per epoch, and at least 10."""
+    return max(10, math.ceil(min_steps / max(1, n_batches)))
+
+
 def fit_transition(
     data,
     model,
@@ -147,7 +154,9 @@ def fit_transition(
         the changing ones fully. A transition with fewer than two such cells trains on all its pairs (with a
         warning). ``None`` = all pairs (before 2026-11-27).
     max_epochs, batch_size
-        Override ``config``.
+        Override ``config``. By default (``FlowConfig.max_epochs=None``) the flow trains for as many epochs as
+        give ``FlowConfig.min_steps`` (500) optimiser steps, and at least 10 (``flow_info["epochs"]``,
+        ``flow_info["steps"]``).
     accelerator, devices, precision
         Passed to :class:`lightning.pytorch.Trainer`.
     random_state
@@ -227,10 +236,15 @@ def fit_transition(
         confidence=conf_all,
     )
     # 3. training (Lightning)
-    max_epochs = config.max_epochs if max_epochs is None else int(max_epochs)
     batch_size = config.batch_size if batch_size is None else int(batch_size)
     if batch_size < 2:
         raise ValueError(f"batch_size must be at least 2, got {batch_size}.")
+    dataset = PairDataset(pairs, batch_size, seed)
+    max_epochs = config.max_epochs if max_epochs is None else int(max_epochs)
+    if max_epochs is None:
+        max_epochs = default_flow_epochs(len(dataset), config.min_steps)
+    elif max_epochs < 1:
+        raise ValueError(f"max_epochs must be at least 1, got {max_epochs}.")
     pl.seed_everything(seed, workers=True, verbose=False)
     if precision is None:
         dev = resolve_device(accelerator if accelerator != "gpu" else "cuda")
@@ -243,7 +257,7 @@ def fit_transition(
     kw.update(trainer_kwargs)
     trainer = pl.Trainer(**kw)
     loader = torch.utils.data.DataLoader(
-        PairDataset(pairs, batch_size, seed), batch_size=None, shuffle=True, num_workers=settings.num_workers,
+        dataset, batch_size=None, shuffle=True, num_workers=settings.num_workers,
         generator=torch.Generator().manual_seed(seed),
     )
     t0 = time.perf_counter()
@@ -263,7 +277,8 @@ def fit_transition(
                     "min_cells": min_cells, "method": pairing, "random_state": seed,
                     "reg_m": None if reg_m is None else float(reg_m), "marginals": marginals},
         "train_gate": {"gate": None if gate is None else float(gate), "gate_neighbors": int(gate_neighbors)},
-        "epochs": int(trainer.current_epoch), "train_seconds": round(time.perf_counter() - t0, 2),
+        "epochs": int(trainer.current_epoch), "steps": int(trainer.global_step),
+        "train_seconds": round(time.perf_counter() - t0, 2),
         "history": history.history,
     }
     logger.info("Trained a flow for %d transition(s) of %r in %.1f s.", len(results), groupby,

@@ -391,6 +391,18 @@ def test_flow_config_old_models_keep_their_training_defaults():
             FlowConfig(**bad)
 
 
+def test_default_flow_length_counts_steps():
+    from spatia.tl._transition import default_flow_epochs
+
+    assert default_flow_epochs(3, 500) == 167  # a small slide's few shifted pairs: many epochs
+    assert default_flow_epochs(50, 500) == 10 and default_flow_epochs(313, 500) == 10  # at least 10
+    assert default_flow_epochs(0, 500) == 500
+    assert FlowConfig().max_epochs is None and FlowConfig().min_steps == 500
+    for bad in (dict(max_epochs=0), dict(min_steps=0)):
+        with pytest.raises(ValueError, match="max_epochs|min_steps"):
+            FlowConfig(**bad)
+
+
 def test_batch_repair_keeps_the_targets_and_shortens_paths():
     from spatia.module._flow import batch_repair
 
@@ -610,6 +622,13 @@ def test_fit_transition_trains_on_the_cells_that_change(fitted, caplog):
     sp.tl.fit_transition(sd, m, **kw)
     info = m.flow_info["transitions"][0]
     assert info["n_pairs"] == len(shifted) and info["n_train_pairs"] == shifted.sum()
+    n_batches = len(range(0, int(shifted.sum()), 32)) - int(shifted.sum() % 32 == 1 and shifted.sum() > 32)
+    assert m.flow_info["epochs"] == 1 and m.flow_info["steps"] == n_batches
+    # the default length counts optimiser steps: at least min_steps, at least 10 epochs
+    m = copy.deepcopy(model)
+    sp.tl.fit_transition(sd, m, **{**kw, "max_epochs": None, "batch_size": 512,
+                                   "config": FlowConfig.tiny().replace(max_epochs=None, min_steps=12)})
+    assert m.flow_info["epochs"] == 12 and m.flow_info["steps"] == 12
     assert m.flow_info["train_gate"] == {"gate": 0.01, "gate_neighbors": 60}
     # confidence weights are relative to the pairs trained on
     assert float(m.flow.mean_confidence) == pytest.approx(res.confidence[shifted].mean(), rel=1e-5)
