@@ -40,7 +40,7 @@ correspondence on the condition shift: the rate at which matched cells share the
 
 Usage::
 
-    python benchmarks/transition.py --seeds 0 1 2 3 --jobs 2 --n-cells 700 --steps 20 --out benchmarks/results/transition.md
+    python benchmarks/transition.py --seeds 0 1 2 3 --replicates 2 --jobs 2 --n-cells 700 --steps 20 --out benchmarks/results/transition.md
 """
 
 from __future__ import annotations
