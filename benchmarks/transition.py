@@ -262,7 +262,8 @@ def main() -> None:
 
 
 def paired_table(df: pd.DataFrame, metrics=("W mean [tr]", "W mean [all types]", "KID x1000 [tr]")) -> pd.DataFrame:
-    """For each gated row other than ``full``: in how many seeds ``full`` is lower, and the mean difference."""
+    """For each gated row other than ``full``: in how many flows (seed, replicate) ``full`` is lower, and the
+    mean difference."""
     full = VARIANTS["full"][0]
     ref = df[df["method"] == full].set_index(["seed", "replicate"])
     out = []

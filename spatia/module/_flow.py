@@ -55,11 +55,12 @@ class FlowConfig:
     (``benchmarks/results/transition.md``).
     ``lr_schedule``: ``"cosine"`` (decay to 0 over the run) or ``"constant"``.
     ``max_epochs``: passes over the training pairs; ``None`` (default): as many as give at least ``min_steps``
-    optimiser steps, and at least 10. The flow trains on the cells that change (``fit_transition``'s ``gate``),
-    often a few hundred on a slide: 40 epochs of them are about a hundred steps, which leaves the flow
-    under-trained (on the simulator's condition shift, 500 steps instead of about 135 lowered the
-    transitioning type's W mean from 0.406 to 0.320, and from 0.416 to 0.353 without the morphology loss,
-    means over seeds 0–2: ``benchmarks/results/transition.md``). On large slides 10 epochs are many more steps than ``min_steps``.
+    optimiser steps, and at least 10. The flow trains on the cells that change (``fit_transition``'s
+    ``gate``), often a few hundred on a slide: 40 epochs of them (the default before 2026-11-27) are about a
+    hundred steps, which leaves the flow under-trained (on the simulator's condition shift, 500 steps instead
+    of about 135 lowered the transitioning type's W mean from 0.406 to 0.320, and from 0.416 to 0.353 without
+    the morphology loss, means over seeds 0–2: ``benchmarks/results/transition.md``). On large slides 10
+    epochs are many more steps than ``min_steps``.
     Models saved before a field existed load with the value they were trained with (``_BEFORE_FIELD``).
     """
 

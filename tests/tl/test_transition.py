@@ -624,14 +624,14 @@ def test_fit_transition_trains_on_the_cells_that_change(fitted, caplog):
     assert info["n_pairs"] == len(shifted) and info["n_train_pairs"] == shifted.sum()
     n_batches = len(range(0, int(shifted.sum()), 32)) - int(shifted.sum() % 32 == 1 and shifted.sum() > 32)
     assert m.flow_info["epochs"] == 1 and m.flow_info["steps"] == n_batches
+    assert m.flow_info["train_gate"] == {"gate": 0.01, "gate_neighbors": 60}
+    # confidence weights are relative to the pairs trained on
+    assert float(m.flow.mean_confidence) == pytest.approx(res.confidence[shifted].mean(), rel=1e-5)
     # the default length counts optimiser steps: at least min_steps, at least 10 epochs
     m = copy.deepcopy(model)
     sp.tl.fit_transition(sd, m, **{**kw, "max_epochs": None, "batch_size": 512,
                                    "config": FlowConfig.tiny().replace(max_epochs=None, min_steps=12)})
     assert m.flow_info["epochs"] == 12 and m.flow_info["steps"] == 12
-    assert m.flow_info["train_gate"] == {"gate": 0.01, "gate_neighbors": 60}
-    # confidence weights are relative to the pairs trained on
-    assert float(m.flow.mean_confidence) == pytest.approx(res.confidence[shifted].mean(), rel=1e-5)
     m = copy.deepcopy(model)
     sp.tl.fit_transition(sd, m, gate=None, **kw)
     assert m.flow_info["transitions"][0]["n_train_pairs"] == len(shifted)
