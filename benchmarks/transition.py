@@ -177,10 +177,8 @@ def run_seed(seed: int, n_cells: int, epochs: int, fit_epochs: int, steps: int, 
     src = src[np.isin(types[src], list(real_by_type))]
     unchanged = score("unchanged source", crops.get(src).astype(np.float32) / 255, types[src], real_by_type, model,
                       seed, 0.0, tr_type)
-    rows = []
+    rows = [{**unchanged, "replicate": r} for r in range(replicates)]  # report() sorts by (seed, replicate)
     for rep, (name, kw) in ((r, VARIANTS[v]) for r in range(replicates) for v in variants):
-        if not rows or rows[-1]["replicate"] != rep:
-            rows.append({**unchanged, "replicate": rep})
         m = copy.deepcopy(model)
         torch.set_num_threads(1)
         if epochs is None:  # the default length: FlowConfig(max_epochs=None), at least min_steps steps
