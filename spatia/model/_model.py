@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,9 @@ _META = "spatia_model.json"
 _DECODER_WEIGHTS = "decoder.safetensors"
 _FLOW_WEIGHTS = "flow.safetensors"
 _FLOW_META = "flow.json"
+_FILES = frozenset({_WEIGHTS, _CONFIG, _META, _DECODER_WEIGHTS, _FLOW_WEIGHTS, _FLOW_META})
+_TMP_PREFIX = ".spatia_save_"  # a save in progress: .spatia_save_<name>_<random>, beside the target
+_OLD_TAG = ".old-"  # the previous model during the swap: <name>.old-<id>, deleted once the new one is in
 
 
 class SpatiaModel:
@@ -401,47 +407,54 @@ class SpatiaModel:
         A state-transition flow (:func:`spatia.tl.fit_transition`) adds ``flow.safetensors`` and
         ``flow.json`` (its configuration, transitions and pairing parameters).
 
-        Written to a temporary folder first and moved into place, so an interrupted save leaves no
-        half-written model.
+        The model is written to a temporary folder beside ``path`` and swapped in by renames, so that at
+        every instant ``path`` holds either the previous or the new complete model: an interrupted save
+        leaves no half-written model, and :meth:`load` recovers the previous one if the save was killed
+        between the two renames. ``overwrite=True`` replaces a saved model only: a folder with other files
+        is never deleted.
 
         Examples
         --------
         >>> model.save("my_model")  # config.json + model.safetensors (+ decoder / flow weights)
+        >>> model.save("my_model", overwrite=True)  # replace it
         """
-        import shutil
-
         from safetensors.torch import save_file
 
         path = Path(path)
-        if path.exists() and any(path.iterdir()) and not overwrite:
-            raise FileExistsError(f"{path} exists and is not empty: pass overwrite=True.")
-        tmp = Path(tempfile.mkdtemp(prefix=".spatia_save_", dir=path.parent if path.parent.exists() else None))
-        state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
-        save_file(state, str(tmp / _WEIGHTS))
-        (tmp / _CONFIG).write_text(self.config.to_json())
-        meta = {
-            "spatia_version": __version__, "genes": self.genes, "channels": self.channels,
-            "label_categories": self.label_categories, "crop_params": self.crop_params,
-            "history": self.history, "is_trained": self.is_trained,
-            "train_info": {k: v for k, v in self.train_info.items() if isinstance(v, int | float | str)},
-        }
-        if self.decoder is not None:
-            dstate = {k: v.detach().cpu().contiguous() for k, v in self.decoder.state_dict().items()}
-            save_file(dstate, str(tmp / _DECODER_WEIGHTS))
-            meta["decoder"] = {
-                "config": self.decoder.config.to_dict(), "channels": self.decoder.channels,
-                "history": self.decoder_history,
-                "info": {k: v for k, v in self.decoder_info.items() if isinstance(v, int | float | str | list | dict)},
-            }
-        (tmp / _META).write_text(json.dumps(meta, indent=1, default=float))
-        if self.flow is not None:
-            fstate = {k: v.detach().cpu().contiguous() for k, v in self.flow.state_dict().items()}
-            save_file(fstate, str(tmp / _FLOW_WEIGHTS))
-            (tmp / _FLOW_META).write_text(json.dumps(self.flow_info, indent=1, default=float))
-        if path.exists():
-            shutil.rmtree(path)
+        _check_target(path, overwrite)
         path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(tmp), str(path))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{path.name}_", dir=path.parent))
+        try:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+            save_file(state, str(tmp / _WEIGHTS))
+            (tmp / _CONFIG).write_text(self.config.to_json())
+            meta = {
+                "spatia_version": __version__, "genes": self.genes, "channels": self.channels,
+                "label_categories": self.label_categories, "crop_params": self.crop_params,
+                "history": self.history, "is_trained": self.is_trained,
+                "train_info": {k: v for k, v in self.train_info.items() if isinstance(v, int | float | str)},
+            }
+            if self.decoder is not None:
+                dstate = {k: v.detach().cpu().contiguous() for k, v in self.decoder.state_dict().items()}
+                save_file(dstate, str(tmp / _DECODER_WEIGHTS))
+                meta["decoder"] = {
+                    "config": self.decoder.config.to_dict(), "channels": self.decoder.channels,
+                    "history": self.decoder_history,
+                    "info": {k: v for k, v in self.decoder_info.items()
+                             if isinstance(v, int | float | str | list | dict)},
+                }
+            if self.flow is not None:
+                fstate = {k: v.detach().cpu().contiguous() for k, v in self.flow.state_dict().items()}
+                save_file(fstate, str(tmp / _FLOW_WEIGHTS))
+                (tmp / _FLOW_META).write_text(json.dumps(self.flow_info, indent=1, default=float))
+            # the metadata last: a folder is a complete model once spatia_model.json is in it
+            (tmp / _META).write_text(json.dumps(meta, indent=1, default=float))
+            _fsync_folder(tmp)
+            _swap_in(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _remove_stale(path)
 
     @classmethod
     def load(cls, path: str | Path, map_location: str = "cpu") -> SpatiaModel:
@@ -455,6 +468,7 @@ class SpatiaModel:
         from safetensors.torch import load_file
 
         path = Path(path)
+        _recover(path)
         for f in (_WEIGHTS, _CONFIG, _META):
             if not (path / f).exists():
                 raise FileNotFoundError(f"{path} is not a saved SpatiaModel: {f} is missing.")
@@ -489,3 +503,97 @@ class SpatiaModel:
             model.flow.load_state_dict(load_file(str(path / _FLOW_WEIGHTS), device=resolve_device(map_location)))
             model.flow.to(resolve_device(map_location))
         return model
+
+
+# atomic saves ------------------------------------------------------------------------------------
+def _is_model_folder(path: Path) -> bool:
+    """A folder :meth:`SpatiaModel.save` wrote: its metadata, config and weights, and nothing else."""
+    if not path.is_dir() or not (path / _META).is_file():
+        return False
+    names = {p.name for p in path.iterdir()}
+    return {_META, _CONFIG, _WEIGHTS} <= names and names <= _FILES
+
+
+def _check_target(path: Path, overwrite: bool) -> None:
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"{path} is a file, not a model folder: choose another path.")
+    if not any(path.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty: pass overwrite=True to replace the model in it.")
+    if not _is_model_folder(path):
+        other = sorted(p.name for p in path.iterdir() if p.name not in _FILES)
+        raise FileExistsError(
+            f"{path} is not a saved SpatiaModel (it holds {other[:5] or 'no ' + _META}): overwrite=True replaces "
+            "a saved model only and never deletes other files. Choose another path, or empty the folder yourself."
+        )
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush the files of ``folder`` and the folder itself to disk (no-op where the OS does not allow it)."""
+    for p in [*folder.iterdir(), folder]:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Move the complete model ``tmp`` to ``path`` by renames: old → ``<path>.old-<id>``, new → ``path``,
+    then delete the old one. At every instant one complete model is at ``path`` or at ``<path>.old-<id>``
+    (where :meth:`SpatiaModel.load` finds it when ``path`` is missing)."""
+    old = None
+    if path.exists():
+        old = path.with_name(f"{path.name}{_OLD_TAG}{uuid.uuid4().hex[:12]}")
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None:
+            try:
+                os.replace(old, path)  # put the previous model back
+            except OSError:
+                logger.error("Could not move the previous model back from %s to %s: SpatiaModel.load(%r) will.",
+                             old, path, str(path))
+        raise
+    _fsync_folder(path.parent)
+    if old is not None:
+        try:
+            shutil.rmtree(old)
+        except OSError as e:  # the new model is in place; the next save removes the old one
+            logger.warning("Saved the model to %s but could not delete the previous one in %s: %s", path, old, e)
+
+
+def _stale_old(path: Path) -> list[Path]:
+    """Previous models left by saves to ``path`` that were interrupted, oldest first."""
+    import glob
+
+    olds = [p for p in path.parent.glob(glob.escape(path.name) + _OLD_TAG + "*") if _is_model_folder(p)]
+    return sorted(olds, key=lambda p: p.stat().st_mtime)
+
+
+def _remove_stale(path: Path) -> None:
+    try:
+        for old in _stale_old(path):
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError:  # the save is done; a leftover old copy is removed by the next one
+        pass
+
+
+def _recover(path: Path) -> None:
+    """``path`` missing after a save was killed between its renames: move the previous model back."""
+    if path.exists():
+        return
+    olds = _stale_old(path)
+    if olds:
+        logger.warning("%s is missing, but an interrupted save left the previous model in %s: restoring it.",
+                       path, olds[-1])
+        os.replace(olds[-1], path)
