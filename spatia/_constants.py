@@ -38,6 +38,8 @@ class Keys:
 
     # inputs / conventions
     SPATIAL = "spatial"  # obsm key of cell centroids (in the table's coordinate system, usually µm)
+    UM_PER_UNIT = "spatia_um_per_unit"  # sdata.attrs[...][coordinate_system] / adata.uns[...]: µm per unit
+    UNITS = "units"  # uns["spatia"][...]["units"]: {"um_per_unit", "source", "coordinate_system"}
 
     # ground truth written by the simulator (table.obs / uns)
     SIM_UNS = "simulation"

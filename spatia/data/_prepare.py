@@ -14,6 +14,7 @@ from .._constants import Defaults, Keys
 from ..pp._crops import CropStore, crops_for
 from ..pp._elements import _is_sdata, cell_geometry, get_image, get_table
 from ..pp._expression import align_genes, get_counts
+from ..pp._units import Units, resolve_units
 from ._dataset import CellArrays, neighbours_from_graph
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ class Prepared:
     channels: list[str]
     crop_params: dict
     coordinate_system: str | None
+    units: Units
 
 
 def prepare(*args, **kwargs) -> Prepared:
@@ -66,12 +68,17 @@ def _prepare(
     allow_empty: bool = False,
     spatial_key: str = Keys.SPATIAL,
     use_expression: bool = True,
+    um_per_unit: float | None = None,
 ) -> Prepared:
     """Validate the input and build :class:`CellArrays` (nothing is written into ``data``).
 
     ``genes`` fixes the model's gene order (a trained model's panel): genes missing from the table are
     filled with zeros and reported in ``missing_genes``. ``use_expression=False`` (image-only prediction)
     does not read the table's counts at all: every cell gets an all-zero profile over ``genes``.
+
+    Lengths (``niche_radius``, ``tile_um``, the crop window) are µm; cell positions are converted to µm
+    through the coordinate system's µm-per-unit factor (``um_per_unit``, else found by
+    :func:`~spatia.pp.resolve_units`), so a slide in pixels and the same slide in µm give the same arrays.
     """
     table = get_table(data, table_key)
     if table.n_obs == 0:
@@ -112,12 +119,13 @@ def _prepare(
                 image_key, _ = get_image(data, image_key)
                 shared = (data.images[image_key],)
         geo = cell_geometry(data, table, labels_key=labels_key, shapes_key=shapes_key,
-                            coordinate_system=coordinate_system, spatial_key=spatial_key, shared_with=shared)
-        xy, cs = geo.xy, geo.coordinate_system
+                            coordinate_system=coordinate_system, spatial_key=spatial_key, shared_with=shared,
+                            um_per_unit=um_per_unit)
+        xy, cs, units = geo.xy_um, geo.coordinate_system, geo.units
         if use_image:
             kw = dict(crop_kwargs or {})
             kw.update(image_key=image_key, table_key=table_key, labels_key=labels_key, shapes_key=shapes_key,
-                      coordinate_system=cs, geometry=geo)
+                      coordinate_system=cs, geometry=geo, um_per_unit=units.um_per_unit)
             store = crops_for(data, crops, **kw)
             crop_params, channels = store.params, list(store.channels)
     else:
@@ -126,6 +134,9 @@ def _prepare(
         if spatial_key not in table.obsm:
             raise KeyError(f"The table has no obsm[{spatial_key!r}] with cell centroids.")
         xy = np.asarray(table.obsm[spatial_key], dtype=float)[:, :2]
+        units = resolve_units(table, xy, coordinate_system=None, um_per_unit=um_per_unit,
+                              what=f"table.obsm[{spatial_key!r}]")
+        xy = xy * units.um_per_unit
         if use_image:
             store = crops_for(data, crops, table_key=table_key)
             crop_params, channels = store.params, list(store.channels)
@@ -141,12 +152,12 @@ def _prepare(
     # niche graph (squidpy) and tissue tiles
     from ..pp._graphs import niche_graph, tissue_tiles
 
-    tmp = AnnData(obs=pd.DataFrame(index=table.obs_names.astype(str)), obsm={"spatial": xy})
-    conn, _ = niche_graph(tmp, n_neighs=niche_k, radius=niche_radius, inplace=False)
+    tmp = AnnData(obs=pd.DataFrame(index=table.obs_names.astype(str)), obsm={"spatial": xy})  # µm
+    conn, _ = niche_graph(tmp, n_neighs=niche_k, radius=niche_radius, inplace=False, um_per_unit=1.0)
     nbr = neighbours_from_graph(conn, niche_k if niche_radius is None else max(niche_k, int(conn.sum(1).max())))
-    tile = tissue_tiles(tmp, tile_size=tile_um, inplace=False)
+    tile = tissue_tiles(tmp, tile_size=tile_um, inplace=False, um_per_unit=1.0)
     arrays = CellArrays(counts=counts, crops=store, xy=xy.astype(np.float32), nbr=nbr, tile=np.asarray(tile))
-    return Prepared(arrays, table, list(genes), missing, channels, crop_params, cs)
+    return Prepared(arrays, table, list(genes), missing, channels, crop_params, cs, units)
 
 
 def _reorder(counts: sp_sparse.csr_matrix, idx: np.ndarray) -> sp_sparse.csr_matrix:

@@ -4,10 +4,13 @@ The raw instrument files live in ``_data/`` (provenance and licences: ``_data/AT
 reads them without network access and without spatialdata-io, and returns elements shaped like those the
 spatialdata-io readers return for full-size outputs, every one parsed with its spatialdata model.
 
-Coordinates: every loader has one coordinate system, ``"global"``, in micrometres (x to the right, y down,
-like the images). Shapes, points and ``table.obsm["spatial"]`` are in µm (identity transformation); images
-and labels carry the pixel → µm transformation, so ``get_transformation(image, "global").inverse()`` maps
-µm to the image's intrinsic pixel coordinates (pixel ``i`` covers ``[i, i + 1)``).
+Coordinates: every loader has one coordinate system, ``"global"``. By default (``units="px"``) it is in
+pixels, as spatialdata-io's readers write it: the (first) image has an Identity transformation, Xenium's and
+MERSCOPE's shapes and points stay in µm with a µm → pixel transformation, and CosMx's frame is the global
+pixel grid (its µm per pixel is recorded with :func:`spatia.pp.set_um_per_unit`, which spatialdata-io cannot
+do). ``units="um"`` puts ``"global"`` in micrometres instead (x to the right, y down, like the images):
+shapes, points and ``table.obsm["spatial"]`` have an Identity; images and labels carry pixel → µm (pixel
+``i`` covers ``[i, i + 1)``). spatia gives the same results on both.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 from scipy import sparse
+
+from ._frames import Units, check_units, to_pixel_frame
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -88,30 +93,35 @@ def _decode(values: pd.Series) -> pd.Series:
 
 
 # --------------------------------------------------------------------------------------------- Xenium
-def xenium_toy(*, transcripts: bool = True) -> SpatialData:
+def xenium_toy(*, transcripts: bool = True, units: Units = "px") -> SpatialData:
     """A tiny real 10x Xenium slide: 526 cells × 27 genes of human lymphoid tissue with a DAPI image.
 
-    Shaped like what ``spatialdata_io.xenium(path, cells_as_circles=True)`` returns for full-size outputs,
-    except that ``"global"`` is in µm (spatialdata-io puts it in morphology-image pixels); read it through
-    the transformations and both work the same.
+    Shaped like what ``spatialdata_io.xenium(path, cells_as_circles=True)`` returns for full-size outputs:
+    ``"global"`` is the morphology image's pixel grid, and shapes and points stay in µm with a µm → pixel
+    transformation into it (spatia reads the µm per pixel from that transformation).
 
     Parameters
     ----------
     transcripts
         Also load the 5,260 (subsampled) transcripts as points.
+    units
+        ``"px"``: spatialdata-io's frames (described below); ``"um"``: ``"global"`` in µm instead (shapes,
+        points and ``obsm`` with an Identity, the image and labels with pixel → µm).
 
     Returns
     -------
     :class:`spatialdata.SpatialData` with
 
     - ``images["morphology_focus"]``: DAPI, ``(c, y, x)`` = ``(1, 237, 237)``, uint16, channel ``"DAPI"``;
-      1.7 µm/px (an 8× downsample), transformation to ``"global"`` = Scale(1.7) then Translation(997.15).
+      1.7 µm/px (an 8× downsample); Identity to ``"global"`` (with ``units="um"``: Scale(1.7) then
+      Translation(997.15)).
       Intensities look wrapped into 0–255 and nuclei are 6–10 px across: fine for registration and format
       tests, poor for morphology.
     - ``labels["cell_labels"]``, ``labels["nucleus_labels"]``: the boundary polygons rasterised on the image
       grid (same transformation); the value of a cell and of its nucleus is ``table.obs["cell_labels"]``.
     - ``shapes["cell_circles"]`` (centroid, radius ``sqrt(cell_area / π)``), ``shapes["cell_boundaries"]``,
-      ``shapes["nucleus_boundaries"]`` (polygons): µm, indexed by ``cell_id``.
+      ``shapes["nucleus_boundaries"]`` (polygons): µm, indexed by ``cell_id``, with Translation(-997.15) then
+      Scale(1 / 1.7) to ``"global"``.
     - ``points["transcripts"]`` (if ``transcripts``): ``x, y, z`` in µm, ``feature_name``, ``cell_id``
       (``"UNASSIGNED"`` when outside cells), ``qv``, ``overlaps_nucleus``.
     - ``tables["table"]``: raw integer counts (CSR) of the 27 "Gene Expression" features (control probes and
@@ -213,13 +223,14 @@ def xenium_toy(*, transcripts: bool = True) -> SpatialData:
             transformations=_identity(),
         )
 
-    return SpatialData(
+    sdata = SpatialData(
         images={"morphology_focus": image},
         labels=labels,
         shapes=shapes,
         points=points,
         tables={"table": table},
     )
+    return to_pixel_frame(sdata, "morphology_focus") if check_units(units) == "px" else sdata
 
 
 # --------------------------------------------------------------------------------------------- CosMx
@@ -246,13 +257,18 @@ def _cosmx_fov_transformation(fov_xy: tuple[float, float], x0: float, y_top: flo
     return _scale_translate(s, tx, ty)
 
 
-def cosmx_lung_mini(*, transcripts: bool = True) -> SpatialData:
+def cosmx_lung_mini(*, transcripts: bool = True, units: Units = "px") -> SpatialData:
     """Two tiny real NanoString CosMx FOV crops of human NSCLC (Lung12): 120 cells × 960 genes.
 
     Parameters
     ----------
     transcripts
         Also load the 25,825 transcripts as points.
+    units
+        ``"px"``: ``"global"`` is the pixel grid of ``F002_image`` (as spatialdata-io's CosMx reader, one
+        global pixel frame): images and labels are translated, transcripts and ``obsm["spatial"]`` are in
+        pixels, and ``sdata.attrs`` records 0.18 µm per unit (:func:`spatia.pp.set_um_per_unit`).
+        ``"um"``: ``"global"`` in µm, as described below.
 
     Returns
     -------
@@ -395,26 +411,36 @@ def cosmx_lung_mini(*, transcripts: bool = True) -> SpatialData:
             instance_key="cell_ID",
             transformations=_identity(),
         )
+    sdata = SpatialData(images=images, labels=labels, points=points, tables={"table": table})
+    if check_units(units) == "um":
+        return sdata
+    from ..pp import set_um_per_unit
 
-    return SpatialData(images=images, labels=labels, points=points, tables={"table": table})
+    to_pixel_frame(sdata, "F002_image", pixel_points=True, pixel_obsm=True)
+    set_um_per_unit(sdata, _COSMX_UM_PER_PX)
+    return sdata
+
 
 
 # --------------------------------------------------------------------------------------------- MERSCOPE
-def merscope_toy(*, channels: tuple[str, ...] = ("DAPI", "PolyT")) -> SpatialData:
+def merscope_toy(*, channels: tuple[str, ...] = ("DAPI", "PolyT"), units: Units = "px") -> SpatialData:
     """A tiny real Vizgen MERSCOPE region of mouse tissue: 1,058 cells × 49 genes with DAPI/PolyT mosaics.
 
     Parameters
     ----------
     channels
         Stains of the z-plane 3 mosaic to load, among ``"DAPI"`` and ``"PolyT"`` (the ones shipped).
+    units
+        ``"px"``: ``"global"`` is the mosaic's pixel grid (as spatialdata-io's MERSCOPE reader): the image has
+        an Identity, the µm shapes carry ``micron_to_mosaic_pixel_transform.csv``. ``"um"``: ``"global"`` in
+        µm (the image carries the inverse affine, the shapes an Identity).
 
     Returns
     -------
     :class:`spatialdata.SpatialData` with
 
     - ``images["mosaic"]``: ``(c, y, x)`` = ``(len(channels), 695, 695)``, uint8, channels = ``channels``
-      (z3); transformation to ``"global"`` = the inverse of ``micron_to_mosaic_pixel_transform.csv``
-      (pixel → µm, 0.432 µm/px). The mosaics are heavily quantised (0–85): tissue is visible, single nuclei
+      (z3); 0.432 µm/px. The mosaics are heavily quantised (0–85): tissue is visible, single nuclei
       are not.
     - ``shapes["cell_boundaries"]``: cell polygons in µm (z-plane 3, clipped to the imaged box), indexed by
       the cell id (string).
@@ -494,4 +520,5 @@ def merscope_toy(*, channels: tuple[str, ...] = ("DAPI", "PolyT")) -> SpatialDat
     polys = gpd.GeoDataFrame(geometry=bounds.geometry.loc[obs.index].to_numpy(), index=obs.index.copy())
     shapes = {"cell_boundaries": ShapesModel.parse(polys, transformations=_identity())}
 
-    return SpatialData(images={"mosaic": image}, shapes=shapes, tables={"table": table})
+    sdata = SpatialData(images={"mosaic": image}, shapes=shapes, tables={"table": table})
+    return to_pixel_frame(sdata, "mosaic") if check_units(units) == "px" else sdata

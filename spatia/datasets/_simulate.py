@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -29,6 +29,7 @@ from scipy.spatial import cKDTree
 
 from .._constants import Defaults, Keys
 from .._utils import RandomState, get_rng
+from ._frames import check_units, to_pixel_frame
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -434,6 +435,7 @@ def simulate(
     random_state: RandomState = 0,
     chunk_size: int = 1024,
     lazy: bool | None = None,
+    units: Literal["um", "px"] = "um",
 ) -> SpatialData:
     """Simulate an imaging-based spatial transcriptomics slide (10x Xenium-like) with known ground truth.
 
@@ -476,6 +478,10 @@ def simulate(
     lazy
         Build the image and labels as dask graphs rendered on demand (never the whole slide in memory).
         ``None``: lazy above 50,000 cells. Lazy and eager rendering give identical pixels.
+    units
+        ``"um"``: ``"global"`` in µm (described below). ``"px"``: the same slide as spatialdata-io's Xenium
+        reader writes it: ``"global"`` is the image's pixel grid (image and labels Identity), the circles stay
+        in µm with a µm → pixel transformation, ``obsm["spatial"]`` stays in µm.
 
     Returns
     -------
@@ -563,6 +569,8 @@ def simulate(
     seed = int(random_state) if isinstance(random_state, int | np.integer) else type(random_state).__name__
     uns = _ground_truth(tissue, var, lost, parameters, seed)
     sdata = _elements(tissue, obs, var, counts, uns, labels, image, pixel_size, None if lazy else chunk_size)
+    if check_units(units) == "px":
+        to_pixel_frame(sdata, IMAGE_KEY)
     logger.info(
         "Simulated %d cells x %d genes, image %d x %d px (%s) in %.2fs",
         n_cells, n_genes, *scene.shape, "lazy" if lazy else "eager", time.perf_counter() - start,

@@ -494,6 +494,7 @@ def extract_crops(
     store: str | Path | None = None,
     batch_cells: int = 4096,
     geometry: CellGeometry | None = None,
+    um_per_unit: float | None = None,
 ) -> CropStore:
     """Cut a crop centred on every cell of the table, resized to ``size × size`` pixels.
 
@@ -522,10 +523,12 @@ def extract_crops(
     size
         Side of the output crops, in pixels.
     crop_um
-        Fixed crop side in coordinate-system units (µm for Xenium/CosMx/MERSCOPE). ``None`` sizes each crop
-        from the cell's extent: ``extent_factor × diameter``, clipped to ``[min_um, max_um]`` (cells without
-        extent use ``max(min_um, 16)``). Crops are square in image pixels (side / pixel size, the pixel size
-        being the square root of the pixel area).
+        Fixed crop side in µm, whatever the units of the coordinate system (see ``um_per_unit``). ``None``
+        sizes each crop from the cell's extent: ``extent_factor × diameter``, clipped to
+        ``[min_um, max_um]`` µm (cells without extent use ``max(min_um, 16)`` µm). Crops are square in image
+        pixels (side / pixel size, the pixel size being the square root of the pixel area). A fixed window
+        shows every cell at the same scale, so nuclear size stays visible; choose it to hold a cell and a
+        rim of its neighbours (16 µm for most tissues).
     extent_factor, min_um, max_um
         See ``crop_um``.
     channels
@@ -545,6 +548,10 @@ def extract_crops(
     geometry
         Cell positions already computed by :func:`~spatia.pp.cell_geometry` for this table (with the image in
         ``shared_with``); saves a second pass over the segmentation.
+    um_per_unit
+        µm per unit of the coordinate system. Default: the value stored with :func:`~spatia.pp.set_um_per_unit`,
+        else read from µm-valued shapes/points (as spatialdata-io writes them), else estimated from the cells'
+        spacing (see :func:`~spatia.pp.cell_geometry`). Recorded in the store's ``params``.
 
     Returns
     -------
@@ -567,7 +574,7 @@ def extract_crops(
         labels_key=labels_key, shapes_key=shapes_key, coordinate_system=coordinate_system, size=size, crop_um=crop_um,
         extent_factor=extent_factor, min_um=min_um, max_um=max_um, channels=channels, mask_neighbours=mask_neighbours,
         percentiles=percentiles, outside=outside, store=store, batch_cells=batch_cells, geometry=geometry,
-        table_key=table_key,
+        table_key=table_key, um_per_unit=um_per_unit,
     )  # fmt: skip
     with keep_torch_threads():
         if image_key is not None and not isinstance(image_key, str):
@@ -577,20 +584,20 @@ def extract_crops(
 
 def _extract_one(data, table, *, image_key, table_key, labels_key, shapes_key, coordinate_system, size, crop_um,
                  extent_factor, min_um, max_um, channels, mask_neighbours, percentiles, outside, store, batch_cells,
-                 geometry) -> CropStore:
+                 geometry, um_per_unit) -> CropStore:
     """:func:`extract_crops` from one image, for the cells of ``table`` (the table or a subset of its rows)."""
     image_key, img = get_image(data, image_key)
     geo = geometry
     if geo is None:
         geo = cell_geometry(
             data, table, labels_key=labels_key, shapes_key=shapes_key, coordinate_system=coordinate_system,
-            shared_with=(data.images[image_key],),
+            shared_with=(data.images[image_key],), um_per_unit=um_per_unit,
         )  # fmt: skip
     elif len(geo.xy) != table.n_obs:
         raise ValueError(f"geometry has {len(geo.xy)} cells but the table has {table.n_obs}.")
     cs = geo.coordinate_system
     m_img = affine_to(data.images[image_key], cs)  # pixel (x, y) -> cs
-    px_size = float(np.sqrt(abs(np.linalg.det(m_img[:2, :2]))))
+    px_size_um = float(np.sqrt(abs(np.linalg.det(m_img[:2, :2])))) * geo.units.um_per_unit
     pix = apply_affine(np.linalg.inv(m_img), geo.xy)  # (x, y) in pixel units, continuous
     ch_idx, ch_names = _channel_index(img, channels)
     arr = img.data
@@ -606,9 +613,9 @@ def _extract_one(data, table, *, image_key, table_key, labels_key, shapes_key, c
             raise ValueError(f"crop_um must be positive, got {crop_um}.")
         side_um = np.full(len(pix), float(crop_um))
     else:
-        d = np.where(np.isfinite(geo.diameter), geo.diameter * extent_factor, max(min_um, 16.0))
+        d = np.where(np.isfinite(geo.diameter), geo.diameter_um * extent_factor, max(min_um, 16.0))
         side_um = np.clip(d, min_um, max_um)
-    side_px = np.maximum(side_um / px_size, 2.0)
+    side_px = np.maximum(side_um / px_size_um, 2.0)
     step = side_px / size
     # reach of a crop's filter taps around its centre
     margin = int(np.ceil(side_px.max() / 2 + max(1.0, step.max()))) + 2
@@ -665,7 +672,8 @@ def _extract_one(data, table, *, image_key, table_key, labels_key, shapes_key, c
         "coordinate_system": cs, "size": int(size), "crop_um": crop_um, "extent_factor": extent_factor,
         "min_um": min_um, "max_um": max_um, "channels": ch_names, "mask_neighbours": mask_neighbours,
         "outside": outside, "n_outside": n_out,
-        "intensity_lo": lo.tolist(), "intensity_hi": hi.tolist(), "pixel_size": px_size,
+        "intensity_lo": lo.tolist(), "intensity_hi": hi.tolist(), "pixel_size_um": px_size_um,
+        "um_per_unit": geo.units.um_per_unit, "units_source": geo.units.source,
     }
 
     # 3. output: zarr (appended in store order from buffers) or memory (written in table order)
@@ -731,7 +739,7 @@ def _extract_one(data, table, *, image_key, table_key, labels_key, shapes_key, c
 
 
 def _extract_from_images(data, table, image_keys: list[str], *, labels_key, shapes_key, coordinate_system,
-                         geometry, outside, store, mask_neighbours, table_key, **kwargs) -> CropStore:
+                         geometry, outside, store, mask_neighbours, table_key, um_per_unit, **kwargs) -> CropStore:
     """:func:`extract_crops` over several images: each cell from the first image containing its centre."""
     if not image_keys:
         raise ValueError("image_key is an empty list: name at least one image.")
@@ -744,7 +752,8 @@ def _extract_from_images(data, table, image_keys: list[str], *, labels_key, shap
     geo = geometry
     if geo is None:
         geo = cell_geometry(data, table, labels_key=labels_key, shapes_key=shapes_key,
-                            coordinate_system=coordinate_system, shared_with=tuple(data.images[k] for k in image_keys))
+                            coordinate_system=coordinate_system, shared_with=tuple(data.images[k] for k in image_keys),
+                            um_per_unit=um_per_unit)
     elif len(geo.xy) != table.n_obs:
         raise ValueError(f"geometry has {len(geo.xy)} cells but the table has {table.n_obs}.")
     owner = np.full(table.n_obs, -1)
@@ -769,11 +778,11 @@ def _extract_from_images(data, table, image_keys: list[str], *, labels_key, shap
         rows = np.flatnonzero(owner == i)
         if not len(rows):
             continue
-        sub_geo = CellGeometry(geo.xy[rows], geo.diameter[rows], geo.region[rows], geo.coordinate_system, geo.source)
+        sub_geo = geo.subset(rows)
         parts.append((rows, _extract_one(
             data, table[rows], image_key=k, table_key=table_key, labels_key=labels_key, shapes_key=shapes_key,
             coordinate_system=coordinate_system, geometry=sub_geo, outside="error", store=None,
-            mask_neighbours=False, **kwargs)))  # fmt: skip
+            mask_neighbours=False, um_per_unit=um_per_unit, **kwargs)))  # fmt: skip
     if not parts:
         raise ValueError(f"No cell lies inside any of the images {image_keys}.")
     channels = parts[0][1].channels

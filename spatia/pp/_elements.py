@@ -15,6 +15,7 @@ from anndata import AnnData
 from numba import njit
 
 from .._constants import Defaults, Keys
+from ._units import Units, resolve_units
 
 logger = logging.getLogger(__name__)
 
@@ -178,11 +179,13 @@ class CellGeometry:
         The coordinate system of ``xy``.
     source
         ``"labels"``, ``"shapes"``, ``"points"`` or ``"obsm"``.
+    units
+        µm per ``coordinate_system`` unit and where that came from (:func:`~spatia.pp.resolve_units`).
 
     Examples
     --------
     >>> geo = sp.pp.cell_geometry(sdata, sdata["table"])
-    >>> geo.xy[:3], geo.diameter[:3], geo.coordinate_system
+    >>> geo.xy_um[:3], geo.diameter_um[:3], geo.units.um_per_unit
     """
 
     xy: np.ndarray
@@ -190,6 +193,22 @@ class CellGeometry:
     region: np.ndarray
     coordinate_system: str
     source: str
+    units: Units
+
+    @property
+    def xy_um(self) -> np.ndarray:
+        """Centroids in µm (``xy × um_per_unit``; same origin)."""
+        return self.xy * self.units.um_per_unit
+
+    @property
+    def diameter_um(self) -> np.ndarray:
+        """Equivalent diameters in µm."""
+        return self.diameter * self.units.um_per_unit
+
+    def subset(self, rows: np.ndarray) -> CellGeometry:
+        """The geometry of some of the cells."""
+        return CellGeometry(self.xy[rows], self.diameter[rows], self.region[rows], self.coordinate_system,
+                            self.source, self.units)
 
 
 def chunk_edges(chunks: Sequence[int] | None, n: int, target: int) -> np.ndarray:
@@ -302,6 +321,7 @@ def cell_geometry(
     coordinate_system: str | None = None,
     spatial_key: str = Keys.SPATIAL,
     shared_with: Sequence = (),
+    um_per_unit: float | None = None,
 ) -> CellGeometry:
     """Centroids and sizes of the table's cells, from the element the table annotates.
 
@@ -311,10 +331,15 @@ def cell_geometry(
     Coordinates always go through the elements' transformations. The default coordinate system is one
     shared by the cells' elements and the elements in ``shared_with`` (e.g. the image to crop from).
 
+    The µm per unit of that coordinate system (``geo.units``) is ``um_per_unit`` when given, else the value
+    stored with :func:`~spatia.pp.set_um_per_unit`, else the scale of a µm-valued shapes/points element's
+    transformation (as spatialdata-io writes them), else an estimate from the cells' spacing (with a warning
+    when it is not µm).
+
     Examples
     --------
     >>> geo = sp.pp.cell_geometry(sdata, sdata["table"], coordinate_system="global")
-    >>> geo.xy.shape  # (n_cells, 2), µm
+    >>> geo.xy.shape  # (n_cells, 2), coordinate-system units; geo.xy_um in µm
     """
     regions, region_key, instance_key = table_annotation(table)
     n = table.n_obs
@@ -346,7 +371,9 @@ def cell_geometry(
             )
         cs = coordinate_system or Defaults.COORDINATE_SYSTEM
         xy = np.asarray(table.obsm[spatial_key], dtype=float)[:, :2]
-        return CellGeometry(xy, np.full(n, np.nan), np.full(n, "", dtype=object), cs, "obsm")
+        units = resolve_units(sdata, xy, coordinate_system=cs, um_per_unit=um_per_unit,
+                              what=f"table.obsm[{spatial_key!r}]")
+        return CellGeometry(xy, np.full(n, np.nan), np.full(n, "", dtype=object), cs, "obsm", units)
 
     xy = np.full((n, 2), np.nan)
     diam = np.full(n, np.nan)
@@ -393,21 +420,28 @@ def cell_geometry(
             f"{int(unplaced.sum())} table rows belong to no annotated labels/shapes element "
             f"(regions {use_regions}); check the table's region column."
         )
-    geo = CellGeometry(xy, diam, region_of, cs, "labels" if kinds == {"labels"} else "shapes")
+    units = resolve_units(sdata, xy, coordinate_system=cs, um_per_unit=um_per_unit)
+    geo = CellGeometry(xy, diam, region_of, cs, "labels" if kinds == {"labels"} else "shapes", units)
     _check_obsm_consistency(table, geo, spatial_key)
     return geo
 
 
 def _check_obsm_consistency(table: AnnData, geo: CellGeometry, spatial_key: str) -> None:
-    """Warn when ``obsm['spatial']`` disagrees with the element geometry (e.g. pixels vs µm)."""
+    """Warn when ``obsm['spatial']`` is neither the cells' positions in the frame nor in µm.
+
+    spatialdata-io keeps ``obsm['spatial']`` in µm while its ``"global"`` is in pixels: that is not a problem.
+    """
     if spatial_key not in table.obsm or table.n_obs == 0:
         return
     obsm = np.asarray(table.obsm[spatial_key], dtype=float)[:, :2]
     if not np.isfinite(obsm).all():
         return
-    d = np.linalg.norm(obsm - geo.xy, axis=1)
     tol = np.nanmedian(geo.diameter) if np.isfinite(geo.diameter).any() else 10.0
-    if np.median(d) > max(tol, 1e-6):
+    d = np.linalg.norm(obsm - geo.xy, axis=1)
+    # in µm up to a shift (spatialdata-io's MERSCOPE affine has an offset), in frame units like tol
+    centred = obsm - np.median(obsm, axis=0) - (geo.xy_um - np.median(geo.xy_um, axis=0))
+    d_um = np.linalg.norm(centred, axis=1) / geo.units.um_per_unit
+    if min(np.median(d), np.median(d_um)) > max(tol, 1e-6):
         logger.warning(
             "table.obsm[%r] is far from the cells' element positions in coordinate system %r "
             "(median distance %.3g, cell diameter ~%.3g): obsm may be in another coordinate system "

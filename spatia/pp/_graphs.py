@@ -10,6 +10,7 @@ from anndata import AnnData
 from .._constants import Defaults, Keys
 from .._utils import log_added
 from ._elements import get_table
+from ._units import Units, resolve_units
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,16 @@ def _coords(table: AnnData, spatial_key: str) -> np.ndarray:
     return xy
 
 
+def _coords_um(data, table: AnnData, spatial_key: str, um_per_unit: float | None) -> tuple[np.ndarray, Units]:
+    """``obsm[spatial_key]`` in µm, and the units found for it (see :func:`~spatia.pp.resolve_units`)."""
+    xy = _coords(table, spatial_key)
+    # obsm is in no coordinate system (spatialdata-io keeps it in µm beside pixel frames): only a value
+    # stored on the table itself, or the cells' spacing, tell its units
+    units = resolve_units(table, xy, coordinate_system=None, um_per_unit=um_per_unit,
+                          what=f"table.obsm[{spatial_key!r}]")
+    return xy * units.um_per_unit, units
+
+
 def niche_graph(
     data,
     *,
@@ -35,11 +46,13 @@ def niche_graph(
     spatial_key: str = Keys.SPATIAL,
     key_added: str = Keys.NICHE_GRAPH,
     inplace: bool = True,
+    um_per_unit: float | None = None,
 ):
     """Niche graph of every cell: its ``n_neighs`` nearest cells, or the cells within ``radius``.
 
     A thin wrapper over :func:`squidpy.gr.spatial_neighbors` (``coord_type="generic"``) on
-    ``obsm[spatial_key]``, in the table's coordinate units (µm for Xenium, CosMx and MERSCOPE).
+    ``obsm[spatial_key]`` converted to µm, so ``radius`` and the distances written are in µm whatever the
+    units of the coordinates.
 
     Parameters
     ----------
@@ -50,18 +63,23 @@ def niche_graph(
     n_neighs
         Number of nearest neighbours (ignored when ``radius`` is given).
     radius
-        Radius of the niche in coordinate units.
+        Radius of the niche in µm (the paper's niches are ~55 µm windows).
     spatial_key
         ``obsm`` key of cell centroids.
     key_added
         Prefix of the ``obsp`` keys written.
     inplace
         Write into the table and return ``None``; otherwise return ``(connectivities, distances)``.
+    um_per_unit
+        µm per unit of ``obsm[spatial_key]``. Default: the value stored with :func:`~spatia.pp.set_um_per_unit`
+        on the table, else 1 when the cells' spacing is that of µm coordinates, else an estimate from it
+        (with a warning).
 
     Returns
     -------
-    ``None``, writing ``obsp['{key_added}_connectivities']``, ``obsp['{key_added}_distances']`` and
-    ``uns['{key_added}_neighbors']``; or, with ``inplace=False``, the two sparse matrices.
+    ``None``, writing ``obsp['{key_added}_connectivities']``, ``obsp['{key_added}_distances']`` (µm) and
+    ``uns['{key_added}_neighbors']`` (with the units used); or, with ``inplace=False``, the two sparse
+    matrices.
 
     Examples
     --------
@@ -70,12 +88,12 @@ def niche_graph(
     import squidpy as sq
 
     table = get_table(data, table_key)
-    _coords(table, spatial_key)
     if radius is None and (n_neighs is None or n_neighs < 1):
         raise ValueError("Give n_neighs >= 1 or a radius.")
     if radius is not None and radius <= 0:
         raise ValueError(f"radius must be positive, got {radius}.")
-    tmp = AnnData(obs=table.obs[[]].copy(), obsm={spatial_key: np.asarray(table.obsm[spatial_key])[:, :2]})
+    xy_um, units = _coords_um(data, table, spatial_key, um_per_unit)
+    tmp = AnnData(obs=table.obs[[]].copy(), obsm={spatial_key: xy_um})
     if radius is not None:
         kw, new_api = {"radius": float(radius)}, "spatial_neighbors_radius"
     else:
@@ -96,7 +114,7 @@ def niche_graph(
         return conn, dist
     table.obsp[f"{key_added}_connectivities"] = conn
     table.obsp[f"{key_added}_distances"] = dist
-    table.uns[f"{key_added}_neighbors"] = tmp.uns[f"{key_added}_neighbors"]
+    table.uns[f"{key_added}_neighbors"] = {**tmp.uns[f"{key_added}_neighbors"], Keys.UNITS: units.to_dict()}
     log_added("adata.obsp", f"{key_added}_connectivities")
     return None
 
@@ -109,12 +127,14 @@ def tissue_tiles(
     spatial_key: str = Keys.SPATIAL,
     key_added: str = Keys.TILE,
     inplace: bool = True,
+    um_per_unit: float | None = None,
 ):
-    """Assign every cell to a square tissue tile of side ``tile_size`` (coordinate units).
+    """Assign every cell to a square tissue tile of side ``tile_size`` µm.
 
     Tiles are the tokens' grouping at the tissue level (≈ 4× a niche). Tiles are numbered in row-major
     order over the occupied grid; slides with several regions (e.g. CosMx FOVs) get separate tiles as
-    long as their coordinates do not overlap.
+    long as their coordinates do not overlap. ``um_per_unit`` is the µm per unit of ``obsm[spatial_key]``,
+    found as in :func:`niche_graph` when not given.
 
     Returns
     -------
@@ -130,7 +150,7 @@ def tissue_tiles(
     table = get_table(data, table_key)
     if tile_size <= 0:
         raise ValueError(f"tile_size must be positive, got {tile_size}.")
-    xy = _coords(table, spatial_key)
+    xy, _ = _coords_um(data, table, spatial_key, um_per_unit)
     cell = np.floor((xy - xy.min(axis=0)) / tile_size).astype(np.int64)
     key = cell[:, 1] * (cell[:, 0].max() + 1) + cell[:, 0]
     _, tile = np.unique(key, return_inverse=True)

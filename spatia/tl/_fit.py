@@ -60,6 +60,7 @@ def _run_params(model, prepared, extra: dict[str, Any]) -> dict[str, Any]:
         "version": __version__, "torch": str(torch.__version__), "config": model.config.to_dict(),
         "n_genes": len(model.genes), "missing_genes": prepared.missing_genes, "channels": model.channels,
         "coordinate_system": prepared.coordinate_system, "crop_params": prepared.crop_params,
+        Keys.UNITS: prepared.units.to_dict(),
         "train_info": {k: v for k, v in model.train_info.items() if isinstance(v, int | float | str)},
         **extra,
     })
@@ -90,6 +91,7 @@ def fit(
     compile: bool = False,
     allow_empty: bool = False,
     outside: str = "error",
+    um_per_unit: float | None = None,
     inplace: bool = True,
     **trainer_kwargs: Any,
 ):
@@ -141,6 +143,12 @@ def fit(
         Cells whose centre lies outside the image(s) (e.g. at the edge of a cropped slide): ``"error"``, or
         ``"pad"`` to give them blank crops (their embedding then rests on expression and context). The
         choice is saved with the model and reused by :func:`embed` and the other tools.
+    um_per_unit
+        µm per unit of the coordinate system. Every length of the model (crop window, niche radius, tissue
+        tiles) is in µm, so a slide in pixels and the same slide in µm train the same model. Default: the
+        value stored with :func:`~spatia.pp.set_um_per_unit`, else the scale of µm-valued shapes/points (as
+        spatialdata-io writes Xenium and MERSCOPE), else an estimate from the cells' spacing, with a warning
+        (CosMx pixel frames: pass it). The value used is recorded in ``uns['spatia']['units']``.
     inplace
         Write the results into the table (and return the model); with ``False`` return
         ``(model, embeddings)`` and leave ``data`` untouched.
@@ -152,7 +160,7 @@ def fit(
     The trained :class:`~spatia.SpatiaModel` and, with ``inplace=True``, writes into the table:
 
     - ``obsm['X_spatia_cell']``, ``obsm['X_spatia_niche']``, ``obsm['X_spatia_tissue']``;
-    - ``uns['spatia']``: run parameters, versions, missing genes.
+    - ``uns['spatia']``: run parameters, versions, missing genes, ``units`` (µm per unit and its source).
 
     With ``inplace=False``: ``(model, {"cell": ..., "niche": ..., "tissue": ...})``.
 
@@ -175,7 +183,7 @@ def fit(
         crop_kwargs={"size": config.image.size, "crop_um": config.image.crop_um, "outside": outside},
         use_image=config.image.enabled,
         niche_k=config.niche.k, niche_radius=config.niche.radius, tile_um=config.tissue.tile_um,
-        allow_empty=allow_empty,
+        allow_empty=allow_empty, um_per_unit=um_per_unit,
     )
     codes, cats = _labels_array(prepared.table, cell_type_key)
     prepared.arrays.labels = codes
@@ -220,6 +228,7 @@ def embed(
     batch_size: int | None = None,
     device: str | None = None,
     allow_empty: bool = False,
+    um_per_unit: float | None = None,
     inplace: bool = True,
 ):
     """Embed a (new) slide with a trained model.
@@ -234,8 +243,9 @@ def embed(
         :class:`~spatialdata.SpatialData` (or AnnData with ``crops=`` / an expression-only model).
     model
         A trained :class:`~spatia.SpatiaModel`.
-    image_key, labels_key, shapes_key, table_key, layer, coordinate_system, crops, allow_empty
-        As in :func:`fit`.
+    image_key, labels_key, shapes_key, table_key, layer, coordinate_system, crops, allow_empty, um_per_unit
+        As in :func:`fit`. The slide's units are found anew (it may be in other units than the training
+        slide); the model's lengths are µm.
     batch_size
         Cells per inference batch.
     device
@@ -255,6 +265,7 @@ def embed(
     prepared = _prepare_for_model(
         data, model, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key, table_key=table_key,
         layer=layer, coordinate_system=coordinate_system, crops=crops, allow_empty=allow_empty,
+        um_per_unit=um_per_unit,
     )
     emb = model.infer(prepared.arrays, batch_size=batch_size, device=device)
     if not inplace:
@@ -266,7 +277,8 @@ def embed(
 
 
 def _prepare_for_model(data, model, *, image_key, labels_key, shapes_key, table_key, layer, coordinate_system,
-                       crops, allow_empty, use_expression=True, crop_size: int | None = None):
+                       crops, allow_empty, use_expression=True, crop_size: int | None = None,
+                       um_per_unit: float | None = None):
     from ..data._prepare import prepare
     from ..model import SpatiaModel
 
@@ -286,7 +298,7 @@ def _prepare_for_model(data, model, *, image_key, labels_key, shapes_key, table_
         data, table_key=table_key, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key,
         coordinate_system=coordinate_system, layer=layer, genes=model.genes, crops=crops, crop_kwargs=crop_kwargs,
         use_image=c.image.enabled, niche_k=c.niche.k, niche_radius=c.niche.radius, tile_um=c.tissue.tile_um,
-        allow_empty=allow_empty, use_expression=use_expression,
+        allow_empty=allow_empty, use_expression=use_expression, um_per_unit=um_per_unit,
     )
     if c.image.enabled and list(prepared.channels) != list(model.channels):
         raise ValueError(
