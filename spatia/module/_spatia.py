@@ -238,7 +238,8 @@ class SpatiaModule(nn.Module):
             n_h = h_core
             niche = z_all[core]
 
-        # 3. tissue level: niche tokens of each tile, absolute position
+        # 3. tissue level: niche tokens of each tile, at their position in the tile (relative to the tile's
+        #    centre, so that where the slide sits in its coordinate system changes nothing)
         if c.tissue.enabled:
             n_tiles = int(tile.max().item()) + 1 if m else 0
             order = torch.argsort(tile, stable=True)
@@ -248,7 +249,10 @@ class SpatiaModule(nn.Module):
             pos_in = torch.arange(m, device=tile.device) - starts[tile[order]]
             grid = n_h.new_zeros(n_tiles, lmax, c.width)
             tpad = torch.ones(n_tiles, lmax, dtype=torch.bool, device=tile.device)
-            pe = sincos_2d(xy[core], c.width, scale=c.tissue.position_scale).to(n_h.dtype)
+            xy_core = xy[core].float()
+            centre = xy_core.new_zeros(n_tiles, 2).index_add_(0, tile, xy_core)
+            centre = centre / sizes.clamp(min=1)[:, None].to(centre.dtype)
+            pe = sincos_2d(xy_core - centre[tile], c.width, scale=c.tissue.position_scale).to(n_h.dtype)
             grid[tile[order], pos_in] = (n_h + pe)[order]
             tpad[tile[order], pos_in] = False
             ttok = self.tissue_tf(grid, tpad)

@@ -29,6 +29,8 @@ TYPICAL_SPACING_UM = 10.0
 #: An element's scale explains the cells' spacing when it is within this factor of the estimate. Pixel sizes
 #: of the instruments (0.108–0.2125 µm/px) are 4.7–9× away from µm, so the factor can be this wide.
 _MATCH_FACTOR = 2.2
+#: Fewer cells than this do not tell a spacing.
+_MIN_CELLS = 10
 #: Estimates outside this range mean the coordinates are not cell positions at any plausible unit.
 _PLAUSIBLE = (1e-4, 1e4)
 
@@ -43,8 +45,8 @@ class Units:
         µm per coordinate-system unit (1 for a frame in µm, the pixel size for a pixel frame).
     source
         ``"argument"``, ``"stored"`` (:func:`set_um_per_unit`), ``"element '<name>'"`` (a µm-valued
-        shapes/points element's transformation), ``"cell spacing (µm)"`` (spacing consistent with µm) or
-        ``"estimated from cell spacing"``.
+        shapes/points element's transformation), ``"cell spacing (µm)"`` (spacing consistent with µm),
+        ``"estimated from cell spacing"`` or ``"assumed (too few cells to tell)"`` (1 µm per unit).
     coordinate_system
         The coordinate system the factor applies to (``None``: a table's ``obsm`` coordinates).
     """
@@ -124,7 +126,7 @@ def spacing_estimate(xy: np.ndarray, max_cells: int = 20_000, seed: int = 0) -> 
 
     xy = np.asarray(xy, dtype=float)[:, :2]
     xy = xy[np.isfinite(xy).all(axis=1)]
-    if len(xy) < 3:
+    if len(xy) < _MIN_CELLS:
         return None
     tree = cKDTree(xy)
     probe = xy
@@ -205,10 +207,11 @@ def resolve_units(
         if len(values) == 1:
             name, v = candidates[0]
             return Units(v, f"element {name!r}", coordinate_system)
-        raise ValueError(
-            f"Cannot tell the units of {what} (too few distinct cell positions to measure their spacing): "
-            f"{hint} (µm per unit: 1 for µm, the pixel size for pixels)."
+        logger.warning(
+            "Too few distinct cell positions to tell the units of %s: spatia assumes 1 µm per unit. If that is "
+            "wrong, %s.", what, hint,
         )
+        return Units(1.0, "assumed (too few cells to tell)", coordinate_system)
     if not _PLAUSIBLE[0] < estimate < _PLAUSIBLE[1]:
         raise ValueError(
             f"The cell spacing in {what} implies {estimate:.3g} µm per unit, which is not a plausible unit for "

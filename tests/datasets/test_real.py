@@ -17,24 +17,31 @@ from scipy import sparse
 from spatia.datasets._real import cosmx_lung_mini, merscope_toy, xenium_toy
 
 
+# the layout and registration tests read "global" in µm (units="um"); the px frames are checked against them
 @pytest.fixture(scope="module")
 def xenium():
-    return xenium_toy()
+    return xenium_toy(units="um")
 
 
 @pytest.fixture(scope="module")
 def cosmx():
-    return cosmx_lung_mini()
+    return cosmx_lung_mini(units="um")
 
 
 @pytest.fixture(scope="module")
 def merscope():
-    return merscope_toy()
+    return merscope_toy(units="um")
 
 
-@pytest.fixture(params=["xenium", "cosmx", "merscope"])
-def sdata(request):
-    return request.getfixturevalue(request.param)
+@pytest.fixture(scope="module")
+def px_frames():
+    return {"xenium": xenium_toy(), "cosmx": cosmx_lung_mini(), "merscope": merscope_toy()}
+
+
+@pytest.fixture(params=["xenium", "cosmx", "merscope", "xenium-px", "cosmx-px", "merscope-px"])
+def sdata(request, px_frames):
+    name, _, px = request.param.partition("-")
+    return px_frames[name] if px else request.getfixturevalue(name)
 
 
 def _um_to_px(element, xy: np.ndarray) -> np.ndarray:
@@ -250,3 +257,39 @@ def test_table_obs_index_matches_instances(xenium, merscope):
     for sdata, key in ((xenium, "cell_id"), (merscope, "cell_id")):
         table = sdata["table"]
         assert pd.Index(table.obs[key]).equals(table.obs_names)
+
+
+# ------------------------------------------------------------------------------- spatialdata-io's frames
+@pytest.mark.parametrize(
+    ("name", "image", "um_per_px", "source"),
+    [
+        ("xenium", "morphology_focus", 1.7, "element"),
+        ("cosmx", "F002_image", 0.18, "stored"),
+        ("merscope", "mosaic", 0.432, "element"),
+    ],
+)
+def test_pixel_frames_as_spatialdata_io_writes_them(px_frames, name, image, um_per_px, source, request):
+    """Default loaders: "global" is the image's pixel grid; the same cells sit at µm / pixel size."""
+    from spatialdata.transformations import Identity, get_transformation
+
+    import spatia as sp
+
+    px, um = px_frames[name], request.getfixturevalue(name)
+    assert isinstance(get_transformation(px[image], "global"), Identity)
+    geo_px = sp.pp.cell_geometry(px, px["table"])
+    geo_um = sp.pp.cell_geometry(um, um["table"])
+    assert geo_px.units.source.startswith(source)
+    np.testing.assert_allclose(geo_px.units.um_per_unit, um_per_px, rtol=2e-3)
+    assert geo_um.units.um_per_unit == 1.0
+    # the same cells: positions (up to the frame's origin) and sizes in µm agree
+    d_px = geo_px.xy_um - geo_px.xy_um.mean(0)
+    d_um = geo_um.xy - geo_um.xy.mean(0)
+    if name == "cosmx":  # the µm frame negates CosMx's slide y, the pixel frame keeps the images' rows
+        d_um = d_um * [1, -1]
+    # (MERSCOPE's µm → mosaic affine is 0.1 % anisotropic: one µm-per-unit factor is exact to that)
+    np.testing.assert_allclose(np.abs(d_px), np.abs(d_um), atol=3e-3 * np.abs(d_um).max())
+    np.testing.assert_allclose(geo_px.diameter_um, geo_um.diameter, rtol=3e-3)
+    if name != "cosmx":  # spatialdata-io keeps Xenium / MERSCOPE shapes in µm with a µm → px transformation
+        shapes = next(iter(px.shapes.values()))
+        assert not isinstance(get_transformation(shapes, "global"), Identity)
+        np.testing.assert_allclose(px["table"].obsm["spatial"], um["table"].obsm["spatial"])

@@ -1,0 +1,186 @@
+"""Physical units: the µm-per-unit factor is found in the documented order, recorded, and a slide in pixels
+gives the same results as the same slide in µm."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from anndata import AnnData
+
+import spatia as sp
+from spatia.pp._units import TYPICAL_SPACING_UM, resolve_units, spacing_estimate
+
+
+@pytest.fixture(autouse=True)
+def _no_progress_bar():
+    old = sp.settings.progress_bar
+    sp.settings.progress_bar = False
+    yield
+    sp.settings.progress_bar = old
+
+
+def _lattice(n: int = 400, spacing_um: float = 12.0, um_per_unit: float = 1.0, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(np.sqrt(n)))
+    r, c = np.divmod(np.arange(n), side)
+    xy = np.stack([c, r], axis=1) * spacing_um + rng.normal(0, 1.0, (n, 2))
+    return (xy + 500.0) / um_per_unit
+
+
+def _adata(xy: np.ndarray) -> AnnData:
+    return AnnData(np.ones((len(xy), 3), dtype=np.float32), obsm={"spatial": xy})
+
+
+# ------------------------------------------------------------------------------------- resolution order
+@pytest.fixture(scope="module")
+def sim_px():
+    return sp.datasets.simulate(300, units="px", random_state=3)
+
+
+@pytest.fixture(scope="module")
+def sim_um():
+    return sp.datasets.simulate(300, units="um", random_state=3)
+
+
+def test_units_from_the_elements_transformation(sim_px, sim_um):
+    """spatialdata-io's convention: µm circles with a µm → px scale tell the pixel size exactly."""
+    px = sp.pp.cell_geometry(sim_px, sim_px["table"]).units
+    um = sp.pp.cell_geometry(sim_um, sim_um["table"]).units
+    assert px.um_per_unit == pytest.approx(0.5) and px.source == "element 'cell_circles'"
+    assert um.um_per_unit == pytest.approx(1.0) and um.source == "element 'cell_circles'"
+
+
+def test_argument_beats_stored_beats_elements(sim_px):
+    sd = sim_px  # read only below, except attrs which is restored
+    xy = sp.pp.cell_geometry(sd, sd["table"]).xy
+    assert resolve_units(sd, xy, coordinate_system="global", um_per_unit=0.3).source == "argument"
+    sp.pp.set_um_per_unit(sd, 0.45)
+    try:
+        u = resolve_units(sd, xy, coordinate_system="global")
+        assert (u.um_per_unit, u.source) == (0.45, "stored")
+        assert resolve_units(sd, xy, coordinate_system="global", um_per_unit=0.3).um_per_unit == 0.3
+        # a value stored for another coordinate system does not apply here
+        assert resolve_units(sd, xy, coordinate_system="other").source != "stored"
+    finally:
+        sd.attrs.pop(sp.Keys.UM_PER_UNIT)
+    assert resolve_units(sd, xy, coordinate_system="global").source == "element 'cell_circles'"
+
+
+def test_stored_value_survives_a_zarr_round_trip(sim_px, tmp_path):
+    import copy
+
+    from spatialdata import read_zarr
+
+    sd = copy.deepcopy(sim_px)
+    sp.pp.set_um_per_unit(sd, 0.2125)
+    sd.write(tmp_path / "s.zarr")
+    back = read_zarr(tmp_path / "s.zarr")
+    assert sp.pp.cell_geometry(back, back["table"]).units.to_dict() == {
+        "um_per_unit": 0.2125, "source": "stored", "coordinate_system": "global"}
+
+
+@pytest.mark.parametrize("um_per_unit", [0.12, 0.2125, 1.0, 4.0])
+def test_estimate_from_cell_spacing(um_per_unit, caplog):
+    """No element, no stored value: the cells' spacing gives the factor (µm snapped to 1), with a warning
+    that says the value and how to set it when it is not µm."""
+    xy = _lattice(um_per_unit=um_per_unit)
+    est = spacing_estimate(xy)
+    # the raw estimate: typical spacing / nearest-neighbour distance (a jittered 12-µm lattice: ~10.7 µm)
+    assert est == pytest.approx(um_per_unit * TYPICAL_SPACING_UM / 12.0, rel=0.2)
+    with caplog.at_level(logging.WARNING, logger="spatia"):
+        u = resolve_units(_adata(xy), xy, coordinate_system=None)
+    if um_per_unit == 1.0:
+        assert (u.um_per_unit, u.source) == (1.0, "cell spacing (µm)")
+        assert not caplog.records
+    else:
+        assert u.source == "estimated from cell spacing"
+        assert u.um_per_unit == pytest.approx(um_per_unit, rel=0.25)
+        assert "assumes" in caplog.text and "um_per_unit=" in caplog.text and "set_um_per_unit" in caplog.text
+
+
+def test_implausible_or_bad_values_raise():
+    xy = _lattice() * 1e-7  # cells 1e-6 units apart: no plausible unit
+    with pytest.raises(ValueError, match="not a plausible unit"):
+        resolve_units(_adata(xy), xy, coordinate_system=None)
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="positive finite"):
+            sp.pp.set_um_per_unit(_adata(xy), bad)
+    with pytest.raises(TypeError, match="must be a number"):
+        sp.pp.set_um_per_unit(_adata(xy), "0.2")
+    with pytest.raises(TypeError, match="AnnData or a SpatialData"):
+        sp.pp.set_um_per_unit({"a": 1}, 0.2)
+
+
+# --------------------------------------------------------------------------- same slide, µm and pixels
+@pytest.mark.parametrize("um_per_unit", [0.2125, 0.5])
+def test_niche_graph_and_tiles_in_um(um_per_unit):
+    """radius and tile_size are µm: a table in pixels gives the same graph and tiles as in µm."""
+    xy_um = _lattice(600)
+    a, b = _adata(xy_um), _adata(xy_um / um_per_unit)
+    sp.pp.set_um_per_unit(b, um_per_unit)
+    for kw in ({"radius": 30.0}, {"n_neighs": 8}):
+        ca, da = sp.pp.niche_graph(a, inplace=False, **kw)
+        cb, db = sp.pp.niche_graph(b, inplace=False, **kw)
+        assert (ca != cb).nnz == 0
+        np.testing.assert_allclose(da.toarray(), db.toarray(), rtol=1e-6, atol=1e-6)
+    # the radius really is 30 µm: 4–8 neighbours on a 12 µm lattice at 30 µm (not ~0 or everything)
+    deg = np.asarray(sp.pp.niche_graph(b, radius=30.0, inplace=False)[0].sum(1)).ravel()
+    assert 10 <= np.median(deg) <= 25
+    np.testing.assert_array_equal(sp.pp.tissue_tiles(a, tile_size=100.0, inplace=False),
+                                  sp.pp.tissue_tiles(b, tile_size=100.0, inplace=False))
+    # the same table without the stored value: explicit argument, or the spacing estimate
+    c = _adata(xy_um / um_per_unit)
+    np.testing.assert_array_equal(sp.pp.tissue_tiles(c, tile_size=100.0, inplace=False, um_per_unit=um_per_unit),
+                                  sp.pp.tissue_tiles(a, tile_size=100.0, inplace=False))
+    sp.pp.niche_graph(b, radius=30.0)
+    assert b.uns["spatia_niche_neighbors"]["units"]["um_per_unit"] == um_per_unit
+
+
+LOADERS = {
+    "xenium": (lambda u: sp.datasets.xenium_toy(units=u, transcripts=False), {"outside": "pad"}),
+    "cosmx": (lambda u: sp.datasets.cosmx_lung_mini(units=u, transcripts=False),
+              {"image_key": ["F002_image", "F003_image"]}),
+    "merscope": (lambda u: sp.datasets.merscope_toy(units=u), {"outside": "pad"}),
+    "simulated": (lambda u: sp.datasets.simulate(200, units=u, random_state=1), {}),
+}
+
+
+@pytest.mark.parametrize("name", list(LOADERS))
+@pytest.mark.parametrize("crop_um", [16.0, None])
+def test_crops_identical_in_um_and_pixel_frames(name, crop_um):
+    load, kw = LOADERS[name]
+    a = sp.pp.extract_crops(load("um"), size=16, crop_um=crop_um, **kw)
+    b = sp.pp.extract_crops(load("px"), size=16, crop_um=crop_um, **kw)
+    x = a.get(np.arange(len(a))).astype(float)
+    y = b.get(np.arange(len(b))).astype(float)
+    assert np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.999
+    assert np.abs(x - y).mean() < 0.5  # interpolation tolerance, in 0–255 intensity units
+    assert a.params["pixel_size_um"] == pytest.approx(b.params["pixel_size_um"], rel=3e-3)
+    assert b.params["um_per_unit"] != 1.0  # the pixel frame really was in pixels
+
+
+def test_crops_are_wrong_without_units():
+    """What the units fix: a 16-µm window read as 16 pixels shows another picture (the bug this replaces)."""
+    px, um = (LOADERS["simulated"][0](u) for u in ("px", "um"))
+    good = sp.pp.extract_crops(um, size=16, crop_um=16.0).get(np.arange(200)).astype(float)
+    wrong = sp.pp.extract_crops(px, size=16, crop_um=16.0, um_per_unit=1.0).get(np.arange(200)).astype(float)
+    assert np.corrcoef(good.ravel(), wrong.ravel())[0, 1] < 0.9
+
+
+def test_fit_same_in_um_and_pixel_frames():
+    """Same slide, same seed: the same embeddings and niches; the units used are recorded."""
+    cfg = sp.SpatiaConfig.tiny()
+    out = {}
+    for u in ("um", "px"):
+        sd = sp.datasets.simulate(160, units=u, random_state=5)
+        sp.tl.fit(sd, config=cfg, max_epochs=2, random_state=0, early_stopping=False)
+        out[u] = sd["table"]
+    um, px = out["um"], out["px"]
+    assert um.uns["spatia"]["units"]["um_per_unit"] == 1.0
+    assert px.uns["spatia"]["units"] == {"um_per_unit": 0.5, "source": "element 'cell_circles'",
+                                         "coordinate_system": "global"}
+    for key in ("X_spatia_cell", "X_spatia_niche", "X_spatia_tissue"):
+        a, b = um.obsm[key], px.obsm[key]
+        assert np.abs(a - b).max() < 1e-3 * max(1.0, np.abs(a).max()), key
