@@ -31,6 +31,7 @@ def fit_decoder(
     table_key: str | None = Defaults.TABLE,
     layer: str | None = None,
     coordinate_system: str | None = None,
+    um_per_unit: float | None = None,
     crops=None,
     max_epochs: int | None = None,
     batch_size: int | None = None,
@@ -58,7 +59,7 @@ def fit_decoder(
         model's window (``crop_um``) at this resolution.
     config
         :class:`~spatia.module.DecoderConfig` (default: ``DecoderConfig()``).
-    image_key, labels_key, shapes_key, table_key, layer, coordinate_system, crops, allow_empty
+    image_key, labels_key, shapes_key, table_key, layer, coordinate_system, um_per_unit, crops, allow_empty
         As in :func:`spatia.tl.fit`.
     max_epochs, batch_size
         Override ``config``.
@@ -89,6 +90,7 @@ def fit_decoder(
     prepared = _prepare_for_model(
         data, model, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key, table_key=table_key,
         layer=layer, coordinate_system=coordinate_system, crops=crops, allow_empty=allow_empty, crop_size=size,
+        um_per_unit=um_per_unit,
     )
     if not model.is_trained:
         raise ValueError("Train the model first (`sp.tl.fit`): the decoder is conditioned on its expression branch.")

@@ -47,14 +47,22 @@ def _infer_rho(model, arrays, batch_size, device) -> np.ndarray:
     return model.infer(arrays, batch_size=batch_size, device=device, outputs=("rho",))["rho"]
 
 
+_PREPARE_KEYS = ("image_key", "labels_key", "shapes_key", "table_key", "layer", "coordinate_system", "crops",
+                 "allow_empty", "um_per_unit")
+
+
 def _prepare(data, model, kw: dict, use_expression: bool = True):
     from ._fit import _prepare_for_model
 
+    unknown = sorted(set(kw) - set(_PREPARE_KEYS))
+    if unknown:
+        raise TypeError(f"Unexpected keyword argument(s) {unknown}; the input is described by {list(_PREPARE_KEYS)}.")
     return _prepare_for_model(
         data, model, image_key=kw.get("image_key"), labels_key=kw.get("labels_key"),
         shapes_key=kw.get("shapes_key"), table_key=kw.get("table_key", Defaults.TABLE), layer=kw.get("layer"),
         coordinate_system=kw.get("coordinate_system"), crops=kw.get("crops"),
         allow_empty=kw.get("allow_empty", not use_expression), use_expression=use_expression,
+        um_per_unit=kw.get("um_per_unit"),
     )
 
 
@@ -211,8 +219,8 @@ def impute(
     inplace
         Write into the SpatialData; otherwise return the arrays.
     **prepare_kwargs
-        ``image_key``, ``labels_key``, ``shapes_key``, ``coordinate_system``, ``crops``, ``allow_empty``
-        as in :func:`spatia.tl.embed`.
+        ``image_key``, ``labels_key``, ``shapes_key``, ``coordinate_system``, ``crops``, ``allow_empty``,
+        ``um_per_unit`` as in :func:`spatia.tl.embed` (any other name raises a ``TypeError``).
 
     Returns
     -------
@@ -454,7 +462,7 @@ def predict_expression(
     inplace
         Write (return ``None``) or return a cells × genes DataFrame.
     **prepare_kwargs
-        ``image_key``, ``labels_key``, ``shapes_key``, ``coordinate_system``, ``crops`` as in
+        ``image_key``, ``labels_key``, ``shapes_key``, ``coordinate_system``, ``crops``, ``um_per_unit`` as in
         :func:`spatia.tl.embed`.
 
     Returns

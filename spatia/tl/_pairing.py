@@ -391,7 +391,7 @@ def compute_pairing(
     )
 
 
-def _crops_of(data, table_key, crops, image_key, crop_size, crop_um):
+def _crops_of(data, table_key, crops, image_key, crop_size, crop_um, um_per_unit=None):
     from ..pp._crops import crops_for
     from ..pp._elements import _is_sdata
 
@@ -401,7 +401,8 @@ def _crops_of(data, table_key, crops, image_key, crop_size, crop_um):
         if isinstance(crops, np.ndarray):
             return crops
         return crops_for(data, crops, table_key=table_key)
-    return crops_for(data, None, table_key=table_key, image_key=image_key, size=crop_size, crop_um=crop_um)
+    return crops_for(data, None, table_key=table_key, image_key=image_key, size=crop_size, crop_um=crop_um,
+                     um_per_unit=um_per_unit)
 
 
 def pair_states(
@@ -425,6 +426,7 @@ def pair_states(
     image_key: str | None = None,
     crop_size: int = Defaults.CROP_SIZE,
     crop_um: float | None = Defaults.CROP_UM,
+    um_per_unit: float | None = None,
     channel: int = 0,
     shift_neighbors: int = Defaults.SHIFT_NEIGHBORS,
     random_state: int | None = 0,
@@ -492,6 +494,9 @@ def pair_states(
         crops gets no ``Δm``.
     image_key, crop_size, crop_um
         Crop extraction when ``crops`` is ``None``.
+    um_per_unit
+        µm per unit of ``data``'s coordinate system, as in :func:`spatia.tl.fit` (``target_data``'s units are
+        found on their own).
     channel
         Crop channel measured for ``Δm`` (0: the nuclear stain).
     shift_neighbors
@@ -536,7 +541,7 @@ def pair_states(
     trows = _group_rows(tt, groupby, target, role="target", min_cells=min_cells)
     if target_data is None and source == target:
         raise ValueError(f"source and target are the same group {source!r}.")
-    sc_ = _crops_of(data, table_key, crops, image_key, crop_size, crop_um)
+    sc_ = _crops_of(data, table_key, crops, image_key, crop_size, crop_um, um_per_unit)
     tc_ = sc_ if target_data is None else _crops_of(target_data, target_table_key, None, image_key, crop_size, crop_um)
     res = compute_pairing(
         st, tt, srows, trows, name=f"{source}->{target}", layer=layer, n_pcs=n_pcs, epsilon=epsilon,

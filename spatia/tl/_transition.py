@@ -98,6 +98,7 @@ def fit_transition(
     table_key: str | None = Defaults.TABLE,
     layer: str | None = None,
     coordinate_system: str | None = None,
+    um_per_unit: float | None = None,
     crops=None,
     n_pcs: int = 50,
     epsilon: float = 0.05,
@@ -139,7 +140,7 @@ def fit_transition(
         One transition; or ``transitions=[(source, target), ...]`` for several.
     config
         :class:`~spatia.module.FlowConfig` (default ``FlowConfig()``).
-    image_key, labels_key, shapes_key, table_key, layer, coordinate_system, crops
+    image_key, labels_key, shapes_key, table_key, layer, coordinate_system, um_per_unit, crops
         As in :func:`spatia.tl.embed`.
     n_pcs, epsilon, max_iter, niche_key, min_cells, reg_m, marginals
         Pairing parameters (:func:`~spatia.tl.pair_states`; ``reg_m`` = unbalanced OT, ``None`` = balanced;
@@ -202,7 +203,7 @@ def fit_transition(
     image_key = image_key or (model.crop_params or {}).get("image_key")
     prepared = _prepare_for_model(
         data, model, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key, table_key=table_key,
-        layer=layer, coordinate_system=coordinate_system, crops=crops, allow_empty=True,
+        layer=layer, coordinate_system=coordinate_system, crops=crops, allow_empty=True, um_per_unit=um_per_unit,
     )
     table, arrays = prepared.table, prepared.arrays
     # 1. pairing of every transition (validates groups before any training)
@@ -349,6 +350,7 @@ def transition(
     table_key: str | None = Defaults.TABLE,
     layer: str | None = None,
     coordinate_system: str | None = None,
+    um_per_unit: float | None = None,
     crops=None,
     device: str | None = None,
     random_state: int | None = 0,
@@ -393,7 +395,7 @@ def transition(
         Source cells per neighbourhood of the shift test.
     batch_size
         Cells per sampling batch.
-    image_key, labels_key, shapes_key, table_key, layer, coordinate_system, crops
+    image_key, labels_key, shapes_key, table_key, layer, coordinate_system, um_per_unit, crops
         As in :func:`spatia.tl.embed`.
     device
         ``"auto"``, ``"cpu"``, ``"cuda"``.
@@ -441,7 +443,7 @@ def transition(
     image_key = image_key or (model.crop_params or {}).get("image_key")
     prepared = _prepare_for_model(
         data, model, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key, table_key=table_key,
-        layer=layer, coordinate_system=coordinate_system, crops=crops, allow_empty=True,
+        layer=layer, coordinate_system=coordinate_system, crops=crops, allow_empty=True, um_per_unit=um_per_unit,
     )
     table, arrays = prepared.table, prepared.arrays
     if arrays.crops.size != model.flow.size:
