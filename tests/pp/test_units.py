@@ -184,3 +184,44 @@ def test_fit_same_in_um_and_pixel_frames():
     for key in ("X_spatia_cell", "X_spatia_niche", "X_spatia_tissue"):
         a, b = um.obsm[key], px.obsm[key]
         assert np.abs(a - b).max() < 1e-3 * max(1.0, np.abs(a).max()), key
+
+
+@pytest.fixture(scope="module")
+def fitted_both():
+    """The same slide in µm and in pixels, each with a model fitted with the same seed."""
+    cfg = sp.SpatiaConfig.tiny()
+    out = {}
+    for u in ("um", "px"):
+        sd = sp.datasets.simulate(200, units=u, random_state=11)
+        obs = sd["table"].obs
+        obs["known_type"] = obs["cell_type"].astype(object).where(np.arange(len(obs)) % 3 != 0)
+        model = sp.tl.fit(sd, config=cfg, max_epochs=3, random_state=0, early_stopping=False)
+        out[u] = (sd, model)
+    return out
+
+
+def test_downstream_tools_same_decisions_in_um_and_pixel_frames(fitted_both):
+    """annotate, impute, predict_expression and pair_states decide the same on the two frames."""
+    res = {}
+    for u, (sd, model) in fitted_both.items():
+        sp.tl.embed(sd, model)  # embed re-reads the slide (its own units)
+        sp.tl.annotate(sd, model, labels_key="known_type", random_state=0)
+        sp.tl.impute(sd, model)
+        sp.tl.predict_expression(sd, model)
+        pairs = sp.tl.pair_states(sd, groupby="condition", source="control", target="disease", inplace=False,
+                                  crop_size=16)
+        t = sd["table"]
+        res[u] = (t.obs["spatia_cell_type"].astype(str).to_numpy(), t.layers["spatia_imputed"],
+                  t.layers["spatia_predicted"], pairs)
+    (lab_a, imp_a, pred_a, pa), (lab_b, imp_b, pred_b, pb) = res["um"], res["px"]
+    np.testing.assert_array_equal(lab_a, lab_b)
+    np.testing.assert_allclose(imp_a, imp_b, rtol=1e-3, atol=1e-3 * np.abs(imp_a).max())
+    np.testing.assert_allclose(pred_a, pred_b, rtol=1e-3, atol=1e-3 * np.abs(pred_a).max())
+    np.testing.assert_array_equal(pa.match, pb.match)
+    np.testing.assert_allclose(pa.delta_m, pb.delta_m, rtol=1e-3, atol=1e-6)
+
+
+def test_unknown_input_keyword_is_an_error(fitted_both):
+    sd, model = fitted_both["px"]
+    with pytest.raises(TypeError, match="um_per_units"):
+        sp.tl.impute(sd, model, um_per_units=0.5, inplace=False)
