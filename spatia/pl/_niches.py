@@ -86,7 +86,7 @@ def niches(
             c0, r0, c1, r1 = 0, 0, w, h
         step = max(1, int(np.ceil(np.sqrt((r1 - r0) * (c1 - c0) / max_pixels))))
         names = [str(c) for c in img.coords["c"].values] if "c" in img.coords else []
-        ch = names.index(channel) if isinstance(channel, str) and channel in names else int(channel or 0)
+        ch = _channel_position(channel, names, ikey)
         arr = np.asarray(img.data[ch, r0:r1:step, c0:c1:step]).astype(float)
         lo, hi = np.percentile(arr, [1, 99.5]) if arr.size else (0, 1)
         # pixel edges → coordinate system (axis-aligned transformations; rotations are drawn unrotated)
@@ -124,7 +124,8 @@ def niches(
     elif image_key is False or not len(sdata.images):
         ax.invert_yaxis()
     ax.set_aspect("equal")
-    ax.set_xlabel(f"x ({geo.coordinate_system})")
+    u = geo.units.um_per_unit
+    ax.set_xlabel(f"x ({geo.coordinate_system}{', µm' if u == 1.0 else f', 1 unit = {u:.4g} µm'})")
     ax.set_ylabel("y")
     ax.set_title(key)
     from matplotlib.lines import Line2D
@@ -133,3 +134,17 @@ def niches(
                for i, c in enumerate(cats.cat.categories)]
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     return finish(fig, save)
+
+
+def _channel_position(channel, names: list[str], image_key: str) -> int:
+    """Index of ``channel`` (a name, matched case-insensitively, or a position) in the image's channels."""
+    if channel is None:
+        return 0
+    if isinstance(channel, str):
+        lower = [n.lower() for n in names]
+        if channel.lower() in lower:
+            return lower.index(channel.lower())
+        raise KeyError(f"Image {image_key!r} has no channel {channel!r}; its channels are {names}.")
+    if isinstance(channel, bool) or not isinstance(channel, int | np.integer) or not 0 <= channel < max(1, len(names)):
+        raise ValueError(f"channel must be a channel name or a position 0..{max(1, len(names)) - 1}, got {channel!r}.")
+    return int(channel)

@@ -53,6 +53,20 @@ def test_niches_zoom_and_ax(clustered):
     plt.close(fig)
 
 
+def test_niches_channel_by_name(clustered):
+    sd, _ = clustered
+    img = np.asarray(sd.images["morphology"].data[1])  # the membrane channel
+    fig = sp.pl.niches(sd, channel="Membrane")  # names match case-insensitively
+    shown = fig.axes[0].images[0].get_array()
+    assert shown.shape == img.shape
+    assert np.corrcoef(np.asarray(shown).ravel(), img.ravel())[0, 1] > 0.9  # membrane, not DAPI
+    plt.close(fig)
+    with pytest.raises(KeyError, match=r"no channel 'dapi2'.*\['DAPI', 'membrane'\]"):
+        sp.pl.niches(sd, channel="dapi2")
+    with pytest.raises(ValueError, match="channel must be"):
+        sp.pl.niches(sd, channel=5)
+
+
 def test_niches_needs_clusters(sim):
     with pytest.raises(KeyError, match="sp.tl.cluster"):
         sp.pl.niches(sim)
