@@ -273,6 +273,12 @@ class _Tiles:
             self._cache.move_to_end(key)
             return self._cache[key]
         t = np.asarray(self.arr[:, self.rows[i] : self.rows[i + 1], self.cols[j] : self.cols[j + 1]])
+        if np.issubdtype(t.dtype, np.floating) and not np.isfinite(t).all():
+            r, c = np.argwhere(~np.isfinite(t))[0][1:]
+            raise ValueError(
+                f"The image has NaN or infinite pixels (e.g. at row {self.rows[i] + r}, column {self.cols[j] + c}): "
+                "fill them first, e.g. `sdata.images[key] = Image2DModel.parse(img.fillna(0), ...)`."
+            )
         self._cache[key] = t
         self._bytes += t.nbytes
         while self._bytes > self.max_bytes and len(self._cache) > 1:
@@ -495,6 +501,7 @@ def extract_crops(
     batch_cells: int = 4096,
     geometry: CellGeometry | None = None,
     um_per_unit: float | None = None,
+    z: int | None = None,
 ) -> CropStore:
     """Cut a crop centred on every cell of the table, resized to ``size × size`` pixels.
 
@@ -552,6 +559,9 @@ def extract_crops(
         µm per unit of the coordinate system. Default: the value stored with :func:`~spatia.pp.set_um_per_unit`,
         else read from µm-valued shapes/points (as spatialdata-io writes them), else estimated from the cells'
         spacing (see :func:`~spatia.pp.cell_geometry`). Recorded in the store's ``params``.
+    z
+        Plane of a 3-D ``(c, z, y, x)`` image to crop from. Default: the middle plane, with a warning naming
+        it (pick the in-focus plane, or project the stack before cropping).
 
     Returns
     -------
@@ -574,7 +584,7 @@ def extract_crops(
         labels_key=labels_key, shapes_key=shapes_key, coordinate_system=coordinate_system, size=size, crop_um=crop_um,
         extent_factor=extent_factor, min_um=min_um, max_um=max_um, channels=channels, mask_neighbours=mask_neighbours,
         percentiles=percentiles, outside=outside, store=store, batch_cells=batch_cells, geometry=geometry,
-        table_key=table_key, um_per_unit=um_per_unit,
+        table_key=table_key, um_per_unit=um_per_unit, z=z,
     )  # fmt: skip
     with keep_torch_threads():
         if image_key is not None and not isinstance(image_key, str):
@@ -584,7 +594,7 @@ def extract_crops(
 
 def _extract_one(data, table, *, image_key, table_key, labels_key, shapes_key, coordinate_system, size, crop_um,
                  extent_factor, min_um, max_um, channels, mask_neighbours, percentiles, outside, store, batch_cells,
-                 geometry, um_per_unit) -> CropStore:
+                 geometry, um_per_unit, z) -> CropStore:
     """:func:`extract_crops` from one image, for the cells of ``table`` (the table or a subset of its rows)."""
     image_key, img = get_image(data, image_key)
     geo = geometry
@@ -602,7 +612,16 @@ def _extract_one(data, table, *, image_key, table_key, labels_key, shapes_key, c
     ch_idx, ch_names = _channel_index(img, channels)
     arr = img.data
     if "z" in img.dims:
-        arr = arr[:, arr.shape[1] // 2]
+        n_z = arr.shape[1]
+        if z is None:
+            z = n_z // 2
+            logger.warning("Image %r is 3-D with %d z-planes: cropping from plane z=%d (the middle one); pass z= "
+                           "to choose another.", image_key, n_z, z)
+        if isinstance(z, bool) or not isinstance(z, int | np.integer) or not 0 <= z < n_z:
+            raise ValueError(f"z must be a plane index 0..{n_z - 1} of image {image_key!r}, got {z!r}.")
+        arr = arr[:, int(z)]
+    elif z is not None:
+        raise ValueError(f"z={z!r} was given but image {image_key!r} is 2-D (dims {img.dims}).")
     if not np.array_equal(ch_idx, np.arange(arr.shape[0])):
         arr = arr[ch_idx]
     h, w = arr.shape[-2:]
@@ -674,6 +693,7 @@ def _extract_one(data, table, *, image_key, table_key, labels_key, shapes_key, c
         "outside": outside, "n_outside": n_out,
         "intensity_lo": lo.tolist(), "intensity_hi": hi.tolist(), "pixel_size_um": px_size_um,
         "um_per_unit": geo.units.um_per_unit, "units_source": geo.units.source,
+        **({"z": int(z)} if "z" in img.dims else {}),
     }
 
     # 3. output: zarr (appended in store order from buffers) or memory (written in table order)

@@ -119,6 +119,8 @@ def get_image(sdata, image_key: str | None):
             f"Image {image_key!r} has dims {img.dims} and no channel axis 'c': parse it with "
             "`spatialdata.models.Image2DModel.parse(array, dims=('c', 'y', 'x'))` (add a length-1 channel axis)."
         )
+    if img.sizes["c"] == 0:
+        raise ValueError(f"Image {image_key!r} has no channels (its 'c' axis is empty).")
     if tuple(d for d in img.dims if d != "z") != ("c", "y", "x"):
         raise ValueError(f"Image {image_key!r} has dims {img.dims}; spatia works on 2-D images ('c', 'y', 'x').")
     return image_key, img

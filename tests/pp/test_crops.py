@@ -570,3 +570,59 @@ def test_extract_crops_keeps_torch_thread_count():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------- degenerate images
+def _with_image(sdata, data, dims, **kw):
+    from spatialdata.transformations import get_transformation
+
+    t = get_transformation(sdata.images["img"], "global")
+    sdata.images["img"] = Image2DModel.parse(data, dims=dims, transformations={"global": t}, **kw) \
+        if "z" not in dims else _image3d(data, t)
+    return sdata
+
+
+def _image3d(data, t):
+    from spatialdata.models import Image3DModel
+
+    return Image3DModel.parse(data, dims=("c", "z", "y", "x"), c_coords=["DAPI"], transformations={"global": t})
+
+
+def test_3d_image_uses_the_plane_asked_for(small, caplog):
+    """A (c, z, y, x) image: the middle plane with a warning naming it, or the plane z= chooses."""
+    base = np.asarray(small.images["img"].data)  # (1, h, w)
+    stack = np.stack([255 - base, base, base // 2], axis=1)  # plane 1 is the original, plane 0 inverted
+    _with_image(small, stack, ("c", "z", "y", "x"))
+    with caplog.at_level("WARNING", logger="spatia"):
+        mid = extract_crops(small, image_key="img", size=16, crop_um=8.0, percentiles=FULL)
+    assert "z=1" in caplog.text and "pass z=" in caplog.text
+    assert mid.params["z"] == 1
+    c0 = extract_crops(small, image_key="img", size=16, crop_um=8.0, percentiles=FULL, z=0).get([0, 1])
+    c1 = mid.get([0, 1])
+    assert c1[:, 0, 8, 8].tolist() == [200, 250] and c0[:, 0, 8, 8].tolist() == [55, 5]
+    snap = _snapshot(small)
+    for bad in (3, -1, 1.5):
+        with pytest.raises(ValueError, match="z must be a plane index 0..2"):
+            extract_crops(small, image_key="img", size=16, z=bad)
+    _assert_unchanged(small, snap)
+
+
+def test_z_on_a_2d_image_is_an_error(small):
+    with pytest.raises(ValueError, match="is 2-D"):
+        extract_crops(small, image_key="img", size=16, z=0)
+
+
+def test_nan_pixels_are_an_error(small):
+    img = np.asarray(small.images["img"].data).astype(np.float32)
+    img[0, 20, 22] = np.nan
+    _with_image(small, img, ("c", "y", "x"), c_coords=["DAPI"])
+    snap = _snapshot(small)
+    with pytest.raises(ValueError, match=r"NaN or infinite pixels \(e.g. at row 20, column 22\)"):
+        extract_crops(small, image_key="img", size=16)
+    _assert_unchanged(small, snap)
+
+
+def test_image_without_channels_is_an_error():
+    img = xr.DataArray(da.zeros((0, 10, 12)), dims=("c", "y", "x"))
+    with pytest.raises(ValueError, match="has no channels"):
+        get_image(SimpleNamespace(images={"x": img}), "x")
