@@ -46,6 +46,21 @@ def resolve_device(device: str | None = None) -> str:
     return device
 
 
+def check_count(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an int if it is a whole number >= ``minimum``; a ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def check_obs_names(table: Any) -> None:
+    """Cells are matched to crops, graphs and results by ``obs_names``: they must be unique."""
+    if not table.obs_names.is_unique:
+        dup = table.obs_names[table.obs_names.duplicated()].unique()[:5].tolist()
+        raise ValueError(f"The table has duplicated obs names (e.g. {dup}): cells are matched by name. Call "
+                         "`table.obs_names_make_unique()` (and rename the cells' labels or shapes to match).")
+
+
 def log_added(where: str, key: str, level: int = logging.INFO) -> None:
     """Log the squidpy-style line ``Adding `adata.obsm['X']```."""
     logger.log(level, "Adding `%s[%r]`", where, key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._utils import resolve_device, seed_from
+from .._utils import check_count, resolve_device, seed_from
 from .._version import __version__
 from ..data import BatchDataset, CellArrays
 from ..module import DecoderConfig, SpatiaConfig, SpatiaModule
@@ -30,6 +31,7 @@ _FLOW_META = "flow.json"
 _FILES = frozenset({_WEIGHTS, _CONFIG, _META, _DECODER_WEIGHTS, _FLOW_WEIGHTS, _FLOW_META})
 _TMP_PREFIX = ".spatia_save_"  # a save in progress: .spatia_save_<name>_<random>, beside the target
 _OLD_TAG = ".old-"  # the previous model during the swap: <name>.old-<id>, deleted once the new one is in
+_MAX_PARAMETERS = 2e9  # 8 GB of float32 weights: refused before allocation (a damaged or absurd config)
 
 
 class SpatiaModel:
@@ -71,6 +73,11 @@ class SpatiaModel:
         n_ch = len(self.channels) if config.image.enabled else 1
         if config.image.enabled and n_ch == 0:
             raise ValueError("The image branch is enabled but no image channels were given.")
+        n = _approx_parameters(config, len(self.genes), n_ch)
+        if n > _MAX_PARAMETERS:
+            raise ValueError(f"This configuration would have about {n / 1e9:.0f} billion parameters (with "
+                             f"{len(self.genes)} genes): reduce width and depths "
+                             f"(limit {_MAX_PARAMETERS / 1e9:.0f} billion).")
         # initial weights from random_state only (not from whatever the global torch RNG holds)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed_from(random_state))
@@ -128,13 +135,11 @@ class SpatiaModel:
         import lightning.pytorch as pl
         from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-        from ..train import HistoryCallback, SpatiaTrainingPlan
+        from ..train import HistoryCallback, RandomStateCallback, SpatiaTrainingPlan
 
         tc = self.config.train
-        max_epochs = tc.max_epochs if max_epochs is None else int(max_epochs)
-        batch_size = tc.batch_size if batch_size is None else int(batch_size)
-        if batch_size < 2:
-            raise ValueError(f"batch_size must be at least 2, got {batch_size}.")
+        max_epochs = check_count("max_epochs", tc.max_epochs if max_epochs is None else max_epochs, 1)
+        batch_size = check_count("batch_size", tc.batch_size if batch_size is None else batch_size, 2)
         seed = seed_from(random_state)
         pl.seed_everything(seed, workers=True, verbose=False)
         rng = np.random.default_rng(seed)
@@ -161,9 +166,11 @@ class SpatiaModel:
             self.module = torch.compile(self.module)  # type: ignore[assignment]
         plan = SpatiaTrainingPlan(self.module, lr=lr or tc.lr, weight_decay=tc.weight_decay)
         history = HistoryCallback()
+        generator = torch.Generator().manual_seed(seed)  # the loader's shuffling, saved in checkpoints
         ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(tempfile.mkdtemp(prefix="spatia_ckpt_"))
-        callbacks = [history, ModelCheckpoint(dirpath=ckdir, save_last=True, save_top_k=1,
-                                              monitor="val_loss" if val_batches else "train_loss")]
+        callbacks = [history, RandomStateCallback(generator),
+                     ModelCheckpoint(dirpath=ckdir, save_last=True, save_top_k=1,
+                                     monitor="val_loss" if val_batches else "train_loss")]
         if val_batches and early_stopping:
             callbacks.append(EarlyStopping(monitor="val_loss", patience=tc.patience, mode="min"))
         from .._settings import settings
@@ -181,15 +188,19 @@ class SpatiaModel:
         trainer = pl.Trainer(**kw)
         loader = torch.utils.data.DataLoader(
             BatchDataset(arrays, train_batches), batch_size=None, shuffle=True, num_workers=settings.num_workers,
-            generator=torch.Generator().manual_seed(seed),
+            generator=generator,
         )
         val_loader = (
             torch.utils.data.DataLoader(BatchDataset(arrays, val_batches), batch_size=None,
                                         num_workers=settings.num_workers)
             if val_batches else None
         )
-        trainer.fit(plan, train_dataloaders=loader, val_dataloaders=val_loader,
-                    ckpt_path=str(ckpt_path) if ckpt_path is not None else None)
+        fit_kw = {}
+        if ckpt_path is not None:
+            ckpt_path = str(_check_checkpoint(ckpt_path))
+            if "weights_only" in inspect.signature(trainer.fit).parameters:  # lightning >= 2.5
+                fit_kw["weights_only"] = True
+        trainer.fit(plan, train_dataloaders=loader, val_dataloaders=val_loader, ckpt_path=ckpt_path, **fit_kw)
         trained = plan.module
         self.module = getattr(trained, "_orig_mod", trained).cpu()  # unwrap torch.compile
         if not history.history and trainer.callback_metrics:
@@ -304,8 +315,8 @@ class SpatiaModel:
         if dc.size is not None and dc.size != size:
             raise ValueError(f"config.size is {dc.size} but the crops are {size} px.")
         dc = dc.replace(size=size)
-        max_epochs = dc.max_epochs if max_epochs is None else int(max_epochs)
-        batch_size = dc.batch_size if batch_size is None else int(batch_size)
+        max_epochs = check_count("max_epochs", dc.max_epochs if max_epochs is None else max_epochs, 1)
+        batch_size = check_count("batch_size", dc.batch_size if batch_size is None else batch_size, 1)
         seed = seed_from(random_state)
         pl.seed_everything(seed, workers=True, verbose=False)
         rng = np.random.default_rng(seed)
@@ -472,37 +483,177 @@ class SpatiaModel:
         for f in (_WEIGHTS, _CONFIG, _META):
             if not (path / f).exists():
                 raise FileNotFoundError(f"{path} is not a saved SpatiaModel: {f} is missing.")
-        config = SpatiaConfig.from_dict(json.loads((path / _CONFIG).read_text()))
-        meta = json.loads((path / _META).read_text())
+        device = resolve_device(map_location)
+        # 1. everything read from the folder is checked before any weight is allocated
+        config = _read_config(path / _CONFIG)
+        meta = _read_json(path / _META, _META)
+        _check_meta(meta, path / _META)
+        decoder_config = flow_info = None
+        if "decoder" in meta:  # saves from before the decoder have none
+            if not (path / _DECODER_WEIGHTS).exists():
+                raise FileNotFoundError(f"{path} describes a decoder but {_DECODER_WEIGHTS} is missing.")
+            d = meta["decoder"]
+            decoder_config = _in_file(path / _META, lambda: DecoderConfig.from_dict(d["config"]))
+        if (path / _FLOW_META).exists() and (path / _FLOW_WEIGHTS).exists():  # older saves have no flow
+            flow_info = _read_json(path / _FLOW_META, _FLOW_META)
+            _check_flow_info(flow_info, path / _FLOW_META)
+        # 2. the modules, then their weights (finite, and of the shapes the config gives)
         model = cls(config, meta["genes"], meta["channels"], meta["label_categories"], meta["crop_params"])
-        state = load_file(str(path / _WEIGHTS), device=resolve_device(map_location))
+        state = _read_weights(path / _WEIGHTS, device)
         # models saved before the normalisation target was learned used a fixed 1e4
         state.setdefault("library_target", torch.tensor(1e4))
-        model.module.load_state_dict(state)
-        model.module.to(resolve_device(map_location))
+        _load_state(model.module, state, path / _WEIGHTS)
+        model.module.to(device)
         model.history = meta.get("history", [])
         model.is_trained = bool(meta.get("is_trained", True))
         model.train_info = meta.get("train_info", {})
-        if "decoder" in meta:  # saves from before the decoder have none
+        if decoder_config is not None:
             from ..module import DiffusionDecoder
 
             d = meta["decoder"]
-            if not (path / _DECODER_WEIGHTS).exists():
-                raise FileNotFoundError(f"{path} describes a decoder but {_DECODER_WEIGHTS} is missing.")
-            decoder = DiffusionDecoder(DecoderConfig.from_dict(d["config"]), int(d["channels"]), config.width,
-                                       len(model.genes))
-            decoder.load_state_dict(load_file(str(path / _DECODER_WEIGHTS), device="cpu"))
+            decoder = DiffusionDecoder(decoder_config, int(d["channels"]), config.width, len(model.genes))
+            _load_state(decoder, _read_weights(path / _DECODER_WEIGHTS, "cpu"), path / _DECODER_WEIGHTS)
             model.decoder = decoder.eval()
             model.decoder_history = d.get("history", [])
             model.decoder_info = d.get("info", {})
-        if (path / _FLOW_META).exists() and (path / _FLOW_WEIGHTS).exists():  # older saves have no flow
+        if flow_info is not None:
             from ..module._flow import build_flow
 
-            model.flow_info = json.loads((path / _FLOW_META).read_text())
-            model.flow = build_flow(model.flow_info)
-            model.flow.load_state_dict(load_file(str(path / _FLOW_WEIGHTS), device=resolve_device(map_location)))
-            model.flow.to(resolve_device(map_location))
+            model.flow_info = flow_info
+            model.flow = _in_file(path / _FLOW_META, lambda: build_flow(flow_info))
+            _load_state(model.flow, _read_weights(path / _FLOW_WEIGHTS, device), path / _FLOW_WEIGHTS)
+            model.flow.to(device)
         return model
+
+
+def _check_checkpoint(ckpt_path: str | Path) -> Path:
+    """A Lightning checkpoint to resume from, read with ``weights_only=True``: tensors and plain containers
+    only, never arbitrary pickled objects (whatever torch's default)."""
+    import pickle
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}: pass checkpoint_dir/last.ckpt of an earlier fit.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds objects other than tensors and plain values: refusing to unpickle it "
+                         f"(resume only from checkpoints spatia wrote). {str(e).splitlines()[0]}") from e
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable checkpoint ({e}).") from e
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "epoch" not in ckpt:
+        raise ValueError(f"{path} is not a Lightning checkpoint of spatia.tl.fit (no state_dict / epoch).")
+    return path
+
+
+def _approx_parameters(config: SpatiaConfig, n_genes: int, n_channels: int) -> float:
+    """An upper estimate of the module's parameter count, computed before building it."""
+    c, d = config, config.width
+    blocks = (c.image.depth * c.image.enabled + c.expression.depth * c.expression.enabled + 2 * c.fusion.depth
+              + c.niche.depth + c.tissue.depth + 2)
+    image = (c.image.patch ** 2 * n_channels * d * 2 + 12 * c.image.decoder_width ** 2 * c.image.decoder_depth
+             if c.image.enabled else 0)
+    return 13.0 * d * d * blocks + image + 6.0 * (d + c.embed_dim) * n_genes
+
+
+# validated loads ---------------------------------------------------------------------------------
+def _in_file(file: Path, build):
+    """``build()``, its configuration errors prefixed with the file they come from."""
+    try:
+        return build()
+    except (TypeError, ValueError, KeyError) as e:
+        msg = e.args[0] if e.args else str(e)
+        raise type(e)(f"{file}: {msg}") from e
+
+
+def _read_json(file: Path, what: str) -> dict:
+    try:
+        d = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e}): the model folder is damaged.") from e
+    if not isinstance(d, dict):
+        raise TypeError(f"{file}: {what} must hold a JSON object, got {type(d).__name__}.")
+    return d
+
+
+def _read_config(file: Path) -> SpatiaConfig:
+    d = _read_json(file, _CONFIG)
+    return _in_file(file, lambda: SpatiaConfig.from_dict(d, complete=True))
+
+
+def _check_list_of_str(file: Path, meta: dict, key: str, *, empty: bool = True) -> None:
+    v = meta[key]
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise TypeError(f"{file}: {key!r} must be a list of strings, got {v!r:.80}.")
+    if not empty and not v:
+        raise ValueError(f"{file}: {key!r} is empty.")
+    if len(set(v)) != len(v):
+        raise ValueError(f"{file}: {key!r} has duplicated entries.")
+
+
+def _check_meta(meta: dict, file: Path) -> None:
+    """Keys and types of ``spatia_model.json``."""
+    missing = [k for k in ("genes", "channels", "label_categories", "crop_params") if k not in meta]
+    if missing:
+        raise KeyError(f"{file} has no {missing}: the model folder is damaged.")
+    _check_list_of_str(file, meta, "genes", empty=False)
+    _check_list_of_str(file, meta, "channels")
+    _check_list_of_str(file, meta, "label_categories")
+    if len(meta["label_categories"]) == 1:
+        raise ValueError(f"{file}: 'label_categories' has one class; a supervised head has none or 2 and more.")
+    kinds = {"crop_params": dict, "history": list, "train_info": dict, "is_trained": bool, "decoder": dict}
+    for key, kind in kinds.items():
+        if key in meta and not isinstance(meta[key], kind):
+            raise TypeError(f"{file}: {key!r} must be a {kind.__name__}, got {meta[key]!r:.80}.")
+    if "history" in meta and not all(isinstance(row, dict) for row in meta["history"]):
+        raise TypeError(f"{file}: 'history' must be a list of objects (one per epoch).")
+    d = meta.get("decoder")
+    if d is not None:
+        if not isinstance(d.get("config"), dict):
+            raise TypeError(f"{file}: 'decoder.config' must be an object, got {d.get('config')!r:.80}.")
+        ch = d.get("channels")
+        if isinstance(ch, bool) or not isinstance(ch, int) or not 1 <= ch <= 1024:
+            raise ValueError(f"{file}: 'decoder.channels' must be an integer in [1, 1024], got {ch!r}.")
+
+
+def _check_flow_info(info: dict, file: Path) -> None:
+    """Keys and types of ``flow.json`` that shape the flow's modules."""
+    missing = [k for k in ("config", "channels", "size", "emb_dim", "n_genes", "n_features", "transitions")
+               if k not in info]
+    if missing:
+        raise KeyError(f"{file} has no {missing}: the model folder is damaged.")
+    if not isinstance(info["config"], dict):
+        raise TypeError(f"{file}: 'config' must be an object, got {info['config']!r:.80}.")
+    limits = {"channels": 1024, "size": 1024, "emb_dim": 8192, "n_genes": 1_000_000, "n_features": 10_000}
+    for key, hi in limits.items():
+        v = info[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
+            raise ValueError(f"{file}: {key!r} must be an integer in [0, {hi}], got {v!r}.")
+    if not isinstance(info["transitions"], list) or not info["transitions"]:
+        raise ValueError(f"{file}: 'transitions' must be a non-empty list, got {info['transitions']!r:.80}.")
+
+
+def _read_weights(file: Path, device: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(file), device=device)
+    except SafetensorError as e:
+        raise ValueError(f"{file} is not a valid safetensors file ({e}): the model folder is damaged.") from e
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{file} holds non-finite weights (NaN or inf) in {bad[:5]}"
+                         f"{' and more' if len(bad) > 5 else ''}: refusing to load a model that would give NaN "
+                         "results. Load an earlier save, or train again.")
+    return state
+
+
+def _load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{file} does not match the configuration saved beside it: {e}") from e
 
 
 # atomic saves ------------------------------------------------------------------------------------

@@ -3,9 +3,112 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
+
+# sane ranges of the configuration fields, checked (with the field types) before anything is allocated:
+# (lowest, highest), inclusive; a bound of None is open. Fields not listed have their type checked only.
+_BIG = 1_000_000
+LIMITS: dict[str, dict[str, tuple[float | None, float | None]]] = {
+    "ImageConfig": {"size": (4, 1024), "crop_um": (1e-6, 1e6), "patch": (1, 256), "depth": (0, 64),
+                    "heads": (1, 64), "mask_ratio": (0, 0.99), "decoder_width": (1, 8192),
+                    "decoder_depth": (0, 64)},
+    "ExpressionConfig": {"depth": (0, 64), "heads": (1, 64), "max_len": (1, _BIG), "dropout": (0, 0.99),
+                         "mask_ratio": (0, 0.99)},
+    "FusionConfig": {"depth": (0, 64), "heads": (1, 64)},
+    "NicheConfig": {"k": (1, 1024), "radius": (1e-6, 1e6), "depth": (0, 64), "heads": (1, 64),
+                    "position_scale": (1e-6, 1e6)},
+    "TissueConfig": {"tile_um": (1e-6, 1e7), "depth": (0, 64), "heads": (1, 64), "position_scale": (1e-6, 1e7)},
+    "LossConfig": {"counts": (0, 1e6), "cell_counts": (0, 1e6), "masked_genes": (0, 1e6), "pixels": (0, 1e6),
+                   "niche_counts": (0, 1e6), "labels": (0, 1e6), "contrastive": (0, 1e6),
+                   "temperature": (1e-6, 1e6)},
+    "TrainConfig": {"lr": (1e-12, 10), "weight_decay": (0, 10), "batch_size": (2, _BIG), "max_epochs": (1, _BIG),
+                    "val_fraction": (0, 0.9), "patience": (0, _BIG)},
+    "SpatiaConfig": {"width": (4, 8192), "embed_dim": (1, 8192)},
+}
+
+
+def check_fields(obj: Any, limits: dict[str, tuple[float | None, float | None]] | None = None) -> None:
+    """Check the fields of the frozen dataclass ``obj`` against their annotated types and ``limits``.
+
+    Types: ``bool``, ``int`` (not bool, not float), ``float`` (an int is accepted; finite), ``str``,
+    ``Literal[...]`` (one of the values), ``X | None``, ``tuple[X, ...]`` (a list becomes a tuple) and
+    nested dataclasses. Raises a :class:`TypeError` / :class:`ValueError` naming ``Class.field``.
+    """
+    cls = type(obj)
+    hints = _hints(cls)
+    limits = LIMITS.get(cls.__name__, {}) if limits is None else limits
+    for f in fields(obj):
+        name = f"{cls.__name__}.{f.name}"
+        value = _check_type(name, getattr(obj, f.name), hints[f.name])
+        if value is not getattr(obj, f.name):
+            object.__setattr__(obj, f.name, value)
+        lo, hi = limits.get(f.name, (None, None))
+        for v in value if isinstance(value, tuple) else (value,):
+            if v is None or isinstance(v, bool) or not isinstance(v, int | float):
+                continue
+            if (lo is not None and v < lo) or (hi is not None and v > hi):
+                rng = f"[{lo}, {hi}]" if lo is not None and hi is not None else (
+                    f">= {lo}" if lo is not None else f"<= {hi}")
+                raise ValueError(f"{name} must be in {rng}, got {value!r}.")
+
+
+@functools.cache
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_type(name: str, value: Any, tp: Any) -> Any:
+    """``value`` if it matches ``tp`` (a list for a tuple type comes back as a tuple); raises otherwise."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return _check_type(name, value, rest[0])
+        for a in rest:
+            try:
+                return _check_type(name, value, a)
+            except (TypeError, ValueError):
+                continue
+        raise TypeError(f"{name} must be {' or '.join(_type_name(a) for a in args)}, got {value!r}.")
+    if origin is Literal:
+        if value not in args or not isinstance(value, str | bool | int):
+            raise ValueError(f"{name} must be one of {list(args)}, got {value!r}.")
+        return value
+    if origin is tuple:
+        if not isinstance(value, tuple | list):
+            raise TypeError(f"{name} must be a list of {_type_name(args[0])}, got {value!r}.")
+        item = args[0]
+        return tuple(_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be true or false, got {value!r}.")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}.")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}.")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value!r}.")
+    elif tp is str:
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a string, got {type(value).__name__} {value!r}.")
+    elif dataclasses.is_dataclass(tp):
+        if not isinstance(value, tp):
+            raise TypeError(f"{name} must be {tp.__name__} (a section: a dict of its fields), got {value!r}.")
+    return value
 
 
 @dataclass(frozen=True)
@@ -27,6 +130,13 @@ class ImageConfig:
     decoder_width: int = 32
     decoder_depth: int = 1
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+        heads = max(1, self.decoder_width // 16)  # the pixel decoder's attention heads
+        if self.decoder_width % heads:
+            raise ValueError(f"ImageConfig.decoder_width {self.decoder_width} must be divisible by its heads "
+                             f"(decoder_width // 16 = {heads}): use a multiple of 16 or a width under 32.")
+
 
 @dataclass(frozen=True)
 class ExpressionConfig:
@@ -39,11 +149,17 @@ class ExpressionConfig:
     dropout: float = 0.3  # fraction of expressed-gene tokens dropped from the input in training (paper: 0.6)
     mask_ratio: float = 0.2  # fraction of the remaining tokens whose value is hidden and predicted
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+
 
 @dataclass(frozen=True)
 class FusionConfig:
     depth: int = 1
     heads: int = 4
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -57,6 +173,9 @@ class NicheConfig:
     heads: int = 4
     position_scale: float = 10.0  # µm per unit of the sin/cos offset encoding
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+
 
 @dataclass(frozen=True)
 class TissueConfig:
@@ -67,6 +186,9 @@ class TissueConfig:
     depth: int = 1
     heads: int = 4
     position_scale: float = 100.0
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -81,6 +203,9 @@ class LossConfig:
     contrastive: float = 0.1
     temperature: float = 0.1
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -90,6 +215,9 @@ class TrainConfig:
     max_epochs: int = 30
     val_fraction: float = 0.1
     patience: int = 5
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -111,8 +239,13 @@ class SpatiaConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        if self.width % 4 or self.width % self.image.heads or self.width % self.expression.heads:
-            raise ValueError(f"width {self.width} must be divisible by 4 and by the number of heads.")
+        check_fields(self)
+        for section in ("image", "expression", "fusion", "niche", "tissue"):
+            heads = getattr(self, section).heads
+            if self.width % heads:
+                raise ValueError(f"width {self.width} must be divisible by {section}.heads ({heads}).")
+        if self.width % 4:
+            raise ValueError(f"width {self.width} must be divisible by 4.")
         if not (self.image.enabled or self.expression.enabled):
             raise ValueError("At least one of the image and expression branches must be enabled.")
         if self.image.crop_um is not None and self.image.crop_um <= 0:
@@ -160,17 +293,29 @@ class SpatiaConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SpatiaConfig:
-        kw = {}
-        for f in fields(cls):
-            if f.name not in d:
-                continue
-            v = d[f.name]
-            sub = _SUB.get(f.name)
-            kw[f.name] = sub(**_known(sub, v)) if sub is not None and isinstance(v, dict) else v
+    def from_dict(cls, d: dict[str, Any], *, complete: bool = False) -> SpatiaConfig:
+        """The config of :meth:`to_dict`. Fields and sections left out take their defaults, unless
+        ``complete`` (a saved ``config.json``): then every field must be there."""
+        if not isinstance(d, dict):
+            raise TypeError(f"A SpatiaConfig is read from a dict of its fields, got {type(d).__name__}.")
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"Unknown configuration fields: {sorted(unknown)}.")
+        kw = {}
+        for f in fields(cls):
+            if f.name not in d:
+                if complete:
+                    raise KeyError(f"The configuration has no field {f.name!r}.")
+                continue
+            v = d[f.name]
+            sub = _SUB.get(f.name)
+            if sub is not None and isinstance(v, dict):
+                missing = [g.name for g in fields(sub) if g.name not in v] if complete else []
+                if missing:
+                    raise KeyError(f"The configuration's {f.name!r} section has no field(s) {missing}.")
+                kw[f.name] = sub(**_known(sub, v))
+            else:
+                kw[f.name] = v
         return cls(**kw)
 
     def replace(self, **changes: Any) -> SpatiaConfig:

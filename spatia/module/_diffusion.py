@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..nn._tome import token_merging as _token_merging
+from ._config import check_fields
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,9 @@ class DecoderConfig:
     ema_decay: float = 0.999
 
     def __post_init__(self) -> None:
+        check_fields(self, _LIMITS)
+        if not 1 <= len(self.block_out_channels) <= 8:
+            raise ValueError(f"DecoderConfig.block_out_channels needs 1 to 8 levels, got {self.block_out_channels}.")
         if len(self.attention_levels) != len(self.block_out_channels):
             raise ValueError("attention_levels needs one entry per entry of block_out_channels.")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
@@ -121,6 +125,14 @@ class DecoderConfig:
     def replace(self, **changes: Any) -> DecoderConfig:
         return dataclasses.replace(self, **changes)
 
+
+_BIG = 1_000_000
+_LIMITS = {
+    "size": (4, 1024), "block_out_channels": (1, 4096), "layers_per_block": (1, 16), "attention_heads": (1, 64),
+    "cross_attention_dim": (1, 8192), "norm_num_groups": (1, 1024), "num_train_timesteps": (1, _BIG),
+    "lr": (1e-12, 10), "weight_decay": (0, 10), "max_epochs": (1, _BIG), "batch_size": (1, _BIG),
+    "warmup_steps": (0, _BIG),
+}
 
 # what decoders saved before a field existed were built / trained with (DecoderConfig.from_dict)
 _BEFORE_FIELD: dict[str, Any] = {"expression_embedding": False, "warmup_steps": 0, "ema_decay": 0.0}

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn._ode import integrate
+from ._config import check_fields
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,9 @@ class FlowConfig:
     guidance_scale: float = 0.2
 
     def __post_init__(self) -> None:
+        check_fields(self, _LIMITS)
+        if not 1 <= len(self.block_out_channels) <= 8:
+            raise ValueError(f"FlowConfig.block_out_channels needs 1 to 8 levels, got {self.block_out_channels}.")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError(f"block_out_channels {self.block_out_channels} must be multiples of "
                              f"norm_num_groups {self.norm_num_groups}.")
@@ -153,6 +157,15 @@ class FlowConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
 
+
+_BIG = 1_000_000
+_LIMITS = {
+    "block_out_channels": (1, 4096), "layers_per_block": (1, 16), "norm_num_groups": (1, 1024),
+    "cond_dim": (1, 8192), "transition_dim": (1, 8192), "delta_dim": (1, 8192), "hidden": (1, 8192),
+    "n_projections": (1, 100_000), "lr": (1e-12, 10), "grad_clip": (0, 1e6), "weight_decay": (0, 10),
+    "max_epochs": (1, _BIG), "min_steps": (1, _BIG), "batch_size": (2, _BIG), "steps": (1, 100_000),
+    "sw_steps": (1, 1000), "sw_memory": (0, 10_000),
+}
 
 # what flows saved before a field existed were trained with (FlowConfig.from_dict)
 _BEFORE_FIELD: dict[str, Any] = {"sw_blur": 0.0, "batch_ot": False, "batch_ot_emb_weight": 1.0,

@@ -11,7 +11,9 @@ from anndata import AnnData
 logger = logging.getLogger(__name__)
 
 
-def get_counts(table: AnnData, layer: str | None = None, *, allow_empty: bool = False) -> sp_sparse.csr_matrix:
+def get_counts(
+    table: AnnData, layer: str | None = None, *, allow_empty: bool = False, name: str = "table"
+) -> sp_sparse.csr_matrix:
     """Validated raw counts of ``table`` as a float32 CSR matrix.
 
     Parameters
@@ -22,6 +24,8 @@ def get_counts(table: AnnData, layer: str | None = None, *, allow_empty: bool = 
         Layer holding raw counts; ``None`` reads ``X``.
     allow_empty
         Accept cells with zero total counts (they are kept; their expression tokens are empty).
+    name
+        What the table is, in error messages (e.g. ``"reference"``).
 
     Returns
     -------
@@ -41,42 +45,43 @@ def get_counts(table: AnnData, layer: str | None = None, *, allow_empty: bool = 
     >>> counts = sp.pp.get_counts(adata, layer="counts")
     """
     if table.n_vars == 0:
-        raise ValueError("The table has no genes (n_vars == 0).")
+        raise ValueError(f"The {name} has no genes (n_vars == 0).")
     if not table.var_names.is_unique:
         dup = table.var_names[table.var_names.duplicated()].unique()[:5].tolist()
-        raise ValueError(f"Duplicated gene names in var_names (e.g. {dup}): call `table.var_names_make_unique()`.")
+        raise ValueError(f"Duplicated gene names in the {name}'s var_names (e.g. {dup}): call "
+                         f"`{name}.var_names_make_unique()`.")
     if layer is None:
         x = table.X
         where = "X"
     else:
         if layer not in table.layers:
-            raise KeyError(f"No layer {layer!r} in the table; available layers: {list(table.layers) or 'none'}.")
+            raise KeyError(f"No layer {layer!r} in the {name}; available layers: {list(table.layers) or 'none'}.")
         x = table.layers[layer]
         where = f"layers[{layer!r}]"
     if x is None:
-        raise ValueError("The table has no X: pass layer= with the raw counts.")
+        raise ValueError(f"The {name} has no X: pass layer= with the raw counts.")
     if hasattr(x, "compute"):  # dask
         x = x.compute()
     x = sp_sparse.csr_matrix(x, dtype=np.float64) if not sp_sparse.issparse(x) else x.tocsr().astype(np.float64)
     data = x.data
     if not np.isfinite(data).all():
-        raise ValueError(f"table.{where} contains NaN or infinite values: fix or drop those cells/genes first.")
+        raise ValueError(f"{name}.{where} contains NaN or infinite values: fix or drop those cells/genes first.")
     if (data < 0).any():
         raise ValueError(
-            f"table.{where} has negative values: it is not raw counts (scaled or log data?). "
+            f"{name}.{where} has negative values: it is not raw counts (scaled or log data?). "
             "Pass layer= naming the raw integer counts."
         )
     if not np.allclose(data, np.round(data)):
         hint = " (e.g. layer='counts')" if "counts" in table.layers else ""
         raise ValueError(
-            f"table.{where} is not integer counts (normalised or log-transformed?): spatia models raw counts. "
+            f"{name}.{where} is not integer counts (normalised or log-transformed?): spatia models raw counts. "
             f"Pass layer= naming the raw counts{hint}."
         )
     totals = np.asarray(x.sum(axis=1)).ravel()
     empty = int((totals == 0).sum())
     if empty and not allow_empty:
         raise ValueError(
-            f"{empty} of {table.n_obs} cells have zero counts. Remove them first "
+            f"{empty} of {table.n_obs} cells have zero counts in the {name}. Remove them first "
             "(`sc.pp.filter_cells(table, min_counts=1)`, or subset the SpatialData with its table) "
             "or pass allow_empty=True to keep them."
         )

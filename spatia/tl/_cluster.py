@@ -69,6 +69,8 @@ def cluster(
     emb = get_embedding(table, level)
     if resolution <= 0:
         raise ValueError(f"resolution must be positive, got {resolution}.")
+    if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int | np.integer) or n_neighbors < 2:
+        raise ValueError(f"n_neighbors must be an integer >= 2 (neighbours of the kNN graph), got {n_neighbors!r}.")
     key_added = key_added or (Keys.NICHE if level == "niche" else Keys.CLUSTER)
     if smooth_k is None:
         smooth_k = _niche_k(table) if level == "niche" else 0

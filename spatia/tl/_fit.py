@@ -177,6 +177,7 @@ def fit(
     config = config or SpatiaConfig.default()
     if not isinstance(config, SpatiaConfig):
         raise TypeError(f"config must be a SpatiaConfig, got {type(config).__name__}.")
+    _check_fit_args(data, table_key, max_epochs, batch_size)
     prepared = prepare(
         data, table_key=table_key, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key,
         coordinate_system=coordinate_system, layer=layer, crops=crops,
@@ -204,6 +205,21 @@ def fit(
                                                             "cell_type_key": cell_type_key})
         log_added("adata.uns", Keys.UNS)
     return model
+
+
+def _check_fit_args(data, table_key, max_epochs, batch_size) -> None:
+    """Arguments a fit would otherwise accept silently (no training) or fail on deep inside."""
+    from .._utils import check_count, check_obs_names
+    from ..pp._elements import get_table
+
+    if max_epochs is not None:
+        check_count("max_epochs", max_epochs, 1)
+    if batch_size is not None:
+        check_count("batch_size", batch_size, 2)
+    table = get_table(data, table_key)
+    check_obs_names(table)
+    if table.n_obs < 2:
+        raise ValueError(f"The table has {table.n_obs} cell(s): a model is trained on a slide of many cells.")
 
 
 def _is_rank_zero() -> bool:
@@ -294,6 +310,10 @@ def _prepare_for_model(data, model, *, image_key, labels_key, shapes_key, table_
     if model.channels and model.config.image.enabled:
         crop_kwargs["channels"] = model.channels
     c = model.config
+    from .._utils import check_obs_names
+    from ..pp._elements import get_table
+
+    check_obs_names(get_table(data, table_key))
     prepared = prepare(
         data, table_key=table_key, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key,
         coordinate_system=coordinate_system, layer=layer, genes=model.genes, crops=crops, crop_kwargs=crop_kwargs,

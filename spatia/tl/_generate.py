@@ -119,6 +119,9 @@ def _select(n: int, names: pd.Index, cells) -> np.ndarray:
     return idx
 
 
+_MAX_EDIT = 1e6  # counts of one gene in one cell; far beyond any panel, far below float32 overflow
+
+
 def _check_edits(edits: Mapping[str, float] | None, genes: list[str]) -> dict[str, float]:
     if not edits:
         return {}
@@ -132,6 +135,9 @@ def _check_edits(edits: Mapping[str, float] | None, genes: list[str]) -> dict[st
     for g, v in edits.items():
         if isinstance(v, bool) or not isinstance(v, int | float | np.integer | np.floating) or not np.isfinite(v) or v < 0:
             raise ValueError(f"edits[{g!r}] = {v!r}: values are raw counts (finite numbers >= 0).")
+        if v > _MAX_EDIT:
+            raise ValueError(f"edits[{g!r}] = {v!r} counts is beyond any measured cell (at most {_MAX_EDIT:g}): "
+                             "values are raw counts of one gene in one cell.")
         out[str(g)] = float(v)
     return out
 

@@ -113,7 +113,7 @@ def _reference_profiles(reference, reference_layer):
 
     if not isinstance(reference, AnnData):
         raise TypeError(f"reference must be an AnnData of scRNA-seq counts, got {type(reference).__name__}.")
-    counts = get_counts(reference, reference_layer, allow_empty=False)
+    counts = get_counts(reference, reference_layer, allow_empty=False, name="reference")
     return counts, reference.var_names.astype(str)
 
 
@@ -243,12 +243,14 @@ def impute(
     >>> scores = sp.tl.validate_imputation(sdata, model, reference=scrna)
     """
     kw = dict(prepare_kwargs, table_key=table_key, layer=layer)
+    # the reference is checked first: its errors name it (not the slide's table)
+    ref = _reference_profiles(reference, reference_layer) if reference is not None else None
     prepared = _prepare(data, model, kw)
     table = prepared.table
     seed = seed_from(random_state)
     ref_new = None
     if reference is not None:
-        ref_counts, ref_genes = _reference_profiles(reference, reference_layer)
+        ref_counts, ref_genes = ref
         shared = [g for g in model.genes if g in set(ref_genes)]
         if len(shared) < 5:
             raise ValueError(

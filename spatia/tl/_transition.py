@@ -431,6 +431,8 @@ def transition(
     from ..metrics import morphology_features
 
     n_threads = torch.get_num_threads()  # kept across the pairing and crop steps (OpenMP kernels reset it)
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1):
+        raise ValueError(f"steps must be a whole number of solver steps >= 1, got {steps!r}.")
     tid = _find_transition(model, groupby, source, target)
     if inplace and not _is_sdata(data):
         raise TypeError("transition(inplace=True) writes image elements: pass a SpatialData (or inplace=False).")

@@ -2,6 +2,9 @@
 
 from ._decoder import DecoderBatches, DecoderTrainingPlan
 from ._flow_plan import FlowTrainingPlan
-from ._plan import HistoryCallback, SpatiaTrainingPlan
+from ._plan import HistoryCallback, RandomStateCallback, SpatiaTrainingPlan
 
-__all__ = ["SpatiaTrainingPlan", "HistoryCallback", "DecoderTrainingPlan", "DecoderBatches", "FlowTrainingPlan"]
+__all__ = [
+    "SpatiaTrainingPlan", "HistoryCallback", "RandomStateCallback", "DecoderTrainingPlan", "DecoderBatches",
+    "FlowTrainingPlan",
+]

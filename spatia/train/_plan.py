@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import random
+
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
 from ..module import SpatiaModule
@@ -49,6 +52,13 @@ class HistoryCallback(pl.Callback):
         # validation of this epoch has run by now: callback_metrics hold both train_* and val_*
         self._record(trainer)
 
+    def state_dict(self) -> dict:
+        # saved in Lightning checkpoints: a resumed run keeps the epochs before the interruption
+        return {"history": [dict(row) for row in self.history]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = [dict(row) for row in state_dict.get("history", [])]
+
     def _record(self, trainer) -> None:
         row = {"epoch": int(trainer.current_epoch)}
         for k, v in trainer.callback_metrics.items():
@@ -57,3 +67,51 @@ class HistoryCallback(pl.Callback):
             self.history[-1].update(row)
         else:
             self.history.append(row)
+
+
+class RandomStateCallback(pl.Callback):
+    """Saves the random states in Lightning checkpoints and restores them on resume, so that a resumed
+    run continues exactly as an uninterrupted one: torch (CPU and CUDA), numpy, python and the training
+    loader's shuffling ``generator``.
+
+    The states are taken when the checkpoint is written (at the end of an epoch, after validation) and put
+    back when Lightning restores the checkpoint, before the next epoch's order is drawn. Stored as tensors
+    and lists only (checkpoints load with ``weights_only=True``).
+    """
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        self.generator = generator
+
+    def state_dict(self) -> dict:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "python": _to_lists(random.getstate()),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        if self.generator is not None:
+            state["loader"] = self.generator.get_state()
+        return state
+
+    def load_state_dict(self, s: dict) -> None:
+        # Lightning restores callbacks before the fit loop draws the first resumed epoch's order from the
+        # loader's generator: the states go back now, as they were when the checkpoint was written
+        torch.set_rng_state(s["torch"])
+        n = s["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        random.setstate(_to_tuples(s["python"]))
+        if "cuda" in s and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(s["cuda"])
+        if "loader" in s and self.generator is not None:
+            self.generator.set_state(s["loader"])
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, tuple | list) else x
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x

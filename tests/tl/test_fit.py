@@ -122,14 +122,75 @@ def test_fit_under_bf16_mixed_precision(sdata):
     assert np.isfinite(res["cell"]).all() and np.isfinite(res["niche"]).all()
 
 
-def test_resume_from_checkpoint(sdata, tmp_path):
+_KILLED_FIT = """
+import sys
+import spatia as sp
+sp.settings.progress_bar = False
+sdata = sp.datasets.simulate(200, mean_depth=25.0, random_state=7)
+sp.tl.fit(sdata, config=sp.SpatiaConfig.tiny(), max_epochs=40, random_state=3, checkpoint_dir=sys.argv[1])
+"""
+
+
+def test_killed_fit_resumes_exactly(tmp_path):
+    """SIGKILL a fit after its first checkpoint, resume it: the embeddings equal those of an uninterrupted
+    run with the same seed, and the history holds every epoch."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    ckdir = tmp_path / "ckpt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_FIT, str(ckdir)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (ckdir / "last.ckpt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # the checkpoint is written; the next epoch is under way
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the fit ended before it could be killed"
+    import torch
+
+    done = torch.load(ckdir / "last.ckpt", weights_only=True)["epoch"] + 1  # epochs finished before the kill
+    assert 1 <= done < 40
+
+    n = done + 2
+    sd = sp.datasets.simulate(200, mean_depth=25.0, random_state=7)
     cfg = sp.SpatiaConfig.tiny()
-    m1 = sp.tl.fit(sdata, config=cfg, max_epochs=2, checkpoint_dir=tmp_path, early_stopping=False)
-    assert (tmp_path / "last.ckpt").exists()
-    m2 = sp.tl.fit(sdata, config=cfg, max_epochs=4, ckpt_path=tmp_path / "last.ckpt", early_stopping=False)
-    # the resumed run starts at epoch 2, it does not start over
-    assert [h["epoch"] for h in m1.history] == [0, 1]
-    assert [h["epoch"] for h in m2.history] == [2, 3]
+    full, e_full = sp.tl.fit(sd, config=cfg, max_epochs=n, random_state=3, inplace=False)
+    resumed, e_res = sp.tl.fit(sd, config=cfg, max_epochs=n, random_state=3, inplace=False,
+                               ckpt_path=ckdir / "last.ckpt")
+    for k in e_full:
+        np.testing.assert_allclose(e_res[k], e_full[k], rtol=0, atol=1e-6)
+    assert [h["epoch"] for h in resumed.history] == list(range(n))
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history]
+
+
+class _Payload:
+    ran = False
+
+    def __reduce__(self):
+        return (_payload_ran, ())
+
+
+def _payload_ran():
+    _Payload.ran = True
+    return {}
+
+
+def test_ckpt_path_never_unpickles_objects(sdata, tmp_path):
+    import torch
+
+    torch.save({"state_dict": {}, "epoch": 0, "evil": _Payload()}, tmp_path / "evil.ckpt")
+    with pytest.raises(ValueError, match="refusing to unpickle"):
+        sp.tl.fit(sdata, config=sp.SpatiaConfig.tiny(), max_epochs=1, ckpt_path=tmp_path / "evil.ckpt")
+    assert not _Payload.ran
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        sp.tl.fit(sdata, config=sp.SpatiaConfig.tiny(), max_epochs=1, ckpt_path=tmp_path / "missing.ckpt")
 
 
 def test_image_only_ablation_carries_morphology_programs(sdata):
