@@ -14,7 +14,7 @@ import pytest
 import spatialdata as sd
 
 import spatia as sp
-from spatia.__main__ import _default_out, build_parser, main
+from spatia.__main__ import _default_image_key, _default_out, _flag_hints, build_parser, main
 
 _DATA = Path(sp.__file__).parent / "datasets" / "_data"
 _HEAVY = ("torch", "lightning", "spatialdata", "scanpy", "anndata", "spatialdata_io")
@@ -90,6 +90,22 @@ def test_every_option_has_help_text():
 def test_default_out_is_next_to_the_input(tmp_path):
     assert _default_out(tmp_path / "slide.zarr") == tmp_path.resolve() / "slide_spatia"
     assert _default_out(tmp_path / "output-XETG001") == tmp_path.resolve() / "output-XETG001_spatia"
+
+
+def test_default_images_of_instrument_folders():
+    # the toys carry spatialdata-io's element names: Xenium's focus stain, one image per CosMx FOV
+    assert _default_image_key("xenium", sp.datasets.xenium_toy(transcripts=False)) == "morphology_focus"
+    assert _default_image_key("cosmx", sp.datasets.cosmx_lung_mini(transcripts=False)) == ["F002_image", "F003_image"]
+    assert _default_image_key("merscope", sp.datasets.merscope_toy()) is None  # its one mosaic: fit's default
+    assert _default_image_key("zarr", sp.datasets.xenium_toy(transcripts=False)) is None
+
+
+def test_library_messages_name_the_flag():
+    assert _flag_hints("or pass outside='pad' to give them blank crops.") == " (on the command line: --outside pad)"
+    assert _flag_hints("pass image_key= (one image, or a list)") == " (on the command line: --image-key)"
+    msg = "pass um_per_unit= or set it once with `sp.pp.set_um_per_unit(data, value, coordinate_system='fov')`"
+    assert _flag_hints(msg) == " (on the command line: --um-per-unit, --coordinate-system fov)"
+    assert _flag_hints("The table has no cells.") == ""
 
 
 # ------------------------------------------------------------------------------------- bad input
