@@ -74,6 +74,33 @@ def _cluster_ready(sd):
     t.obsm["X_spatia_niche"] = np.random.default_rng(0).normal(size=(t.n_obs, 4)).astype(np.float32)
 
 
+def _zero_counts(sd):
+    t = sd["table"]
+    t.X = t.X * 0
+
+
+def _3d_image(sd):
+    from spatialdata.models import Image3DModel
+    from spatialdata.transformations import get_transformation
+
+    img = sd.images["morphology"]
+    t = get_transformation(img, "global")
+    data = np.stack([np.asarray(img.data)] * 3, axis=1)
+    sd.images["morphology"] = Image3DModel.parse(data, dims=("c", "z", "y", "x"), c_coords=list(img.coords["c"].values),
+                                                 transformations={"global": t})
+
+
+def _nan_image(sd):
+    from spatialdata.models import Image2DModel
+    from spatialdata.transformations import get_transformation
+
+    img = sd.images["morphology"]
+    data = np.asarray(img.data).astype(np.float32)
+    data[0, 5, 5] = np.nan
+    sd.images["morphology"] = Image2DModel.parse(data, dims=("c", "y", "x"), c_coords=list(img.coords["c"].values),
+                                                 transformations={"global": get_transformation(img, "global")})
+
+
 tiny = sp.SpatiaConfig.tiny()
 
 # (id, prepare(sdata) -> None or a value passed on, call(sdata, model, prepared), error, message)
@@ -108,6 +135,23 @@ CASES = [
     ("generate edit negative", None,
      lambda sd, m, _: sp.tl.generate(sd, m, cells=sd["table"].obs_names[:2], edits={m.genes[0]: -3}),
      ValueError, r"finite numbers >= 0"),
+    ("fit all-zero counts with allow_empty", _zero_counts,
+     lambda sd, m, _: sp.tl.fit(sd, config=tiny, max_epochs=1, allow_empty=True),
+     ValueError, r"Every cell of the table has zero counts"),
+    ("embed one cell", _one_cell, lambda sd, m, _: sp.tl.embed(sd, m),
+     ValueError, r"niche graph needs at least 2 cells"),
+    ("fit um_per_unit=0", None, lambda sd, m, _: sp.tl.fit(sd, config=tiny, max_epochs=1, um_per_unit=0),
+     ValueError, r"um_per_unit must be a positive finite number"),
+    ("fit um_per_unit='0.2'", None, lambda sd, m, _: sp.tl.fit(sd, config=tiny, max_epochs=1, um_per_unit="0.2"),
+     TypeError, r"um_per_unit must be a number"),
+    ("extract_crops 3-D image, plane out of range", _3d_image,
+     lambda sd, m, _: sp.pp.extract_crops(sd, z=7), ValueError, r"z must be a plane index 0..2"),
+    ("extract_crops NaN pixels", _nan_image,
+     lambda sd, m, _: sp.pp.extract_crops(sd), ValueError, r"NaN or infinite pixels"),
+    ("impute misspelled input keyword", None,
+     lambda sd, m, _: sp.tl.impute(sd, m, imgae_key="morphology"), TypeError, r"imgae_key"),
+    ("niche_graph one cell", _one_cell, lambda sd, m, _: sp.pp.niche_graph(sd, n_neighs=5),
+     ValueError, r"at least 2 cells"),
     ("impute log-normalised reference", _lognorm_reference,
      lambda sd, m, ref: sp.tl.impute(sd, m, reference=ref),
      ValueError, r"^reference\.X is not integer counts"),
@@ -126,4 +170,4 @@ def test_bad_input_raises_and_leaves_data_unchanged(slide, model, prepare, call,
 
 def test_case_count():
     # the note counts the cases this module covers
-    assert len(CASES) >= 14
+    assert len(CASES) >= 22

@@ -11,6 +11,7 @@ import scipy.sparse as sp_sparse
 from anndata import AnnData
 
 from .._constants import Defaults, Keys
+from .._utils import check_obs_names
 from ..pp._crops import CropStore, crops_for
 from ..pp._elements import _is_sdata, cell_geometry, get_image, get_table
 from ..pp._expression import align_genes, get_counts
@@ -83,6 +84,7 @@ def _prepare(
     table = get_table(data, table_key)
     if table.n_obs == 0:
         raise ValueError("The table has no cells.")
+    check_obs_names(table)
     missing: list[str] = []
     if not use_expression:
         if genes is None:

@@ -249,6 +249,8 @@ def _channel_index(img, channels: Sequence[str | int] | None) -> tuple[np.ndarra
             idx.append(int(ch))
         elif str(ch) in names:
             idx.append(names.index(str(ch)))
+        elif [n.lower() for n in names].count(str(ch).lower()) == 1:  # "dapi" for "DAPI"
+            idx.append([n.lower() for n in names].index(str(ch).lower()))
         else:
             raise KeyError(f"Unknown channel {ch!r}; the image's channels are {names}.")
     return np.asarray(idx), [names[i] for i in idx]

@@ -79,6 +79,9 @@ def get_counts(
         )
     totals = np.asarray(x.sum(axis=1)).ravel()
     empty = int((totals == 0).sum())
+    if empty and empty == table.n_obs:
+        raise ValueError(f"Every cell of the {name} has zero counts: there is no expression to model. Check that "
+                         "layer= names the raw counts.")
     if empty and not allow_empty:
         raise ValueError(
             f"{empty} of {table.n_obs} cells have zero counts in the {name}. Remove them first "

@@ -92,6 +92,8 @@ def niche_graph(
         raise ValueError("Give n_neighs >= 1 or a radius.")
     if radius is not None and radius <= 0:
         raise ValueError(f"radius must be positive, got {radius}.")
+    if table.n_obs < 2:
+        raise ValueError(f"The table has {table.n_obs} cell(s): a niche graph needs at least 2 cells.")
     xy_um, units = _coords_um(data, table, spatial_key, um_per_unit)
     tmp = AnnData(obs=table.obs[[]].copy(), obsm={spatial_key: xy_um})
     if radius is not None:

@@ -310,10 +310,6 @@ def _prepare_for_model(data, model, *, image_key, labels_key, shapes_key, table_
     if model.channels and model.config.image.enabled:
         crop_kwargs["channels"] = model.channels
     c = model.config
-    from .._utils import check_obs_names
-    from ..pp._elements import get_table
-
-    check_obs_names(get_table(data, table_key))
     prepared = prepare(
         data, table_key=table_key, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key,
         coordinate_system=coordinate_system, layer=layer, genes=model.genes, crops=crops, crop_kwargs=crop_kwargs,
