@@ -23,6 +23,9 @@ def __getattr__(name: str):
     # subpackages and the model pull in torch / spatialdata / scanpy: import them when first used, so that
     # `import spatia` and `spatia --help` stay fast
     if name in _SUBPACKAGES:
+        from ._logging import configure
+
+        configure()  # the "spatia" logger follows settings.verbosity from the first use on, not on import
         return importlib.import_module(f".{name}", __name__)
     if name in ("SpatiaModel", "SpatiaConfig"):
         from . import model

@@ -273,16 +273,10 @@ def _flag_hints(message: str) -> str:
 def _setup_logging(verbose: bool) -> None:
     import warnings
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("spatia").setLevel(logging.INFO if verbose else logging.WARNING)
-    # Lightning sets its loggers to INFO and adds a handler when it is first imported: import it now, then
-    # quieten it (its banner and tips would print twice, once through the root handler)
-    import lightning.pytorch  # noqa: F401
+    import spatia as sp
 
-    for name in ("lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
-        lg = logging.getLogger(name)
-        lg.setLevel(logging.WARNING)
-        lg.handlers.clear()
+    # spatia's lines as in a notebook; Lightning's banner and tips are hidden inside spatia's calls already
+    sp.settings.verbosity = 2 if verbose else 1
     logging.getLogger("ome_zarr").setLevel(logging.ERROR)  # "no parent found" for every labels element read
     # notices meant for library developers, not for someone running the pipeline
     warnings.filterwarnings("ignore", category=SyntaxWarning)  # docrep docstrings (via squidpy)

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from ._logging import configure as configure_logging
+from ._logging import interactive
 from ._settings import settings
 
 logger = logging.getLogger("spatia")
@@ -63,16 +65,31 @@ def check_obs_names(table: Any) -> None:
 
 def log_added(where: str, key: str, level: int = logging.INFO) -> None:
     """Log the squidpy-style line ``Adding `adata.obsm['X']```."""
+    configure_logging()
     logger.log(level, "Adding `%s[%r]`", where, key)
 
 
-def progress(iterable: Any, **kwargs: Any) -> Any:
-    """Wrap ``iterable`` with tqdm if ``settings.progress_bar`` is on."""
-    if not settings.progress_bar:
-        return iterable
+def progress(iterable: Any = None, *, desc: str, total: int | None = None, unit: str = "it", **kwargs: Any) -> Any:
+    """A tqdm bar over ``iterable`` (or one updated by hand, ``total=``) for long work.
+
+    Drawn when ``settings.progress_bar`` is on and the output is a terminal or a notebook; otherwise a
+    disabled tqdm that iterates (and takes ``update``) at no cost. The bar disappears when done
+    (``leave=False``) unless ``leave=True`` is passed.
+
+    Examples
+    --------
+    >>> for batch in progress(batches, desc="embedding", unit="batch"):
+    ...     ...
+    >>> with progress(total=n_cells, desc="crops", unit="cell") as bar:
+    ...     bar.update(len(chunk))
+    """
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, **kwargs)
+    configure_logging()
+    kwargs.setdefault("leave", False)
+    kwargs.setdefault("dynamic_ncols", True)
+    show = settings.progress_bar and interactive()
+    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=not show, **kwargs)
 
 
 @contextlib.contextmanager

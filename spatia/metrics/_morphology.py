@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from .._utils import progress
+
 #: Column order of :func:`morphology_features`.
 MORPHOLOGY_FEATURES = (
     "area", "perimeter", "eccentricity", "solidity", "mean_intensity", "max_intensity", "min_intensity",
@@ -56,7 +58,7 @@ def morphology_features(crops, *, channel: int | None = 0, pixel_size: float | N
     x = _as_gray(crops, channel)
     out = np.full((x.shape[0], len(MORPHOLOGY_FEATURES)), np.nan, dtype=np.float64)
     s = 1.0 if pixel_size is None else float(pixel_size)
-    for i, img in enumerate(x):
+    for i, img in enumerate(progress(x, desc="morphology", unit="cell")):
         if not np.isfinite(img).all() or np.ptp(img) <= 1e-8:
             out[i, 0] = 0.0
             continue

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._utils import check_count, resolve_device, seed_from
+from .._utils import check_count, progress, resolve_device, seed_from
 from .._version import __version__
 from ..data import BatchDataset, CellArrays
 from ..module import DecoderConfig, SpatiaConfig, SpatiaModule
@@ -135,7 +135,8 @@ class SpatiaModel:
         import lightning.pytorch as pl
         from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-        from ..train import HistoryCallback, RandomStateCallback, SpatiaTrainingPlan
+        from .._logging import quiet_dependencies
+        from ..train import HistoryCallback, RandomStateCallback, SpatiaTrainingPlan, progress_options
 
         tc = self.config.train
         max_epochs = check_count("max_epochs", tc.max_epochs if max_epochs is None else max_epochs, 1)
@@ -178,14 +179,17 @@ class SpatiaModel:
         if isinstance(strategy, str) and strategy in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"):
             # some heads (masked genes, labels, contrastive) can sit out a batch: DDP must allow it
             strategy = f"{strategy}_find_unused_parameters_true"
+        shown = progress_options("training")
         kw = dict(
             max_epochs=max_epochs, accelerator=accelerator, devices=devices, strategy=strategy,
-            precision=precision, callbacks=callbacks, logger=False, enable_progress_bar=settings.progress_bar,
+            precision=precision, callbacks=callbacks + shown["callbacks"], logger=False,
+            enable_progress_bar=shown["enable_progress_bar"],
             enable_model_summary=False, deterministic=True, default_root_dir=str(ckdir),
             num_sanity_val_steps=0, use_distributed_sampler=True,
         )
         kw.update(trainer_kwargs)
-        trainer = pl.Trainer(**kw)
+        with quiet_dependencies():
+            trainer = pl.Trainer(**kw)
         loader = torch.utils.data.DataLoader(
             BatchDataset(arrays, train_batches), batch_size=None, shuffle=True, num_workers=settings.num_workers,
             generator=generator,
@@ -200,7 +204,8 @@ class SpatiaModel:
             ckpt_path = str(_check_checkpoint(ckpt_path))
             if "weights_only" in inspect.signature(trainer.fit).parameters:  # lightning >= 2.5
                 fit_kw["weights_only"] = True
-        trainer.fit(plan, train_dataloaders=loader, val_dataloaders=val_loader, ckpt_path=ckpt_path, **fit_kw)
+        with quiet_dependencies():
+            trainer.fit(plan, train_dataloaders=loader, val_dataloaders=val_loader, ckpt_path=ckpt_path, **fit_kw)
         trained = plan.module
         self.module = getattr(trained, "_orig_mod", trained).cpu()  # unwrap torch.compile
         if not history.history and trainer.callback_metrics:
@@ -246,7 +251,7 @@ class SpatiaModel:
         res: dict[str, list] = {k: [] for k in outputs}
         idx = []
         use_bf16 = device.startswith("cuda")
-        for core in mine:
+        for core in progress(mine, desc="inference", unit="batch"):
             batch = {k: v.to(device) for k, v in arrays.collate(core).items()}
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 out = module(batch, train=False)
@@ -301,8 +306,9 @@ class SpatiaModel:
         """
         import lightning.pytorch as pl
 
+        from .._logging import quiet_dependencies
         from ..module import DiffusionDecoder
-        from ..train import DecoderBatches, DecoderTrainingPlan, HistoryCallback
+        from ..train import DecoderBatches, DecoderTrainingPlan, HistoryCallback, progress_options
 
         if not self.config.expression.enabled:
             raise ValueError("The decoder is conditioned on expression: the model needs its expression branch.")
@@ -331,9 +337,10 @@ class SpatiaModel:
 
         plan = DecoderTrainingPlan(decoder, self.module, lr=lr or dc.lr, weight_decay=dc.weight_decay)
         history = HistoryCallback()
+        shown = progress_options("decoder training")
         kw = dict(
             max_epochs=max_epochs, accelerator=accelerator, devices=devices, precision=precision,
-            callbacks=[history], logger=False, enable_progress_bar=settings.progress_bar,
+            callbacks=[history, *shown["callbacks"]], logger=False, enable_progress_bar=shown["enable_progress_bar"],
             enable_model_summary=False, enable_checkpointing=False, deterministic="warn",
             default_root_dir=tempfile.mkdtemp(prefix="spatia_decoder_"),
         )
@@ -342,9 +349,10 @@ class SpatiaModel:
             DecoderBatches(arrays.counts, arrays.crops, batches), batch_size=None, shuffle=True,
             num_workers=settings.num_workers, generator=torch.Generator().manual_seed(seed),
         )
-        trainer = pl.Trainer(**kw)
         try:
-            trainer.fit(plan, train_dataloaders=loader)
+            with quiet_dependencies():
+                trainer = pl.Trainer(**kw)
+                trainer.fit(plan, train_dataloaders=loader)
         finally:
             self.module.requires_grad_(True)
             self.module.cpu()
@@ -397,14 +405,17 @@ class SpatiaModel:
         encoder = self.module.to(dev).eval()
         decoder = decoder.to(dev).eval()
         out = []
+        n_batches = -(-len(x) // batch_size)
         try:
-            for i in range(0, len(x), batch_size):
-                xb = torch.from_numpy(x[i:i + batch_size]).to(dev)
-                tokens, pad = encoder.encode_expression(xb)
-                img = decoder.sample(tokens, pad, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
-                                     scheduler=scheduler, token_merging=token_merging, generator=gen,
-                                     unconditional=unconditional, counts=xb)
-                out.append(((img.float().cpu().numpy() + 1) * 127.5 + 0.5).clip(0, 255).astype(np.uint8))
+            with progress(total=n_batches * num_inference_steps, desc="generating", unit="step") as bar:
+                for i in range(0, len(x), batch_size):
+                    xb = torch.from_numpy(x[i:i + batch_size]).to(dev)
+                    tokens, pad = encoder.encode_expression(xb)
+                    img = decoder.sample(tokens, pad, guidance_scale=guidance_scale,
+                                         num_inference_steps=num_inference_steps, scheduler=scheduler,
+                                         token_merging=token_merging, generator=gen, unconditional=unconditional,
+                                         counts=xb, callback=bar.update)
+                    out.append(((img.float().cpu().numpy() + 1) * 127.5 + 0.5).clip(0, 255).astype(np.uint8))
         finally:
             self.module.cpu()
             decoder.cpu()

@@ -12,6 +12,7 @@ sampling.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -261,12 +262,14 @@ class DiffusionDecoder(nn.Module):
         generator: torch.Generator | None = None,
         unconditional: bool = False,
         counts: torch.Tensor | None = None,
+        callback: Callable[[], Any] | None = None,
     ) -> torch.Tensor:
         """Crops ``(B, C, S, S)`` in [-1, 1] for expression tokens ``(B, L, D)`` (``counts``: see :meth:`condition`).
 
         ``guidance_scale`` ``w``: output = uncond + w · (cond - uncond) (1 = conditional only, 0 =
         unconditional only). ``unconditional=True`` samples from the null condition. ``token_merging``:
-        ratio of tokens merged before each self-attention (``None`` = off).
+        ratio of tokens merged before each self-attention (``None`` = off). ``callback`` is called after each
+        denoising step (a progress bar's ``update``).
         """
         b, s, dev = tokens.shape[0], self.config.size, tokens.device
         sched = _scheduler(scheduler, self.noise_scheduler.config)
@@ -292,4 +295,6 @@ class DiffusionDecoder(nn.Module):
                     c, u = out.chunk(2)
                     out = u + guidance_scale * (c - u)
                 x = sched.step(out, t, x, generator=generator if dev.type == "cpu" else None).prev_sample
+                if callback is not None:
+                    callback()
         return x.clamp(-1, 1)

@@ -708,13 +708,9 @@ def _extract_one(data, table, *, image_key, table_key, labels_key, shapes_key, c
     else:
         out = np.zeros((n_cells, n_ch, size, size), dtype=np.uint8)
 
-    from .._settings import settings
+    from .._utils import progress
 
-    tq = None
-    if settings.progress_bar:
-        from tqdm.auto import tqdm
-
-        tq = tqdm(total=n_cells, desc="crops", unit="cell", leave=False)
+    tq = progress(total=n_cells, desc="crops", unit="cell")
     lo32 = lo.astype(np.float32)
     scale32 = (255.0 / (hi - lo)).astype(np.float32)
     no_labels = np.zeros((0, 0), dtype=np.int32)

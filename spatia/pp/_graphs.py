@@ -85,7 +85,10 @@ def niche_graph(
     --------
     >>> sp.pp.niche_graph(sdata, n_neighs=10)
     """
-    import squidpy as sq
+    from .._logging import quiet_dependencies
+
+    with quiet_dependencies():  # squidpy's first import warns about its own docstrings (docrep)
+        import squidpy as sq
 
     table = get_table(data, table_key)
     if radius is None and (n_neighs is None or n_neighs < 1):

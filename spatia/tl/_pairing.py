@@ -16,7 +16,7 @@ import pandas as pd
 import scipy.sparse as sp_sparse
 
 from .._constants import Defaults, Keys
-from .._utils import log_added, seed_from
+from .._utils import log_added, progress, seed_from
 from ..pp._elements import get_table
 
 logger = logging.getLogger(__name__)
@@ -345,7 +345,7 @@ def compute_pairing(
                                "`sp.tl.cluster(..., level='niche')` first or pass niche_key=None.")
         ns_lab = source_table.obs[niche_key].astype(str).to_numpy()[source_rows]
         nt_lab = target_table.obs[niche_key].astype(str).to_numpy()[target_rows]
-        for lab in sorted(set(ns_lab) & set(nt_lab)):
+        for lab in progress(sorted(set(ns_lab) & set(nt_lab)), desc="pairing niches", unit="niche"):
             si, ti = np.flatnonzero(ns_lab == lab), np.flatnonzero(nt_lab == lab)
             if len(si) < min_cells or len(ti) < min_cells:
                 continue

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import Defaults, Keys
-from .._utils import log_added, seed_from
+from .._utils import log_added, progress, seed_from
 from ..metrics import MORPHOLOGY_FEATURES
 from ..pp._elements import _is_sdata
 from ._fit import _prepare_for_model, _sanitize
@@ -183,11 +183,12 @@ def fit_transition(
     import lightning.pytorch as pl
     import torch
 
+    from .._logging import quiet_dependencies
     from .._settings import settings
     from .._utils import resolve_device
     from ..data import PairArrays, PairDataset
     from ..module import FlowConfig, TransitionFlow
-    from ..train import FlowTrainingPlan, HistoryCallback
+    from ..train import FlowTrainingPlan, HistoryCallback, progress_options
 
     n_threads = torch.get_num_threads()  # kept across the pairing and crop steps (OpenMP kernels reset it)
     pairs_wanted = _transition_list(source, target, transitions)
@@ -251,19 +252,22 @@ def fit_transition(
         dev = resolve_device(accelerator if accelerator != "gpu" else "cuda")
         precision = "bf16-mixed" if dev == "cuda" else "32-true"
     history = HistoryCallback()
+    shown = progress_options("transition training")
     kw = dict(max_epochs=max_epochs, accelerator=accelerator, devices=devices, precision=precision,
-              callbacks=[history], logger=False, enable_progress_bar=settings.progress_bar,
+              callbacks=[history, *shown["callbacks"]], logger=False, enable_progress_bar=shown["enable_progress_bar"],
               enable_model_summary=False, enable_checkpointing=False, gradient_clip_val=config.grad_clip or None,
               default_root_dir=tempfile.mkdtemp(prefix="spatia_flow_"), num_sanity_val_steps=0)
     kw.update(trainer_kwargs)
-    trainer = pl.Trainer(**kw)
+    with quiet_dependencies():
+        trainer = pl.Trainer(**kw)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=True, num_workers=settings.num_workers,
         generator=torch.Generator().manual_seed(seed),
     )
     t0 = time.perf_counter()
     plan = FlowTrainingPlan(flow, lr=config.lr, weight_decay=config.weight_decay)
-    trainer.fit(plan, train_dataloaders=loader)
+    with quiet_dependencies():
+        trainer.fit(plan, train_dataloaders=loader)
     model.flow = plan.flow.cpu().eval()
     model.flow_info = {
         "config": config.to_dict(), "channels": len(model.channels), "size": int(arrays.crops.size),
@@ -471,7 +475,7 @@ def transition(
     n_batches, nfe = 0, 0
     t0 = time.perf_counter()
     try:
-        for i in range(0, len(moving), batch_size):
+        for i in progress(range(0, len(moving), batch_size), desc="transition", unit="batch"):
             j = moving[i:i + batch_size]
             x0 = torch.from_numpy(pred[j]).to(dev)
             e = torch.from_numpy(emb[rows[j]]).to(dev)

@@ -3,8 +3,9 @@
 from ._decoder import DecoderBatches, DecoderTrainingPlan
 from ._flow_plan import FlowTrainingPlan
 from ._plan import HistoryCallback, RandomStateCallback, SpatiaTrainingPlan
+from ._progress import EpochLogCallback, progress_options
 
 __all__ = [
     "SpatiaTrainingPlan", "HistoryCallback", "RandomStateCallback", "DecoderTrainingPlan", "DecoderBatches",
-    "FlowTrainingPlan",
+    "FlowTrainingPlan", "EpochLogCallback", "progress_options",
 ]
