@@ -30,7 +30,7 @@ def _real_crops(sdata, cells, size: int, crop_um, channels, image_key, table_key
     """Crops of some of the table's cells (a SpatialData view holding only those rows)."""
     from spatialdata import SpatialData
 
-    from ..pp import extract_crops
+    from ..pp import cell_geometry, extract_crops
 
     table = sdata.tables[table_key]
     sub = table[table.obs_names.isin(cells)].copy()
@@ -47,8 +47,10 @@ def _real_crops(sdata, cells, size: int, crop_um, channels, image_key, table_key
         shapes={k: v for k, v in sdata.shapes.items() if k in regions},
         tables={table_key: sub},
     )
+    # the units of the whole slide: a few scattered cells would give a wrong spacing estimate
+    units = cell_geometry(sdata, table, shared_with=(sdata.images[image_key],)).units
     store = extract_crops(view, image_key=image_key, table_key=table_key, size=size, crop_um=crop_um,
-                          channels=channels)
+                          channels=channels, um_per_unit=units.um_per_unit)
     return store.get(np.arange(sub.n_obs)), sub.obs
 
 
@@ -113,7 +115,7 @@ def generated(
         table = sdata.tables[table_key]
         if groupby not in table.obs:
             raise KeyError(f"No column {groupby!r} in the table {table_key!r} to pick real cells from.")
-        uns = t.uns.get("spatia", {})
+        uns = t.uns.get(Keys.UNS, {}).get("generate", {})
         um = float(uns.get("pixel_size_um", 1.0)) * s
         picks = []
         for g in groups:

@@ -422,7 +422,7 @@ def cell_geometry(
             f"{int(unplaced.sum())} table rows belong to no annotated labels/shapes element "
             f"(regions {use_regions}); check the table's region column."
         )
-    units = resolve_units(sdata, xy, coordinate_system=cs, um_per_unit=um_per_unit)
+    units = resolve_units(sdata, xy, coordinate_system=cs, um_per_unit=um_per_unit, diameter=diam)
     geo = CellGeometry(xy, diam, region_of, cs, "labels" if kinds == {"labels"} else "shapes", units)
     _check_obsm_consistency(table, geo, spatial_key)
     return geo

@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 #: Typical distance between a cell's centroid and its nearest neighbour's, in µm (tissue: ~6–15 µm).
 TYPICAL_SPACING_UM = 10.0
+#: Typical equivalent diameter of a segmented cell or nucleus, in µm (~7–20 µm).
+TYPICAL_DIAMETER_UM = 10.0
 #: An element's scale explains the cells' spacing when it is within this factor of the estimate. Pixel sizes
 #: of the instruments (0.108–0.2125 µm/px) are 4.7–9× away from µm, so the factor can be this wide.
 _MATCH_FACTOR = 2.2
@@ -120,8 +122,14 @@ def stored_um_per_unit(data, coordinate_system: str | None) -> float | None:
     return None if value is None else check_um_per_unit(value)
 
 
-def spacing_estimate(xy: np.ndarray, max_cells: int = 20_000, seed: int = 0) -> float | None:
-    """µm per unit implied by the cells' nearest-neighbour spacing (``None`` when it cannot be measured)."""
+def spacing_estimate(xy: np.ndarray, diameter: np.ndarray | None = None, max_cells: int = 20_000,
+                     seed: int = 0) -> float | None:
+    """µm per unit implied by the cells' nearest-neighbour spacing (``None`` when it cannot be measured).
+
+    A subset of a slide's cells (one type, a few picked cells) is sparser than the tissue, which lowers
+    the spacing estimate; the cells' own sizes are not affected, so with ``diameter`` (same units as
+    ``xy``) the larger of the two estimates is returned.
+    """
     from scipy.spatial import cKDTree
 
     xy = np.asarray(xy, dtype=float)[:, :2]
@@ -137,7 +145,13 @@ def spacing_estimate(xy: np.ndarray, max_cells: int = 20_000, seed: int = 0) -> 
     d = d[d > 0]
     if d.size < max(2, len(probe) // 4):
         return None
-    return TYPICAL_SPACING_UM / float(np.median(d))
+    est = TYPICAL_SPACING_UM / float(np.median(d))
+    if diameter is not None:
+        diameter = np.asarray(diameter, dtype=float)
+        diameter = diameter[np.isfinite(diameter) & (diameter > 0)]
+        if diameter.size >= _MIN_CELLS:
+            est = max(est, TYPICAL_DIAMETER_UM / float(np.median(diameter)))
+    return est
 
 
 def _element_candidates(sdata, coordinate_system: str) -> list[tuple[str, float]]:
@@ -175,6 +189,7 @@ def resolve_units(
     coordinate_system: str | None,
     um_per_unit: float | None = None,
     what: str = "the cells' coordinates",
+    diameter: np.ndarray | None = None,
 ) -> Units:
     """The µm-per-unit factor of ``coordinate_system`` (see the module docstring for the order).
 
@@ -190,6 +205,9 @@ def resolve_units(
         Explicit value; wins over everything else.
     what
         How the coordinates are named in messages.
+    diameter
+        The cells' equivalent diameters in ``coordinate_system`` units, when known (steadies the estimate on
+        a sparse subset of cells).
     """
     if um_per_unit is not None:
         return Units(check_um_per_unit(um_per_unit), "argument", coordinate_system)
@@ -198,7 +216,7 @@ def resolve_units(
     stored = stored_um_per_unit(data, coordinate_system)
     if stored is not None:
         return Units(stored, "stored", coordinate_system)
-    estimate = spacing_estimate(xy)
+    estimate = spacing_estimate(xy, diameter)
     candidates = _element_candidates(data, coordinate_system) if (_is_sdata(data) and coordinate_system) else []
     hint = (f"pass um_per_unit= or set it once with `sp.pp.set_um_per_unit(data, value"
             f"{'' if coordinate_system in (None, 'global') else f', coordinate_system={coordinate_system!r}'})`")

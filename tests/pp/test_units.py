@@ -178,8 +178,8 @@ def test_fit_same_in_um_and_pixel_frames():
         sp.tl.fit(sd, config=cfg, max_epochs=2, random_state=0, early_stopping=False)
         out[u] = sd["table"]
     um, px = out["um"], out["px"]
-    assert um.uns["spatia"]["units"]["um_per_unit"] == 1.0
-    assert px.uns["spatia"]["units"] == {"um_per_unit": 0.5, "source": "element 'cell_circles'",
+    assert um.uns["spatia"]["fit"]["units"]["um_per_unit"] == 1.0
+    assert px.uns["spatia"]["fit"]["units"] == {"um_per_unit": 0.5, "source": "element 'cell_circles'",
                                          "coordinate_system": "global"}
     for key in ("X_spatia_cell", "X_spatia_niche", "X_spatia_tissue"):
         a, b = um.obsm[key], px.obsm[key]
@@ -204,12 +204,12 @@ def test_downstream_tools_same_decisions_in_um_and_pixel_frames(fitted_both):
     """annotate, impute, predict_expression and pair_states decide the same on the two frames."""
     res = {}
     for u, (sd, model) in fitted_both.items():
-        sp.tl.embed(sd, model)  # embed re-reads the slide (its own units)
+        sp.tl.embed(sd, model, overwrite=True)  # embed re-reads the slide (its own units)
         sp.tl.annotate(sd, model, labels_key="known_type", random_state=0)
         sp.tl.impute(sd, model)
         sp.tl.predict_expression(sd, model)
         pairs = sp.tl.pair_states(sd, groupby="condition", source="control", target="disease", inplace=False,
-                                  crop_size=16)
+                                  crop_size=16)["pairing"]
         t = sd["table"]
         res[u] = (t.obs["spatia_cell_type"].astype(str).to_numpy(), t.layers["spatia_imputed"],
                   t.layers["spatia_predicted"], pairs)
@@ -225,3 +225,21 @@ def test_unknown_input_keyword_is_an_error(fitted_both):
     sd, model = fitted_both["px"]
     with pytest.raises(TypeError, match="um_per_units"):
         sp.tl.impute(sd, model, um_per_units=0.5, inplace=False)
+
+
+def test_estimate_steady_on_a_sparse_subset_of_cells():
+    """A few scattered cells of a slide (no µm element): their sizes keep the estimate from drifting."""
+    import copy
+
+    sd = sp.datasets.simulate(400, units="px", random_state=2)
+    del sd.shapes["cell_circles"]  # the table annotates the labels; no element says "µm"
+    full = sp.pp.cell_geometry(sd, sd["table"]).units
+    sub = copy.deepcopy(sd)
+    sub.tables["table"] = sd["table"][::12].copy()  # 34 scattered cells
+    part = sp.pp.cell_geometry(sub, sub["table"]).units
+    assert full.source == part.source == "estimated from cell spacing"
+    assert full.um_per_unit == pytest.approx(0.5, rel=0.3)
+    assert part.um_per_unit == pytest.approx(full.um_per_unit, rel=0.3)
+    # without the sizes, the spacing alone drifts by more than that
+    xy = sp.pp.cell_geometry(sub, sub["table"]).xy
+    assert spacing_estimate(xy) < 0.6 * full.um_per_unit
