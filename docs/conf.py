@@ -7,6 +7,7 @@ Build (warnings are errors): ``bash docs/build.sh`` or
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import sys
 from datetime import date
@@ -33,14 +34,31 @@ extensions = [
     "sphinx_autodoc_typehints",  # must come after napoleon
     "sphinx.ext.viewcode",
     "sphinx.ext.mathjax",
+    "sphinx.ext.intersphinx",
 ]
-# No sphinx.ext.intersphinx: the build must work offline, and the inventories of numpy, anndata,
-# spatialdata, torch, lightning ... cannot be fetched here. See ``nitpick_ignore_regex`` below.
+
+# -- intersphinx -----------------------------------------------------------------------------------------
+# Links to AnnData, SpatialData, scanpy, squidpy, torch, numpy, pandas and Python. Each project's published
+# inventory is read first; where the network cannot be reached (the CI builds offline) the file shipped in
+# _inventories/ (the objects these pages refer to) is read instead, and Sphinx only notes the fallback, so
+# the strict build (-W) passes online and offline. To refer to another object, add it to
+# _inventories/make_inventories.py and run that script.
+def _inventories() -> dict:
+    spec = importlib.util.spec_from_file_location("make_inventories", HERE / "_inventories" / "make_inventories.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.OBJECTS
+
+
+intersphinx_mapping = {
+    name: (root, (None, str(HERE / "_inventories" / f"{name}.inv"))) for name, (root, _) in _inventories().items()
+}
+intersphinx_timeout = 10
 
 # ".rst" first: autosummary writes its stub pages (reST) with the first suffix
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 master_doc = root_doc = "index"
-exclude_patterns = ["_build", "**.ipynb_checkpoints", "build.sh"]
+exclude_patterns = ["_build", "**.ipynb_checkpoints", "build.sh", "_inventories"]
 templates_path = ["_templates"]  # autosummary/class.rst: members documented on the class page
 
 # -- MyST / myst-nb --------------------------------------------------------------------------------------
@@ -59,16 +77,18 @@ napoleon_numpy_docstring = True
 napoleon_use_rtype = True
 napoleon_use_param = True
 napoleon_use_ivar = True
-# spatia's "Returns" sections are prose naming every key written (types live in the signature, see
-# STYLE.md); render them as written instead of parsing each "name: text" line as a return value.
+# spatia's "Returns" sections are prose naming every key written (types live in the signature); render them
+# as written instead of parsing each "name: text" line as a return value.
 napoleon_custom_sections = ["Returns"]
 typehints_defaults = "braces"
 typehints_document_rtype = True
 always_document_param_types = False
 
 # -- cross-references ------------------------------------------------------------------------------------
-# Every reference into spatia itself must resolve (nitpicky). References to third-party objects cannot
-# resolve without intersphinx (offline build, see above), so only those namespaces are ignored.
+# Every reference into spatia itself must resolve (nitpicky). A reference to a third-party object resolves
+# through intersphinx when its inventory lists it (offline: the objects in _inventories/); the others
+# (lightning, matplotlib, scipy ... and objects missing from the offline subset) are shown as text, so
+# only those namespaces are ignored.
 nitpicky = True
 _EXTERNAL = (
     "anndata", "spatialdata", "xarray", "dask", "zarr", "numpy", "np", "scipy", "pandas", "pd", "torch",
@@ -121,10 +141,39 @@ def _import(path: str):
     return None
 
 
+def _public_name(target: str) -> str | None:
+    """``anndata._core.anndata.AnnData`` → ``anndata.AnnData``: the shortest public path to the same object."""
+    obj = _import(target)
+    parts = target.split(".")
+    if obj is None or not hasattr(obj, "__name__"):
+        return None
+    for i in range(1, len(parts) - 1):
+        candidate = ".".join([*parts[:i], obj.__name__])
+        if not any(p.startswith("_") for p in parts[:i]) and _import(candidate) is obj:
+            return candidate
+    return None
+
+
+def _resolve_external_alias(app, env, node, contnode):
+    # type hints name third-party classes by their defining module (``pandas.core.frame.DataFrame``); the
+    # inventories list the public name. Ask intersphinx again with that name.
+    from sphinx.ext.intersphinx import missing_reference
+
+    target = node.get("reftarget", "")
+    if node.get("refdomain") != "py" or target.split(".")[0] not in intersphinx_mapping:
+        return None
+    public = _public_name(target)
+    if public is None or public == target:
+        return None
+    alias = node.deepcopy()
+    alias["reftarget"] = public
+    return missing_reference(app, env, alias, contnode)
+
+
 def _resolve_alias(app, env, node, contnode):
     target = node.get("reftarget", "")
     if node.get("refdomain") != "py" or not target.startswith("spatia."):
-        return None
+        return _resolve_external_alias(app, env, node, contnode)
     obj = _import(target)
     if not (inspect.isclass(obj) or inspect.isfunction(obj) or inspect.ismodule(obj)):
         return None  # constants (strings, ints) have no identity worth matching

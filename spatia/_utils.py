@@ -63,6 +63,21 @@ def check_obs_names(table: Any) -> None:
                          "`table.obs_names_make_unique()` (and rename the cells' labels or shapes to match).")
 
 
+def check_obs_column(table: Any, key: str, *, argument: str, hint: str = "") -> None:
+    """A ``KeyError`` naming the columns of ``table.obs`` (and the closest to ``key``) if ``key`` is not one."""
+    if key in table.obs.columns:
+        return
+    import difflib
+
+    columns = [str(c) for c in table.obs.columns]
+    close = difflib.get_close_matches(str(key), columns, n=1)
+    shown = columns if len(columns) <= 30 else [*columns[:30], f"... ({len(columns) - 30} more)"]
+    msg = f"No obs column {key!r} ({argument}=)"
+    msg += f": did you mean {close[0]!r}?" if close else "."
+    msg += f" The table's obs columns: {shown}." if columns else " The table has no obs columns."
+    raise KeyError(msg + (f" {hint}" if hint else ""))
+
+
 def log_added(where: str, key: str, level: int = logging.INFO) -> None:
     """Log the squidpy-style line ``Adding `adata.obsm['X']```."""
     configure_logging()

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from .._constants import Defaults, Keys
+from .._utils import check_obs_column
 from ..pp._elements import get_embedding, get_table
 from ._utils import finish, get_ax
 
@@ -44,8 +45,8 @@ def embedding(data, *, level: str = "cell", color: str | None = None, table_key:
     table = get_table(data, table_key)
     emb = get_embedding(table, level)
     key = Keys.LEVEL_TO_EMB[level]
-    if color is not None and color not in table.obs:
-        raise KeyError(f"No obs column {color!r}.")
+    if color is not None:
+        check_obs_column(table, color, argument="color")
     tmp = AnnData(obs=pd.DataFrame(index=table.obs_names), obsm={"X": emb})
     sc.pp.neighbors(tmp, use_rep="X", random_state=random_state)
     sc.tl.umap(tmp, random_state=random_state)

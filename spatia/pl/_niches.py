@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .._constants import Defaults, Keys
+from .._utils import check_obs_column
 from ..pp._elements import affine_to, apply_affine, cell_geometry, get_image, get_table
 from ._utils import finish, get_ax
 
@@ -67,8 +68,7 @@ def niches(
     >>> fig = sp.pl.niches(sdata, zoom=(100, 400, 100, 400))
     """
     table = get_table(sdata, table_key)
-    if key not in table.obs:
-        raise KeyError(f"No obs[{key!r}] in the table: run `sp.tl.cluster(sdata, level='niche')` first.")
+    check_obs_column(table, key, argument="key", hint="For niches, run `sp.tl.cluster(sdata, level='niche')` first.")
     geo = cell_geometry(sdata, table, coordinate_system=coordinate_system)
     xy = geo.xy
     fig, ax = get_ax(ax, figsize=(6, 6))
