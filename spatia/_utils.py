@@ -98,13 +98,23 @@ def progress(iterable: Any = None, *, desc: str, total: int | None = None, unit:
     >>> with progress(total=n_cells, desc="crops", unit="cell") as bar:
     ...     bar.update(len(chunk))
     """
-    from tqdm.auto import tqdm
-
     configure_logging()
     kwargs.setdefault("leave", False)
     kwargs.setdefault("dynamic_ncols", True)
     show = settings.progress_bar and interactive()
-    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=not show, **kwargs)
+    return _tqdm_class(show)(iterable, desc=desc, total=total, unit=unit, disable=not show, **kwargs)
+
+
+def _tqdm_class(show: bool) -> type:
+    # a widget in a notebook that has ipywidgets; text otherwise (tqdm.auto would warn "IProgress not found"
+    # on import in a notebook without ipywidgets, even for a bar that is off)
+    import importlib.util
+
+    if show and "ipykernel" in sys.modules and importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.notebook import tqdm
+    else:
+        from tqdm.std import tqdm
+    return tqdm
 
 
 @contextlib.contextmanager

@@ -131,3 +131,16 @@ def test_epoch_lines_are_throttled(caplog):
     msgs = [r.getMessage() for r in caplog.records]
     # the start, and the last epoch: nothing in between within the interval, no duplicate at the end
     assert msgs[0] == "Training: 50 epoch(s)" and len(msgs) == 2 and msgs[1].startswith("Training epoch 50/50")
+
+
+def test_notebook_bars_are_widgets_only_where_they_can_be(monkeypatch):
+    import sys
+
+    from tqdm.notebook import tqdm as widget
+    from tqdm.std import tqdm as text
+
+    assert _utils._tqdm_class(False) is text  # a bar that is off never needs tqdm.auto (it warns in notebooks)
+    monkeypatch.setitem(sys.modules, "ipykernel", sys.modules.get("ipykernel") or object())
+    assert _utils._tqdm_class(True) is widget
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "ipywidgets" else object())
+    assert _utils._tqdm_class(True) is text  # no ipywidgets: text, not tqdm's "IProgress not found" warning
