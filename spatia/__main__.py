@@ -326,7 +326,8 @@ def _pipeline(sdata, out: Path, *, elements: dict, config, max_epochs, random_st
     if units and hasattr(sp.pp, "set_um_per_unit"):
         # record the value on the slide, for the frame the fit used: impute, the decoder and generation find
         # it there, and the written zarr keeps it
-        frame = sdata[table_key].uns.get(sp.Keys.UNS, {}).get("coordinate_system") or elements["coordinate_system"]
+        fitted = sdata[table_key].uns.get(sp.Keys.UNS, {}).get("fit", {})
+        frame = fitted.get("coordinate_system") or elements["coordinate_system"]
         sp.pp.set_um_per_unit(sdata, um_per_unit, coordinate_system=frame or "global")
     log.info("fit: %.0f s, %d epochs", time.time() - t0, model.train_info.get("epochs", 0))
     sp.tl.cluster(sdata, level="niche", resolution=resolution, table_key=table_key, random_state=random_state)
@@ -343,8 +344,11 @@ def _pipeline(sdata, out: Path, *, elements: dict, config, max_epochs, random_st
         written.append(sp.pl.embedding(sdata, level="cell", color="spatia_cell_type", table_key=table_key,
                                        save=figs / "umap_cell_type.png"))
     t1 = time.time()
-    scores = sp.tl.impute(sdata, model, table_key=table_key, layer=layer, validate=True, random_state=random_state,
-                          device=device, **prepare_kwargs)
+    sp.tl.impute(sdata, model, table_key=table_key, layer=layer, validate=True, random_state=random_state,
+                 device=device, **prepare_kwargs)
+    import pandas as pd
+
+    scores = pd.DataFrame(sdata[table_key].uns["spatia"]["impute"]["validation"]).set_index("gene")
     scores.to_csv(out / "imputation_scores.csv")
     log.info("impute: %.0f s; held-out genes median Pearson %.3f", time.time() - t1, scores["pearson"].median())
     best = scores["pearson"].sort_values(ascending=False).index[:2].tolist()

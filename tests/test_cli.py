@@ -255,7 +255,7 @@ def test_fit_on_the_shipped_xenium_slide(xenium_zarr, capsys):
     assert t.n_obs == 526
     assert {"X_spatia_cell", "X_spatia_niche", "X_spatia_tissue"} <= set(t.obsm)
     assert {"spatia_niche", "spatia_cluster"} <= set(t.obs) and "spatia_imputed" in t.layers
-    units = t.uns["spatia"]["units"]
+    units = t.uns["spatia"]["fit"]["units"]
     assert units["um_per_unit"] == 1.7 and units["source"] == "argument"
     assert res.attrs["spatia_um_per_unit"]["global"] == 1.7  # recorded on the slide for the later steps
     model = sp.SpatiaModel.load(out / "model")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 
 @dataclass
@@ -57,15 +57,46 @@ class PairArrays:
         }
 
 
-class PairDataset(Dataset):
-    """Map-style dataset whose items are whole batches of pairs, reshuffled every epoch."""
+class PairBatchSampler(Sampler):
+    """Cuts the shuffled pairs into new batches every epoch; yields each batch's pair indices.
+
+    Epoch ``e``'s batches are drawn from ``(seed, e)``: a run is reproducible, and each epoch mixes the pairs
+    differently. Lightning sets the epoch (:meth:`set_epoch`) before each one; iterated by hand, each pass is
+    the next epoch.
+    """
 
     def __init__(self, pairs: PairArrays, batch_size: int, seed: int) -> None:
         self.pairs, self.batch_size, self.seed, self.epoch = pairs, batch_size, seed, 0
-        self.batches = pairs.plan(batch_size, np.random.default_rng(seed))
+        self._len = len(pairs.plan(batch_size, np.random.default_rng(0)))  # the same number every epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return self._len
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.pairs.collate(self.batches[i])
+    def __iter__(self):
+        batches = self.pairs.plan(self.batch_size, np.random.default_rng([self.seed, self.epoch]))
+        self.epoch += 1
+        return iter(batches)
+
+
+class PairDataset(Dataset):
+    """Map-style dataset of pair batches: item ``idx`` (an array of pair indices) is one collated batch.
+
+    Load it with its sampler, which draws new batches every epoch (:class:`PairBatchSampler`)::
+
+        DataLoader(dataset, batch_size=None, sampler=dataset.sampler)
+
+    ``len(dataset)`` is the number of batches per epoch.
+    """
+
+    def __init__(self, pairs: PairArrays, batch_size: int, seed: int) -> None:
+        self.pairs, self.batch_size, self.seed = pairs, batch_size, seed
+        self.sampler = PairBatchSampler(pairs, batch_size, seed)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __getitem__(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        return self.pairs.collate(np.asarray(idx))

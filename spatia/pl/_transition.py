@@ -14,8 +14,9 @@ _COLUMNS = ("source", "predicted", "real target")
 
 def _predicted(sdata, key: str, table) -> np.ndarray:
     """Predicted crops ``(N, C, S, S)`` uint8 cut back out of the mosaic image."""
-    s = int(table.uns[Keys.UNS]["crop_size"])
-    gap = int(table.uns[Keys.UNS].get("gap", 2))
+    params = table.uns[Keys.UNS]["transition"]
+    s = int(params["crop_size"])
+    gap = int(params.get("gap", 2))
     img = np.asarray(sdata.images[key].data)
     out = np.empty((table.n_obs, img.shape[0], s, s), dtype=img.dtype)
     for i, (r, c) in enumerate(zip(table.obs["grid_row"], table.obs["grid_col"], strict=True)):
@@ -84,9 +85,9 @@ def transition(
     table = get_table(sdata, table_key)
     pred = _predicted(sdata, key, ttab)
     if crops is None:
-        cp = dict(ttab.uns[Keys.UNS].get("crop_params", {}))
+        cp = dict(ttab.uns[Keys.UNS]["transition"].get("crop_params", {}))
         kw = {k: cp[k] for k in ("size", "crop_um", "extent_factor", "min_um", "max_um") if k in cp}
-        chans = list(ttab.uns[Keys.UNS].get("channels", []))
+        chans = list(ttab.uns[Keys.UNS]["transition"].get("channels", []))
         crops = extract_crops(sdata, table_key=table_key, image_key=cp.get("image_key"),
                               channels=chans or None, **kw)
     else:

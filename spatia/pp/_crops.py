@@ -549,8 +549,8 @@ def extract_crops(
     outside
         What to do with cells whose centre lies outside the image: ``"error"`` or ``"pad"`` (zero crops).
     store
-        Directory for an on-disk zarr store (written as it goes; the cells never all sit in memory).
-        ``None`` keeps the crops in memory.
+        Directory for an on-disk zarr store, written as it goes: the cells never all sit in memory (with a
+        list of images, one image's crops at a time). ``None`` keeps the crops in memory.
     batch_cells
         Most cells resampled in one call (an on-disk store is written through two ~16 MB buffers, each
         written in the background while the other fills).
@@ -791,42 +791,63 @@ def _extract_from_images(data, table, image_keys: list[str], *, labels_key, shap
     if n_out:
         logger.warning("%d of %d cells lie outside the image(s): they get blank crops (outside='pad').", n_out,
                        len(geo.xy))
-    parts: list[tuple[np.ndarray, CropStore]] = []
-    for i, k in enumerate(image_keys):
-        rows = np.flatnonzero(owner == i)
-        if not len(rows):
-            continue
-        sub_geo = geo.subset(rows)
-        parts.append((rows, _extract_one(
-            data, table[rows], image_key=k, table_key=table_key, labels_key=labels_key, shapes_key=shapes_key,
-            coordinate_system=coordinate_system, geometry=sub_geo, outside="error", store=None,
-            mask_neighbours=False, um_per_unit=um_per_unit, **kwargs)))  # fmt: skip
-    if not parts:
-        raise ValueError(f"No cell lies inside any of the images {image_keys}.")
-    channels = parts[0][1].channels
-    for _, part in parts[1:]:
-        if list(part.channels) != list(channels):
-            raise ValueError(f"The images have different channels ({channels} vs {part.channels}): pass channels=.")
-    n_ch, size = len(channels), parts[0][1].size
-    out = np.zeros((table.n_obs, n_ch, size, size), dtype=np.uint8)
-    for rows, part in parts:
-        out[rows] = part.get(np.arange(len(rows)))
-    params = dict(parts[0][1].params)
-    params.update(
-        image_key=list(image_keys), table_key=table_key, labels_key=labels_key, shapes_key=shapes_key,
-        intensity_lo={image_keys[int(owner[r[0]])]: p.params["intensity_lo"] for r, p in parts},
-        intensity_hi={image_keys[int(owner[r[0]])]: p.params["intensity_hi"] for r, p in parts},
-        n_outside=n_out,
-    )
+    # one image at a time: its crops go into the output (in memory, table order) or are appended to the store
+    # (image by image, then the blank crops of cells outside every image), then are dropped
+    out = writer = channels = params = None
+    order, lo, hi = [], {}, {}
+    try:
+        for i, k in enumerate(image_keys):
+            rows = np.flatnonzero(owner == i)
+            if not len(rows):
+                continue
+            part = _extract_one(
+                data, table[rows], image_key=k, table_key=table_key, labels_key=labels_key, shapes_key=shapes_key,
+                coordinate_system=coordinate_system, geometry=geo.subset(rows), outside="error", store=None,
+                mask_neighbours=False, um_per_unit=um_per_unit, **kwargs)  # fmt: skip
+            if channels is None:
+                channels, params = list(part.channels), dict(part.params)
+                shape = (table.n_obs, len(channels), part.size, part.size)
+                if store is None:
+                    out = np.zeros(shape, dtype=np.uint8)
+                else:
+                    out = _store_array(Path(store) / "crops", shape)
+                    writer = _StoreWriter(out, min(table.n_obs, _store_layout(shape)[1]))
+            elif list(part.channels) != channels:
+                raise ValueError(f"The images have different channels ({channels} vs {part.channels}): pass channels=.")
+            crops = part.get(np.arange(len(rows)))
+            if writer is None:
+                out[rows] = crops
+            else:
+                _append(writer, crops)
+            order.append(rows)
+            lo[k], hi[k] = part.params["intensity_lo"], part.params["intensity_hi"]
+            del part, crops
+        if channels is None:
+            raise ValueError(f"No cell lies inside any of the images {image_keys}.")
+        outside_rows = np.flatnonzero(owner < 0)
+        if writer is not None:
+            writer.zeros(len(outside_rows))
+    finally:
+        if writer is not None:
+            writer.close()
+    params.update(image_key=list(image_keys), table_key=table_key, labels_key=labels_key, shapes_key=shapes_key,
+                  intensity_lo=lo, intensity_hi=hi, n_outside=n_out)
     obs_names = table.obs_names.to_numpy().astype(object)
-    order = np.arange(table.n_obs)
     if store is None:
-        return CropStore(out, order, obs_names, channels, params)
-    path = Path(store)
-    arr = _store_array(path / "crops", out.shape)
-    arr[:] = out
-    _write_meta(path, order, obs_names, channels, params)
-    return CropStore(arr, order, obs_names, channels, params, str(store))
+        return CropStore(out, np.arange(table.n_obs), obs_names, channels, params)
+    order = np.concatenate([*order, outside_rows])
+    _write_meta(Path(store), order, obs_names, channels, params)
+    return CropStore(out, order, obs_names, channels, params, str(store))
+
+
+def _append(writer: _StoreWriter, crops: np.ndarray) -> None:
+    """Append ``crops`` to the store through the writer's buffers."""
+    done = 0
+    while done < len(crops):
+        k = min(len(crops) - done, writer.room())
+        writer.buffer[writer.filled:writer.filled + k] = crops[done:done + k]
+        writer.advance(k)
+        done += k
 
 
 def crops_for(data, crops: CropStore | str | Path | None, **kwargs) -> CropStore:

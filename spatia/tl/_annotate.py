@@ -32,7 +32,7 @@ def _features(table, use_rep: str | list[str], model, data, table_key: str | Non
         if unknown:
             raise KeyError(f"No obsm {unknown} in the table, and the model only computes {list(inv)}.")
         out = embed(data, model, table_key=table_key, inplace=False, **embed_kwargs)
-        emb = {Keys.LEVEL_TO_EMB[k]: v for k, v in out.items()}
+        emb = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith("obsm/")}
     x = np.concatenate([np.asarray(table.obsm[r]) if r in table.obsm else emb[r] for r in reps], axis=1)
     if not np.isfinite(x).all():
         raise ValueError(f"obsm {reps} has NaN or infinite values.")

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import Defaults, Keys
+from .._results import written_by
 from .._utils import log_added, seed_from
 from ..pp._elements import get_embedding, get_table
 
@@ -114,7 +115,7 @@ def leiden_codes(x: np.ndarray, *, n_neighbors: int, resolution: float, seed: in
 
 def _niche_k(table) -> int:
     """``niche.k`` of the fit that wrote the table's embeddings (the package default otherwise)."""
-    cfg = table.uns.get(Keys.UNS, {}).get("config", {})
+    cfg = written_by(table, f"obsm/{Keys.NICHE_EMB}").get("config", {})
     niche = cfg.get("niche", {}) if isinstance(cfg, dict) else {}
     return int(niche.get("k", Defaults.NICHE_K)) if isinstance(niche, dict) else Defaults.NICHE_K
 

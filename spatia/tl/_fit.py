@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import _results
 from .._constants import Defaults, Keys
-from .._utils import log_added
 from .._version import __version__
 from ..module import SpatiaConfig
 
@@ -31,39 +31,42 @@ def _labels_array(table, cell_type_key: str | None) -> tuple[np.ndarray | None, 
     return codes, cats
 
 
-def _write_embeddings(table, emb: dict[str, np.ndarray], key_added: dict[str, str] | None) -> None:
-    for level, key in Keys.LEVEL_TO_EMB.items():
-        if level in emb:
-            k = (key_added or {}).get(level, key)
-            table.obsm[k] = emb[level]
-            log_added("adata.obsm", k)
+def embedding_keys(key_added: str | Mapping[str, str] | None) -> dict[str, str]:
+    """``obsm`` key of each level: the defaults, a prefix (``"X_run2"`` → ``X_run2_cell``...) or a dict
+    overriding some levels (``{"cell": "X_mine"}``)."""
+    keys = dict(Keys.LEVEL_TO_EMB)
+    if key_added is None:
+        return keys
+    if isinstance(key_added, str):
+        if not key_added:
+            raise ValueError("key_added must be a non-empty prefix (e.g. 'X_run2') or a dict {level: key}.")
+        return {level: f"{key_added}_{level}" for level in keys}
+    if not isinstance(key_added, Mapping):
+        raise TypeError(f"key_added must be a prefix (str) or a dict {{level: obsm key}}, got {type(key_added).__name__}.")
+    unknown = sorted(set(key_added) - set(keys))
+    if unknown:
+        raise KeyError(f"key_added has unknown levels {unknown}; the levels are {list(keys)}.")
+    keys.update({str(k): str(v) for k, v in key_added.items()})
+    if len(set(keys.values())) < len(keys):
+        raise ValueError(f"key_added gives two levels the same obsm key: {keys}.")
+    return keys
 
 
-def _sanitize(obj):
-    """Make run parameters writable by anndata (zarr / h5ad): no None, tuples → lists, numpy → python."""
-    if isinstance(obj, dict):
-        return {str(k): _sanitize(v) for k, v in obj.items() if v is not None}
-    if isinstance(obj, list | tuple):
-        vals = [_sanitize(v) for v in obj if v is not None]
-        return vals if vals else np.array([], dtype=str)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, bool | int | float | str | np.ndarray):
-        return obj
-    return str(obj)
+def _embedding_results(emb: dict[str, np.ndarray], keys: dict[str, str]) -> dict[str, np.ndarray]:
+    return {f"obsm/{keys[level]}": emb[level] for level in keys if level in emb}
 
 
 def _run_params(model, prepared, extra: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    return _sanitize({
+    return {
         "version": __version__, "torch": str(torch.__version__), "config": model.config.to_dict(),
         "n_genes": len(model.genes), "missing_genes": prepared.missing_genes, "channels": model.channels,
         "coordinate_system": prepared.coordinate_system, "crop_params": prepared.crop_params,
         Keys.UNITS: prepared.units.to_dict(),
         "train_info": {k: v for k, v in model.train_info.items() if isinstance(v, int | float | str)},
         **extra,
-    })
+    }
 
 
 def fit(
@@ -92,6 +95,8 @@ def fit(
     allow_empty: bool = False,
     outside: str = "error",
     um_per_unit: float | None = None,
+    key_added: str | Mapping[str, str] | None = None,
+    overwrite: bool = False,
     inplace: bool = True,
     **trainer_kwargs: Any,
 ):
@@ -148,21 +153,30 @@ def fit(
         tiles) is in µm, so a slide in pixels and the same slide in µm train the same model. Default: the
         value stored with :func:`~spatia.pp.set_um_per_unit`, else the scale of µm-valued shapes/points (as
         spatialdata-io writes Xenium and MERSCOPE), else an estimate from the cells' spacing, with a warning
-        (CosMx pixel frames: pass it). The value used is recorded in ``uns['spatia']['units']``.
+        (CosMx pixel frames: pass it). The value used is recorded in ``uns['spatia']['fit']['units']``.
+    key_added
+        Where the embeddings go: ``None`` (``X_spatia_cell``, ``X_spatia_niche``, ``X_spatia_tissue``), a
+        prefix (``"X_run2"`` → ``X_run2_cell``, ``X_run2_niche``, ``X_run2_tissue``) or a dict overriding some
+        levels (``{"cell": "X_mine"}``). Use it to keep the embeddings of several runs side by side.
+    overwrite
+        Replace embeddings already under those keys; otherwise an existing key is a ``KeyError`` (checked
+        before training).
     inplace
-        Write the results into the table (and return the model); with ``False`` return
-        ``(model, embeddings)`` and leave ``data`` untouched.
+        Write the results into the table and return the model; with ``False`` write nothing and return
+        ``{"model": model, "obsm/<key>": embedding, ..., "params": run parameters}``.
     **trainer_kwargs
         More :class:`lightning.pytorch.Trainer` arguments.
 
     Returns
     -------
-    The trained :class:`~spatia.SpatiaModel` and, with ``inplace=True``, writes into the table:
+    The trained :class:`~spatia.SpatiaModel`, writing into the table:
 
-    - ``obsm['X_spatia_cell']``, ``obsm['X_spatia_niche']``, ``obsm['X_spatia_tissue']``;
-    - ``uns['spatia']``: run parameters, versions, missing genes, ``units`` (µm per unit and its source).
+    - ``obsm['X_spatia_cell']``, ``obsm['X_spatia_niche']``, ``obsm['X_spatia_tissue']`` (or the
+      ``key_added`` keys): one row per cell;
+    - ``uns['spatia']['fit']``: run parameters, versions, configuration, missing genes, ``crop_params``,
+      ``units`` (µm per unit and its source) and ``keys`` (what was written).
 
-    With ``inplace=False``: ``(model, {"cell": ..., "niche": ..., "tissue": ...})``.
+    With ``inplace=False``, the dict above (see :doc:`/results_keys`).
 
     Examples
     --------
@@ -170,14 +184,20 @@ def fit(
     >>> sdata = sp.datasets.demo()
     >>> model = sp.tl.fit(sdata, image_key="morphology", labels_key="cell_labels", max_epochs=5)
     >>> sdata["table"].obsm["X_spatia_cell"].shape
+    >>> sp.tl.fit(sdata, image_key="morphology", labels_key="cell_labels", key_added="X_run2")
     """
     from ..data._prepare import prepare
     from ..model import SpatiaModel
+    from ..pp._elements import get_table
 
     config = config or SpatiaConfig.default()
     if not isinstance(config, SpatiaConfig):
         raise TypeError(f"config must be a SpatiaConfig, got {type(config).__name__}.")
     _check_fit_args(data, table_key, max_epochs, batch_size)
+    keys = embedding_keys(key_added)
+    if inplace:  # before training: an existing result is an error, not a lost hour
+        _results.check_free(data, get_table(data, table_key), [f"obsm/{k}" for k in keys.values()],
+                            overwrite=overwrite)
     prepared = prepare(
         data, table_key=table_key, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key,
         coordinate_system=coordinate_system, layer=layer, crops=crops,
@@ -196,14 +216,12 @@ def fit(
         **trainer_kwargs,
     )
     emb = model.infer(prepared.arrays)
+    results = _embedding_results(emb, keys)
+    params = _run_params(model, prepared, {"image_key": image_key, "cell_type_key": cell_type_key})
     if not inplace:
-        return model, emb
+        return _results.returned("fit", results, params, model=model)
     if _is_rank_zero():
-        table = prepared.table
-        _write_embeddings(table, emb, None)
-        table.uns[Keys.UNS] = _run_params(model, prepared, {"function": "fit", "image_key": image_key,
-                                                            "cell_type_key": cell_type_key})
-        log_added("adata.uns", Keys.UNS)
+        _results.write(data, prepared.table, results, function="fit", params=params, overwrite=overwrite)
     return model
 
 
@@ -245,12 +263,14 @@ def embed(
     device: str | None = None,
     allow_empty: bool = False,
     um_per_unit: float | None = None,
+    key_added: str | Mapping[str, str] | None = None,
+    overwrite: bool = False,
     inplace: bool = True,
 ):
     """Embed a (new) slide with a trained model.
 
     Genes are aligned to the model's panel by name; panel genes missing from the slide are filled with
-    zeros and listed in ``uns['spatia']['missing_genes']`` (and a warning). Crops are cut with the
+    zeros and listed in ``uns['spatia']['embed']['missing_genes']`` (and a warning). Crops are cut with the
     parameters the model was trained with.
 
     Parameters
@@ -266,29 +286,41 @@ def embed(
         Cells per inference batch.
     device
         ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda"``.
+    key_added, overwrite
+        As in :func:`fit`.
     inplace
-        Write into the table (return ``None``) or return the embeddings dict.
+        Write into the table (return ``None``); with ``False`` write nothing and return
+        ``{"obsm/<key>": embedding, ..., "params": run parameters}``.
 
     Returns
     -------
-    ``None``, writing ``obsm['X_spatia_cell' | 'X_spatia_niche' | 'X_spatia_tissue']`` and ``uns['spatia']``;
-    or, with ``inplace=False``, ``{"cell": ..., "niche": ..., "tissue": ...}``.
+    ``None``, writing ``obsm['X_spatia_cell' | 'X_spatia_niche' | 'X_spatia_tissue']`` (or the ``key_added``
+    keys) and ``uns['spatia']['embed']`` (as :func:`fit` writes ``uns['spatia']['fit']``); with
+    ``inplace=False``, the dict above.
 
     Examples
     --------
     >>> sp.tl.embed(other_sdata, model, image_key="morphology_focus")
+    >>> emb = sp.tl.embed(other_sdata, model, inplace=False)
+    >>> emb["obsm/X_spatia_cell"].shape
     """
+    from ..pp._elements import get_table
+
+    keys = embedding_keys(key_added)
+    if inplace:
+        _results.check_free(data, get_table(data, table_key), [f"obsm/{k}" for k in keys.values()],
+                            overwrite=overwrite)
     prepared = _prepare_for_model(
         data, model, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key, table_key=table_key,
         layer=layer, coordinate_system=coordinate_system, crops=crops, allow_empty=allow_empty,
         um_per_unit=um_per_unit,
     )
     emb = model.infer(prepared.arrays, batch_size=batch_size, device=device)
+    results = _embedding_results(emb, keys)
+    params = _run_params(model, prepared, {"image_key": image_key})
     if not inplace:
-        return emb
-    _write_embeddings(prepared.table, emb, None)
-    prepared.table.uns[Keys.UNS] = _run_params(model, prepared, {"function": "embed", "image_key": image_key})
-    log_added("adata.uns", Keys.UNS)
+        return _results.returned("embed", results, params)
+    _results.write(data, prepared.table, results, function="embed", params=params, overwrite=overwrite)
     return None
 
 

@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .. import _results
 from .._constants import Defaults, Keys
 from .._version import __version__
-from ._fit import _prepare_for_model, _sanitize
+from ._fit import _prepare_for_model
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def fit_decoder(
     precision: str | int | None = None,
     random_state: int | None = 0,
     allow_empty: bool = False,
+    inplace: bool = True,
     **trainer_kwargs: Any,
 ):
     """Train the gene-conditioned diffusion decoder of a trained model (its encoder stays frozen).
@@ -67,13 +69,16 @@ def fit_decoder(
         Passed to :class:`lightning.pytorch.Trainer`.
     random_state
         Seed of the weights, batches and noise.
+    inplace
+        Record the run parameters in the table and return the model; with ``False`` write nothing and return
+        ``{"model": model, "params": run parameters}``.
     **trainer_kwargs
         More :class:`lightning.pytorch.Trainer` arguments.
 
     Returns
     -------
-    The model, with ``model.decoder`` trained and ``model.decoder_history`` (loss per epoch). Nothing is
-    written into ``data``.
+    The model, with ``model.decoder`` trained and ``model.decoder_history`` (loss per epoch); the run
+    parameters (decoder configuration, crop size, epochs) go to ``table.uns['spatia']['fit_decoder']``.
 
     Examples
     --------
@@ -97,6 +102,12 @@ def fit_decoder(
     model.fit_decoder(prepared.arrays, config=config, max_epochs=max_epochs, batch_size=batch_size,
                       accelerator=accelerator, devices=devices, precision=precision, random_state=random_state,
                       **trainer_kwargs)
+    params = {"version": __version__, "image_key": image_key, "size": int(model.decoder.config.size),
+              "decoder": model.decoder.config.to_dict(), "epochs": len(model.decoder_history),
+              "random_state": random_state}
+    if not inplace:
+        return _results.returned("fit_decoder", {}, params, model=model)
+    _results.write(data, prepared.table, {}, function="fit_decoder", params=params, overwrite=False)
     return model
 
 
@@ -186,6 +197,7 @@ def generate(
     batch_size: int = 64,
     device: str | None = None,
     key_added: str = Keys.GENERATED,
+    overwrite: bool = False,
     inplace: bool = True,
 ):
     """Generate cell images from expression with the model's diffusion decoder.
@@ -240,27 +252,31 @@ def generate(
         Generation batch size and device (``"auto"``: CUDA if available).
     key_added
         Name of the image element.
+    overwrite
+        Replace elements of an earlier run with the same ``key_added``; otherwise they are a ``KeyError``.
     inplace
-        Write into ``data`` (return ``None``); with ``False``, return ``(crops, obs)`` and write nothing.
+        Write into ``data`` (return ``None``); with ``False`` write nothing and return the dict below.
 
     Returns
     -------
-    With ``inplace=True``, ``None``, writing (replacing earlier results of the same ``key_added``):
+    With ``inplace=True``, ``None``, writing:
 
     - ``sdata.images[key_added]``: a mosaic of the generated crops (:class:`~spatialdata.models.Image2DModel`,
       in its own coordinate system ``key_added``, in µm);
     - ``sdata.labels[f"{key_added}_labels"]``: each crop's tile labelled ``i + 1``;
     - ``sdata.tables[f"{key_added}_table"]``: one row per crop with ``source`` (source cell / profile name),
       ``mode``, ``edits``, ``sample``, ``guidance_scale``, ``num_inference_steps``, ``token_merging``, the
-      ``obs_keys`` columns, and ``uns["spatia"]`` = the run parameters.
+      ``obs_keys`` columns, and ``uns["spatia"]["generate"]`` = the run parameters.
 
-    With ``inplace=False``: ``(crops (N, C, S, S) uint8, obs DataFrame)``.
+    With ``inplace=False``: ``{"images/<key_added>": crops (N, C, S, S) uint8 (the crops, not tiled),
+    "tables/<key_added>_table": the obs DataFrame, "params": run parameters}``.
 
     Examples
     --------
     >>> sp.tl.generate(sdata, model, cells=sdata["table"].obs_names[:20], n_samples=2)
     >>> sp.tl.generate(sdata, model, cells=["cell_1"], edits={"GENE_7": 50}, key_added="gene7_up")
     >>> sdata["spatia_generated_table"].obs[["source", "mode"]]
+    >>> crops = sp.tl.generate(sdata, model, cells=["cell_1"], inplace=False)["images/spatia_generated"]
     """
     from .._utils import seed_from
     from ..model import SpatiaModel
@@ -278,6 +294,10 @@ def generate(
         raise ValueError(f"token_merging must be None or in [0, 1), got {token_merging}.")
     if inplace and not _is_sdata(data):
         raise TypeError("Writing generated images needs a SpatialData: pass one, or inplace=False.")
+    from ._mosaic import add_crop_mosaic, mosaic_paths
+
+    if inplace:  # before sampling
+        _results.check_free(data, None, mosaic_paths(key_added), overwrite=overwrite)
     edits = _check_edits(edits, model.genes)
 
     # 1. source profiles
@@ -324,22 +344,21 @@ def generate(
     for k in keys:
         col = src[k].to_numpy().repeat(n_samples)
         obs[k] = pd.Categorical(col) if isinstance(src[k].dtype, pd.CategoricalDtype) else col
-    if not inplace:
-        return crops, obs
-    from ._mosaic import add_crop_mosaic
-
     cp = model.decoder_info.get("crop_params", {}) or {}
     pixel = float(cp["crop_um"]) / decoder.config.size if cp.get("crop_um") else 1.0
     params = {
-        "function": "generate", "version": __version__, "mode": mode, "edits": edits, "n_samples": int(n_samples),
+        "version": __version__, "mode": mode, "edits": edits, "n_samples": int(n_samples),
         "guidance_scale": float(guidance_scale), "num_inference_steps": int(num_inference_steps),
         "scheduler": scheduler, "token_merging": token_merging, "random_state": seed_from(random_state),
         "table_key": table_key if expression is None else None, "decoder": decoder.config.to_dict(),
         "pixel_size_um": pixel,
     }
+    paths = mosaic_paths(key_added)
+    if not inplace:
+        return _results.returned("generate", {paths[0]: crops, paths[2]: obs}, params, keys=paths)
     channels = model.decoder_info.get("channels") or None
     add_crop_mosaic(data, crops, obs, key_added=key_added, channels=channels, pixel_size=pixel,
-                    uns=_sanitize(params), overwrite=True)
+                    uns={"generate": _results.params_entry("generate", params, paths)}, overwrite=overwrite)
     return None
 
 

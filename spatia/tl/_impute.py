@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp_sparse
 
+from .. import _results
 from .._constants import Defaults, Keys
-from .._utils import log_added, seed_from
+from .._utils import seed_from
 from ..pp._elements import table_annotation
 from ..pp._expression import get_counts
 
@@ -76,7 +77,8 @@ def _layer_for_table(table, genes: list[str], values: np.ndarray) -> np.ndarray:
 
 
 def _new_table_like(table, x: np.ndarray, genes: list[str], uns: dict):
-    """A table of ``x`` (cells × genes) annotating the same region / instances as ``table``."""
+    """A table of ``x`` (cells × genes) annotating the same region / instances as ``table``; ``uns`` goes to
+    its ``uns["spatia"]``."""
     from anndata import AnnData
 
     regions, region_key, instance_key = table_annotation(table)
@@ -92,19 +94,6 @@ def _new_table_like(table, x: np.ndarray, genes: list[str], uns: dict):
         new = TableModel.parse(new, region=regions if len(regions) > 1 else regions[0], region_key=region_key,
                                instance_key=instance_key)
     return new
-
-
-def _put_table(data, key: str, new, overwrite: bool) -> None:
-    from ..pp._elements import _is_sdata
-
-    if not _is_sdata(data):
-        raise TypeError("Writing a new table needs a SpatialData: use inplace=False with an AnnData.")
-    if key in data and not overwrite:
-        raise KeyError(f"{key!r} already exists in the SpatialData: pass overwrite=True or another key.")
-    if key in data:
-        del data[key]
-    data.tables[key] = new
-    log_added("sdata.tables", key)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -207,7 +196,7 @@ def impute(
     n_neighbors, n_comps
         Reference neighbours per cell and joint-PCA components.
     validate
-        Also run :func:`validate_imputation` (held-out genes) and return its per-gene scores.
+        Also run :func:`validate_imputation` (held-out genes) and record its per-gene scores.
     key_added
         Layer name for (a) and table name for (b).
     batch_size, device
@@ -215,9 +204,9 @@ def impute(
     random_state
         Seed of the PCA.
     overwrite
-        Replace an existing ``key_added`` table.
+        Replace an existing ``key_added`` layer (and table); otherwise an existing one is a ``KeyError``.
     inplace
-        Write into the SpatialData; otherwise return the arrays.
+        Write into the data (return ``None``); with ``False`` write nothing and return the dict below.
     **prepare_kwargs
         ``image_key``, ``labels_key``, ``shapes_key``, ``coordinate_system``, ``crops``, ``allow_empty``,
         ``um_per_unit`` as in :func:`spatia.tl.embed` (any other name raises a ``TypeError``).
@@ -231,10 +220,11 @@ def impute(
     - with ``reference``: ``sdata.tables['spatia_imputed']`` (cells × imputed genes, ``log1p`` of counts
       per 10,000 counts of the panel genes, i.e. on the scale of the cells' own normalised panel),
       annotating the same cells as the table;
-    - ``table.uns['spatia']['impute']``: parameters, and the per-gene validation when ``validate=True``;
+    - ``table.uns['spatia']['impute']``: parameters, and with ``validate=True`` the per-gene scores of
+      :func:`validate_imputation` (``["validation"]``: one list per column, ``gene`` included);
 
-    and returns ``None``, or the per-gene validation :class:`~pandas.DataFrame` when ``validate=True``.
-    With ``inplace=False``: ``{"panel": DataFrame, "reference": DataFrame | None, "validation": ...}``.
+    and returns ``None``. With ``inplace=False``: ``{"layers/spatia_imputed": (cells, table genes) array,
+    "tables/spatia_imputed": AnnData (with ``reference``), "params": run parameters}``.
 
     Examples
     --------
@@ -242,9 +232,17 @@ def impute(
     >>> sp.tl.impute(sdata, model, reference=scrna, genes=["EPCAM", "VIM"])
     >>> scores = sp.tl.validate_imputation(sdata, model, reference=scrna)
     """
+    from ..pp._elements import _is_sdata, get_table
+
     kw = dict(prepare_kwargs, table_key=table_key, layer=layer)
     # the reference is checked first: its errors name it (not the slide's table)
     ref = _reference_profiles(reference, reference_layer) if reference is not None else None
+    paths = [f"layers/{key_added}"] + ([f"tables/{key_added}"] if reference is not None else [])
+    if inplace:
+        if reference is not None and not _is_sdata(data):
+            raise TypeError("Reference genes go to a new table, which needs a SpatialData: pass one, or "
+                            "inplace=False to get the arrays.")
+        _results.check_free(data, get_table(data, table_key), paths, overwrite=overwrite)
     prepared = _prepare(data, model, kw)
     table = prepared.table
     seed = seed_from(random_state)
@@ -264,13 +262,6 @@ def impute(
             raise KeyError(f"Genes not in the reference: {unknown[:10]}{'...' if len(unknown) > 10 else ''}.")
         if not targets:
             raise ValueError("No genes to impute: every reference gene is in the panel (pass genes=).")
-        from ..pp._elements import _is_sdata
-
-        if inplace and not _is_sdata(data):
-            raise TypeError("Reference genes go to a new table, which needs a SpatialData: pass one, or "
-                            "inplace=False to get the arrays.")
-        if key_added in getattr(data, "tables", {}) and not overwrite and inplace:
-            raise KeyError(f"Table {key_added!r} already exists: pass overwrite=True or another key_added.")
     rho = _infer_rho(model, prepared.arrays, batch_size, device)
     lib = np.asarray(prepared.arrays.counts.sum(1)).ravel()
     mu = rho * lib[:, None]
@@ -283,27 +274,21 @@ def impute(
                                          table_key=table_key, layer=layer, n_neighbors=n_neighbors,
                                          n_comps=n_comps, batch_size=batch_size, device=device,
                                          random_state=random_state, **prepare_kwargs)
-    if not inplace:
-        return {
-            "panel": pd.DataFrame(mu, index=table.obs_names, columns=model.genes),
-            "reference": None if ref_new is None else pd.DataFrame(ref_new, index=table.obs_names, columns=targets),
-            "validation": validation,
-        }
     params = {"n_neighbors": n_neighbors, "n_comps": n_comps, "reference": reference is not None,
-              "n_reference_genes": 0 if ref_new is None else len(targets), "missing_genes": prepared.missing_genes}
+              "n_reference_genes": 0 if ref_new is None else len(targets), "missing_genes": prepared.missing_genes,
+              "random_state": seed}
     if validation is not None:
-        params["validation"] = {c: validation[c].astype(float).tolist() for c in ("pearson", "spearman", "rmse")}
-        params["validation"]["gene"] = validation.index.tolist()
-    new_table = None
+        params["validation"] = {"gene": validation.index.tolist(),
+                                **{c: validation[c].astype(float).tolist() for c in validation.columns}}
+    results = {f"layers/{key_added}": _layer_for_table(table, model.genes, mu)}
     if ref_new is not None:
-        new_table = _new_table_like(table, ref_new, targets, {"function": "impute", "shared_genes": len(shared)})
-    # all computed: write
-    table.layers[key_added] = _layer_for_table(table, model.genes, mu)
-    log_added("adata.layers", key_added)
-    if new_table is not None:
-        _put_table(data, key_added, new_table, overwrite=True)
-    table.uns.setdefault(Keys.UNS, {})["impute"] = params
-    return validation
+        params["shared_genes"] = len(shared)
+        results[f"tables/{key_added}"] = _new_table_like(
+            table, ref_new, targets, {"impute": _results.params_entry("impute", params, paths)})
+    if not inplace:
+        return _results.returned("impute", results, params)
+    _results.write(data, table, results, function="impute", params=params, overwrite=overwrite)
+    return None
 
 
 def validate_imputation(
@@ -460,9 +445,9 @@ def predict_expression(
     batch_size, device
         Inference settings.
     overwrite
-        Replace an existing ``key_added`` table.
+        Replace an existing ``key_added`` layer or table; otherwise an existing one is a ``KeyError``.
     inplace
-        Write (return ``None``) or return a cells × genes DataFrame.
+        Write (return ``None``); with ``False`` write nothing and return the dict below.
     **prepare_kwargs
         ``image_key``, ``labels_key``, ``shapes_key``, ``coordinate_system``, ``crops``, ``um_per_unit`` as in
         :func:`spatia.tl.embed`.
@@ -471,7 +456,8 @@ def predict_expression(
     -------
     ``None``, writing log1p expression per 10,000 counts either to ``table.layers['spatia_predicted']``
     (table genes the model lacks are NaN) or to ``sdata.tables['spatia_predicted']``; the run parameters
-    go to ``table.uns['spatia']['predict_expression']``. With ``inplace=False``, a DataFrame.
+    go to ``table.uns['spatia']['predict_expression']``. With ``inplace=False``: ``{"layers/spatia_predicted":
+    (cells, table genes) array}`` (or ``{"tables/spatia_predicted": AnnData}``) and ``"params"``.
 
     Examples
     --------
@@ -479,7 +465,14 @@ def predict_expression(
     """
     if not model.config.image.enabled:
         raise ValueError("This model has no image branch: it cannot predict expression from images.")
+    from ..pp._elements import get_table
+
     kw = dict(prepare_kwargs, table_key=table_key)
+    table = get_table(data, table_key)
+    covered = pd.Index(model.genes).isin(table.var_names).all()
+    path = f"layers/{key_added}" if covered else f"tables/{key_added}"
+    if inplace:
+        _results.check_free(data, table, [path], overwrite=overwrite)
     prepared = _prepare(data, model, kw, use_expression=False)
     table = prepared.table
     arrays = prepared.arrays
@@ -489,16 +482,14 @@ def predict_expression(
         arrays.tile = np.arange(arrays.n)
     rho = _infer_rho(model, arrays, batch_size, device)
     pred = np.log1p(rho * 1e4).astype(np.float32)
-    if not inplace:
-        return pd.DataFrame(pred, index=table.obs_names, columns=model.genes)
-    params = {"use_niche": use_niche, "key_added": key_added}
-    covered = pd.Index(model.genes).isin(table.var_names).all()
+    params = {"use_niche": use_niche}
     if covered:
-        table.layers[key_added] = _layer_for_table(table, model.genes, pred)
-        log_added("adata.layers", key_added)
+        results = {path: _layer_for_table(table, model.genes, pred)}
     else:
-        new = _new_table_like(table, pred, list(model.genes), {"function": "predict_expression"})
-        _put_table(data, key_added, new, overwrite)
-        params["table"] = key_added
-    table.uns.setdefault(Keys.UNS, {})["predict_expression"] = params
+        results = {path: _new_table_like(table, pred, list(model.genes),
+                                         {"predict_expression": _results.params_entry("predict_expression", params,
+                                                                                      [path])})}
+    if not inplace:
+        return _results.returned("predict_expression", results, params)
+    _results.write(data, table, results, function="predict_expression", params=params, overwrite=overwrite)
     return None

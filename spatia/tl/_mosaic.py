@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from .._utils import log_added
+from .. import _results
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def add_crop_mosaic(
     gap, n_cols
         Spacing between crops and grid width (default: about square).
     uns
-        Run parameters stored in the table's ``uns["spatia"]``.
+        Stored as the table's ``uns["spatia"]``: ``{function: run parameters}``.
     overwrite
         Replace existing elements of the same names; otherwise an existing name is an error.
     """
@@ -71,9 +71,7 @@ def add_crop_mosaic(
     if len(obs) != n:
         raise ValueError(f"obs has {len(obs)} rows for {n} crops.")
     labels_key, table_key = f"{key_added}_labels", f"{key_added}_table"
-    existing = [k for k in (key_added, labels_key, table_key) if k in sdata]
-    if existing and not overwrite:
-        raise KeyError(f"{sorted(set(existing))} already exist in the SpatialData: pass overwrite=True or another key_added.")
+    _results.check_free(sdata, None, mosaic_paths(key_added), overwrite=overwrite)
     if crops.dtype != np.uint8:
         crops = (np.clip(np.nan_to_num(crops.astype(np.float32)), 0, 1) * 255 + 0.5).astype(np.uint8)
     channels = list(channels) if channels is not None else [f"c{i}" for i in range(c)]
@@ -99,12 +97,10 @@ def add_crop_mosaic(
     table = AnnData(obs=o, uns={"spatia": dict(uns or {})})
     table = TableModel.parse(table, region=labels_key, region_key="region", instance_key="instance_id")
     # everything built: now write (nothing half-written on error above)
-    for k in (key_added, labels_key, table_key):
-        if k in sdata:
-            del sdata[k]
-    sdata.images[key_added] = image
-    sdata.labels[labels_key] = labels
-    sdata.tables[table_key] = table
-    log_added("sdata.images", key_added)
-    log_added("sdata.labels", labels_key)
-    log_added("sdata.tables", table_key)
+    for path, element in zip(mosaic_paths(key_added), (image, labels, table), strict=True):
+        _results.save_data(sdata, None, path, element)
+
+
+def mosaic_paths(key_added: str) -> list[str]:
+    """The elements :func:`add_crop_mosaic` writes: image, labels, table."""
+    return [f"images/{key_added}", f"labels/{key_added}_labels", f"tables/{key_added}_table"]

@@ -15,8 +15,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp_sparse
 
+from .. import _results
 from .._constants import Defaults, Keys
-from .._utils import log_added, progress, seed_from
+from .._results import sanitize
+from .._utils import progress, seed_from
 from ..pp._elements import get_table
 
 logger = logging.getLogger(__name__)
@@ -431,6 +433,7 @@ def pair_states(
     shift_neighbors: int = Defaults.SHIFT_NEIGHBORS,
     random_state: int | None = 0,
     key_added: str = Keys.PAIR,
+    overwrite: bool = False,
     inplace: bool = True,
 ):
     """Pair source-state with target-state cells by entropic optimal transport on expression.
@@ -505,8 +508,12 @@ def pair_states(
         Seed of the PCA.
     key_added
         Prefix of the ``obs`` columns.
+    overwrite
+        Replace the columns of an earlier pairing with the same ``key_added``; otherwise they are a
+        ``KeyError``.
     inplace
-        Write into the (source) table and return ``None``; ``False`` returns a :class:`PairResult`.
+        Write into the (source) table and return ``None``; with ``False`` write nothing and return the dict
+        below.
 
     Returns
     -------
@@ -519,9 +526,13 @@ def pair_states(
       only with crops);
     - ``uns['spatia']['transitions'][f"{source}->{target}"]``: ``delta_g`` (gene → shift), ``delta_m``
       and ``delta_m_std`` (feature → shift), ``epsilon``, ``n_pairs``, ``pairing`` (``"global"`` or
-      ``"niche-stratified"``), ``mean_confidence``, ``uniform_confidence`` and the other parameters.
+      ``"niche-stratified"``), ``mean_confidence``, ``uniform_confidence`` and the other parameters;
+    - ``uns['spatia']['pair_states']``: the run parameters.
 
-    With ``inplace=False``, the :class:`PairResult`.
+    With ``inplace=False``: ``{"obs/spatia_pair_match": ..., "obs/spatia_pair_confidence": ...,
+    "obs/spatia_pair_shift_pvalue": ... (arrays over the table's cells), "uns/spatia/transitions/<name>": ...,
+    "params": ..., "pairing": PairResult}``; the :class:`PairResult` holds the plan's matches, features and
+    the shift test.
 
     Examples
     --------
@@ -529,8 +540,6 @@ def pair_states(
     >>> obs = sdata["table"].obs
     >>> obs.loc[obs["condition"] == "control", ["spatia_pair_match", "spatia_pair_confidence"]]
     """
-    from ._fit import _sanitize
-
     if min_cells < 2:
         raise ValueError(f"min_cells must be at least 2, got {min_cells}.")
     if shift_neighbors < 2:
@@ -541,6 +550,9 @@ def pair_states(
     trows = _group_rows(tt, groupby, target, role="target", min_cells=min_cells)
     if target_data is None and source == target:
         raise ValueError(f"source and target are the same group {source!r}.")
+    columns = [f"obs/{key_added}_{c}" for c in ("match", "confidence", "shift_pvalue")]
+    if inplace:
+        _results.check_free(data, st, columns, overwrite=overwrite)
     sc_ = _crops_of(data, table_key, crops, image_key, crop_size, crop_um, um_per_unit)
     tc_ = sc_ if target_data is None else _crops_of(target_data, target_table_key, None, image_key, crop_size, crop_um)
     res = compute_pairing(
@@ -557,27 +569,26 @@ def pair_states(
                 len(srows), source, len(trows), target, res.info["pairing"], res.info["mean_confidence"],
                 res.info["uniform_confidence"],
                 "" if shift is None else f"; {res.info['n_shifted']} source cells with a significant morphology shift")
-    if not inplace:
-        return res
-    # everything computed: write
     match = pd.Series(np.nan, index=st.obs_names, dtype=object)
     match.iloc[srows] = res.matched_obs
-    conf = pd.Series(np.nan, index=st.obs_names, dtype=float)
-    conf.iloc[srows] = res.confidence
-    st.obs[f"{key_added}_match"] = match.to_numpy()
-    st.obs[f"{key_added}_confidence"] = conf.to_numpy()
-    log_added("adata.obs", f"{key_added}_match")
-    log_added("adata.obs", f"{key_added}_confidence")
+    conf = np.full(st.n_obs, np.nan)
+    conf[srows] = res.confidence
+    results = {columns[0]: match.to_numpy(), columns[1]: conf}
     if shift is not None:
-        pv = pd.Series(np.nan, index=st.obs_names, dtype=float)
-        pv.iloc[srows] = shift["shift_pvalue"].to_numpy()
-        st.obs[f"{key_added}_shift_pvalue"] = pv.to_numpy()
-        log_added("adata.obs", f"{key_added}_shift_pvalue")
-    elif f"{key_added}_shift_pvalue" in st.obs:  # an earlier pairing's test: it would not match these pairs
+        pv = np.full(st.n_obs, np.nan)
+        pv[srows] = shift["shift_pvalue"].to_numpy()
+        results[columns[2]] = pv
+    results[f"uns/{Keys.UNS}/{Keys.TRANSITIONS}/{res.name}"] = sanitize(res.to_uns())
+    params = {"groupby": groupby, "source": source, "target": target, "table_key": table_key,
+              "target_table_key": None if target_data is None else target_table_key, "layer": layer,
+              "n_pcs": n_pcs, "epsilon": epsilon, "max_iter": max_iter, "niche_key": niche_key,
+              "min_cells": min_cells, "reg_m": reg_m, "marginals": marginals, "channel": channel,
+              "shift_neighbors": shift_neighbors, "random_state": seed_from(random_state)}
+    if not inplace:
+        return _results.returned("pair_states", results, params, pairing=res)
+    if shift is None and f"{key_added}_shift_pvalue" in st.obs:  # an earlier test would not match these pairs
         del st.obs[f"{key_added}_shift_pvalue"]
-    uns = st.uns.setdefault(Keys.UNS, {})
-    uns.setdefault(Keys.TRANSITIONS, {})[res.name] = _sanitize(res.to_uns())
-    log_added("adata.uns", f"{Keys.UNS}']['{Keys.TRANSITIONS}")
+    _results.write(data, st, results, function="pair_states", params=params, overwrite=overwrite)
     return None
 
 

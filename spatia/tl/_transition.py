@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .. import _results
 from .._constants import Defaults, Keys
-from .._utils import log_added, progress, seed_from
+from .._utils import progress, seed_from
 from ..metrics import MORPHOLOGY_FEATURES
 from ..pp._elements import _is_sdata
-from ._fit import _prepare_for_model, _sanitize
+from ._fit import _prepare_for_model
 from ._pairing import PairResult, _group_rows, compute_pairing
 
 logger = logging.getLogger(__name__)
@@ -39,12 +40,12 @@ def _transition_list(source, target, transitions) -> list[tuple[str, str]]:
     return out
 
 
-def _pairs_for(table, arrays, groupby, source, target, *, n_pcs, epsilon, max_iter, niche_key, min_cells,
+def _pairs_for(table, arrays, groupby, source, target, *, layer, n_pcs, epsilon, max_iter, niche_key, min_cells,
                random_state, pairing, reg_m=None, marginals="composition") -> PairResult:
     srows = _group_rows(table, groupby, source, role="source", min_cells=min_cells)
     trows = _group_rows(table, groupby, target, role="target", min_cells=min_cells)
     res = compute_pairing(
-        table, table, srows, trows, name=f"{source}->{target}", n_pcs=n_pcs, epsilon=epsilon, max_iter=max_iter,
+        table, table, srows, trows, name=f"{source}->{target}", layer=layer, n_pcs=n_pcs, epsilon=epsilon, max_iter=max_iter,
         niche_key=niche_key, min_cells=min_cells, reg_m=reg_m, marginals=marginals, source_crops=arrays.crops,
         target_crops=arrays.crops, random_state=random_state,
     )
@@ -163,7 +164,9 @@ def fit_transition(
     random_state
         Seed of the pairing, the initial weights and the batches.
     inplace
-        Also write the pairing summaries into the table's ``uns``.
+        Write the pairing summaries and run parameters into the table's ``uns`` and return the model; with
+        ``False`` write nothing and return ``{"model": model, "uns/spatia/transitions/<name>": summary, ...,
+        "params": run parameters}``.
     **trainer_kwargs
         More :class:`lightning.pytorch.Trainer` arguments.
 
@@ -171,8 +174,8 @@ def fit_transition(
     -------
     The model, with ``model.flow`` (a ``spatia.module.TransitionFlow``) and ``model.flow_info``
     (configuration, transitions with their pairing summaries, training history), saved by
-    :meth:`~spatia.SpatiaModel.save`. With ``inplace=True`` it also writes
-    ``uns['spatia']['transitions'][f"{source}->{target}"]`` (as :func:`~spatia.tl.pair_states`).
+    :meth:`~spatia.SpatiaModel.save`. It writes ``uns['spatia']['transitions'][f"{source}->{target}"]`` (as
+    :func:`~spatia.tl.pair_states`) and the run parameters to ``uns['spatia']['fit_transition']``.
 
     Examples
     --------
@@ -209,7 +212,7 @@ def fit_transition(
     table, arrays = prepared.table, prepared.arrays
     # 1. pairing of every transition (validates groups before any training)
     results = [
-        _pairs_for(table, arrays, groupby, s, t, n_pcs=n_pcs, epsilon=epsilon, max_iter=max_iter,
+        _pairs_for(table, arrays, groupby, s, t, layer=layer, n_pcs=n_pcs, epsilon=epsilon, max_iter=max_iter,
                    niche_key=niche_key, min_cells=min_cells, random_state=random_state, pairing=pairing,
                    reg_m=reg_m, marginals=marginals)
         for s, t in pairs_wanted
@@ -260,10 +263,9 @@ def fit_transition(
     kw.update(trainer_kwargs)
     with quiet_dependencies():
         trainer = pl.Trainer(**kw)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=True, num_workers=settings.num_workers,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    # new batches every epoch, drawn from (seed, epoch)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=dataset.sampler,
+                                         num_workers=settings.num_workers)
     t0 = time.perf_counter()
     plan = FlowTrainingPlan(flow, lr=config.lr, weight_decay=config.weight_decay)
     with quiet_dependencies():
@@ -288,12 +290,14 @@ def fit_transition(
     }
     logger.info("Trained a flow for %d transition(s) of %r in %.1f s.", len(results), groupby,
                 model.flow_info["train_seconds"])
-    if inplace:
-        uns = table.uns.setdefault(Keys.UNS, {})
-        trs = uns.setdefault(Keys.TRANSITIONS, {})
-        for r in results:
-            trs[r.name] = _sanitize(r.to_uns())
-        log_added("adata.uns", f"{Keys.UNS}']['{Keys.TRANSITIONS}")
+    summaries = {f"uns/{Keys.UNS}/{Keys.TRANSITIONS}/{r.name}": _results.sanitize(r.to_uns()) for r in results}
+    info = model.flow_info
+    params = {"groupby": groupby, "transitions": [r.name for r in results], "layer": layer,
+              "config": info["config"], "pairing": info["pairing"], "train_gate": info["train_gate"],
+              "epochs": info["epochs"], "steps": info["steps"]}
+    if not inplace:
+        return _results.returned("fit_transition", summaries, params, model=model)
+    _results.write(data, table, summaries, function="fit_transition", params=params, overwrite=False)
     return model
 
 
@@ -408,9 +412,11 @@ def transition(
     key_added
         Name of the image element (labels ``f"{key_added}_labels"``, table ``f"{key_added}_table"``).
     overwrite
-        Replace existing elements called ``key_added...``.
+        Replace the elements of an earlier run with the same ``key_added``; otherwise they are a ``KeyError``.
     inplace
-        Write the elements (return ``None``) or return ``{"crops": (N, C, S, S) float, "obs": DataFrame}``.
+        Write the elements (return ``None``); with ``False`` write nothing and return
+        ``{"images/<key_added>": crops (N, C, S, S) float in [0, 1] (not tiled), "tables/<key_added>_table":
+        the obs DataFrame, "params": run parameters}``.
 
     Returns
     -------
@@ -421,8 +427,8 @@ def transition(
     - ``tables[f"{key_added}_table"]``: one row per prediction with ``obs`` columns ``source_cell``,
       ``transition``, ``groupby``, ``matched_target`` (OT match), ``nearest_target`` (nearest real target
       in standardised morphology features), ``shift_pvalue`` (the shift test), ``transformed`` (whether the
-      flow was applied), ``guidance_scale``, ``steps``, ``solver``; ``uns['spatia']`` holds the run
-      parameters.
+      flow was applied), ``guidance_scale``, ``steps``, ``solver``; ``uns['spatia']['transition']`` holds
+      the run parameters.
 
     Examples
     --------
@@ -440,6 +446,10 @@ def transition(
     tid = _find_transition(model, groupby, source, target)
     if inplace and not _is_sdata(data):
         raise TypeError("transition(inplace=True) writes image elements: pass a SpatialData (or inplace=False).")
+    from ._mosaic import add_crop_mosaic, mosaic_paths
+
+    if inplace:  # before sampling
+        _results.check_free(data, None, mosaic_paths(key_added), overwrite=overwrite)
     fcfg = model.flow.config
     steps = fcfg.steps if steps is None else int(steps)
     solver = fcfg.solver if solver is None else solver
@@ -455,7 +465,7 @@ def transition(
     if arrays.crops.size != model.flow.size:
         raise ValueError(f"The crops are {arrays.crops.size} px but the flow was trained on {model.flow.size} px.")
     p = model.flow_info["pairing"]
-    res = _pairs_for(table, arrays, groupby, source, target, n_pcs=p["n_pcs"], epsilon=p["epsilon"],
+    res = _pairs_for(table, arrays, groupby, source, target, layer=layer, n_pcs=p["n_pcs"], epsilon=p["epsilon"],
                      max_iter=p["max_iter"], niche_key=p["niche_key"], min_cells=p["min_cells"],
                      random_state=random_state, pairing=p.get("method", "ot"), reg_m=p.get("reg_m"),
                      marginals=p.get("marginals", "uniform"))  # flows from before the option: uniform
@@ -504,19 +514,19 @@ def transition(
     obs["transition"] = obs["transition"].astype("category")
     logger.info("Transformed %d of %d cells (%s; the others' morphology does not shift) in %.1f s (%d velocity "
                 "evaluations per batch on average).", len(moving), len(rows), name, seconds, nfe // max(1, n_batches))
+    params = {"transition": name, "groupby": groupby, "guidance_scale": w, "steps": steps, "solver": solver,
+              "gate": gate, "gate_neighbors": int(gate_neighbors), "n_transformed": int(move.sum()),
+              "velocity_evaluations": nfe, "seconds": seconds, "table_key": table_key, "layer": layer,
+              "channels": model.channels, "crop_size": int(model.flow.size), "gap": 2,
+              "crop_params": dict(model.crop_params or {})}
+    paths = mosaic_paths(key_added)
     if not inplace:
-        return {"crops": pred, "obs": obs}
-    from ._mosaic import add_crop_mosaic
-
+        return _results.returned("transition", {paths[0]: pred, paths[2]: obs}, params, keys=paths)
     cp = model.crop_params or {}
     pixel = float(cp["crop_um"]) / model.flow.size if cp.get("crop_um") else 1.0
-    uns = _sanitize({"function": "transition", "transition": name, "groupby": groupby, "guidance_scale": w,
-                     "steps": steps, "solver": solver, "gate": gate, "gate_neighbors": int(gate_neighbors),
-                     "n_transformed": int(move.sum()), "velocity_evaluations": nfe, "seconds": seconds,
-                     "table_key": table_key, "channels": model.channels, "crop_size": int(model.flow.size),
-                     "gap": 2, "crop_params": dict(model.crop_params or {})})
-    add_crop_mosaic(data, pred, obs, key_added=key_added, channels=model.channels, pixel_size=pixel, uns=uns,
-                    gap=2, overwrite=overwrite)
+    add_crop_mosaic(data, pred, obs, key_added=key_added, channels=model.channels, pixel_size=pixel,
+                    uns={"transition": _results.params_entry("transition", params, paths)}, gap=2,
+                    overwrite=overwrite)
     return None
 
 

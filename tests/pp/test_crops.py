@@ -529,6 +529,36 @@ def test_crops_from_a_list_of_images_take_each_cell_from_its_own_image():
         assert store.get(rows).reshape(len(rows), -1).std(1).min() > 0  # real pixels, not padding
 
 
+def test_list_of_images_stream_into_the_store_one_image_at_a_time(tmp_path, monkeypatch):
+    """With store=, each image's crops are written and dropped before the next image is cut (they were all
+    gathered into one array first), and the store holds what the in-memory extraction gives."""
+    import weakref
+
+    import spatia.pp._crops as crops_mod
+
+    sd = sp.datasets.cosmx_lung_mini(transcripts=False)
+    keys = ["F002_image", "F003_image"]
+    kw = dict(image_key=keys, size=16, crop_um=20.0)
+    alive, parts = [], []
+    real = crops_mod._extract_one
+
+    def spy(*a, **k):
+        alive.append(sum(r() is not None for r in parts))  # earlier images' crops still held
+        part = real(*a, **k)
+        parts.append(weakref.ref(part.images))
+        return part
+
+    monkeypatch.setattr(crops_mod, "_extract_one", spy)
+    on_disk = sp.pp.extract_crops(sd, store=tmp_path / "crops", **kw)
+    assert alive == [0, 0] and all(r() is None for r in parts)
+    assert on_disk.path is not None and not isinstance(on_disk.images, np.ndarray)
+    monkeypatch.setattr(crops_mod, "_extract_one", real)
+    in_memory = sp.pp.extract_crops(sd, **kw)
+    rows = np.arange(sd["table"].n_obs)
+    np.testing.assert_array_equal(CropStore.open(tmp_path / "crops").get(rows), in_memory.get(rows))
+    assert on_disk.params == in_memory.params
+
+
 def test_list_of_images_must_cover_the_cells():
     sd = sp.datasets.cosmx_lung_mini(transcripts=False)
     with pytest.raises(ValueError, match="outside all of the images"):
@@ -556,7 +586,7 @@ def test_fit_on_a_slide_with_cells_outside_the_image(tmp_path):
     assert model.crop_params["outside"] == "pad" and model.crop_params["n_outside"] > 0
     model.save(tmp_path / "m")
     again = sp.tl.embed(sd, sp.SpatiaModel.load(tmp_path / "m"), inplace=False)
-    np.testing.assert_allclose(again["cell"], emb, atol=1e-5)
+    np.testing.assert_allclose(again["obsm/X_spatia_cell"], emb, atol=1e-5)
 
 
 def test_extract_crops_keeps_torch_thread_count():

@@ -16,8 +16,9 @@ def test_fit_writes_documented_keys(fitted):
     for key in (Keys.CELL_EMB, Keys.NICHE_EMB, Keys.TISSUE_EMB):
         assert t.obsm[key].shape == (t.n_obs, model.config.embed_dim)
         assert np.isfinite(t.obsm[key]).all()
-    uns = t.uns[Keys.UNS]
+    uns = t.uns[Keys.UNS]["fit"]
     assert uns["function"] == "fit" and uns["n_genes"] == t.n_vars
+    assert sorted(uns["keys"]) == sorted(f"obsm/{k}" for k in (Keys.CELL_EMB, Keys.NICHE_EMB, Keys.TISSUE_EMB))
     assert uns["coordinate_system"] == "global"
     assert model.history and "train_loss" in model.history[-1] and "val_loss" in model.history[-1]
     # training made progress
@@ -51,8 +52,9 @@ def test_niche_embedding_recovers_domains_better_than_cell(fitted):
 
 def test_inplace_false_leaves_data_untouched(sdata):
     before = set(sdata["table"].obsm), set(sdata["table"].uns)
-    model, emb = sp.tl.fit(sdata, config=sp.SpatiaConfig.tiny(), max_epochs=1, inplace=False)
-    assert set(emb) == {"cell", "niche", "tissue"} and emb["cell"].shape[0] == sdata["table"].n_obs
+    out = sp.tl.fit(sdata, config=sp.SpatiaConfig.tiny(), max_epochs=1, inplace=False)
+    assert set(out) == {"model", "params", "obsm/X_spatia_cell", "obsm/X_spatia_niche", "obsm/X_spatia_tissue"}
+    assert isinstance(out["model"], sp.SpatiaModel) and out["obsm/X_spatia_cell"].shape[0] == sdata["table"].n_obs
     assert (set(sdata["table"].obsm), set(sdata["table"].uns)) == before
 
 
@@ -67,10 +69,10 @@ def test_save_load_embed_identical(fitted, tmp_path, sim):
     other = copy.deepcopy(sim)
     e1 = sp.tl.embed(other, model, image_key="morphology", inplace=False)
     e2 = sp.tl.embed(other, loaded, image_key="morphology", inplace=False)
-    for k in e1:
+    for k in (f"obsm/{key}" for key in Keys.LEVEL_TO_EMB.values()):
         np.testing.assert_array_equal(e1[k], e2[k])
     # and the embedding of the training slide equals what fit wrote
-    np.testing.assert_allclose(e1["cell"], sd["table"].obsm[Keys.CELL_EMB], atol=1e-5)
+    np.testing.assert_allclose(e1["obsm/X_spatia_cell"], sd["table"].obsm[Keys.CELL_EMB], atol=1e-5)
     with pytest.raises(FileExistsError):
         model.save(tmp_path / "m")
 
@@ -91,7 +93,7 @@ def test_embed_reports_missing_genes(fitted, sim):
     sub = t[:, 3:].copy()
     other.tables["table"] = sub
     sp.tl.embed(other, model, image_key="morphology")
-    assert other["table"].uns[Keys.UNS]["missing_genes"] == drop
+    assert list(other["table"].uns[Keys.UNS]["embed"]["missing_genes"]) == drop
     assert other["table"].obsm[Keys.CELL_EMB].shape[0] == sub.n_obs
 
 
@@ -107,19 +109,18 @@ def test_embed_rejects_disjoint_panel(fitted, sim):
 
 def test_same_seed_same_embeddings(sdata):
     cfg = sp.SpatiaConfig.tiny()
-    _, a = sp.tl.fit(sdata, config=cfg, max_epochs=2, random_state=3, inplace=False)
-    _, b = sp.tl.fit(sdata, config=cfg, max_epochs=2, random_state=3, inplace=False)
-    _, c = sp.tl.fit(sdata, config=cfg, max_epochs=2, random_state=4, inplace=False)
-    np.testing.assert_array_equal(a["cell"], b["cell"])
-    assert not np.allclose(a["cell"], c["cell"])
+    a, b, c = (sp.tl.fit(sdata, config=cfg, max_epochs=2, random_state=seed, inplace=False)["obsm/X_spatia_cell"]
+               for seed in (3, 3, 4))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
 
 
 def test_fit_under_bf16_mixed_precision(sdata):
     # CUDA runs default to bf16-mixed; CPU autocast exercises the same dtype paths (masked-token scatter, ...)
-    model, res = sp.tl.fit(sdata, config=sp.SpatiaConfig.tiny(), max_epochs=1, precision="bf16-mixed",
-                           accelerator="cpu", inplace=False)
-    assert model.train_info["precision"] == "bf16-mixed"
-    assert np.isfinite(res["cell"]).all() and np.isfinite(res["niche"]).all()
+    res = sp.tl.fit(sdata, config=sp.SpatiaConfig.tiny(), max_epochs=1, precision="bf16-mixed",
+                    accelerator="cpu", inplace=False)
+    assert res["model"].train_info["precision"] == "bf16-mixed"
+    assert np.isfinite(res["obsm/X_spatia_cell"]).all() and np.isfinite(res["obsm/X_spatia_niche"]).all()
 
 
 _KILLED_FIT = """
@@ -161,10 +162,10 @@ def test_killed_fit_resumes_exactly(tmp_path):
     n = done + 2
     sd = sp.datasets.simulate(200, mean_depth=25.0, random_state=7)
     cfg = sp.SpatiaConfig.tiny()
-    full, e_full = sp.tl.fit(sd, config=cfg, max_epochs=n, random_state=3, inplace=False)
-    resumed, e_res = sp.tl.fit(sd, config=cfg, max_epochs=n, random_state=3, inplace=False,
-                               ckpt_path=ckdir / "last.ckpt")
-    for k in e_full:
+    e_full = sp.tl.fit(sd, config=cfg, max_epochs=n, random_state=3, inplace=False)
+    e_res = sp.tl.fit(sd, config=cfg, max_epochs=n, random_state=3, inplace=False, ckpt_path=ckdir / "last.ckpt")
+    full, resumed = e_full.pop("model"), e_res.pop("model")
+    for k in (k for k in e_full if k.startswith("obsm/")):
         np.testing.assert_allclose(e_res[k], e_full[k], rtol=0, atol=1e-6)
     assert [h["epoch"] for h in resumed.history] == list(range(n))
     assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history]
@@ -204,9 +205,10 @@ def test_image_only_ablation_carries_morphology_programs(sdata):
 
     cfg = sp.SpatiaConfig.tiny().replace(expression={"enabled": False}, niche={"enabled": False},
                                          tissue={"enabled": False})
-    model, emb = sp.tl.fit(sdata, config=cfg, max_epochs=8, inplace=False, random_state=0)
+    out = sp.tl.fit(sdata, config=cfg, max_epochs=8, inplace=False, random_state=0)
+    model = out["model"]
     size = sdata["table"].obs["size_program"].to_numpy()
-    r2 = cross_val_score(RidgeCV(), emb["cell"], size, cv=5).mean()
+    r2 = cross_val_score(RidgeCV(), out["obsm/X_spatia_cell"], size, cv=5).mean()
     assert r2 > 0.3, r2
 
     arrays = prepare(sdata, crop_kwargs={"size": cfg.image.size, "crop_um": cfg.image.crop_um}, niche_k=cfg.niche.k).arrays
@@ -233,4 +235,4 @@ def test_results_survive_zarr_round_trip(fitted, tmp_path):
     sd.write(tmp_path / "out.zarr")
     back = sd_.read_zarr(tmp_path / "out.zarr")
     np.testing.assert_array_equal(back["table"].obsm[Keys.CELL_EMB], sd["table"].obsm[Keys.CELL_EMB])
-    assert back["table"].uns[Keys.UNS]["function"] == "fit"
+    assert back["table"].uns[Keys.UNS]["fit"]["function"] == "fit"

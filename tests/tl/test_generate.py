@@ -110,10 +110,11 @@ def test_counterfactual_size_programme_raises_nuclear_area(trained):
     counts = sp.pp.get_counts(table)
     high = float(np.percentile(counts[:, table.var_names.get_indexer(size_genes)].toarray(), 99))
     sel = table.obs_names[cells[:120]]
-    up, obs_up = sp.tl.generate(sd, cond, cells=sel, edits=dict.fromkeys(size_genes, high), num_inference_steps=STEPS,
-                                guidance_scale=GUIDANCE, random_state=2, inplace=False)
-    down, _ = sp.tl.generate(sd, cond, cells=sel, edits=dict.fromkeys(size_genes, 0), num_inference_steps=STEPS,
-                             guidance_scale=GUIDANCE, random_state=2, inplace=False)
+    out_up = sp.tl.generate(sd, cond, cells=sel, edits=dict.fromkeys(size_genes, high), num_inference_steps=STEPS,
+                            guidance_scale=GUIDANCE, random_state=2, inplace=False)
+    down = sp.tl.generate(sd, cond, cells=sel, edits=dict.fromkeys(size_genes, 0), num_inference_steps=STEPS,
+                          guidance_scale=GUIDANCE, random_state=2, inplace=False)["images/spatia_generated"]
+    up, obs_up = out_up["images/spatia_generated"], out_up["tables/spatia_generated_table"]
     a_up = sp.metrics.morphology_features(up)["area"].to_numpy()
     a_down = sp.metrics.morphology_features(down)["area"].to_numpy()
     assert (obs_up["mode"] == "counterfactual").all()
@@ -133,17 +134,22 @@ def test_generate_writes_linked_elements(trained):
     assert t.obs["sample"].tolist() == [0, 1] * 5
     assert set(t.obs["mode"]) == {"reconstruction"}
     assert t.obs["cell_type"].astype(str).tolist() == list(np.repeat(sd["table"].obs["cell_type"].astype(str)[:5], 2))
-    assert t.uns["spatia"]["num_inference_steps"] == 3
+    assert t.uns["spatia"]["generate"]["num_inference_steps"] == 3
+    with pytest.raises(KeyError, match="overwrite=True"):  # a second run does not replace the first silently
+        sp.tl.generate(sd, cond, cells=sel[:1], num_inference_steps=1, key_added="gen_test")
+    assert sd.tables["gen_test_table"].n_obs == 10
     assert list(sd.images["gen_test"].coords["c"].values) == cond.channels
     fig = sp.pl.generated(sd, key_added="gen_test", n_per_group=2)
     assert len(fig.axes) == 1
     # expression mode from an AnnData with the genes in another order and one extra gene
     ad = sd["table"][:4].copy()
     ad = ad[:, ad.var_names[::-1]].copy()
-    crops, obs = sp.tl.generate(sd, cond, expression=ad, num_inference_steps=3, inplace=False)
+    out = sp.tl.generate(sd, cond, expression=ad, num_inference_steps=3, inplace=False)
+    crops, obs = out["images/spatia_generated"], out["tables/spatia_generated_table"]
     assert crops.shape == (4, len(cond.channels), cond.decoder.config.size, cond.decoder.config.size)
     assert crops.dtype == np.uint8 and set(obs["mode"]) == {"expression"}
-    ref, _ = sp.tl.generate(sd, cond, cells=sd["table"].obs_names[:4], num_inference_steps=3, inplace=False)
+    ref = sp.tl.generate(sd, cond, cells=sd["table"].obs_names[:4], num_inference_steps=3,
+                         inplace=False)["images/spatia_generated"]
     np.testing.assert_array_equal(crops, ref)  # gene order does not matter
 
 

@@ -65,16 +65,18 @@ def test_pairing_recovers_correspondence(sdata):
     assert 1 / (~src).sum() <= info["mean_confidence"] <= 1
     assert info["n_shifted"] == (pval[src] < 0.01).sum() and info["shift_neighbors"] == 60
     # pairing again without crops (an AnnData): no shift test, and the earlier one's p-values go
-    sp.tl.pair_states(table, groupby="condition", source="control", target="disease")
+    with pytest.raises(KeyError, match="overwrite=True"):  # an earlier pairing is not replaced silently
+        sp.tl.pair_states(table, groupby="condition", source="control", target="disease")
+    sp.tl.pair_states(table, groupby="condition", source="control", target="disease", overwrite=True)
     assert "spatia_pair_shift_pvalue" not in table.obs and "n_shifted" not in table.uns["spatia"]["transitions"][
         "control->disease"]
 
 
 def test_pairing_confidence_and_epsilon(sim):
     sharp = sp.tl.pair_states(sim, groupby="condition", source="control", target="disease", epsilon=0.05,
-                              crops=np.zeros((sim["table"].n_obs, 1, 8, 8), np.uint8), inplace=False)
+                              crops=np.zeros((sim["table"].n_obs, 1, 8, 8), np.uint8), inplace=False)["pairing"]
     blurry = sp.tl.pair_states(sim, groupby="condition", source="control", target="disease", epsilon=5.0,
-                               crops=np.zeros((sim["table"].n_obs, 1, 8, 8), np.uint8), inplace=False)
+                               crops=np.zeros((sim["table"].n_obs, 1, 8, 8), np.uint8), inplace=False)["pairing"]
     n_t = len(sharp.target_obs)
     for r in (sharp, blurry):
         assert (r.confidence >= 1 / n_t - 1e-9).all() and (r.confidence <= 1 + 1e-9).all()
@@ -95,9 +97,9 @@ def test_pairing_marginals_keep_cell_types(sim):
         return (ts == o.loc[res.matched_obs, "cell_type"].astype(str).to_numpy()).mean()
 
     kw = dict(groupby="condition", source="control", target="disease", crops=zeros, inplace=False)
-    uni = sp.tl.pair_states(sim, marginals="uniform", **kw)
-    comp = sp.tl.pair_states(sim, **kw)
-    unb = sp.tl.pair_states(sim, reg_m=0.3, marginals="uniform", **kw)
+    uni = sp.tl.pair_states(sim, marginals="uniform", **kw)["pairing"]
+    comp = sp.tl.pair_states(sim, **kw)["pairing"]
+    unb = sp.tl.pair_states(sim, reg_m=0.3, marginals="uniform", **kw)["pairing"]
     assert uni.info["reg_m"] is None and unb.info["reg_m"] == 0.3
     assert comp.info["marginals"] == "composition" and comp.info["n_clusters"] >= 3
     assert same_type(unb) > same_type(uni) + 0.02, (same_type(unb), same_type(uni))
@@ -135,7 +137,8 @@ def test_composition_marginals_follow_a_change_in_proportions(seed):
         return (ts == tt).mean(), (ts[ts != "0"] == tt[ts != "0"]).mean()
 
     kw = dict(groupby="state", source="a", target="b", inplace=False, random_state=seed)
-    uni, comp = rates(sp.tl.pair_states(adata, marginals="uniform", **kw)), rates(sp.tl.pair_states(adata, **kw))
+    uni = rates(sp.tl.pair_states(adata, marginals="uniform", **kw)["pairing"])
+    comp = rates(sp.tl.pair_states(adata, **kw)["pairing"])
     # uniform masses: type 0 holds 2/3 of the target mass against 1/3 of the source mass, so about half the
     # cells of types 1 and 2 must be matched to type 0 (measured 0.5); composition masses keep them
     assert uni[1] < 0.75, uni
@@ -196,7 +199,7 @@ def test_shift_test_finds_the_cells_that_change(seed):
 def test_pairing_within_niches(sim):
     ad = sim["table"].copy()
     res = sp.tl.pair_states(ad, groupby="condition", source="control", target="disease", niche_key="domain",
-                            min_cells=10, inplace=False)
+                            min_cells=10, inplace=False)["pairing"]
     assert res.info["pairing"] == "niche-stratified" and res.info["niches"]
     src_dom = ad.obs["domain"].astype(str).to_numpy()[res.source_rows]
     tgt_dom = ad.obs.loc[res.matched_obs, "domain"].astype(str).to_numpy()
@@ -229,7 +232,7 @@ def test_pairing_across_slides_on_shared_genes(sim):
     ad = sim["table"].copy()
     other = ad[:, ad.var_names[::-1][:30]].copy()  # another slide: a subset of the genes, another order
     res = sp.tl.pair_states(ad, groupby="condition", source="control", target="disease", target_data=other,
-                            inplace=False)
+                            inplace=False)["pairing"]
     assert res.info["n_shared_genes"] == 30 and set(res.delta_g.index) == set(other.var_names)
 
 
@@ -500,18 +503,20 @@ def test_transition_gate_keeps_unshifted_cells(transitioned):
     ttab = sd["spatia_transition_table"]
     # control -> transitioned cells of one type: every neighbourhood's morphology shifts, every cell moves
     assert ttab.obs["transformed"].all() and (ttab.obs["shift_pvalue"] < 0.01).all()
-    assert ttab.uns["spatia"]["gate"] == 0.01 and ttab.uns["spatia"]["n_transformed"] == ttab.n_obs
+    params = ttab.uns["spatia"]["transition"]
+    assert params["gate"] == 0.01 and params["n_transformed"] == ttab.n_obs
     kw = dict(groupby="tstate", source="control", target="transitioned", steps=2, inplace=False)
     # a gate no p-value passes: the crops come back as they were, and nothing is sampled
     kept = sp.tl.transition(sd, model, gate=1e-300, **kw)
     crops = sp.pp.extract_crops(sd, image_key="morphology", size=model.flow.size,
                                 crop_um=model.crop_params.get("crop_um"), channels=model.channels)
     rows = np.flatnonzero((table.obs["tstate"] == "control").to_numpy())
-    np.testing.assert_array_equal(kept["crops"], crops.get(rows).astype(np.float32) / 255.0)
-    assert not kept["obs"]["transformed"].any()
+    img, tab = "images/spatia_transition", "tables/spatia_transition_table"
+    np.testing.assert_array_equal(kept[img], crops.get(rows).astype(np.float32) / 255.0)
+    assert not kept[tab]["transformed"].any()
     moved = sp.tl.transition(sd, model, gate=None, **kw)
-    assert moved["obs"]["transformed"].all() and np.abs(moved["crops"] - kept["crops"]).mean() > 0.01
-    np.testing.assert_allclose(moved["obs"]["shift_pvalue"], kept["obs"]["shift_pvalue"])
+    assert moved[tab]["transformed"].all() and np.abs(moved[img] - kept[img]).mean() > 0.01
+    np.testing.assert_allclose(moved[tab]["shift_pvalue"], kept[tab]["shift_pvalue"])
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="significance level"):
             sp.tl.transition(sd, model, gate=bad, **kw)
@@ -532,8 +537,8 @@ def test_transition_save_load_keeps_flow(transitioned, tmp_path, monkeypatch):
     kw["cells"] = src_rows
     a = sp.tl.transition(sd, model, **kw)
     b = sp.tl.transition(sd, loaded, **kw)
-    np.testing.assert_allclose(a["crops"], b["crops"], atol=1e-6)
-    assert list(a["obs"]["source_cell"]) == list(sd["table"].obs_names[src_rows])
+    np.testing.assert_allclose(a["images/spatia_transition"], b["images/spatia_transition"], atol=1e-6)
+    assert list(a["tables/spatia_transition_table"]["source_cell"]) == list(sd["table"].obs_names[src_rows])
     # a model saved without a flow (older saves) still loads, without one
     # a flow saved before `marginals` existed is re-paired as it was trained: uniform masses
     import spatia.tl._transition as tr_mod
@@ -597,7 +602,7 @@ def test_pl_transition(transitioned, tmp_path):
     fig = sp.pl.transition(sd, n=4, save=tmp_path / "t.png")
     assert isinstance(fig, plt.Figure) and (tmp_path / "t.png").stat().st_size > 1000
     img = fig.axes[0].images[0].get_array()
-    s = sd["spatia_transition_table"].uns["spatia"]["crop_size"]
+    s = sd["spatia_transition_table"].uns["spatia"]["transition"]["crop_size"]
     assert img.shape == (4 * (s + 2) - 2, 3 * (s + 2) - 2)
     plt.close(fig)
     fig, ax = plt.subplots()
@@ -615,7 +620,7 @@ def test_fit_transition_trains_on_the_cells_that_change(fitted, caplog):
     kw = dict(groupby="condition", source="control", target="disease", config=FlowConfig.tiny(), max_epochs=1,
               random_state=0, inplace=False, crops=crops)
     res = sp.tl.pair_states(sd, groupby="condition", source="control", target="disease", random_state=0,
-                            inplace=False, crops=crops)
+                            inplace=False, crops=crops)["pairing"]
     shifted = res.shift_test()["shift_pvalue"].to_numpy() < 0.01
     assert 2 <= shifted.sum() < 0.6 * len(shifted)  # the transitioning type changes, the others do not
     m = copy.deepcopy(model)
@@ -645,3 +650,29 @@ def test_fit_transition_trains_on_the_cells_that_change(fitted, caplog):
             sp.tl.fit_transition(sd, copy.deepcopy(model), gate=bad, **kw)
     with pytest.raises(ValueError, match="gate_neighbors"):
         sp.tl.fit_transition(sd, copy.deepcopy(model), gate_neighbors=1, **kw)
+
+
+def test_fit_transition_and_transition_pair_on_the_layer(fitted):
+    """With ``layer=``, the pairing inside fit_transition / transition reads that layer, as pair_states does
+    (it read ``X`` before): here ``X`` holds other cells' counts, so reading it would give other pairs."""
+    sd, model = fitted
+    sd = copy.deepcopy(sd)
+    _add_tstate(sd["table"])
+    t = sd["table"]
+    t.layers["counts"] = t.X.copy()
+    t.X = t.X[np.random.default_rng(0).permutation(t.n_obs)]
+    crops = sp.pp.extract_crops(sd, image_key="morphology", size=model.config.image.size,
+                                crop_um=model.crop_params.get("crop_um"), channels=model.channels)
+    kw = dict(groupby="tstate", source="control", target="transitioned", layer="counts", crops=crops, inplace=False)
+    ref = sp.tl.pair_states(sd, **kw)
+    on_x = sp.tl.pair_states(sd, **{**kw, "layer": None})["pairing"]
+    assert not np.array_equal(on_x.match, ref["pairing"].match)  # the test can tell the two apart
+    name = "uns/spatia/transitions/control->transitioned"
+    out = sp.tl.fit_transition(sd, copy.deepcopy(model), transitions=[("control", "transitioned")],
+                               config=FlowConfig.tiny(), max_epochs=1, random_state=0,
+                               **{k: v for k, v in kw.items() if k not in ("source", "target")})
+    assert out[name]["delta_g"] == pytest.approx(ref[name]["delta_g"])
+    assert out["params"]["layer"] == "counts"
+    moved = sp.tl.transition(sd, out["model"], steps=1, gate=None, **kw)
+    table = moved["tables/spatia_transition_table"]
+    np.testing.assert_array_equal(table["matched_target"].to_numpy(), ref["pairing"].matched_obs.astype(str))
