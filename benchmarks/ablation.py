@@ -77,10 +77,10 @@ def main() -> None:
         for name, change in ABLATIONS.items():
             cfg = base.replace(**change)
             t0 = time.perf_counter()
-            model, emb = sp.tl.fit(sdata, image_key="morphology", config=cfg, max_epochs=args.epochs,
-                                   random_state=seed, inplace=False)
+            out = sp.tl.fit(sdata, image_key="morphology", config=cfg, max_epochs=args.epochs,
+                            random_state=seed, inplace=False)
             fit_s = time.perf_counter() - t0
-            cell, niche = emb["cell"], emb["niche"]
+            model, cell, niche = out["model"], out["obsm/X_spatia_cell"], out["obsm/X_spatia_niche"]
             r = np.nan
             if cfg.expression.enabled:
                 r = float(sp.tl.validate_imputation(sdata, model, n_genes=10)["pearson"].median())

@@ -215,7 +215,7 @@ def run_seed(seed: int, n_cells: int, epochs: int, res: dict) -> None:
     hc = table.uns["simulation"]["held_out_counts"]
     truth = hc / np.maximum(np.asarray(table.X.sum(1)).ravel(), 1)[:, None] * 1e4  # per 10k panel counts
     t0 = time.perf_counter()
-    out = sp.tl.impute(sdata, model, reference=ref, genes=held, inplace=False)["reference"].to_numpy()
+    out = sp.tl.impute(sdata, model, reference=ref, genes=held, inplace=False)["tables/spatia_imputed"].X
     res["impute Pearson", "spatia"].append(_median_pearson(out, truth))
     res["wall", "spatia impute"].append(time.perf_counter() - t0)
     shared = list(table.var_names)
@@ -236,8 +236,9 @@ def run_seed(seed: int, n_cells: int, epochs: int, res: dict) -> None:
     top = xy[:, 1] < np.median(xy[:, 1])
     train_sd, test_sd = _subset_table(sdata, top), _subset_table(sdata, ~top)
     t0 = time.perf_counter()
-    m_top = sp.tl.fit(train_sd, image_key="morphology", config=cfg, max_epochs=epochs, random_state=seed)
-    pred = sp.tl.predict_expression(test_sd, m_top, inplace=False).to_numpy()
+    m_top = sp.tl.fit(train_sd, image_key="morphology", config=cfg, max_epochs=epochs, random_state=seed,
+                      overwrite=True)  # the subset's table carries the full slide's embeddings
+    pred = sp.tl.predict_expression(test_sd, m_top, inplace=False)["layers/spatia_predicted"]
     res["wall", "spatia fit (top half) + predict"].append(time.perf_counter() - t0)
     ln_test = _lognorm(test_sd["table"].X)
     order = np.argsort(-ln_test.var(0))
@@ -285,7 +286,7 @@ def _spatia_label_aware(sdata, y, seed, cfg, epochs):
     sd2 = _subset_table(sdata, np.ones(len(y), bool))
     sd2["table"].obs["train_label"] = pd.Categorical(lab)
     sp.tl.fit(sd2, image_key="morphology", config=cfg, cell_type_key="train_label", max_epochs=epochs,
-              random_state=seed)
+              random_state=seed, overwrite=True)  # replaces the label-free embeddings copied with the table
     out = sp.tl.annotate(sd2, labels_key="train_label", unknown_threshold=0.0, keep_known=False, inplace=False,
                          random_state=seed)
     p = out["spatia_cell_type"].astype(str).to_numpy()

@@ -112,7 +112,7 @@ def pairing_recovery(sdata, seed) -> list[dict]:
     for marginals in ("composition", "uniform"):
         res = sp.tl.pair_states(sdata, groupby="condition", source="control", target="disease", inplace=False,
                                 crops=np.zeros((table.n_obs, 1, 8, 8), np.uint8), random_state=seed,
-                                marginals=marginals)
+                                marginals=marginals)["pairing"]
         ts = o["cell_type"].astype(str).to_numpy()[res.source_rows]
         tt = o.loc[res.matched_obs, "cell_type"].astype(str).to_numpy()
         ps = pd.Series(ts).value_counts(normalize=True)
@@ -198,10 +198,11 @@ def run_seed(seed: int, n_cells: int, epochs: int, fit_epochs: int, steps: int, 
             out = sp.tl.transition(sdata, m, groupby="condition", source="control", target="disease", crops=crops,
                                    cells=src, steps=steps, gate=gate, inplace=False)
             seconds = train + time.perf_counter() - t1
-            row = score(name + suffix, out["crops"], types[src], real_by_type, m, seed, seconds, tr_type)
+            row = score(name + suffix, out["images/spatia_transition"], types[src], real_by_type, m, seed, seconds,
+                        tr_type)
             row["replicate"] = rep
             row["flow epochs"], row["flow steps"] = m.flow_info["epochs"], m.flow_info["steps"]
-            moved = out["obs"]["transformed"].to_numpy()
+            moved = out["tables/spatia_transition_table"]["transformed"].to_numpy()
             row["transformed [tr]"] = moved[types[src] == tr_type].mean()
             row["transformed [others]"] = moved[types[src] != tr_type].mean()
             rows.append(row)

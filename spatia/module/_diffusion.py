@@ -37,8 +37,8 @@ class DecoderConfig:
         UNet channels per resolution level (each level after the first halves the resolution).
     attention_levels
         Which levels have (self + cross) attention transformer blocks; the rest are plain ResNet levels.
-        None at full resolution by default: there, attention over ``S²`` tokens made a 32-px training step
-        4x slower on a CPU; the UNet's middle block always has attention.
+        None at full resolution by default: attention over its ``S²`` tokens is the costliest part of a step,
+        and the lower levels and the UNet's middle block (always with attention) see the whole crop.
     layers_per_block
         ResNet layers per level.
     attention_heads
@@ -51,16 +51,15 @@ class DecoderConfig:
         Fraction of training cells whose condition is replaced by the null condition (classifier-free
         guidance; 1.0 trains an unconditional model).
     num_train_timesteps, beta_schedule, prediction_type
-        The DDPM noise schedule (diffusers ``DDPMScheduler``) and the training target. ``"v_prediction"``
-        (default) rather than ``"epsilon"``: with the cosine schedule, a noise-predicting decoder trained on
-        a CPU budget gave speckled, over-bright crops under few-step DDIM sampling (morphology 2-3 real
-        standard deviations away whatever the condition); predicting the velocity gives clean crops whose
-        morphology follows the expression (``benchmarks/results/generate_quality.md``).
+        The DDPM noise schedule (diffusers ``DDPMScheduler``) and the training target. Keep
+        ``"v_prediction"`` (default) for short trainings and few-step sampling: with the cosine schedule its
+        crops stay clean, where a noise-predicting (``"epsilon"``) decoder gives speckled, over-bright crops
+        until it has trained much longer (``benchmarks/results/generate_quality.md``).
     expression_embedding
         Add an MLP of the log-normalised expression of all genes (and the log library size) to the global
         (class) embedding, besides the projected CLS token. The frozen encoder's tokens before fusion are
-        a weak summary of a cell's expression; this direct path is what lets a decoder trained on a CPU
-        budget follow its condition (``benchmarks/results/generate_quality.md``).
+        a weak summary of a cell's expression; this direct path lets a briefly trained decoder follow its
+        condition. Turn it off to condition on the encoder's tokens alone.
     lr, weight_decay, max_epochs, batch_size
         Training.
     warmup_steps

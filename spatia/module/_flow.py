@@ -27,42 +27,46 @@ from ._config import check_fields
 class FlowConfig:
     """Flow model configuration (saved next to the weights as ``flow.json``).
 
-    ``block_out_channels`` / ``layers_per_block`` shape the diffusers ``UNet2DModel``; ``cond_dim`` is the
-    width of the condition vector (added to the UNet's time embedding). Loss weights follow DESIGN.md:
-    FM 1.0, contrastive hinge 0.1 (margin 0.1), sliced-Wasserstein 0.1 over ``n_projections`` directions.
-    The sliced-Wasserstein (morphology) loss compares the real targets with an estimate of where the flow
-    sends the source crops, chosen by ``sw_endpoint``: ``"rollout"`` (default) integrates the conditional
-    velocity from the source crop in ``sw_steps`` Euler steps (with gradients) — the model's own sample, what
-    the loss is meant to shape; ``"one_step"`` extrapolates the FM point, x_t + (1 − t)·v, for pairs whose
-    path time is at least ``sw_min_t`` (at small t that is the blurry conditional mean the FM loss asks for,
-    so the two losses pull against each other). The loss is off for the first ``sw_warmup`` fraction of the
-    epochs (set by the training plan), while the velocity field is still untrained and its samples noise.
-    ``cond_dropout`` replaces the condition by a learned null condition (classifier-free guidance).
-    ``augment`` turns source and target crops by independent random right-angle rotations / flips in
-    training (the pairing is between cells, not orientations; it multiplies the few pairs a slide has).
-    ``sw_blur`` smooths predicted, target and source crops by a Gaussian of that many pixels before their
-    morphology proxies are computed: the flow's crops lack the real crops' pixel-scale texture, and on sharp
-    crops the loss made up for it by brightening every cell (intensity features of unchanged cell types far
-    off); 0 = no smoothing (as before). ``batch_ot`` re-pairs each training batch's targets among its sources
-    by an exact assignment on pixel distance plus ``batch_ot_emb_weight`` × source-embedding distance
-    (``spatia.module._flow.batch_repair``; minibatch OT: the batch keeps the same targets, the paths get shorter).
-    ``proxies``: the morphology proxies the loss compares, ``"region"`` (default;
-    ``spatia.module._flow.morphology_proxies``, 9 of the 10 measured region features on the same Otsu region)
-    or ``"soft"`` (the looser proxies of flows trained before 2026-11-27, ``spatia.module._flow.soft_proxies``).
-    ``sw_memory``: the morphology loss compares the batch together with the (detached) endpoints and targets
-    of this many earlier batches. On one batch of 32 pairs the sliced-Wasserstein distance varies from batch
-    to batch by as much as the systematic error it should correct. 0 (default) = the batch alone: on the
-    simulator a memory of 8 batches steadied the distance but did not make the loss help
-    (``benchmarks/results/transition.md``).
-    ``lr_schedule``: ``"cosine"`` (decay to 0 over the run) or ``"constant"``.
-    ``max_epochs``: passes over the training pairs; ``None`` (default): as many as give at least ``min_steps``
-    optimiser steps, and at least 10. The flow trains on the cells that change (``fit_transition``'s
-    ``gate``), often a few hundred on a slide: 40 epochs of them (the default before 2026-11-27) are about a
-    hundred steps, which leaves the flow under-trained (on the simulator's condition shift, 500 steps instead
-    of about 135 lowered the transitioning type's W mean from 0.406 to 0.320, and from 0.416 to 0.353 without
-    the morphology loss, means over seeds 0–2: ``benchmarks/results/transition.md``). On large slides 10
-    epochs are many more steps than ``min_steps``.
-    Models saved before a field existed load with the value they were trained with (``_BEFORE_FIELD``).
+    **Architecture.** ``block_out_channels``, ``layers_per_block`` and ``norm_num_groups`` shape the diffusers
+    ``UNet2DModel``. The condition (width ``cond_dim``, added to the UNet's time embedding) is built by an MLP
+    of width ``hidden`` from the cell's SPATIA embedding, a learned transition embedding (``transition_dim``)
+    and projections of Δg and Δm (``delta_dim``). Wider blocks render finer crops and train slower.
+
+    **Losses.** Flow matching (``fm_weight``), weighted by each pair's OT confidence; a contrastive hinge
+    (``contrastive_weight``, ``margin``): the true condition must explain the velocity better than a shuffled
+    one; a sliced-Wasserstein loss (``sw_weight``, ``n_projections`` directions) between morphology proxies of
+    where the flow sends the source crops and of the real targets, within each transition.
+
+    - ``sw_endpoint``: ``"rollout"`` integrates the velocity from the source crop in ``sw_steps`` Euler steps
+      (with gradients): the model's own sample. ``"one_step"`` extrapolates the flow-matching point,
+      x_t + (1 − t)·v, for pairs whose path time is at least ``sw_min_t`` (cheaper; at small t it is the blurry
+      conditional mean the flow-matching loss asks for).
+    - ``sw_joint``: compare [source ; endpoint] with [source ; matched target] proxies (the pairs' joint law),
+      so the loss cannot be lowered by giving one cell type's targets to another's sources.
+    - ``sw_warmup``: fraction of the epochs without the morphology loss, while the velocity field is untrained.
+    - ``sw_blur``: Gaussian blur (pixels) of every crop before its proxies are computed, so that the loss does
+      not chase the pixel-scale texture the flow cannot render; 0 = none.
+    - ``proxies``: ``"region"`` (9 of the 10 measured region features, on the same Otsu region;
+      ``spatia.module._flow.morphology_proxies``) or ``"soft"`` (sigmoid-foreground stand-ins,
+      ``spatia.module._flow.soft_proxies``, kept to reproduce flows trained with them).
+    - ``sw_memory``: also compare the (detached) endpoints and targets of this many earlier batches, which
+      steadies the distance on small batches; 0 = the batch alone.
+
+    **Training.** ``cond_dropout``: fraction of conditions replaced by a learned null condition (needed for
+    classifier-free guidance). ``augment``: independent random right-angle rotations / flips of source and
+    target crops (the pairing is between cells, not orientations; it multiplies the few pairs a slide has).
+    ``batch_ot``: re-pair each batch's targets among its sources by an exact assignment on pixel distance plus
+    ``batch_ot_emb_weight`` × source-embedding distance (minibatch OT: the same targets, shorter paths).
+    ``lr``, ``lr_schedule`` (``"cosine"``: decay to 0 over the run, or ``"constant"``), ``grad_clip``,
+    ``weight_decay``, ``batch_size``. ``max_epochs``: passes over the training pairs; ``None`` (default):
+    enough epochs for ``min_steps`` optimiser steps, and at least 10. The pairs a flow trains on (those passing
+    ``fit_transition``'s ``gate``) are often a few hundred, so a fixed number of epochs can be too few steps:
+    raise ``min_steps`` when the flow under-fits, or fix ``max_epochs``.
+
+    **Sampling.** ``steps``, ``solver`` (``"euler"``, ``"midpoint"``, ``"rk45"``) and ``guidance_scale`` are the
+    defaults of :func:`spatia.tl.transition`.
+
+    A saved flow without a field loads with the value it was trained with.
     """
 
     block_out_channels: tuple[int, ...] = (32, 64)
@@ -252,10 +256,10 @@ def _principal_moments(m: torch.Tensor, mass: torch.Tensor, coords: torch.Tensor
 
 
 def soft_proxies(img: torch.Tensor, channel: int = 0, sharpness: float = 0.05) -> torch.Tensor:
-    """The morphology proxies of flows trained before 2026-11-27 (``FlowConfig(proxies="soft")``).
+    """Sigmoid-foreground morphology proxies (``FlowConfig(proxies="soft")``).
 
-    Poor stand-ins, kept to reproduce those flows: their axis lengths and intensity spread do not follow the
-    measured ones. ``img (B, C, S, S)`` in [0, 1] → ``(B, 7)``: soft foreground area (a sigmoid around a
+    Looser than :func:`morphology_proxies` (their axis lengths and intensity spread do not follow the measured
+    features); kept to reproduce flows trained with them. ``img (B, C, S, S)`` in [0, 1] → ``(B, 7)``: soft foreground area (a sigmoid around a
     per-crop threshold halfway between mean and max), mean / soft-max / std of the intensity inside, whole-crop mean
     intensity, and the square roots of the two eigenvalues of the foreground's second moments (axis
     lengths).

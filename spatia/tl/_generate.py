@@ -238,10 +238,9 @@ def generate(
         ``"ddim"`` (deterministic DDIM), ``"dpm"`` (DPM-Solver++ multistep) or ``"ddpm"`` (ancestral).
     token_merging
         Fraction of the tokens merged before each self-attention (ToMe); ``None`` = off (the default,
-        ``DEFAULT_TOKEN_MERGING``, from ``benchmarks/generate.py``). It pays for large crops on CPU (``0.5``
-        sampled 128-px crops 1.4–1.9× faster there); at 32–64 px on CPU it gained 0.96–1.17×, and on a
-        GPU at 32–128 px it made sampling slower (0.53–0.95×). Its effect on sample quality was within the
-        noise of KID and the morphology metrics.
+        ``DEFAULT_TOKEN_MERGING``). Try ``0.5`` for large crops (128 px) sampled on a CPU, where attention
+        dominates; leave it off on a GPU and for small crops, where merging costs more than it saves. It
+        does not change sample quality measurably (``benchmarks/results/generate.md``).
     random_state
         Seed of the noise: the same seed gives the same images.
     table_key, layer

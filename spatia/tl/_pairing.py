@@ -489,8 +489,8 @@ def pair_states(
         cluster most common among its 15 nearest source cells). When a cell type is more common in one state
         than in the other, the plan then need not send its excess to other types, while cells of a type that
         changed expression still reach their own type. ``"uniform"``: every cell weighs the same (plain
-        balanced OT, as before 2026-11-27). Within niches the shares are those of the niche's source cells.
-        With ``reg_m`` these are the masses the KL penalty holds the plan to.
+        balanced OT), for groups of the same composition. Within niches the shares are those of the niche's
+        source cells. With ``reg_m`` these are the masses the KL penalty holds the plan to.
     crops
         :class:`~spatia.pp.CropStore` of the table's cells for ``Δm``; by default extracted from the
         SpatialData's image (``image_key``, ``crop_size`` px over ``crop_um`` µm); an AnnData without

@@ -154,7 +154,7 @@ def fit_transition(
         cells :func:`~spatia.tl.transition` transforms by default. Cells whose neighbourhood does not change
         would otherwise make most of the pairs, and teach the flow to move every cell a little rather than
         the changing ones fully. A transition with fewer than two such cells trains on all its pairs (with a
-        warning). ``None`` = all pairs (before 2026-11-27).
+        warning). ``None`` = all pairs.
     max_epochs, batch_size
         Override ``config``. By default (``FlowConfig.max_epochs=None``) the flow trains for as many epochs as
         give ``FlowConfig.min_steps`` (500) optimiser steps, and at least 10 (``flow_info["epochs"]``,
@@ -373,9 +373,8 @@ def transition(
     Only cells the transition changes are transformed (``gate``): a cell whose neighbourhood in expression
     shows no significant morphology shift to its OT matches (:meth:`~spatia.tl.PairResult.shift_test`) is
     returned as it is, since a flow's rendering of a cell, even one that should not change, is never quite
-    the cell (on the simulator's condition shift, gating took the morphology of the cell types the transition
-    leaves alone from 0.41 to 0.30 Wasserstein, the floor being 0.28; it also leaves some cells that do
-    change, see ``benchmarks/results/transition.md``). Each prediction is linked to its source cell, to the
+    the cell; the gate may also leave some cells that do change (``gate=None`` transforms them all). Each
+    prediction is linked to its source cell, to the
     source cell's OT-matched real target cell (the pairing recomputed with the parameters the flow was
     trained with; random pairs for a flow trained with ``pairing="random"``, whose gate then tests those)
     and to the real target cell nearest to it in morphology features.
