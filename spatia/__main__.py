@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from ._settings import settings
 from ._version import __version__
 
 # instrument flag -> (reader name in spatialdata_io, instrument name, files its reader cannot do without)
@@ -270,13 +271,9 @@ def _flag_hints(message: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------- running
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging() -> None:
     import warnings
 
-    import spatia as sp
-
-    # spatia's lines as in a notebook; Lightning's banner and tips are hidden inside spatia's calls already
-    sp.settings.verbosity = 2 if verbose else 1
     logging.getLogger("ome_zarr").setLevel(logging.ERROR)  # "no parent found" for every labels element read
     # notices meant for library developers, not for someone running the pipeline
     warnings.filterwarnings("ignore", category=SyntaxWarning)  # docrep docstrings (via squidpy)
@@ -452,8 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "fit":
             _the_input(args)  # input errors before the slow imports
-        _setup_logging(not args.quiet)
-        (_fit if args.command == "fit" else _demo)(args)
+        _setup_logging()
+        # spatia's lines as in a notebook (Lightning's banner is hidden inside spatia's calls already); the
+        # setting is restored on return, for callers of main() in the same process
+        with settings.override(verbosity=1 if args.quiet else 2):
+            (_fit if args.command == "fit" else _demo)(args)
     except CLIError as e:
         print(f"spatia {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -61,8 +61,7 @@ def _adding(caplog) -> list[str]:
 
 
 def test_adding_lines_follow_verbosity(small, caplog):
-    assert sp.settings.verbosity == 2  # the default
-    _embed(small)
+    _embed(small)  # at the default verbosity, 2 (test_import_installs_no_handler checks the default)
     assert "Adding `adata.obsm['X_spatia_cell']`" in _adding(caplog)
     caplog.clear()
     with sp.settings.override(verbosity=1):
@@ -173,6 +172,16 @@ def test_import_installs_no_handler():
     import sys
 
     code = ("import logging, spatia; lg = logging.getLogger('spatia'); "
-            "print(len(lg.handlers), lg.level, len(logging.getLogger().handlers))")
+            "print(len(lg.handlers), lg.level, len(logging.getLogger().handlers), spatia.settings.verbosity)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["0", "0", "0"]
+    assert out == ["0", "0", "0", "2"]  # verbosity 2 by default, applied on first use
+
+
+def test_cli_quiet_flag_sets_verbosity_for_the_run_only(monkeypatch, tmp_path):
+    import spatia.__main__ as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_demo", lambda args: seen.append(sp.settings.verbosity))
+    assert cli.main(["demo", "--out", str(tmp_path), "-q"]) == 0
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 0
+    assert seen == [1, 2] and sp.settings.verbosity == 2
