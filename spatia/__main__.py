@@ -134,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--config", type=Path, metavar="FILE",
                      help="JSON configuration as SpatiaConfig.to_dict() writes it (a saved model's config.json "
                           "works)")
-    model.add_argument("--resolution", type=float, default=0.5,
-                       help="Leiden resolution of the cell and niche clusters (default: %(default)s)")
+    model.add_argument("--resolution", type=float, default=None,
+                       help="Leiden resolution of the cell and niche clusters (default: sp.tl.cluster's, i.e. 0.5 "
+                            "for cells and the most stable one for niches)")
     _add_run_flags(f)
 
     d = sub.add_parser("demo", help="fit, cluster niches and plot on the built-in demo slide",
@@ -415,7 +416,7 @@ def _demo(args) -> None:
     elements = {"image_key": "morphology", "table_key": "table", "labels_key": None, "shapes_key": None,
                 "layer": None, "coordinate_system": None}
     _pipeline(sdata, args.out, elements=elements, config=sp.SpatiaConfig.default(), max_epochs=args.epochs,
-              random_state=args.seed, resolution=0.5, trainer=_trainer(args), cell_type_key="cell_type_known",
+              random_state=args.seed, resolution=None, trainer=_trainer(args), cell_type_key="cell_type_known",
               decoder_epochs=args.decoder_epochs, groupby="cell_type")
 
 

@@ -1,4 +1,4 @@
-"""``sp.tl.cluster``: Leiden on a SPATIA embedding (cell types at the cell level, niches at the niche level)."""
+"""``sp.tl.cluster``: Leiden on a SPATIA embedding (cell types at the cell level, tissue domains at the niche level)."""
 
 from __future__ import annotations
 
@@ -9,77 +9,122 @@ import pandas as pd
 
 from .._constants import Defaults, Keys
 from .._results import written_by
-from .._utils import log_added, seed_from
+from .._utils import seed_from
 from ..pp._elements import get_embedding, get_table
 
 logger = logging.getLogger(__name__)
+
+
+#: Level → (embedding, cells averaged over in space, Leiden resolution) when not given. The niche level
+#: clusters the *cell* embedding averaged over each cell's 30 nearest cells (the neighbourhood aggregation
+#: CellCharter applies to scVI latents), which followed tissue domains better than the niche embedding on the
+#: development slides (benchmarks/domains.py); its resolution (``None``) is chosen from the data, among
+#: ``NICHE_RESOLUTIONS``.
+LEVEL_DEFAULTS = {
+    "cell": (Keys.CELL_EMB, 0, 0.5),
+    "niche": (Keys.CELL_EMB, 30, None),
+    "tissue": (Keys.TISSUE_EMB, 0, 0.5),
+}
+#: Resolutions searched for the niche level's most stable partition.
+NICHE_RESOLUTIONS = (0.08, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3)
 
 
 def cluster(
     data,
     *,
     level: str = "niche",
-    resolution: float = 0.5,
-    n_neighbors: int = 15,
+    resolution: float | None = None,
+    n_clusters: int | None = None,
+    use_rep: str | None = None,
     smooth_k: int | None = None,
+    n_neighbors: int = 15,
     table_key: str | None = Defaults.TABLE,
     key_added: str | None = None,
     random_state: int | None = 0,
+    overwrite: bool = False,
     inplace: bool = True,
 ):
-    """Leiden clusters of the cell, niche or tissue embedding.
+    """Leiden clusters of a SPATIA embedding: cell types (``level="cell"``), tissue domains (``"niche"``),
+    regions of whole tissue tiles (``"tissue"``).
 
     Parameters
     ----------
     data
-        AnnData or SpatialData holding ``obsm['X_spatia_<level>']`` (from :func:`spatia.tl.fit`).
+        AnnData or SpatialData holding the embeddings (from :func:`spatia.tl.fit` / :func:`~spatia.tl.embed`).
     level
-        ``"cell"``, ``"niche"`` or ``"tissue"``. At the tissue level the embedding is one vector per tissue
-        tile, so the graph is built over the tiles (``n_neighbors`` nearest tiles) and every cell gets its
-        tile's cluster: tissue regions made of whole tiles.
+        ``"cell"``: ``X_spatia_cell``, resolution 0.5. ``"niche"``: ``X_spatia_cell`` averaged over each cell's
+        30 nearest cells in space, resolution 0.2: clusters of surroundings, i.e. tissue domains.
+        ``"tissue"``: ``X_spatia_tissue``, one graph node per tissue tile, so regions are made of whole tiles.
     resolution
-        Leiden resolution (higher → more clusters).
-    n_neighbors
-        Neighbours of the kNN graph on the embedding (:func:`scanpy.pp.neighbors`).
+        Leiden resolution (higher → more clusters). Default: 0.5 at the cell and tissue levels; at the niche level
+        the most stable partition among resolutions 0.08–0.3 (the one that agrees best, by ARI, with the
+        partitions at the neighbouring resolutions), since the right resolution for domains depends on the
+        slide. Ignored with ``n_clusters``.
+    n_clusters
+        Number of clusters wanted: the resolution is searched (bisection) until Leiden gives that many (the
+        closest count, with a warning, when none does). Use it when you know how many domains to expect.
+    use_rep
+        ``obsm`` key to cluster instead of the level's default (e.g. ``"X_spatia_niche"``).
     smooth_k
         Average the embedding of each cell with that of its ``smooth_k`` nearest cells in space
-        (``obsm['spatial']``) before building the graph: the neighbourhood aggregation CellCharter applies to
-        scVI latents, which turns per-cell profiles into profiles of the surroundings, so that clusters follow
-        tissue domains. ``None``: the model's niche size (``niche.k`` of the fitted
-        :class:`~spatia.SpatiaConfig`) at the niche level, no smoothing at the cell and tissue levels; ``0``: no
-        smoothing.
+        (``obsm['spatial']``, or the cells' segmentation) before building the graph; ``0``: no smoothing.
+        Default per ``level`` (above). Larger values give larger, smoother domains.
+    n_neighbors
+        Neighbours of the kNN graph on the embedding (:func:`scanpy.pp.neighbors`).
     table_key
         Table when ``data`` is a SpatialData.
     key_added
         ``obs`` column; default ``"spatia_niche"`` for the niche level, else ``"spatia_cluster"``.
     random_state
         Seed of the graph and of Leiden.
+    overwrite
+        Replace an existing ``obs[key_added]``.
     inplace
-        Write into ``obs`` (return ``None``) or return the labels.
+        Write into ``obs`` and ``uns['spatia']['cluster']`` (return ``None``), or return
+        ``{"obs/<key_added>": labels, "params": ...}`` and leave the data untouched.
 
     Returns
     -------
-    ``None``, writing ``obs[key_added]`` (categorical); or, with ``inplace=False``, a categorical Series.
+    ``None``, writing ``obs[key_added]`` (categorical) and the parameters used (representation, smoothing,
+    resolution, number of clusters) in ``uns['spatia']['cluster']``.
 
     Examples
     --------
-    >>> sp.tl.cluster(sdata, level="niche", resolution=0.5)
-    >>> sdata["table"].obs["spatia_niche"].value_counts()
+    >>> sp.tl.cluster(sdata, level="niche")                 # tissue domains -> obs["spatia_niche"]
+    >>> sp.tl.cluster(sdata, level="niche", n_clusters=5, overwrite=True)
+    >>> sp.tl.cluster(sdata, level="cell")                  # cell types -> obs["spatia_cluster"]
     """
+    from .. import _results
+
+    if level not in LEVEL_DEFAULTS:
+        raise ValueError(f"level must be one of {list(LEVEL_DEFAULTS)}, got {level!r}.")
     table = get_table(data, table_key)
-    emb = get_embedding(table, level)
-    if resolution <= 0:
-        raise ValueError(f"resolution must be positive, got {resolution}.")
+    rep, default_smooth, default_res = LEVEL_DEFAULTS[level]
+    if use_rep is None:
+        get_embedding(table, level)  # the level's own embedding exists: a fit has run
+        use_rep = rep
+    if use_rep not in table.obsm:
+        raise KeyError(f"No obsm[{use_rep!r}] in the table (have: {sorted(table.obsm)}): run `sp.tl.fit` or "
+                       "`sp.tl.embed` first, or pass use_rep=.")
+    emb = np.asarray(table.obsm[use_rep])
+    resolution = default_res if resolution is None else resolution
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int | float | np.number)
+                                   or not resolution > 0):
+        raise ValueError(f"resolution must be positive, got {resolution!r}.")
+    if n_clusters is not None and (isinstance(n_clusters, bool) or not isinstance(n_clusters, int | np.integer)
+                                   or n_clusters < 1):
+        raise ValueError(f"n_clusters must be a positive integer, got {n_clusters!r}.")
     if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int | np.integer) or n_neighbors < 2:
         raise ValueError(f"n_neighbors must be an integer >= 2 (neighbours of the kNN graph), got {n_neighbors!r}.")
     key_added = key_added or (Keys.NICHE if level == "niche" else Keys.CLUSTER)
-    if smooth_k is None:
-        smooth_k = _niche_k(table) if level == "niche" else 0
-    if smooth_k < 0:
-        raise ValueError(f"smooth_k must be >= 0, got {smooth_k}.")
+    path = f"obs/{key_added}"
+    _results.check_free(data, table, [path], overwrite=overwrite)
+    smooth_k = default_smooth if smooth_k is None else smooth_k
+    if isinstance(smooth_k, bool) or not isinstance(smooth_k, int | np.integer) or smooth_k < 0:
+        raise ValueError(f"smooth_k must be an integer >= 0, got {smooth_k!r}.")
     if smooth_k > 0:
         emb = spatial_smooth(emb, table, smooth_k, data=data)
-    if level == "tissue":
+    if level == "tissue" and use_rep == Keys.TISSUE_EMB:
         # one graph node per tile: the tissue embedding is shared by all the cells of a tile, and a kNN graph
         # over the cells would link each cell only to its own tile-mates (every tile a component, hence at
         # least one cluster per tile whatever the resolution)
@@ -90,25 +135,83 @@ def cluster(
     seed = seed_from(random_state)
     if len(uniq) < 3:
         codes = inverse
+    elif n_clusters is not None:
+        codes, resolution = leiden_n_clusters(uniq, n_clusters, n_neighbors=n_neighbors, seed=seed)
+        codes = codes[inverse]
+    elif resolution is None:
+        codes, resolution = leiden_most_stable(uniq, NICHE_RESOLUTIONS, n_neighbors=n_neighbors, seed=seed)
+        codes = codes[inverse]
     else:
         codes = leiden_codes(uniq, n_neighbors=n_neighbors, resolution=resolution, seed=seed)[inverse]
-    labels = pd.Series(pd.Categorical(codes.astype(str), categories=[str(c) for c in np.unique(codes)]),
-                       index=table.obs_names, name=key_added)
+    labels = pd.Categorical(codes.astype(str), categories=[str(c) for c in np.unique(codes)])
+    params = {"level": level, "use_rep": use_rep, "smooth_k": int(smooth_k),
+              "resolution": float(resolution) if resolution is not None else float("nan"),
+              "n_clusters": int(len(labels.categories)), "n_neighbors": int(n_neighbors),
+              "random_state": random_state}
     if not inplace:
-        return labels
-    table.obs[key_added] = labels.values
-    log_added("adata.obs", key_added)
+        return _results.returned("cluster", {path: labels}, params)
+    _results.write(data, table, {path: labels}, function="cluster", params=params, overwrite=True)
     return None
+
+
+def leiden_most_stable(x: np.ndarray, resolutions, *, n_neighbors: int, seed: int) -> tuple[np.ndarray, float]:
+    """Leiden codes at the resolution whose partition agrees best (mean ARI) with its neighbours' in
+    ``resolutions`` (sorted); partitions into one cluster are never chosen. One kNN graph."""
+    import scanpy as sc
+    from sklearn.metrics import adjusted_rand_score
+
+    tmp = _knn_graph(x, n_neighbors, seed)
+    parts = []
+    for res in resolutions:
+        sc.tl.leiden(tmp, resolution=res, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
+        parts.append(tmp.obs["leiden"].astype(int).to_numpy())
+    score = []
+    for i, codes in enumerate(parts):
+        nbrs = [parts[j] for j in (i - 1, i + 1) if 0 <= j < len(parts)]
+        score.append(np.mean([adjusted_rand_score(codes, o) for o in nbrs]) if codes.max() > 0 else -np.inf)
+    best = int(np.argmax(score))
+    return parts[best], float(resolutions[best])
+
+
+def leiden_n_clusters(x: np.ndarray, n_clusters: int, *, n_neighbors: int, seed: int,
+                      max_iter: int = 30) -> tuple[np.ndarray, float]:
+    """Leiden codes with ``n_clusters`` clusters (resolution found by bisection on a log scale, one graph)."""
+    import scanpy as sc
+
+    tmp = _knn_graph(x, n_neighbors, seed)
+    lo, hi = 1e-4, 10.0
+    best, best_res = None, None
+    for _ in range(max_iter):
+        res = float(np.sqrt(lo * hi))
+        sc.tl.leiden(tmp, resolution=res, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
+        codes = tmp.obs["leiden"].astype(int).to_numpy()
+        n = codes.max() + 1
+        if best is None or abs(n - n_clusters) < abs(best.max() + 1 - n_clusters):
+            best, best_res = codes, res
+        if n == n_clusters:
+            break
+        lo, hi = (res, hi) if n < n_clusters else (lo, res)
+    if best.max() + 1 != n_clusters:
+        logger.warning("No Leiden resolution gives %d clusters; using %d (resolution %.3g).", n_clusters,
+                       best.max() + 1, best_res)
+    return best, best_res
+
+
+def _knn_graph(x: np.ndarray, n_neighbors: int, seed: int):
+    import scanpy as sc
+    from anndata import AnnData
+
+    tmp = AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(x))]), obsm={"X": x})
+    sc.pp.neighbors(tmp, use_rep="X", n_neighbors=min(n_neighbors, len(x) - 1), random_state=seed)
+    return tmp
 
 
 def leiden_codes(x: np.ndarray, *, n_neighbors: int, resolution: float, seed: int) -> np.ndarray:
     """Leiden cluster (an integer) of each row of ``x``, on its kNN graph (:func:`scanpy.pp.neighbors`,
     ``n_neighbors`` at most ``len(x) - 1``; igraph Leiden, 2 iterations)."""
     import scanpy as sc
-    from anndata import AnnData
 
-    tmp = AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(x))]), obsm={"X": x})
-    sc.pp.neighbors(tmp, use_rep="X", n_neighbors=min(n_neighbors, len(x) - 1), random_state=seed)
+    tmp = _knn_graph(x, n_neighbors, seed)
     sc.tl.leiden(tmp, resolution=resolution, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
     return tmp.obs["leiden"].astype(int).to_numpy()
 

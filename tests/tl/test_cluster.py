@@ -15,11 +15,19 @@ def test_cluster_contract_and_domains(fitted):
     sd, _ = fitted
     sd = copy.deepcopy(sd)
     t = sd["table"]
-    labels = sp.tl.cluster(sd, level="niche", resolution=0.3, inplace=False)
+    out = sp.tl.cluster(sd, level="niche", inplace=False)
+    labels = out[f"obs/{Keys.NICHE}"]
     assert Keys.NICHE not in t.obs and len(labels) == t.n_obs
-    sp.tl.cluster(sd, level="niche", resolution=0.3)
+    assert out["params"]["level"] == "niche" and out["params"]["use_rep"] == Keys.CELL_EMB
+    sp.tl.cluster(sd, level="niche")
     sp.tl.cluster(sd, level="cell", resolution=0.3, key_added="my_clusters")
     assert Keys.NICHE in t.obs and "my_clusters" in t.obs and Keys.CLUSTER not in t.obs
+    rec = t.uns["spatia"]["cluster"]
+    assert rec["smooth_k"] == 0 and rec["resolution"] == 0.3  # the latest run (the cell level)
+    with pytest.raises(KeyError, match="overwrite=True"):
+        sp.tl.cluster(sd, level="niche")
+    sp.tl.cluster(sd, level="niche", n_clusters=3, overwrite=True)
+    assert t.obs[Keys.NICHE].nunique() == 3 and t.uns["spatia"]["cluster"]["n_clusters"] == 3
     ari_niche = adjusted_rand_score(t.obs["domain"], t.obs[Keys.NICHE])
     ari_cell = adjusted_rand_score(t.obs["domain"], t.obs["my_clusters"])
     # niches follow tissue domains better than cell clusters do
@@ -45,16 +53,23 @@ def test_cluster_smoothing_recovers_domains_hidden_by_cell_noise():
     dom = (xy[:, 0] > 150).astype(int)
     emb = rng.normal(size=(n, 8)).astype(np.float32)
     emb[:, 0] += 0.8 * dom
-    a = AnnData(obs={"domain": dom.astype(str)}, obsm={"X_spatia_niche": emb, "spatial": xy})
-    raw = sp.tl.cluster(a, level="niche", smooth_k=0, resolution=0.1, inplace=False)
-    smooth = sp.tl.cluster(a, level="niche", smooth_k=20, resolution=0.1, inplace=False)
+    a = AnnData(obs={"domain": dom.astype(str)}, obsm={"X_spatia_cell": emb, "X_spatia_niche": emb, "spatial": xy})
+
+    def labels(**kw):
+        return sp.tl.cluster(a, level="niche", resolution=0.1, inplace=False, **kw)["obs/spatia_niche"]
+
+    raw, smooth = labels(smooth_k=0), labels(smooth_k=20)
     ari_raw, ari_smooth = adjusted_rand_score(dom, raw), adjusted_rand_score(dom, smooth)
     assert ari_smooth > 0.5 and ari_smooth > ari_raw + 0.3, (ari_raw, ari_smooth)
-    # the default at the niche level smooths over the niche size; cells and tissue are not smoothed
-    default = sp.tl.cluster(a, level="niche", resolution=0.1, inplace=False)
-    assert adjusted_rand_score(dom, default) > ari_raw
+    # the default at the niche level smooths the cell embedding over 30 cells; cells and tissue are not smoothed
+    assert adjusted_rand_score(dom, labels()) > ari_raw
+    assert adjusted_rand_score(dom, labels(use_rep="X_spatia_niche")) > ari_raw
     with pytest.raises(ValueError, match="smooth_k"):
         sp.tl.cluster(a, level="niche", smooth_k=-1)
+    with pytest.raises(KeyError, match="use_rep"):
+        sp.tl.cluster(a, level="niche", use_rep="X_nope")
+    with pytest.raises(ValueError, match="n_clusters"):
+        sp.tl.cluster(a, level="niche", n_clusters=0)
     del a.obsm["spatial"]
     with pytest.raises(KeyError, match="spatial"):
         sp.tl.cluster(a, level="niche", smooth_k=5)
@@ -103,7 +118,7 @@ def test_niche_smoothing_without_obsm_spatial_uses_the_segmentation(fitted):
     rel = np.linalg.norm(with_xy - without) / np.linalg.norm(with_xy - with_xy.mean(0))
     assert rel < 0.2, rel
     assert not np.allclose(with_xy, emb)  # it did smooth
-    sp.tl.cluster(sd2, level="niche", resolution=0.3)  # and the default path runs
+    sp.tl.cluster(sd2, level="niche")  # and the default path runs
     assert sd2["table"].obs["spatia_niche"].nunique() > 1
 
 
@@ -117,9 +132,30 @@ def test_tissue_level_clusters_tiles_not_cells(fitted):
     _, tile = np.unique(emb, axis=0, return_inverse=True)
     n_tiles = tile.max() + 1
     assert n_tiles >= 4  # the test slide has several tiles
-    labels = sp.tl.cluster(sd, level="tissue", resolution=0.3, inplace=False).to_numpy()
+    labels = np.asarray(sp.tl.cluster(sd, level="tissue", resolution=0.3, inplace=False)["obs/spatia_cluster"])
     # each tile in one cluster ...
     for k in range(n_tiles):
         assert len(set(labels[tile.ravel() == k])) == 1
     # ... and fewer clusters than tiles (a kNN graph over the cells made every tile its own component)
     assert 1 < len(set(labels)) < n_tiles, (len(set(labels)), n_tiles)
+
+
+def test_niche_defaults_beat_the_neighbourhood_mean_baseline(fitted):
+    """Domains as a user gets them (defaults, no k given) against the five-line baseline given the true k:
+    the mean log-expression of each cell's 15 nearest cells, PCA, KMeans."""
+    import numpy as np
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+    from sklearn.neighbors import NearestNeighbors
+
+    sd, _ = fitted
+    t = sd["table"]
+    spatia_ari = adjusted_rand_score(t.obs["domain"], sp.tl.cluster(sd, inplace=False)["obs/spatia_niche"])
+    x = t.X.toarray() if hasattr(t.X, "toarray") else np.asarray(t.X)
+    ln = np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1) * np.median(x.sum(1)))
+    xy = np.asarray(t.obsm["spatial"])
+    nb = NearestNeighbors(n_neighbors=16).fit(xy).kneighbors(xy, return_distance=False)
+    feats = PCA(20, random_state=0).fit_transform(ln[nb].mean(1))
+    k = t.obs["domain"].nunique()
+    base_ari = adjusted_rand_score(t.obs["domain"], KMeans(k, n_init=10, random_state=0).fit_predict(feats))
+    assert spatia_ari > base_ari, (spatia_ari, base_ari)
