@@ -243,3 +243,22 @@ def test_estimate_steady_on_a_sparse_subset_of_cells():
     # without the sizes, the spacing alone drifts by more than that
     xy = sp.pp.cell_geometry(sub, sub["table"]).xy
     assert spacing_estimate(xy) < 0.6 * full.um_per_unit
+
+
+def test_decoder_and_generation_same_in_um_and_pixel_frames(fitted_both):
+    """fit_decoder cuts the same crops in both frames, so the same seed generates the same cells, and the
+    generated pixel size is recorded in µm."""
+    from spatia.module import DecoderConfig
+
+    dc = DecoderConfig(size=16, block_out_channels=(8, 16), attention_levels=(False, True), norm_num_groups=4,
+                       attention_heads=2, cross_attention_dim=16, batch_size=16)
+    out = {}
+    for u, (sd, model) in fitted_both.items():
+        sp.tl.fit_decoder(sd, model, config=dc, max_epochs=1, random_state=0)
+        res = sp.tl.generate(sd, model, cells=sd["table"].obs_names[:6], num_inference_steps=4, random_state=0,
+                             inplace=False)
+        out[u] = res
+    a, b = out["um"], out["px"]
+    img = next(k for k in a if k.startswith("images/"))
+    np.testing.assert_allclose(np.asarray(a[img]), np.asarray(b[img]), atol=1e-3 * float(np.abs(np.asarray(a[img])).max()))
+    assert a["params"]["pixel_size_um"] == pytest.approx(b["params"]["pixel_size_um"]) == pytest.approx(16.0 / 16)
