@@ -52,6 +52,14 @@ def fitted(sim):
     return sd, model
 
 
+@pytest.fixture(scope="session")
+def small_fitted():
+    """A 120-cell slide (without results) and a tiny model trained for one epoch on a copy of it."""
+    sd = sp.datasets.simulate(120, random_state=0)
+    model = sp.tl.fit(_copy(sd), image_key="morphology", config=sp.SpatiaConfig.tiny(), max_epochs=1, random_state=0)
+    return sd, model
+
+
 def knn_accuracy(x: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
     from sklearn.model_selection import cross_val_score
     from sklearn.neighbors import KNeighborsClassifier

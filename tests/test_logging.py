@@ -23,15 +23,6 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-@pytest.fixture(scope="module")
-def small():
-    """A 120-cell slide and a model trained for one epoch on it."""
-    sd = sp.datasets.simulate(120, random_state=0)
-    model = sp.tl.fit(copy.deepcopy(sd), image_key="morphology", config=sp.SpatiaConfig.tiny(), max_epochs=1,
-                      random_state=0)
-    return sd, model  # the slide without results
-
-
 @pytest.fixture
 def fresh_lightning():
     """Lightning's loggers as Lightning leaves them on import (INFO; conftest quietens them for the suite),
@@ -51,8 +42,8 @@ def fresh_lightning():
         lg.setLevel(level)
 
 
-def _embed(small) -> None:
-    sd, model = small
+def _embed(small_fitted) -> None:
+    sd, model = small_fitted
     sp.tl.embed(copy.deepcopy(sd), model)  # a fresh copy: the keys are free each time
 
 
@@ -60,40 +51,40 @@ def _adding(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Adding")]
 
 
-def test_adding_lines_follow_verbosity(small, caplog):
-    _embed(small)  # at the default verbosity, 2 (test_import_installs_no_handler checks the default)
+def test_adding_lines_follow_verbosity(small_fitted, caplog):
+    _embed(small_fitted)  # at the default verbosity, 2 (test_import_installs_no_handler checks the default)
     assert "Adding `adata.obsm['X_spatia_cell']`" in _adding(caplog)
     caplog.clear()
     with sp.settings.override(verbosity=1):
         assert logging.getLogger("spatia").getEffectiveLevel() == logging.WARNING
-        _embed(small)
+        _embed(small_fitted)
     assert _adding(caplog) == []
     assert logging.getLogger("spatia").getEffectiveLevel() == logging.INFO  # restored with the setting
 
 
-def test_spatia_prints_its_lines_where_nothing_is_configured(small, capsys, monkeypatch):
+def test_spatia_prints_its_lines_where_nothing_is_configured(small_fitted, capsys, monkeypatch):
     """A notebook: no handler on the root logger, spatia's own handler writes the lines to stderr."""
     monkeypatch.setattr(logging.getLogger(), "handlers", [])
-    _embed(small)
+    _embed(small_fitted)
     err = capsys.readouterr().err
     assert "Adding `adata.obsm['X_spatia_niche']`" in err and "INFO" not in err
     sp.settings.verbosity = "warning"
     try:
-        _embed(small)
+        _embed(small_fitted)
         assert "Adding" not in capsys.readouterr().err
     finally:
         sp.settings.verbosity = 2
 
 
-def test_spatia_handler_stands_aside_when_logging_is_configured(small, capsys):
+def test_spatia_handler_stands_aside_when_logging_is_configured(small_fitted, capsys):
     """Under pytest the root logger has handlers (as after ``logging.basicConfig``): no second copy."""
     assert logging.getLogger().handlers
-    _embed(small)
+    _embed(small_fitted)
     assert "Adding" not in capsys.readouterr().err
 
 
-def _fit_tiny(small):
-    sd, _ = small
+def _fit_tiny(small_fitted):
+    sd, _ = small_fitted
     return sp.tl.fit(copy.deepcopy(sd), image_key="morphology", config=sp.SpatiaConfig.tiny(), max_epochs=1,
                      random_state=1)
 
@@ -102,11 +93,11 @@ def _state():
     return [logging.getLogger(n).level for n in LIGHTNING], list(warnings.filters)
 
 
-def test_fit_hides_lightning_banner_and_restores_global_state(small, fresh_lightning):
+def test_fit_hides_lightning_banner_and_restores_global_state(small_fitted, fresh_lightning):
     before = _state()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _fit_tiny(small)
+        _fit_tiny(small_fitted)
     text = "\n".join(fresh_lightning.messages)
     assert "GPU available" not in text and "Tip" not in text and "Trainer.fit` stopped" not in text
     noisy = [w for w in caught if any(m in w.filename for m in ("lightning", "torch", "docrep"))
@@ -118,9 +109,9 @@ def test_fit_hides_lightning_banner_and_restores_global_state(small, fresh_light
     assert fresh_lightning.messages[-1] == "GPU available: outside"
 
 
-def test_fit_shows_lightning_at_verbosity_3(small, fresh_lightning):
+def test_fit_shows_lightning_at_verbosity_3(small_fitted, fresh_lightning):
     with sp.settings.override(verbosity=3):
-        _fit_tiny(small)
+        _fit_tiny(small_fitted)
     text = "\n".join(fresh_lightning.messages)
     assert "GPU available" in text and "Tip" in text
 

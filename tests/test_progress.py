@@ -14,14 +14,6 @@ from spatia import _utils
 from spatia.train import EpochLogCallback, progress_options
 
 
-@pytest.fixture(scope="module")
-def small():
-    sd = sp.datasets.simulate(120, random_state=0)
-    model = sp.tl.fit(copy.deepcopy(sd), image_key="morphology", config=sp.SpatiaConfig.tiny(), max_epochs=1,
-                      random_state=0)
-    return sd, model  # the slide without results
-
-
 @pytest.fixture
 def bars(monkeypatch):
     """Progress bars on, output drawable (a terminal); records every bar the helper makes."""
@@ -64,8 +56,8 @@ def test_progress_helper_follows_the_setting(monkeypatch, capsys):
         assert bar.disable and capsys.readouterr().err == ""
 
 
-def test_inference_shows_progress(small, bars, capsys):
-    sd, model = small
+def test_inference_shows_progress(small_fitted, bars, capsys):
+    sd, model = small_fitted
     sp.tl.embed(copy.deepcopy(sd), model, batch_size=16)
     inference = [b for b in bars if b.desc == "inference"]
     assert len(inference) == 1 and inference[0].shown
@@ -73,10 +65,10 @@ def test_inference_shows_progress(small, bars, capsys):
     assert "inference" in capsys.readouterr().err
 
 
-def test_generation_counts_every_denoising_step(small, bars):
+def test_generation_counts_every_denoising_step(small_fitted, bars):
     from spatia.module import DecoderConfig, DiffusionDecoder
 
-    _, model = small
+    _, model = small_fitted
     torch.manual_seed(0)
     model.decoder = DiffusionDecoder(DecoderConfig(block_out_channels=(16, 32, 32), size=16), len(model.channels),
                                      model.config.width, len(model.genes)).eval()
@@ -89,7 +81,7 @@ def test_generation_counts_every_denoising_step(small, bars):
     assert len(gen) == 1 and gen[0].shown and gen[0].total == 3 * 3 and gen[0].n == 9
 
 
-def test_fit_draws_lightning_bar_or_logs_epochs(small, monkeypatch, caplog):
+def test_fit_draws_lightning_bar_or_logs_epochs(small_fitted, monkeypatch, caplog):
     import spatia.train._progress as progress_mod
 
     with sp.settings.override(progress_bar=True):
@@ -98,7 +90,7 @@ def test_fit_draws_lightning_bar_or_logs_epochs(small, monkeypatch, caplog):
         monkeypatch.setattr(progress_mod, "interactive", lambda: False)
         opts = progress_options("training")
         assert not opts["enable_progress_bar"] and isinstance(opts["callbacks"][0], EpochLogCallback)
-        sd, _ = small
+        sd, _ = small_fitted
         caplog.clear()
         model = sp.tl.fit(copy.deepcopy(sd), image_key="morphology", config=sp.SpatiaConfig.tiny(), max_epochs=3,
                           random_state=0, early_stopping=False)
