@@ -124,18 +124,26 @@ def stored_um_per_unit(data, coordinate_system: str | None) -> float | None:
 
 def spacing_estimate(xy: np.ndarray, diameter: np.ndarray | None = None, max_cells: int = 20_000,
                      seed: int = 0) -> float | None:
-    """µm per unit implied by the cells' nearest-neighbour spacing (``None`` when it cannot be measured).
+    """µm per unit implied by the cells' spacing and sizes: the larger of :func:`estimates`."""
+    est = estimates(xy, diameter, max_cells=max_cells, seed=seed)
+    return max(est) if est else None
 
-    A subset of a slide's cells (one type, a few picked cells) is sparser than the tissue, which lowers
-    the spacing estimate; the cells' own sizes are not affected, so with ``diameter`` (same units as
-    ``xy``) the larger of the two estimates is returned.
+
+def estimates(xy: np.ndarray, diameter: np.ndarray | None = None, max_cells: int = 20_000,
+              seed: int = 0) -> list[float]:
+    """µm per unit implied by the cells' nearest-neighbour spacing and, with ``diameter`` (same units as ``xy``),
+    by their sizes; empty when the spacing cannot be measured.
+
+    A subset of a slide's cells (one type, a few picked cells) is sparser than the tissue, which lowers the
+    spacing estimate; the cells' own sizes are not affected. Tiny or sparse cells make the two disagree, so a
+    value that agrees with either is accepted (:func:`resolve_units`).
     """
     from scipy.spatial import cKDTree
 
     xy = np.asarray(xy, dtype=float)[:, :2]
     xy = xy[np.isfinite(xy).all(axis=1)]
     if len(xy) < _MIN_CELLS:
-        return None
+        return []
     tree = cKDTree(xy)
     probe = xy
     if len(xy) > max_cells:
@@ -144,14 +152,14 @@ def spacing_estimate(xy: np.ndarray, diameter: np.ndarray | None = None, max_cel
     d = d[:, 1]
     d = d[d > 0]
     if d.size < max(2, len(probe) // 4):
-        return None
-    est = TYPICAL_SPACING_UM / float(np.median(d))
+        return []
+    out = [TYPICAL_SPACING_UM / float(np.median(d))]
     if diameter is not None:
         diameter = np.asarray(diameter, dtype=float)
         diameter = diameter[np.isfinite(diameter) & (diameter > 0)]
         if diameter.size >= _MIN_CELLS:
-            est = max(est, TYPICAL_DIAMETER_UM / float(np.median(diameter)))
-    return est
+            out.append(TYPICAL_DIAMETER_UM / float(np.median(diameter)))
+    return out
 
 
 def _element_candidates(sdata, coordinate_system: str) -> list[tuple[str, float]]:
@@ -216,7 +224,8 @@ def resolve_units(
     stored = stored_um_per_unit(data, coordinate_system)
     if stored is not None:
         return Units(stored, "stored", coordinate_system)
-    estimate = spacing_estimate(xy, diameter)
+    ests = estimates(xy, diameter)
+    estimate = max(ests) if ests else None
     candidates = _element_candidates(data, coordinate_system) if (_is_sdata(data) and coordinate_system) else []
     hint = (f"pass um_per_unit= or set it once with `sp.pp.set_um_per_unit(data, value"
             f"{'' if coordinate_system in (None, 'global') else f', coordinate_system={coordinate_system!r}'})`")
@@ -235,11 +244,14 @@ def resolve_units(
             f"The cell spacing in {what} implies {estimate:.3g} µm per unit, which is not a plausible unit for "
             f"cell positions: check the coordinates, or {hint}."
         )
+    def mismatch(v: float) -> float:  # how far v is from the closest estimate (log ratio)
+        return min(abs(np.log(v / e)) for e in ests)
+
     if candidates:
-        name, v = min(candidates, key=lambda c: abs(np.log(c[1] / estimate)))
-        if abs(np.log(v / estimate)) < np.log(_MATCH_FACTOR):
+        name, v = min(candidates, key=lambda c: mismatch(c[1]))
+        if mismatch(v) < np.log(_MATCH_FACTOR):
             return Units(v, f"element {name!r}", coordinate_system)
-    if abs(np.log(estimate)) < np.log(_MATCH_FACTOR):
+    if mismatch(1.0) < np.log(_MATCH_FACTOR):
         logger.info("The spacing of %s is that of µm coordinates: using 1 µm per unit (%s to change it).",
                     what, hint)
         return Units(1.0, "cell spacing (µm)", coordinate_system)

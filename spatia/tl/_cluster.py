@@ -118,7 +118,8 @@ def cluster(
         raise ValueError(f"n_neighbors must be an integer >= 2 (neighbours of the kNN graph), got {n_neighbors!r}.")
     key_added = key_added or (Keys.NICHE if level == "niche" else Keys.CLUSTER)
     path = f"obs/{key_added}"
-    _results.check_free(data, table, [path], overwrite=overwrite)
+    if inplace:
+        _results.check_free(data, table, [path], overwrite=overwrite)
     smooth_k = default_smooth if smooth_k is None else smooth_k
     if isinstance(smooth_k, bool) or not isinstance(smooth_k, int | np.integer) or smooth_k < 0:
         raise ValueError(f"smooth_k must be an integer >= 0, got {smooth_k!r}.")

@@ -26,6 +26,7 @@ def test_cluster_contract_and_domains(fitted):
     assert rec["smooth_k"] == 0 and rec["resolution"] == 0.3  # the latest run (the cell level)
     with pytest.raises(KeyError, match="overwrite=True"):
         sp.tl.cluster(sd, level="niche")
+    assert sp.tl.cluster(sd, level="niche", n_clusters=2, inplace=False)["params"]["n_clusters"] == 2  # no write
     sp.tl.cluster(sd, level="niche", n_clusters=3, overwrite=True)
     assert t.obs[Keys.NICHE].nunique() == 3 and t.uns["spatia"]["cluster"]["n_clusters"] == 3
     ari_niche = adjusted_rand_score(t.obs["domain"], t.obs[Keys.NICHE])
