@@ -289,7 +289,7 @@ def _spatia_label_aware(sdata, y, seed, cfg, epochs):
               random_state=seed, overwrite=True)  # replaces the label-free embeddings copied with the table
     out = sp.tl.annotate(sd2, labels_key="train_label", unknown_threshold=0.0, keep_known=False, inplace=False,
                          random_state=seed)
-    p = out["spatia_cell_type"].astype(str).to_numpy()
+    p = np.asarray(out["obs/spatia_cell_type"]).astype(str)
     return f1_score(y[te], p[te], average="macro"), precision_score(y[te], p[te], average="macro", zero_division=0)
 
 

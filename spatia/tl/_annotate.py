@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 
 from .._constants import Defaults, Keys
-from .._utils import log_added, seed_from
+from .. import _results
+from .._utils import seed_from
 from ..pp._elements import get_table
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def annotate(
     n_folds: int = 5,
     C: float = 1.0,
     random_state: int | None = 0,
+    overwrite: bool = False,
     inplace: bool = True,
     **embed_kwargs: Any,
 ):
@@ -132,8 +134,12 @@ def annotate(
         Inverse L2 regularisation of the logistic regression.
     random_state
         Seed of the folds.
+    overwrite
+        Replace existing ``obs[key_added]`` / confidence / probability columns (e.g. of an earlier annotate).
     inplace
-        Write into the table (return ``None``) or return a DataFrame (label, confidence, probabilities).
+        Write into the table and ``uns['spatia']['annotate']`` (return ``None``), or return
+        ``{"obs/<key_added>": labels, "obs/<key_added>_confidence": ..., "obsm/<key_added>_proba": ...,
+        "params": ...}`` and leave the data untouched.
     **embed_kwargs
         Passed to :func:`spatia.tl.embed` when embedding on the fly (``image_key=``, ``shapes_key=``...).
 
@@ -151,9 +157,11 @@ def annotate(
     ------
     KeyError
         Unknown ``labels_key`` or ``use_rep``.
+    KeyError
+        ``key_added`` (or its confidence / probability columns) exists and ``overwrite`` is False.
     ValueError
-        ``key_added`` equal to ``labels_key`` or naming a column spatia did not write; fewer than two
-        classes or a class with fewer than 2 labelled cells.
+        ``key_added`` equal to ``labels_key``; fewer than two classes or a class with fewer than 2 labelled
+        cells.
 
     Examples
     --------
@@ -171,12 +179,9 @@ def annotate(
     if key_added == labels_key and reference is None:
         raise ValueError(f"key_added={key_added!r} is the column of your own labels: choose another key_added.")
     conf_key, proba_key = f"{key_added}_confidence", f"{key_added}_proba"
-    ours = table.uns.get(Keys.UNS, {}).get("annotate", {}).get("key_added") == key_added
-    if inplace and key_added in table.obs and not ours:
-        raise ValueError(
-            f"obs[{key_added!r}] exists and was not written by sp.tl.annotate: pass another key_added "
-            "(spatia never overwrites your own columns)."
-        )
+    paths = (f"obs/{key_added}", f"obs/{conf_key}", f"obsm/{proba_key}")
+    if inplace:
+        _results.check_free(data, table, paths, overwrite=overwrite)
     # training cells
     if reference is None:
         src_table, src_data, src_key = table, data, table_key
@@ -250,15 +255,10 @@ def annotate(
         "use_rep": use_rep, "labels_key": labels_key, "key_added": key_added,
         "reference": reference is not None, "keep_known": bool(keep_known and reference is None),
     })
+    results = dict(zip(paths, (lab, conf.astype(np.float32), proba_df), strict=True))
     if not inplace:
-        return pd.concat([pd.DataFrame({key_added: lab, conf_key: conf}, index=table.obs_names), proba_df], axis=1)
-    table.obs[key_added] = lab
-    table.obs[conf_key] = conf.astype(np.float32)
-    table.obsm[proba_key] = proba_df
-    table.uns.setdefault(Keys.UNS, {})["annotate"] = stats
-    log_added("adata.obs", key_added)
-    log_added("adata.obs", conf_key)
-    log_added("adata.obsm", proba_key)
+        return _results.returned("annotate", results, stats)
+    _results.write(data, table, results, function="annotate", params=stats, overwrite=True)
     logger.info("Out-of-fold accuracy %.3f, calibration error %.3f (uncalibrated %.3f), %d unknown.",
                 stats.get("cv_accuracy", np.nan), stats.get("ece", np.nan), stats.get("ece_uncalibrated", np.nan),
                 stats["n_unknown"])

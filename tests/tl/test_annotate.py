@@ -75,9 +75,11 @@ def test_annotate_from_reference_and_inplace_false(annotated_input, fitted):
     ref = fitted[0]  # labelled reference with the embedding (same slide here)
     res = sp.tl.annotate(sd, model, labels_key="cell_type", reference=ref, inplace=False, unknown_threshold=0)
     assert "spatia_cell_type" not in sd["table"].obs
-    acc = (res["spatia_cell_type"].astype(str) == sd["table"].obs["cell_type"].astype(str)).mean()
+    acc = (np.asarray(res["obs/spatia_cell_type"]).astype(str) == sd["table"].obs["cell_type"].astype(str)).mean()
     assert acc > 0.7
-    assert set(res.columns) >= {"spatia_cell_type", "spatia_cell_type_confidence"}
+    assert set(res) == {"obs/spatia_cell_type", "obs/spatia_cell_type_confidence", "obsm/spatia_cell_type_proba",
+                        "params"}
+    assert res["params"]["function"] == "annotate" and res["params"]["reference"]
 
 
 def test_annotate_bad_input(annotated_input):
@@ -88,7 +90,7 @@ def test_annotate_bad_input(annotated_input):
     with pytest.raises(ValueError, match="your own labels"):
         sp.tl.annotate(sd, model, labels_key="known", key_added="known")
     t.obs["mine"] = "x"
-    with pytest.raises(ValueError, match="never overwrites"):
+    with pytest.raises(KeyError, match="overwrite=True"):
         sp.tl.annotate(sd, model, labels_key="known", key_added="mine")
     assert (t.obs["mine"] == "x").all()
     t.obs["one"] = pd.Series(["a"] * t.n_obs, index=t.obs_names)
@@ -97,6 +99,10 @@ def test_annotate_bad_input(annotated_input):
     with pytest.raises(KeyError, match="X_nothing"):
         sp.tl.annotate(sd, None, labels_key="known", use_rep="X_nothing")
     assert "spatia_cell_type" not in t.obs
-    # re-running over spatia's own column is allowed
+    # a second run replaces the first only when asked
     sp.tl.annotate(sd, model, labels_key="known")
-    sp.tl.annotate(sd, model, labels_key="known")
+    with pytest.raises(KeyError, match="overwrite=True"):
+        sp.tl.annotate(sd, model, labels_key="known")
+    sp.tl.annotate(sd, model, labels_key="known", overwrite=True)
+    assert t.uns["spatia"]["annotate"]["keys"] == ["obs/spatia_cell_type", "obs/spatia_cell_type_confidence",
+                                                   "obsm/spatia_cell_type_proba"]
