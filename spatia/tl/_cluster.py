@@ -10,7 +10,7 @@ import pandas as pd
 from .._constants import Defaults, Keys
 from .._results import written_by
 from .._utils import seed_from
-from ..pp._elements import get_embedding, get_table
+from ..pp._elements import get_table
 
 logger = logging.getLogger(__name__)
 
@@ -98,15 +98,7 @@ def cluster(
 
     if level not in LEVEL_DEFAULTS:
         raise ValueError(f"level must be one of {list(LEVEL_DEFAULTS)}, got {level!r}.")
-    table = get_table(data, table_key)
     rep, default_smooth, default_res = LEVEL_DEFAULTS[level]
-    if use_rep is None:
-        get_embedding(table, level)  # the level's own embedding exists: a fit has run
-        use_rep = rep
-    if use_rep not in table.obsm:
-        raise KeyError(f"No obsm[{use_rep!r}] in the table (have: {sorted(table.obsm)}): run `sp.tl.fit` or "
-                       "`sp.tl.embed` first, or pass use_rep=.")
-    emb = np.asarray(table.obsm[use_rep])
     resolution = default_res if resolution is None else resolution
     if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int | float | np.number)
                                    or not resolution > 0):
@@ -116,13 +108,19 @@ def cluster(
         raise ValueError(f"n_clusters must be a positive integer, got {n_clusters!r}.")
     if isinstance(n_neighbors, bool) or not isinstance(n_neighbors, int | np.integer) or n_neighbors < 2:
         raise ValueError(f"n_neighbors must be an integer >= 2 (neighbours of the kNN graph), got {n_neighbors!r}.")
+    smooth_k = default_smooth if smooth_k is None else smooth_k
+    if isinstance(smooth_k, bool) or not isinstance(smooth_k, int | np.integer) or smooth_k < 0:
+        raise ValueError(f"smooth_k must be an integer >= 0, got {smooth_k!r}.")
+    table = get_table(data, table_key)
+    use_rep = rep if use_rep is None else use_rep
+    if use_rep not in table.obsm:
+        raise KeyError(f"No obsm[{use_rep!r}] in the table (have: {sorted(table.obsm)}): run `sp.tl.fit` or "
+                       "`sp.tl.embed` first, or pass use_rep=.")
+    emb = np.asarray(table.obsm[use_rep])
     key_added = key_added or (Keys.NICHE if level == "niche" else Keys.CLUSTER)
     path = f"obs/{key_added}"
     if inplace:
         _results.check_free(data, table, [path], overwrite=overwrite)
-    smooth_k = default_smooth if smooth_k is None else smooth_k
-    if isinstance(smooth_k, bool) or not isinstance(smooth_k, int | np.integer) or smooth_k < 0:
-        raise ValueError(f"smooth_k must be an integer >= 0, got {smooth_k!r}.")
     if smooth_k > 0:
         emb = spatial_smooth(emb, table, smooth_k, data=data)
     if level == "tissue" and use_rep == Keys.TISSUE_EMB:
