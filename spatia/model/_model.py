@@ -487,7 +487,6 @@ class SpatiaModel:
         >>> model = sp.SpatiaModel.load("my_model", map_location="cpu")
         >>> sp.tl.embed(sdata, model)
         """
-        from safetensors.torch import load_file
 
         path = Path(path)
         _recover(path)

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .._constants import Defaults, Keys
 from .. import _results
+from .._constants import Defaults, Keys
 from .._utils import seed_from
 from ..pp._elements import get_table
 

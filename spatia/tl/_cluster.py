@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 
 from .._constants import Defaults, Keys
-from .._results import written_by
 from .._utils import seed_from
 from ..pp._elements import get_table
 
@@ -213,13 +212,6 @@ def leiden_codes(x: np.ndarray, *, n_neighbors: int, resolution: float, seed: in
     tmp = _knn_graph(x, n_neighbors, seed)
     sc.tl.leiden(tmp, resolution=resolution, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
     return tmp.obs["leiden"].astype(int).to_numpy()
-
-
-def _niche_k(table) -> int:
-    """``niche.k`` of the fit that wrote the table's embeddings (the package default otherwise)."""
-    cfg = written_by(table, f"obsm/{Keys.NICHE_EMB}").get("config", {})
-    niche = cfg.get("niche", {}) if isinstance(cfg, dict) else {}
-    return int(niche.get("k", Defaults.NICHE_K)) if isinstance(niche, dict) else Defaults.NICHE_K
 
 
 def spatial_smooth(emb: np.ndarray, table, k: int, data=None) -> np.ndarray:

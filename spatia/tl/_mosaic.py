@@ -70,7 +70,7 @@ def add_crop_mosaic(
     n, c, s, _ = crops.shape
     if len(obs) != n:
         raise ValueError(f"obs has {len(obs)} rows for {n} crops.")
-    labels_key, table_key = f"{key_added}_labels", f"{key_added}_table"
+    labels_key = f"{key_added}_labels"
     _results.check_free(sdata, None, mosaic_paths(key_added), overwrite=overwrite)
     if crops.dtype != np.uint8:
         crops = (np.clip(np.nan_to_num(crops.astype(np.float32)), 0, 1) * 255 + 0.5).astype(np.uint8)

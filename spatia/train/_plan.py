@@ -83,7 +83,7 @@ class RandomStateCallback(pl.Callback):
         self.generator = generator
 
     def state_dict(self) -> dict:
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002 (the global state user code seeds)
         state = {
             "torch": torch.get_rng_state(),
             "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
@@ -101,7 +101,7 @@ class RandomStateCallback(pl.Callback):
         # loader's generator: the states go back now, as they were when the checkpoint was written
         torch.set_rng_state(s["torch"])
         n = s["numpy"]
-        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))  # noqa: NPY002
         random.setstate(_to_tuples(s["python"]))
         if "cuda" in s and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(s["cuda"])

@@ -261,13 +261,15 @@ def test_validate_imputation_writes_nothing(ctx):
 
 
 def test_fit_and_embed_key_added_and_provenance(fitted, ctx):
-    """Each embedding key knows the run that wrote it: cluster reads the niche size of that run."""
-    from spatia.tl._cluster import _niche_k
-
+    """Each embedding key knows the run that wrote it (and that run's configuration)."""
     sd, model = fitted
+
+    def niche_k(table):
+        return _results.written_by(table, "obsm/X_spatia_niche")["config"]["niche"]["k"]
+
     t = copy.deepcopy(sd["table"])
     assert _results.written_by(t, "obsm/X_spatia_niche")["function"] == "fit"
-    assert _niche_k(t) == TINY.niche.k
+    assert niche_k(t) == TINY.niche.k
     with pytest.raises(TypeError, match="prefix"):
         sp.tl.embed(ctx.slide(), model, key_added=3, inplace=False)
     with pytest.raises(KeyError, match="unknown levels"):
@@ -278,6 +280,6 @@ def test_fit_and_embed_key_added_and_provenance(fitted, ctx):
     t.uns["spatia"]["embed"] = {"function": "embed", "keys": ["obsm/X_spatia_cell"], "run": 99,
                                 "config": {"niche": {"k": 3}}}
     assert _results.written_by(t, "obsm/X_spatia_cell")["function"] == "embed"
-    assert _niche_k(t) == TINY.niche.k
+    assert niche_k(t) == TINY.niche.k
     t.uns["spatia"]["embed"]["keys"] = ["obsm/X_spatia_niche"]
-    assert _niche_k(t) == 3
+    assert niche_k(t) == 3
