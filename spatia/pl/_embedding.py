@@ -1,20 +1,57 @@
-"""``sp.pl.embedding``: UMAP of a SPATIA embedding."""
+"""``sp.pl.embedding``: UMAP of a SPATIA embedding, drawn by :func:`scanpy.pl.embedding`."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .._constants import Defaults, Keys
+from .._results import written_by
 from .._utils import check_obs_column
 from ..pp._elements import get_embedding, get_table
 from ._utils import finish, get_ax
 
+logger = logging.getLogger(__name__)
+
+
+def umap_key(level: str) -> str:
+    """``obsm`` key of the stored UMAP of a level's embedding: ``"X_umap_spatia_<level>"``."""
+    return f"X_umap_spatia_{level}"
+
+
+def _umap(table, level: str, random_state: int) -> str:
+    """The UMAP of ``obsm['X_spatia_<level>']``: reused when stored for the same run and seed, else computed and
+    stored (``obsm['X_umap_spatia_<level>']``, with its source in ``uns['spatia']['umap'][level]``)."""
+    import scanpy as sc
+    from anndata import AnnData
+
+    key, emb_key = umap_key(level), Keys.LEVEL_TO_EMB[level]
+    source = {"embedding": emb_key, "run": int(written_by(table, f"obsm/{emb_key}").get("run", -1)),
+              "random_state": int(random_state), "n_obs": int(table.n_obs)}
+    stored = table.uns.get(Keys.UNS, {}).get("umap", {}).get(level)
+    if key in table.obsm and isinstance(stored, dict) and {k: stored.get(k) for k in source} == source:
+        return key
+    tmp = AnnData(obs=pd.DataFrame(index=table.obs_names), obsm={"X": np.asarray(get_embedding(table, level))})
+    sc.pp.neighbors(tmp, use_rep="X", random_state=random_state)
+    sc.tl.umap(tmp, random_state=random_state)
+    table.obsm[key] = tmp.obsm["X_umap"]
+    table.uns.setdefault(Keys.UNS, {}).setdefault("umap", {})[level] = source
+    logger.info("Adding `adata.obsm[%r]` (UMAP of %s, reused by later plots)", key, emb_key)
+    return key
+
 
 def embedding(data, *, level: str = "cell", color: str | None = None, table_key: str | None = Defaults.TABLE,
-              random_state: int = 0, ax=None, save: str | Path | None = None):
+              palette=None, title: str | None = None, size: float | None = None, random_state: int = 0, ax=None,
+              show: bool | None = None, save: str | Path | None = None):
     """UMAP of the cell / niche / tissue embedding, coloured by an ``obs`` column.
+
+    The UMAP is computed on the first call and stored in ``obsm['X_umap_spatia_<level>']`` (its source run and
+    seed in ``uns['spatia']['umap']``), so later plots reuse it; it is recomputed when the embedding was
+    rewritten since. Drawing is :func:`scanpy.pl.embedding`'s: categorical colours come from (and are stored
+    in) ``uns['<color>_colors']``, as in scanpy.
 
     Parameters
     ----------
@@ -26,51 +63,36 @@ def embedding(data, *, level: str = "cell", color: str | None = None, table_key:
         ``obs`` column (categorical or numeric).
     table_key
         The table.
+    palette, title, size
+        As in :func:`scanpy.pl.embedding`.
     random_state
         UMAP seed.
-    ax, save
-        Axes to draw into; file to save to.
+    ax, show, save
+        Axes to draw into; show the figure (scanpy's default when ``None``: not in a script); file to save to.
 
     Returns
     -------
-    The :class:`matplotlib.figure.Figure`. The UMAP is computed on a copy: nothing is written.
+    The :class:`matplotlib.figure.Figure`. Writes ``obsm['X_umap_spatia_<level>']`` and
+    ``uns['spatia']['umap'][level]`` the first time.
 
     Examples
     --------
     >>> fig = sp.pl.embedding(sdata, level="niche", color="spatia_niche")
     """
     import scanpy as sc
-    from anndata import AnnData
 
     table = get_table(data, table_key)
-    emb = get_embedding(table, level)
-    key = Keys.LEVEL_TO_EMB[level]
+    get_embedding(table, level)
     if color is not None:
         check_obs_column(table, color, argument="color")
-    tmp = AnnData(obs=pd.DataFrame(index=table.obs_names), obsm={"X": emb})
-    sc.pp.neighbors(tmp, use_rep="X", random_state=random_state)
-    sc.tl.umap(tmp, random_state=random_state)
-    u = tmp.obsm["X_umap"]
+    basis = _umap(table, level, random_state)
     fig, ax = get_ax(ax, figsize=(5, 5))
-    if color is None:
-        ax.scatter(u[:, 0], u[:, 1], s=3, color="grey")
-    else:
-        col = table.obs[color]
-        if isinstance(col.dtype, pd.CategoricalDtype) or col.dtype == object:
-            cats = col.astype("category")
-            import matplotlib.pyplot as plt
-
-            cmap = plt.get_cmap("tab20" if len(cats.cat.categories) > 10 else "tab10")
-            for i, c in enumerate(cats.cat.categories):
-                m = (cats == c).to_numpy()
-                ax.scatter(u[m, 0], u[m, 1], s=3, color=cmap(i % cmap.N), label=str(c))
-            ax.legend(markerscale=3, fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left", frameon=False)
-        else:
-            sca = ax.scatter(u[:, 0], u[:, 1], s=3, c=col.to_numpy(dtype=float), cmap="viridis")
-            fig.colorbar(sca, ax=ax, label=color)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    sc.pl.embedding(table, basis=basis, color=color, palette=palette, size=size, ax=ax, show=False,
+                    title=title if title is not None else f"{Keys.LEVEL_TO_EMB[level]}" + (f" — {color}" if color else ""))
     ax.set_xlabel("UMAP1")
     ax.set_ylabel("UMAP2")
-    ax.set_title(f"{key}" + (f" — {color}" if color else ""))
+    if show:
+        import matplotlib.pyplot as plt
+
+        plt.show()
     return finish(fig, save)

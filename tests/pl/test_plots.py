@@ -85,6 +85,29 @@ def test_history_and_embedding(clustered, tmp_path):
     plt.close("all")
 
 
+def test_embedding_umap_is_stored_and_reused(clustered, monkeypatch):
+    """The first plot stores the UMAP; later plots reuse it until the embedding is rewritten."""
+    import scanpy as sc
+
+    sd, model = clustered
+    sd = copy.deepcopy(sd)
+    t = sd["table"]
+    calls = []
+    umap = sc.tl.umap
+    monkeypatch.setattr(sc.tl, "umap", lambda *a, **k: (calls.append(1), umap(*a, **k))[1])
+    sp.pl.embedding(sd, level="cell", color="cell_type")
+    first = t.obsm["X_umap_spatia_cell"].copy()
+    assert len(calls) == 1 and t.uns["spatia"]["umap"]["cell"]["embedding"] == "X_spatia_cell"
+    assert "cell_type_colors" in t.uns  # scanpy's palette convention
+    fig = sp.pl.embedding(sd, level="cell", color="domain", title="mine", palette="Set2")
+    assert len(calls) == 1 and fig.axes[0].get_title() == "mine"
+    np.testing.assert_array_equal(t.obsm["X_umap_spatia_cell"], first)
+    sp.tl.embed(sd, model, overwrite=True)  # a new run wrote the embedding: the UMAP is recomputed
+    sp.pl.embedding(sd, level="cell")
+    assert len(calls) == 2
+    plt.close("all")
+
+
 def test_imputation_plot(clustered, tmp_path):
     sd, model = clustered
     sd = copy.deepcopy(sd)
