@@ -97,8 +97,12 @@ def get_image(sdata, image_key: str | None):
         if len(images) > 1:  # spatia's own outputs (generated / transition crop mosaics) are never the input
             tables = getattr(sdata, "tables", {})
             own = {k for k in images if f"{k}_table" in tables and "spatia" in tables[f"{k}_table"].uns}
-            if len(images) - len(own) == 1:
-                image_key = next(k for k in images if k not in own)
+            inputs = [k for k in images if k not in own]
+            if len(inputs) == 1:
+                image_key = inputs[0]
+            elif "morphology_focus" in inputs:  # spatialdata-io's Xenium: focus (and older: mip) images
+                image_key = "morphology_focus"
+                logger.info("Using image 'morphology_focus' of %s (pass image_key= for another).", _available(images))
     if image_key is None:
         if len(images) != 1:
             raise KeyError(

@@ -656,3 +656,19 @@ def test_image_without_channels_is_an_error():
     img = xr.DataArray(da.zeros((0, 10, 12)), dims=("c", "y", "x"))
     with pytest.raises(ValueError, match="has no channels"):
         get_image(SimpleNamespace(images={"x": img}), "x")
+
+
+def test_xenium_focus_image_is_the_default_among_several():
+    """spatialdata-io's Xenium reader writes morphology_focus beside morphology_mip: the focus image is used."""
+    from spatialdata.transformations import get_transformation
+
+    sd = sp.datasets.xenium_toy(transcripts=False)
+    img = sd.images["morphology_focus"]
+    sd.images["morphology_mip"] = Image2DModel.parse(np.asarray(img.data) // 2, dims=("c", "y", "x"),
+                                                     c_coords=["DAPI"],
+                                                     transformations={"global": get_transformation(img, "global")})
+    assert get_image(sd, None)[0] == "morphology_focus"
+    del sd.images["morphology_focus"]
+    sd.images["other"] = sd.images["morphology_mip"]
+    with pytest.raises(KeyError, match="pass image_key="):
+        get_image(sd, None)
