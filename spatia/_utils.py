@@ -133,3 +133,35 @@ def keep_torch_threads():
         torch = sys.modules.get("torch")
         if torch is not None and n is not None and torch.get_num_threads() != n:
             torch.set_num_threads(n)
+
+
+def scanpy_neighbors(adata: Any, *, use_rep: str, n_neighbors: int = 15, random_state: int = 0) -> None:
+    """:func:`scanpy.pp.neighbors` on ``obsm[use_rep]``, on any number of cells.
+
+    Above 4,096 cells scanpy 1.11 uses pynndescent, whose graph comes back as a ``scipy.sparse.csr_array``,
+    which scanpy then queries with ``getnnz`` (gone from sparse arrays in scipy 1.17): it fails. The same
+    approximate index is used here, its graph handed to scanpy as a ``csr_matrix``.
+    """
+    import scanpy as sc
+
+    n_neighbors = int(min(n_neighbors, adata.n_obs - 1))
+    transformer = None
+    if adata.n_obs > 4096:
+        transformer = _csr_pynndescent(n_neighbors=n_neighbors, random_state=random_state)
+    sc.pp.neighbors(adata, use_rep=use_rep, n_neighbors=n_neighbors, random_state=random_state,
+                    transformer=transformer)
+
+
+def _csr_pynndescent(**kwargs: Any) -> Any:
+    """pynndescent's kNN transformer returning ``csr_matrix`` (what scanpy expects); imported on first use."""
+    import scipy.sparse as sps
+    from pynndescent import PyNNDescentTransformer
+
+    class CsrPyNNDescent(PyNNDescentTransformer):
+        def fit_transform(self, X, y=None, **kw):
+            return sps.csr_matrix(super().fit_transform(X, y, **kw))
+
+        def transform(self, X, **kw):
+            return sps.csr_matrix(super().transform(X, **kw))
+
+    return CsrPyNNDescent(**kwargs)

@@ -10,7 +10,7 @@ import pandas as pd
 
 from .._constants import Defaults, Keys
 from .._results import written_by
-from .._utils import check_obs_column
+from .._utils import check_obs_column, scanpy_neighbors
 from ..pp._elements import get_embedding, get_table
 from ._utils import finish, get_ax
 
@@ -35,7 +35,7 @@ def _umap(table, level: str, random_state: int) -> str:
     if key in table.obsm and isinstance(stored, dict) and {k: stored.get(k) for k in source} == source:
         return key
     tmp = AnnData(obs=pd.DataFrame(index=table.obs_names), obsm={"X": np.asarray(get_embedding(table, level))})
-    sc.pp.neighbors(tmp, use_rep="X", random_state=random_state)
+    scanpy_neighbors(tmp, use_rep="X", random_state=random_state)
     sc.tl.umap(tmp, random_state=random_state)
     table.obsm[key] = tmp.obsm["X_umap"]
     table.uns.setdefault(Keys.UNS, {}).setdefault("umap", {})[level] = source

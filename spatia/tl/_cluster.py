@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import Defaults, Keys
-from .._utils import seed_from
+from .._utils import scanpy_neighbors, seed_from
 from ..pp._elements import get_table
 
 logger = logging.getLogger(__name__)
@@ -196,11 +196,10 @@ def leiden_n_clusters(x: np.ndarray, n_clusters: int, *, n_neighbors: int, seed:
 
 
 def _knn_graph(x: np.ndarray, n_neighbors: int, seed: int):
-    import scanpy as sc
     from anndata import AnnData
 
     tmp = AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(x))]), obsm={"X": x})
-    sc.pp.neighbors(tmp, use_rep="X", n_neighbors=min(n_neighbors, len(x) - 1), random_state=seed)
+    scanpy_neighbors(tmp, use_rep="X", n_neighbors=n_neighbors, random_state=seed)
     return tmp
 
 

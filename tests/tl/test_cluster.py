@@ -160,3 +160,20 @@ def test_niche_defaults_beat_the_neighbourhood_mean_baseline(fitted):
     k = t.obs["domain"].nunique()
     base_ari = adjusted_rand_score(t.obs["domain"], KMeans(k, n_init=10, random_state=0).fit_predict(feats))
     assert spatia_ari > base_ari, (spatia_ari, base_ari)
+
+
+def test_cluster_on_more_cells_than_scanpys_exact_knn():
+    """Above 4,096 cells scanpy's neighbours go through pynndescent (whose csr_array output scanpy 1.11 cannot
+    read under scipy 1.17): clustering still works and finds the two domains."""
+    import numpy as np
+    from anndata import AnnData
+
+    rng = np.random.default_rng(0)
+    n = 4500
+    xy = rng.uniform(0, 800, (n, 2))
+    dom = (xy[:, 0] > 400).astype(int)
+    emb = rng.normal(size=(n, 8)).astype(np.float32)
+    emb[:, 0] += 1.5 * dom
+    a = AnnData(obs={"domain": dom.astype(str)}, obsm={"X_spatia_cell": emb, "X_spatia_niche": emb, "spatial": xy})
+    sp.tl.cluster(a, level="niche", n_clusters=2)
+    assert adjusted_rand_score(dom, a.obs["spatia_niche"]) > 0.8
