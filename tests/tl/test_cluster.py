@@ -42,19 +42,24 @@ def test_cluster_bad_input(sim):
         sp.tl.cluster(sim, level="organ")
 
 
-def test_cluster_smoothing_recovers_domains_hidden_by_cell_noise():
-    """Two spatial halves whose embeddings differ by a shift well below the per-cell spread: unsmoothed
-    Leiden cannot separate them, averaging each cell with its spatial neighbours can."""
+def _two_halves(n: int, *, side: float, shift: float):
+    """An AnnData of ``n`` cells on a ``side``-µm square whose right half's embeddings are shifted by ``shift``
+    (per-cell spread 1), and the half of each cell."""
     import numpy as np
     from anndata import AnnData
 
     rng = np.random.default_rng(0)
-    n = 600
-    xy = rng.uniform(0, 300, (n, 2))
-    dom = (xy[:, 0] > 150).astype(int)
+    xy = rng.uniform(0, side, (n, 2))
+    dom = (xy[:, 0] > side / 2).astype(int)
     emb = rng.normal(size=(n, 8)).astype(np.float32)
-    emb[:, 0] += 0.8 * dom
-    a = AnnData(obs={"domain": dom.astype(str)}, obsm={"X_spatia_cell": emb, "X_spatia_niche": emb, "spatial": xy})
+    emb[:, 0] += shift * dom
+    return AnnData(obs={"domain": dom.astype(str)}, obsm={"X_spatia_cell": emb, "X_spatia_niche": emb, "spatial": xy}), dom
+
+
+def test_cluster_smoothing_recovers_domains_hidden_by_cell_noise():
+    """Two spatial halves whose embeddings differ by a shift well below the per-cell spread: unsmoothed
+    Leiden cannot separate them, averaging each cell with its spatial neighbours can."""
+    a, dom = _two_halves(600, side=300.0, shift=0.8)
 
     def labels(**kw):
         return sp.tl.cluster(a, level="niche", resolution=0.1, inplace=False, **kw)["obs/spatia_niche"]
@@ -165,15 +170,6 @@ def test_niche_defaults_beat_the_neighbourhood_mean_baseline(fitted):
 def test_cluster_on_more_cells_than_scanpys_exact_knn():
     """Above 4,096 cells scanpy's neighbours go through pynndescent (whose csr_array output scanpy 1.11 cannot
     read under scipy 1.17): clustering still works and finds the two domains."""
-    import numpy as np
-    from anndata import AnnData
-
-    rng = np.random.default_rng(0)
-    n = 4500
-    xy = rng.uniform(0, 800, (n, 2))
-    dom = (xy[:, 0] > 400).astype(int)
-    emb = rng.normal(size=(n, 8)).astype(np.float32)
-    emb[:, 0] += 1.5 * dom
-    a = AnnData(obs={"domain": dom.astype(str)}, obsm={"X_spatia_cell": emb, "X_spatia_niche": emb, "spatial": xy})
+    a, dom = _two_halves(4500, side=800.0, shift=1.5)
     sp.tl.cluster(a, level="niche", n_clusters=2)
     assert adjusted_rand_score(dom, a.obs["spatia_niche"]) > 0.8
