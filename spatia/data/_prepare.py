@@ -15,7 +15,8 @@ from .._utils import check_obs_names
 from ..pp._crops import CropStore, crops_for
 from ..pp._elements import _is_sdata, cell_geometry, get_image, get_table
 from ..pp._expression import align_genes, get_counts
-from ..pp._units import Units, resolve_units
+from ..pp._graphs import niche_graph, obsm_um, tissue_tiles
+from ..pp._units import Units
 from ._dataset import CellArrays, neighbours_from_graph
 
 logger = logging.getLogger(__name__)
@@ -133,12 +134,7 @@ def _prepare(
     else:
         if use_image and crops is None:
             raise ValueError("An AnnData has no image: pass a SpatialData, crops=, or disable the image branch.")
-        if spatial_key not in table.obsm:
-            raise KeyError(f"The table has no obsm[{spatial_key!r}] with cell centroids.")
-        xy = np.asarray(table.obsm[spatial_key], dtype=float)[:, :2]
-        units = resolve_units(table, xy, coordinate_system=None, um_per_unit=um_per_unit,
-                              what=f"table.obsm[{spatial_key!r}]")
-        xy = xy * units.um_per_unit
+        xy, units = obsm_um(table, spatial_key, um_per_unit)
         if use_image:
             store = crops_for(data, crops, table_key=table_key)
             crop_params, channels = store.params, list(store.channels)
@@ -152,8 +148,6 @@ def _prepare(
         )
 
     # niche graph (squidpy) and tissue tiles
-    from ..pp._graphs import niche_graph, tissue_tiles
-
     tmp = AnnData(obs=pd.DataFrame(index=table.obs_names.astype(str)), obsm={"spatial": xy})  # µm
     conn, _ = niche_graph(tmp, n_neighs=niche_k, radius=niche_radius, inplace=False, um_per_unit=1.0)
     nbr = neighbours_from_graph(conn, niche_k if niche_radius is None else max(niche_k, int(conn.sum(1).max())))

@@ -27,7 +27,7 @@ def _coords(table: AnnData, spatial_key: str) -> np.ndarray:
     return xy
 
 
-def _coords_um(data, table: AnnData, spatial_key: str, um_per_unit: float | None) -> tuple[np.ndarray, Units]:
+def obsm_um(table: AnnData, spatial_key: str, um_per_unit: float | None) -> tuple[np.ndarray, Units]:
     """``obsm[spatial_key]`` in µm, and the units found for it (see :func:`~spatia.pp.resolve_units`)."""
     xy = _coords(table, spatial_key)
     # obsm is in no coordinate system (spatialdata-io keeps it in µm beside pixel frames): only a value
@@ -97,7 +97,7 @@ def niche_graph(
         raise ValueError(f"radius must be positive, got {radius}.")
     if table.n_obs < 2:
         raise ValueError(f"The table has {table.n_obs} cell(s): a niche graph needs at least 2 cells.")
-    xy_um, units = _coords_um(data, table, spatial_key, um_per_unit)
+    xy_um, units = obsm_um(table, spatial_key, um_per_unit)
     tmp = AnnData(obs=table.obs[[]].copy(), obsm={spatial_key: xy_um})
     if radius is not None:
         kw, new_api = {"radius": float(radius)}, "spatial_neighbors_radius"
@@ -155,7 +155,7 @@ def tissue_tiles(
     table = get_table(data, table_key)
     if tile_size <= 0:
         raise ValueError(f"tile_size must be positive, got {tile_size}.")
-    xy, _ = _coords_um(data, table, spatial_key, um_per_unit)
+    xy, _ = obsm_um(table, spatial_key, um_per_unit)
     cell = np.floor((xy - xy.min(axis=0)) / tile_size).astype(np.int64)
     key = cell[:, 1] * (cell[:, 0].max() + 1) + cell[:, 0]
     _, tile = np.unique(key, return_inverse=True)
