@@ -136,7 +136,13 @@ class SpatiaModel:
         from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
         from .._logging import quiet_dependencies
-        from ..train import HistoryCallback, RandomStateCallback, SpatiaTrainingPlan, progress_options
+        from ..train import (
+            HistoryCallback,
+            RandomStateCallback,
+            SpatiaTrainingPlan,
+            default_precision,
+            progress_options,
+        )
 
         tc = self.config.train
         max_epochs = check_count("max_epochs", tc.max_epochs if max_epochs is None else max_epochs, 1)
@@ -161,8 +167,7 @@ class SpatiaModel:
         val_batches = arrays.plan(batch_size, None, np.nonzero(is_val)[0])
         if not train_batches:
             raise ValueError("No cells left for training.")
-        if precision is None:
-            precision = "bf16-mixed" if resolve_device(accelerator if accelerator != "gpu" else "cuda") == "cuda" else "32-true"
+        precision = default_precision(precision, accelerator)
         if compile:
             self.module = torch.compile(self.module)  # type: ignore[assignment]
         plan = SpatiaTrainingPlan(self.module, lr=lr or tc.lr, weight_decay=tc.weight_decay)
@@ -306,9 +311,8 @@ class SpatiaModel:
         """
         import lightning.pytorch as pl
 
-        from .._logging import quiet_dependencies
         from ..module import DiffusionDecoder
-        from ..train import DecoderBatches, DecoderTrainingPlan, HistoryCallback, progress_options
+        from ..train import DecoderBatches, DecoderTrainingPlan, run_trainer
 
         if not self.config.expression.enabled:
             raise ValueError("The decoder is conditioned on expression: the model needs its expression branch.")
@@ -331,28 +335,18 @@ class SpatiaModel:
             decoder = DiffusionDecoder(dc, len(arrays.crops.channels), self.config.width, len(self.genes))
         order = rng.permutation(arrays.n)
         batches = [order[i:i + batch_size] for i in range(0, arrays.n, batch_size)]
-        if precision is None:
-            precision = "bf16-mixed" if resolve_device(accelerator if accelerator != "gpu" else "cuda") == "cuda" else "32-true"
         from .._settings import settings
 
         plan = DecoderTrainingPlan(decoder, self.module, lr=lr or dc.lr, weight_decay=dc.weight_decay)
-        history = HistoryCallback()
-        shown = progress_options("decoder training")
-        kw = dict(
-            max_epochs=max_epochs, accelerator=accelerator, devices=devices, precision=precision,
-            callbacks=[history, *shown["callbacks"]], logger=False, enable_progress_bar=shown["enable_progress_bar"],
-            enable_model_summary=False, enable_checkpointing=False, deterministic="warn",
-            default_root_dir=tempfile.mkdtemp(prefix="spatia_decoder_"),
-        )
-        kw.update(trainer_kwargs)
         loader = torch.utils.data.DataLoader(
             DecoderBatches(arrays.counts, arrays.crops, batches), batch_size=None, shuffle=True,
             num_workers=settings.num_workers, generator=torch.Generator().manual_seed(seed),
         )
         try:
-            with quiet_dependencies():
-                trainer = pl.Trainer(**kw)
-                trainer.fit(plan, train_dataloaders=loader)
+            trainer, history = run_trainer(
+                plan, loader, name="decoder training", max_epochs=max_epochs, accelerator=accelerator,
+                devices=devices, precision=precision, trainer_kwargs=trainer_kwargs, deterministic="warn",
+            )
         finally:
             self.module.requires_grad_(True)
             self.module.cpu()

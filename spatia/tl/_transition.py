@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 import time
 from typing import Any
 
@@ -186,12 +185,10 @@ def fit_transition(
     import lightning.pytorch as pl
     import torch
 
-    from .._logging import quiet_dependencies
     from .._settings import settings
-    from .._utils import resolve_device
     from ..data import PairArrays, PairDataset
     from ..module import FlowConfig, TransitionFlow
-    from ..train import FlowTrainingPlan, HistoryCallback, progress_options
+    from ..train import FlowTrainingPlan, run_trainer
 
     n_threads = torch.get_num_threads()  # kept across the pairing and crop steps (OpenMP kernels reset it)
     pairs_wanted = _transition_list(source, target, transitions)
@@ -251,25 +248,16 @@ def fit_transition(
     elif max_epochs < 1:
         raise ValueError(f"max_epochs must be at least 1, got {max_epochs}.")
     pl.seed_everything(seed, workers=True, verbose=False)
-    if precision is None:
-        dev = resolve_device(accelerator if accelerator != "gpu" else "cuda")
-        precision = "bf16-mixed" if dev == "cuda" else "32-true"
-    history = HistoryCallback()
-    shown = progress_options("transition training")
-    kw = dict(max_epochs=max_epochs, accelerator=accelerator, devices=devices, precision=precision,
-              callbacks=[history, *shown["callbacks"]], logger=False, enable_progress_bar=shown["enable_progress_bar"],
-              enable_model_summary=False, enable_checkpointing=False, gradient_clip_val=config.grad_clip or None,
-              default_root_dir=tempfile.mkdtemp(prefix="spatia_flow_"), num_sanity_val_steps=0)
-    kw.update(trainer_kwargs)
-    with quiet_dependencies():
-        trainer = pl.Trainer(**kw)
     # new batches every epoch, drawn from (seed, epoch)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=dataset.sampler,
                                          num_workers=settings.num_workers)
     t0 = time.perf_counter()
     plan = FlowTrainingPlan(flow, lr=config.lr, weight_decay=config.weight_decay)
-    with quiet_dependencies():
-        trainer.fit(plan, train_dataloaders=loader)
+    trainer, history = run_trainer(
+        plan, loader, name="transition training", max_epochs=max_epochs, accelerator=accelerator, devices=devices,
+        precision=precision, trainer_kwargs=trainer_kwargs, gradient_clip_val=config.grad_clip or None,
+        num_sanity_val_steps=0,
+    )
     model.flow = plan.flow.cpu().eval()
     model.flow_info = {
         "config": config.to_dict(), "channels": len(model.channels), "size": int(arrays.crops.size),
