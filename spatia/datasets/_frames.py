@@ -6,7 +6,7 @@ from typing import Literal
 
 from .._constants import Defaults
 
-Units = Literal["px", "um"]
+FrameUnits = Literal["px", "um"]
 
 
 def check_units(units: str) -> str:

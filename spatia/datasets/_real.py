@@ -24,7 +24,7 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
-from ._frames import Units, check_units, to_pixel_frame
+from ._frames import FrameUnits, check_units, to_pixel_frame
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -93,7 +93,7 @@ def _decode(values: pd.Series) -> pd.Series:
 
 
 # --------------------------------------------------------------------------------------------- Xenium
-def xenium_toy(*, transcripts: bool = True, units: Units = "px") -> SpatialData:
+def xenium_toy(*, transcripts: bool = True, units: FrameUnits = "px") -> SpatialData:
     """A tiny real 10x Xenium slide: 526 cells × 27 genes of human lymphoid tissue with a DAPI image.
 
     Shaped like what ``spatialdata_io.xenium(path, cells_as_circles=True)`` returns for full-size outputs:
@@ -257,7 +257,7 @@ def _cosmx_fov_transformation(fov_xy: tuple[float, float], x0: float, y_top: flo
     return _scale_translate(s, tx, ty)
 
 
-def cosmx_lung_mini(*, transcripts: bool = True, units: Units = "px") -> SpatialData:
+def cosmx_lung_mini(*, transcripts: bool = True, units: FrameUnits = "px") -> SpatialData:
     """Two tiny real NanoString CosMx FOV crops of human NSCLC (Lung12): 120 cells × 960 genes.
 
     Parameters
@@ -423,7 +423,7 @@ def cosmx_lung_mini(*, transcripts: bool = True, units: Units = "px") -> Spatial
 
 
 # --------------------------------------------------------------------------------------------- MERSCOPE
-def merscope_toy(*, channels: tuple[str, ...] = ("DAPI", "PolyT"), units: Units = "px") -> SpatialData:
+def merscope_toy(*, channels: tuple[str, ...] = ("DAPI", "PolyT"), units: FrameUnits = "px") -> SpatialData:
     """A tiny real Vizgen MERSCOPE region of mouse tissue: 1,058 cells × 49 genes with DAPI/PolyT mosaics.
 
     Parameters

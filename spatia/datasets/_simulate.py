@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -29,7 +29,7 @@ from scipy.spatial import cKDTree
 
 from .._constants import Defaults, Keys
 from .._utils import RandomState, get_rng
-from ._frames import check_units, to_pixel_frame
+from ._frames import FrameUnits, check_units, to_pixel_frame
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -435,7 +435,7 @@ def simulate(
     random_state: RandomState = 0,
     chunk_size: int = 1024,
     lazy: bool | None = None,
-    units: Literal["um", "px"] = "um",
+    units: FrameUnits = "um",
 ) -> SpatialData:
     """Simulate an imaging-based spatial transcriptomics slide (10x Xenium-like) with known ground truth.
 
