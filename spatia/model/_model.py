@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -132,33 +131,17 @@ class SpatiaModel:
         >>> model = sp.SpatiaModel(sp.SpatiaConfig.tiny(), genes, channels)
         >>> model.train(prepared.arrays, max_epochs=10)  # sp.tl.fit does all of this from a SpatialData
         """
-        import lightning.pytorch as pl
-        from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+        from lightning.pytorch.callbacks import EarlyStopping
 
-        from .._logging import quiet_dependencies
-        from ..train import (
-            HistoryCallback,
-            RandomStateCallback,
-            SpatiaTrainingPlan,
-            default_precision,
-            progress_options,
-        )
+        from .._settings import settings
+        from ..train import RandomStateCallback, SpatiaTrainingPlan, default_precision, run_trainer
 
         tc = self.config.train
         max_epochs = check_count("max_epochs", tc.max_epochs if max_epochs is None else max_epochs, 1)
         batch_size = check_count("batch_size", tc.batch_size if batch_size is None else batch_size, 2)
         seed = seed_from(random_state)
-        pl.seed_everything(seed, workers=True, verbose=False)
         rng = np.random.default_rng(seed)
-
-        # held-out validation split by tissue tile (whole tiles, so validation is spatially separate)
-        tiles = np.unique(arrays.tile)
-        n_val = int(round(len(tiles) * tc.val_fraction)) if early_stopping else 0
-        val_tiles = rng.choice(tiles, size=n_val, replace=False) if 0 < n_val < len(tiles) else np.array([])
-        is_val = np.isin(arrays.tile, val_tiles)
-        if is_val.sum() == 0 and early_stopping and arrays.n >= 20:
-            # one tile or very few: hold out a random 10 % of cells instead
-            is_val = rng.random(arrays.n) < tc.val_fraction
+        is_val = _validation_cells(arrays, tc.val_fraction, rng, hold_out=early_stopping)
         if not self.is_trained and ckpt_path is None:
             # expression normalisation target from the training cells (kept when training goes on)
             lib = np.asarray(arrays.counts[np.nonzero(~is_val)[0]].sum(1)).ravel()
@@ -171,30 +154,13 @@ class SpatiaModel:
         if compile:
             self.module = torch.compile(self.module)  # type: ignore[assignment]
         plan = SpatiaTrainingPlan(self.module, lr=lr or tc.lr, weight_decay=tc.weight_decay)
-        history = HistoryCallback()
         generator = torch.Generator().manual_seed(seed)  # the loader's shuffling, saved in checkpoints
-        ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(tempfile.mkdtemp(prefix="spatia_ckpt_"))
-        callbacks = [history, RandomStateCallback(generator),
-                     ModelCheckpoint(dirpath=ckdir, save_last=True, save_top_k=1,
-                                     monitor="val_loss" if val_batches else "train_loss")]
+        callbacks = [RandomStateCallback(generator)]
         if val_batches and early_stopping:
             callbacks.append(EarlyStopping(monitor="val_loss", patience=tc.patience, mode="min"))
-        from .._settings import settings
-
         if isinstance(strategy, str) and strategy in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"):
             # some heads (masked genes, labels, contrastive) can sit out a batch: DDP must allow it
             strategy = f"{strategy}_find_unused_parameters_true"
-        shown = progress_options("training")
-        kw = dict(
-            max_epochs=max_epochs, accelerator=accelerator, devices=devices, strategy=strategy,
-            precision=precision, callbacks=callbacks + shown["callbacks"], logger=False,
-            enable_progress_bar=shown["enable_progress_bar"],
-            enable_model_summary=False, deterministic=True, default_root_dir=str(ckdir),
-            num_sanity_val_steps=0, use_distributed_sampler=True,
-        )
-        kw.update(trainer_kwargs)
-        with quiet_dependencies():
-            trainer = pl.Trainer(**kw)
         loader = torch.utils.data.DataLoader(
             BatchDataset(arrays, train_batches), batch_size=None, shuffle=True, num_workers=settings.num_workers,
             generator=generator,
@@ -204,13 +170,13 @@ class SpatiaModel:
                                         num_workers=settings.num_workers)
             if val_batches else None
         )
-        fit_kw = {}
-        if ckpt_path is not None:
-            ckpt_path = str(_check_checkpoint(ckpt_path))
-            if "weights_only" in inspect.signature(trainer.fit).parameters:  # lightning >= 2.5
-                fit_kw["weights_only"] = True
-        with quiet_dependencies():
-            trainer.fit(plan, train_dataloaders=loader, val_dataloaders=val_loader, ckpt_path=ckpt_path, **fit_kw)
+        ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(tempfile.mkdtemp(prefix="spatia_ckpt_"))
+        trainer, history = run_trainer(
+            plan, loader, val_loader=val_loader, name="training", max_epochs=max_epochs, accelerator=accelerator,
+            devices=devices, strategy=strategy, precision=precision, seed=seed, callbacks=callbacks,
+            checkpoint_dir=ckdir, monitor="val_loss" if val_batches else "train_loss", ckpt_path=ckpt_path,
+            trainer_kwargs=trainer_kwargs, deterministic=True, num_sanity_val_steps=0, use_distributed_sampler=True,
+        )
         trained = plan.module
         self.module = getattr(trained, "_orig_mod", trained).cpu()  # unwrap torch.compile
         if not history.history and trainer.callback_metrics:
@@ -309,8 +275,6 @@ class SpatiaModel:
         --------
         >>> model.fit_decoder(prepared.arrays, max_epochs=20)  # or sp.tl.fit_decoder(sdata, model)
         """
-        import lightning.pytorch as pl
-
         from ..module import DiffusionDecoder
         from ..train import DecoderBatches, DecoderTrainingPlan, run_trainer
 
@@ -328,7 +292,6 @@ class SpatiaModel:
         max_epochs = check_count("max_epochs", dc.max_epochs if max_epochs is None else max_epochs, 1)
         batch_size = check_count("batch_size", dc.batch_size if batch_size is None else batch_size, 1)
         seed = seed_from(random_state)
-        pl.seed_everything(seed, workers=True, verbose=False)
         rng = np.random.default_rng(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -345,7 +308,7 @@ class SpatiaModel:
         try:
             trainer, history = run_trainer(
                 plan, loader, name="decoder training", max_epochs=max_epochs, accelerator=accelerator,
-                devices=devices, precision=precision, trainer_kwargs=trainer_kwargs, deterministic="warn",
+                devices=devices, precision=precision, seed=seed, trainer_kwargs=trainer_kwargs, deterministic="warn",
             )
         finally:
             self.module.requires_grad_(True)
@@ -530,24 +493,17 @@ class SpatiaModel:
         return model
 
 
-def _check_checkpoint(ckpt_path: str | Path) -> Path:
-    """A Lightning checkpoint to resume from, read with ``weights_only=True``: tensors and plain containers
-    only, never arbitrary pickled objects (whatever torch's default)."""
-    import pickle
-
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {path}: pass checkpoint_dir/last.ckpt of an earlier fit.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} holds objects other than tensors and plain values: refusing to unpickle it "
-                         f"(resume only from checkpoints spatia wrote). {str(e).splitlines()[0]}") from e
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({e}).") from e
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "epoch" not in ckpt:
-        raise ValueError(f"{path} is not a Lightning checkpoint of spatia.tl.fit (no state_dict / epoch).")
-    return path
+def _validation_cells(arrays: CellArrays, fraction: float, rng: np.random.Generator, *, hold_out: bool) -> np.ndarray:
+    """Cells held out for validation (boolean mask): a ``fraction`` of the tissue tiles, whole, so that validation
+    is spatially apart from training; a random ``fraction`` of the cells where there are too few tiles. None
+    without ``hold_out``."""
+    tiles = np.unique(arrays.tile)
+    n_val = int(round(len(tiles) * fraction)) if hold_out else 0
+    val_tiles = rng.choice(tiles, size=n_val, replace=False) if 0 < n_val < len(tiles) else np.array([])
+    is_val = np.isin(arrays.tile, val_tiles)
+    if is_val.sum() == 0 and hold_out and arrays.n >= 20:
+        is_val = rng.random(arrays.n) < fraction
+    return is_val
 
 
 def _approx_parameters(config: SpatiaConfig, n_genes: int, n_channels: int) -> float:
