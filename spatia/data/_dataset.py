@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,9 @@ class CellArrays:
         ``(n,)`` class index, -1 = unknown; or ``None``.
     drop_expression
         ``(n,)`` bool: cells whose expression must not be shown to the model (image-only prediction).
+    centres
+        Sorted rows that may be centre cells of a batch (a training sample, see :meth:`sample`); ``None``:
+        every cell. Niche members and tiles still come from all cells.
     """
 
     counts: sp_sparse.csr_matrix
@@ -39,40 +43,56 @@ class CellArrays:
     tile: np.ndarray
     labels: np.ndarray | None = None
     drop_expression: np.ndarray | None = None
+    centres: np.ndarray | None = None
 
     @property
     def n(self) -> int:
         return self.counts.shape[0]
 
+    def sample(self, n_cells: int, rng: np.random.Generator) -> CellArrays:
+        """A view whose batches are centred on ``n_cells`` cells drawn at random (without replacement).
+
+        Only the centre cells are sampled: each still reads its niche members and tissue tile from the whole
+        slide, so a model trained on the sample sees the same context as on all cells. Arrays are shared,
+        not copied.
+        """
+        if n_cells >= self.n:
+            return self
+        centres = np.sort(rng.choice(self.n, size=int(n_cells), replace=False))
+        return dataclasses.replace(self, centres=centres)
+
     def plan(self, batch_size: int, rng: np.random.Generator | None = None, cells: np.ndarray | None = None) -> list[np.ndarray]:
         """Split ``cells`` (default all) into batches of ≤ ``batch_size`` centre cells, tile by tile.
 
         Whole tiles are packed together (so the tissue transformer sees complete tiles); tiles larger than
-        ``batch_size`` are cut into spatially sorted chunks. ``rng`` shuffles the tile order.
+        ``batch_size`` are cut into spatially sorted chunks. ``rng`` shuffles the tile order. With
+        :attr:`centres` set, only those cells are kept.
         """
         cells = np.arange(self.n) if cells is None else np.asarray(cells)
+        if self.centres is not None:
+            cells = cells[np.isin(cells, self.centres, assume_unique=True)]
         if cells.size == 0:
             return []
-        tiles = self.tile[cells]
-        uniq = np.unique(tiles)
+        uniq, inv = np.unique(self.tile[cells], return_inverse=True)
+        rank = np.arange(len(uniq))  # position of each tile in the visiting order
         if rng is not None:
-            uniq = rng.permutation(uniq)
-        by_tile = {t: [] for t in uniq}
-        order = np.lexsort((self.xy[cells, 0], self.xy[cells, 1]))
-        for i in order:
-            by_tile[tiles[i]].append(cells[i])
-        out, cur = [], []
-        for t in uniq:
-            members = np.asarray(by_tile[t])
-            for s in range(0, len(members), batch_size):
-                chunk = members[s : s + batch_size]
-                if len(cur) + len(chunk) > batch_size and cur:
-                    out.append(np.asarray(cur))
-                    cur = []
-                cur.extend(chunk.tolist())
-        if cur:
-            out.append(np.asarray(cur))
-        return out
+            rank[np.searchsorted(uniq, rng.permutation(uniq))] = np.arange(len(uniq))
+        tile_rank = rank[inv.ravel()]
+        # tile after tile (in visiting order), by row then column within a tile: each batch is a slice
+        cells = cells[np.lexsort((self.xy[cells, 0], self.xy[cells, 1], tile_rank))].astype(np.int64, copy=False)
+        sizes = np.bincount(tile_rank, minlength=len(uniq))
+        bounds, start, filled, pos = [], 0, 0, 0
+        for size in sizes.tolist():
+            for s in range(0, size, batch_size):
+                k = min(batch_size, size - s)
+                if filled + k > batch_size and filled:
+                    bounds.append((start, pos))
+                    start, filled = pos, 0
+                filled += k
+                pos += k
+        if filled:
+            bounds.append((start, pos))
+        return [cells[a:b] for a, b in bounds]
 
     def collate(self, core: np.ndarray) -> dict[str, torch.Tensor]:
         """Tensors of one batch (see :meth:`spatia.module.SpatiaModule.forward`)."""

@@ -851,7 +851,12 @@ def _append(writer: _StoreWriter, crops: np.ndarray) -> None:
 
 
 def crops_for(data, crops: CropStore | str | Path | None, **kwargs) -> CropStore:
-    """Reuse ``crops`` when it holds this table's cells, else extract them with ``kwargs``."""
+    """Reuse ``crops`` when it holds this table's cells, else extract them with ``kwargs``.
+
+    Extracted crops stay in memory up to :data:`MEMORY_CROPS_BYTES`; more go to a temporary zarr store
+    (removed when the returned store is garbage-collected), so a large slide never holds all its crops in
+    memory. Pass ``store=`` (or extract with :func:`extract_crops` first) to keep them.
+    """
     table = get_table(data, kwargs.get("table_key", Defaults.TABLE))
     if isinstance(crops, str | Path):
         crops = CropStore.open(crops)
@@ -862,7 +867,39 @@ def crops_for(data, crops: CropStore | str | Path | None, **kwargs) -> CropStore
                 "with `sp.pp.extract_crops`."
             )
         return crops
+    if (kwargs.get("store") is None and _is_sdata(data)
+            and _crops_bytes(data, table.n_obs, kwargs) > MEMORY_CROPS_BYTES):
+        import tempfile
+        import weakref
+
+        tmp = tempfile.mkdtemp(prefix="spatia_crops_")
+        logger.info("Crops of %d cells go to a temporary store %s (pass crops= a store to keep them).",
+                    table.n_obs, tmp)
+        try:
+            out = extract_crops(data, **kwargs, store=tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        weakref.finalize(out, shutil.rmtree, tmp, ignore_errors=True)
+        return out
     return extract_crops(data, **kwargs)
+
+
+#: Crops extracted on the fly (``crops=None``) above this size go to a temporary on-disk store.
+MEMORY_CROPS_BYTES = 256 * 2**20
+
+
+def _crops_bytes(data, n_cells: int, kwargs: dict) -> int:
+    """Size of the crops ``extract_crops(data, **kwargs)`` would hold (uint8)."""
+    size = int(kwargs.get("size", Defaults.CROP_SIZE))
+    n_ch = kwargs.get("channels")
+    if n_ch is None:
+        keys = kwargs.get("image_key")
+        key = keys[0] if keys is not None and not isinstance(keys, str) else keys
+        n_ch = get_image(data, key)[1].sizes.get("c", 1)
+    else:
+        n_ch = len(n_ch)
+    return int(n_cells) * int(n_ch) * size * size
 
 
 __all__ = ["CropStore", "extract_crops", "crops_for"]

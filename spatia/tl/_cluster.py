@@ -232,5 +232,15 @@ def spatial_smooth(emb: np.ndarray, table, k: int, data=None) -> np.ndarray:
     k = min(int(k), table.n_obs - 1)
     if k < 1:
         return emb
-    nb = NearestNeighbors(n_neighbors=k + 1).fit(xy).kneighbors(xy, return_distance=False)
-    return np.asarray(emb, dtype=np.float64)[nb].mean(1).astype(np.float32)
+    index = NearestNeighbors(n_neighbors=k + 1).fit(xy)
+    emb = np.asarray(emb, dtype=np.float64)
+    out = np.empty(emb.shape, dtype=np.float32)
+    # in chunks of cells: the gathered neighbours' embeddings (chunk × (k + 1) × dim) stay ~64 MB
+    step = max(1, _SMOOTH_CHUNK_BYTES // ((k + 1) * max(emb.shape[1], 1) * 8))
+    for s in range(0, len(xy), step):
+        nb = index.kneighbors(xy[s : s + step], return_distance=False)
+        out[s : s + step] = emb[nb].mean(1)
+    return out
+
+
+_SMOOTH_CHUNK_BYTES = 64 * 2**20

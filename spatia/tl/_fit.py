@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import _results
 from .._constants import Defaults, Keys
+from .._utils import seed_from
 from .._version import __version__
 from ..module import SpatiaConfig
 
@@ -81,6 +82,7 @@ def fit(
     cell_type_key: str | None = None,
     config: SpatiaConfig | None = None,
     crops=None,
+    n_cells: int | None = None,
     max_epochs: int | None = None,
     batch_size: int | None = None,
     accelerator: str = "auto",
@@ -125,7 +127,17 @@ def fit(
         ``image.enabled`` / ``expression.enabled`` / ``niche.enabled`` / ``tissue.enabled`` switches ablate
         each part.
     crops
-        A :class:`~spatia.pp.CropStore` (or its path) from :func:`spatia.pp.extract_crops` to reuse.
+        A :class:`~spatia.pp.CropStore` (or its path) from :func:`spatia.pp.extract_crops` to reuse. Without
+        it, crops are extracted on the fly: in memory for small slides, into a temporary zarr store for
+        large ones (see :func:`spatia.pp.crops_for`). On a large slide that you fit more than once, extract
+        them to a store first.
+    n_cells
+        Train on this many cells drawn at random (seeded by ``random_state``) instead of all of them; every
+        cell is still embedded. Each sampled cell keeps its whole niche and tissue tile as context, so the
+        model sees the slide's full spatial structure. An epoch then costs ``n_cells`` cells instead of
+        the whole slide: on slides of hundreds of thousands of cells, tens of thousands of cells are
+        usually enough to learn the cell types and niches (and the held-out tissue tiles still stop
+        training early). ``None``: every cell.
     max_epochs, batch_size
         Override ``config.train``.
     accelerator, devices, strategy, precision
@@ -174,7 +186,8 @@ def fit(
     - ``obsm['X_spatia_cell']``, ``obsm['X_spatia_niche']``, ``obsm['X_spatia_tissue']`` (or the
       ``key_added`` keys): one row per cell;
     - ``uns['spatia']['fit']``: run parameters, versions, configuration, missing genes, ``crop_params``,
-      ``units`` (µm per unit and its source) and ``keys`` (what was written).
+      ``units`` (µm per unit and its source), ``n_cells`` (as given) and ``n_sampled_cells`` (the centre
+      cells training drew from) and ``keys`` (what was written).
 
     With ``inplace=False``, the dict above (see :doc:`/results_keys`).
 
@@ -185,6 +198,7 @@ def fit(
     >>> model = sp.tl.fit(sdata, image_key="morphology", labels_key="cell_labels", max_epochs=5)
     >>> sdata["table"].obsm["X_spatia_cell"].shape
     >>> sp.tl.fit(sdata, image_key="morphology", labels_key="cell_labels", key_added="X_run2")
+    >>> sp.tl.fit(big_sdata, image_key="morphology", n_cells=50_000, crops="crops.zarr")  # every cell embedded
     """
     from ..data._prepare import prepare
     from ..model import SpatiaModel
@@ -193,7 +207,7 @@ def fit(
     config = config or SpatiaConfig.default()
     if not isinstance(config, SpatiaConfig):
         raise TypeError(f"config must be a SpatiaConfig, got {type(config).__name__}.")
-    _check_fit_args(data, table_key, max_epochs, batch_size)
+    _check_fit_args(data, table_key, max_epochs, batch_size, n_cells)
     keys = embedding_keys(key_added)
     if inplace:  # before training: an existing result is an error, not a lost hour
         _results.check_free(data, get_table(data, table_key), [f"obsm/{k}" for k in keys.values()],
@@ -209,15 +223,20 @@ def fit(
     codes, cats = _labels_array(prepared.table, cell_type_key)
     prepared.arrays.labels = codes
     model = SpatiaModel(config, prepared.genes, prepared.channels, cats, prepared.crop_params, random_state=random_state)
+    train_arrays = prepared.arrays
+    if n_cells is not None:
+        train_arrays = train_arrays.sample(n_cells, np.random.default_rng(seed_from(random_state)))
     model.train(
-        prepared.arrays, max_epochs=max_epochs, batch_size=batch_size, accelerator=accelerator, devices=devices,
+        train_arrays, max_epochs=max_epochs, batch_size=batch_size, accelerator=accelerator, devices=devices,
         strategy=strategy, precision=precision, random_state=random_state, checkpoint_dir=checkpoint_dir,
         ckpt_path=ckpt_path, early_stopping=early_stopping, compile=compile,
         **trainer_kwargs,
     )
     emb = model.infer(prepared.arrays)
     results = _embedding_results(emb, keys)
-    params = _run_params(model, prepared, {"image_key": image_key, "cell_type_key": cell_type_key})
+    n_sampled = prepared.arrays.n if train_arrays.centres is None else len(train_arrays.centres)
+    params = _run_params(model, prepared, {"image_key": image_key, "cell_type_key": cell_type_key,
+                                           "n_cells": n_cells, "n_sampled_cells": int(n_sampled)})
     if not inplace:
         return _results.returned("fit", results, params, model=model)
     if _is_rank_zero():
@@ -225,11 +244,13 @@ def fit(
     return model
 
 
-def _check_fit_args(data, table_key, max_epochs, batch_size) -> None:
+def _check_fit_args(data, table_key, max_epochs, batch_size, n_cells=None) -> None:
     """Arguments a fit would otherwise accept silently (no training) or fail on deep inside."""
     from .._utils import check_count, check_obs_names
     from ..pp._elements import get_table
 
+    if n_cells is not None:
+        check_count("n_cells", n_cells, 2)
     if max_epochs is not None:
         check_count("max_epochs", max_epochs, 1)
     if batch_size is not None:

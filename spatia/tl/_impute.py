@@ -69,6 +69,8 @@ def _prepare(data, model, kw: dict, use_expression: bool = True):
 
 def _layer_for_table(table, genes: list[str], values: np.ndarray) -> np.ndarray:
     """``values`` (cells × model genes) laid out on the table's ``var`` (NaN for genes the model lacks)."""
+    if list(table.var_names) == list(genes) and values.dtype == np.float32:
+        return values  # the model's panel is the table's var: no copy
     idx = pd.Index(genes).get_indexer(table.var_names)
     out = np.full((table.n_obs, table.n_vars), np.nan, dtype=np.float32)
     has = idx >= 0
@@ -83,7 +85,7 @@ def _new_table_like(table, x: np.ndarray, genes: list[str], uns: dict):
 
     regions, region_key, instance_key = table_annotation(table)
     obs = pd.DataFrame(index=table.obs_names.copy())
-    new = AnnData(X=x.astype(np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(genes, dtype=str)))
+    new = AnnData(X=np.asarray(x, dtype=np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(genes, dtype=str)))
     new.uns[Keys.UNS] = uns
     if region_key is not None:
         from spatialdata.models import TableModel
@@ -126,11 +128,24 @@ def _map_to_reference(query: np.ndarray, ref_shared: np.ndarray, ref_target: np.
     k = max(1, min(n_comps, zr.shape[1] - 1, zr.shape[0] - 1))
     pca = PCA(k, random_state=random_state).fit(zr)
     pr, pq = pca.transform(zr), pca.transform(zq)
+    del zq
     nn_ = NearestNeighbors(n_neighbors=min(n_neighbors, len(pr)), metric="cosine").fit(pr)
-    dist, idx = nn_.kneighbors(pq)
-    w = np.exp(-dist / max(float(np.median(dist)), 1e-6))
-    w /= w.sum(1, keepdims=True)
-    return np.einsum("nk,nkg->ng", w, ref_target[idx]).astype(np.float32)
+    n_nb = nn_.n_neighbors
+    # the bandwidth: the median neighbour distance, over (at most ~20,000) query cells spread over the slide
+    probe = pq[:: max(1, len(pq) // 20_000)]
+    bandwidth = max(float(np.median(nn_.kneighbors(probe)[0])), 1e-6)
+    out = np.empty((len(pq), ref_target.shape[1]), dtype=np.float32)
+    # query cells in chunks: the gathered neighbour profiles (chunk × n_neighbors × genes) stay ~64 MB
+    step = max(1, _MAP_CHUNK_BYTES // (n_nb * max(ref_target.shape[1], 1) * 4))
+    for s in range(0, len(pq), step):
+        dist, idx = nn_.kneighbors(pq[s : s + step])
+        w = np.exp(-dist / bandwidth)
+        w /= w.sum(1, keepdims=True)
+        out[s : s + step] = np.einsum("nk,nkg->ng", w, ref_target[idx])
+    return out
+
+
+_MAP_CHUNK_BYTES = 64 * 2**20
 
 
 def _reference_impute(rho, model_genes, ref_counts, ref_genes, shared, targets, n_neighbors, n_comps, seed):
@@ -263,11 +278,14 @@ def impute(
         if not targets:
             raise ValueError("No genes to impute: every reference gene is in the panel (pass genes=).")
     rho = _infer_rho(model, prepared.arrays, batch_size, device)
-    lib = np.asarray(prepared.arrays.counts.sum(1)).ravel()
-    mu = rho * lib[:, None]
     if reference is not None:
-        ref_new = np.log1p(_reference_impute(rho, model.genes, ref_counts, ref_genes, shared, targets,
-                                             n_neighbors, n_comps, seed))
+        ref_new = _reference_impute(rho, model.genes, ref_counts, ref_genes, shared, targets, n_neighbors,
+                                    n_comps, seed)
+        np.log1p(ref_new, out=ref_new)
+    lib = np.asarray(prepared.arrays.counts.sum(1)).ravel()
+    mu = rho
+    mu *= lib[:, None]  # in place: one cells × genes array at a time
+    del rho
     validation = None
     if validate:
         validation = validate_imputation(data, model, reference=reference, reference_layer=reference_layer,
