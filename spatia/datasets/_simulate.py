@@ -1,35 +1,35 @@
 """A simulated imaging-based spatial transcriptomics slide (Xenium-like) with known ground truth.
 
-The generator works in three steps:
+The generator works in three steps, each in its own module:
 
-1. **Tissue.** Cell centres on a jittered hexagonal lattice with irregular holes; smooth tissue domains
-   (a warped Voronoi partition); cell types drawn from a domain-specific mixture; a "disease" side of the
-   slide where a fraction of one cell type transitions to another state.
-2. **Cells.** Three latent programmes per cell (size, elongation, texture) drive both the morphology
-   (nuclear radius, axis ratio, chromatin texture) and a few genes; cell types differ in marker genes and
-   in morphology; niche genes respond to inducer cells among the neighbours; counts are negative binomial.
-3. **Pixels.** The DAPI and membrane channels and the segmentation are rendered chunk by chunk. Each pixel
-   is a deterministic function of its *global* position (textures, background and even the pixel noise are
-   hashed from global coordinates), so a chunk computed lazily equals the same region computed eagerly,
-   whatever the chunk size.
+1. **Tissue** (``_simulate_tissue``). Cell centres on a jittered hexagonal lattice with irregular holes;
+   smooth tissue domains (a warped Voronoi partition); cell types drawn from a domain-specific mixture; a
+   "disease" side of the slide where a fraction of one cell type transitions to another state.
+2. **Cells** (``_simulate_morphology``, ``_simulate_expression``). Three latent programmes per cell (size,
+   elongation, texture) drive both the morphology (nuclear radius, axis ratio, chromatin texture) and a few
+   genes; cell types differ in marker genes and in morphology, optional morphology-only types share another
+   type's expression; niche genes respond to inducer cells among the neighbours; counts are negative binomial.
+3. **Pixels** (``_simulate_render``). The DAPI and membrane channels and the segmentation are rendered chunk
+   by chunk, each pixel a deterministic function of its global position (any chunking gives the same image).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage, sparse
-from scipy.spatial import cKDTree
+from scipy import sparse
 
 from .._constants import Defaults, Keys
 from .._utils import RandomState, get_rng
 from ._frames import FrameUnits, check_units, to_pixel_frame
+from ._simulate_expression import _expression, _gene_panel
+from ._simulate_morphology import _DRIVES, _PROGRAMS, _add_twins, _cells, _twin_truth
+from ._simulate_render import CHANNELS, _make_scene, _rasters, _tokenize
+from ._simulate_tissue import NICHE_RADIUS_UM, _tissue
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -42,24 +42,12 @@ LABELS_KEY = "cell_labels"
 SHAPES_KEY = "cell_circles"
 REGION_KEY = "region"
 INSTANCE_KEY = "cell_id"
-CHANNELS = ("DAPI", "membrane")
-NICHE_RADIUS_UM = 30.0
 LAZY_ABOVE = 50_000  # cells; above this the image and labels are dask graphs by default
-
-_PROGRAMS = ("size_program", "elongation_program", "texture_program")
-_MARGIN_UM = 20.0  # image border around the outermost cells
-_PAD_PX = 8  # rendering halo around each chunk (blur + boundary detection), cropped away
-_TEXTURE_WAVES = 8  # plane waves summed into each nucleus' chromatin texture
-_EDGE_UM = 0.2  # softness of nuclear edges (before the optical blur)
-_TRANSITION_SHIFT = {"size_program": 1.3, "elongation_program": 1.2, "texture_program": 1.0}
-# photometry (uint16 counts)
-_DAPI_PEAK, _MEMBRANE_PEAK, _BACKGROUND = 2600.0, 1300.0, 110.0
-_SHOT_GAIN, _READ_NOISE = 3.0, 15.0
 
 COLUMNS = {
     "cell_id": "Cell id: the cell's value in labels['cell_labels'] and the index of shapes['cell_circles'].",
     "region": "Element annotated by the table (always 'cell_labels').",
-    "cell_type": "Ground-truth cell type (distinct marker genes and nuclear morphology).",
+    "cell_type": "Ground-truth cell type (marker genes and nuclear morphology; see morphology_twins).",
     "domain": "Ground-truth tissue domain (smooth region with its own cell-type mixture).",
     "condition": "'control' or 'disease' (the disease part of the slide is one contiguous side).",
     "state": "'normal' or 'transitioned' (only cells of uns['simulation']['transition_type'] in disease).",
@@ -75,351 +63,6 @@ COLUMNS = {
 }
 
 
-# ------------------------------------------------------------------------------------------------ fields
-@dataclass(frozen=True)
-class _Waves:
-    """A smooth random field: a normalised sum of plane waves, defined on global coordinates (µm)."""
-
-    ky: np.ndarray
-    kx: np.ndarray
-    phase: np.ndarray
-
-    @classmethod
-    def draw(cls, rng: np.random.Generator, length_scale: float, n: int = 8) -> _Waves:
-        angle = rng.uniform(0, np.pi, n)
-        k = 2 * np.pi / length_scale * rng.uniform(0.6, 1.4, n)
-        return cls(k * np.sin(angle), k * np.cos(angle), rng.uniform(0, 2 * np.pi, n))
-
-    def at(self, y: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """Field at points ``(y, x)`` (same shape), unit variance."""
-        arg = np.multiply.outer(y, self.ky) + np.multiply.outer(x, self.kx) + self.phase
-        return np.cos(arg).sum(-1) * math.sqrt(2 / len(self.ky))
-
-    def grid(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-        """Field on the grid ``ys × xs`` (separable: cos(a+b) = cos a cos b − sin a sin b)."""
-        a = np.multiply.outer(ys, self.ky) + self.phase  # (h, n)
-        b = np.multiply.outer(xs, self.kx)  # (w, n)
-        out = np.cos(a) @ np.cos(b).T - np.sin(a) @ np.sin(b).T
-        return out * math.sqrt(2 / len(self.ky))
-
-
-def _hash_normal(rows: np.ndarray, cols: np.ndarray, key: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two independent standard normal fields, pure functions of the global pixel ``(row, col)`` and ``key``.
-
-    A counter-based generator (splitmix64 of the pixel index, then Box-Muller on its two 32-bit halves), so
-    the noise of a pixel does not depend on which chunk renders it.
-    """
-    with np.errstate(over="ignore"):
-        z = (rows.astype(np.uint64)[:, None] << np.uint64(32)) | cols.astype(np.uint64)[None, :]
-        z ^= np.uint64(key)
-        z += np.uint64(0x9E3779B97F4A7C15)
-        z ^= z >> np.uint64(30)
-        z *= np.uint64(0xBF58476D1CE4E5B9)
-        z ^= z >> np.uint64(27)
-        z *= np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
-    radius = np.sqrt(-2.0 * np.log(((z >> np.uint64(32)).astype(np.float64) + 1.0) / 4294967297.0))
-    angle = (z & np.uint64(0xFFFFFFFF)).astype(np.float64) * (2 * np.pi / 4294967296.0)
-    return radius * np.cos(angle), radius * np.sin(angle)
-
-
-# ------------------------------------------------------------------------------------------------ tissue
-def _layout(n_cells: int, spacing: float, rng: np.random.Generator) -> np.ndarray:
-    """Cell centres ``(n, 2)``, ``(y, x)`` in µm from 0: a jittered hexagonal lattice with irregular holes."""
-    n_sites = int(math.ceil(n_cells * 1.12))
-    side = math.sqrt(n_sites * spacing**2 * math.sqrt(3) / 2)
-    n_cols = max(int(math.ceil(side / spacing)), 1)
-    n_rows = max(int(math.ceil(n_sites / n_cols)), 1)
-    row, col = np.divmod(np.arange(n_rows * n_cols), n_cols)
-    y = row * spacing * math.sqrt(3) / 2
-    x = (col + 0.5 * (row % 2)) * spacing
-    # holes (lumen-, vessel-like gaps): drop the sites where a smooth field is highest
-    holes = _Waves.draw(rng, length_scale=6 * spacing).at(y, x) + 0.7 * rng.standard_normal(y.size)
-    keep = np.sort(np.argsort(holes, kind="stable")[:n_cells])
-    yx = np.column_stack([y[keep], x[keep]])
-    r = 0.2 * spacing * np.sqrt(rng.uniform(size=n_cells))
-    a = rng.uniform(0, 2 * np.pi, n_cells)
-    yx += np.column_stack([r * np.sin(a), r * np.cos(a)])
-    return yx - yx.min(0)
-
-
-def _domains(yx: np.ndarray, n_domains: int, rng: np.random.Generator) -> np.ndarray:
-    """Domain index per cell: Voronoi cells of well-spread seeds, boundaries warped by smooth noise."""
-    extent = float(np.ptp(yx, axis=0).max()) + 1.0
-    candidates = rng.uniform(0, 1, (64 * n_domains, 2)) * np.ptp(yx, axis=0)
-    seeds = [candidates[0]]
-    for _ in range(1, n_domains):  # farthest-point sampling: domains of comparable size
-        d = np.min([np.linalg.norm(candidates - s, axis=1) for s in seeds], axis=0)
-        seeds.append(candidates[int(np.argmax(d))])
-    warp_y, warp_x = (_Waves.draw(rng, length_scale=0.4 * extent) for _ in range(2))
-    amp = 0.1 * extent
-    warped = yx + amp * np.column_stack([warp_y.at(yx[:, 0], yx[:, 1]), warp_x.at(yx[:, 0], yx[:, 1])])
-    d2 = ((warped[:, None, :] - np.asarray(seeds)[None]) ** 2).sum(-1)
-    return np.argmin(d2, axis=1)
-
-
-def _neighbour_counts(yx: np.ndarray, is_inducer: np.ndarray, radius: float) -> np.ndarray:
-    """Number of inducer cells within ``radius`` of each cell (itself excluded)."""
-    pairs = cKDTree(yx).query_pairs(radius, output_type="ndarray")
-    i, j = pairs[:, 0], pairs[:, 1]
-    n = len(yx)
-    counts = np.bincount(i, weights=is_inducer[j], minlength=n)
-    return counts + np.bincount(j, weights=is_inducer[i], minlength=n)
-
-
-# ------------------------------------------------------------------------------------------------ genes
-def _panel_sizes(n_genes: int, n_types: int) -> tuple[int, int, int]:
-    """Markers per type, genes per programme, niche-induced (= condition-response) genes."""
-    per_program = n_niche = 1
-    if n_genes >= max(30, n_types + 13):
-        per_program, n_niche = 2, 3
-    room = (n_genes - 3 * per_program - 2 * n_niche - 1) // n_types  # keep >= 1 housekeeping gene
-    return int(np.clip(min(round(0.08 * n_genes), room), 1, 10)), per_program, n_niche
-
-
-def _gene_panel(n_genes: int, types: list[str], inducer: str, rng: np.random.Generator) -> pd.DataFrame:
-    """Gene roles and parameters (``var``), in a shuffled order."""
-    n_markers, per_program, n_niche = _panel_sizes(n_genes, len(types))
-    roles = [f"marker:{t}" for t in types for _ in range(n_markers)]
-    roles += [p for p in _PROGRAMS for _ in range(per_program)]
-    roles += [f"niche_induced:{inducer}"] * n_niche + ["condition_response"] * n_niche
-    roles += ["housekeeping"] * (n_genes - len(roles))
-    roles = np.asarray(roles, dtype=object)[rng.permutation(n_genes)]
-    width = max(3, len(str(n_genes - 1)))
-    var = pd.DataFrame(index=pd.Index([f"Gene_{i:0{width}d}" for i in range(n_genes)]))
-    var["role"] = pd.Categorical(roles)
-    abundant = ~var["role"].str.startswith("marker:").to_numpy() & (roles != "housekeeping")
-    var["base_logit"] = rng.normal(0.0, 0.6, n_genes) + np.where(abundant, 0.8, 0.0)
-    var["dispersion"] = np.exp(rng.normal(math.log(4.0), 0.3, n_genes))
-    return var
-
-
-def _expression(
-    var: pd.DataFrame,
-    types: list[str],
-    obs: pd.DataFrame,
-    inducer: str,
-    transition_type: str,
-    depth: np.ndarray,
-    rng: np.random.Generator,
-) -> tuple[sparse.csr_matrix, list[str]]:
-    """Negative binomial counts: the whole expression ground truth in one place.
-
-    ``logit[c, g] = base[g] + type_effect[type(c), g]`` (+2.0 on the type's markers) ``+ Σ_p β[p, g] z_p[c]``
-    ``+ 1.8 (1 − exp(−niche[c] / 1.5))`` on niche genes of non-inducer cells, +2.3 on response genes and −1.6
-    on half the markers of transitioned cells; ``mean = depth[c] · softmax(logit[c])``; counts are
-    gamma-Poisson with per-gene dispersion, drawn in batches of cells. An empty cell gets one count of the
-    most abundant housekeeping gene. Returns the counts and the suppressed markers.
-    """
-    role = var["role"].astype(str).to_numpy()
-    n_genes = len(var)
-    type_effect = rng.normal(0.0, 0.25, (len(types), n_genes)) * np.where(role == "housekeeping", 0.3, 1.0)
-    for t, name in enumerate(types):
-        type_effect[t, role == f"marker:{name}"] += 2.0
-    beta = np.zeros((len(_PROGRAMS), n_genes))
-    for p, program in enumerate(_PROGRAMS):
-        genes = np.flatnonzero(role == program)
-        beta[p, genes] = np.linspace(0.9, 0.7, len(genes))
-    markers = np.flatnonzero(role == f"marker:{transition_type}")
-    lost = markers[: max(1, len(markers) // 2)]
-    shift = 2.3 * (role == "condition_response")
-    shift[lost] -= 1.6
-    niche_gene = 1.8 * (role == f"niche_induced:{inducer}")
-
-    type_idx = obs["cell_type"].cat.codes.to_numpy()
-    z = obs[list(_PROGRAMS)].to_numpy()
-    responder = (obs["cell_type"] != inducer).to_numpy()
-    induction = (1.0 - np.exp(-obs["niche_signal"].to_numpy() / 1.5)) * responder
-    moved = (obs["state"] == "transitioned").to_numpy().astype(float)
-    base, theta = var["base_logit"].to_numpy(), var["dispersion"].to_numpy()
-    hk = np.flatnonzero(role == "housekeeping")
-    rescue = hk[np.argmax(base[hk])]
-    blocks = []
-    for start in range(0, len(obs), 65_536):
-        b = slice(start, start + 65_536)
-        logit = base + type_effect[type_idx[b]] + z[b] @ beta
-        logit += np.multiply.outer(induction[b], niche_gene) + np.multiply.outer(moved[b], shift)
-        p = np.exp(logit - logit.max(1, keepdims=True))
-        mean = p * (depth[b] / p.sum(1))[:, None]
-        x = rng.poisson(rng.gamma(theta, mean / theta)).astype(np.int32)
-        x[x.sum(1) == 0, rescue] = 1
-        blocks.append(sparse.csr_matrix(x))
-    return sparse.vstack(blocks, format="csr"), var.index[lost].tolist()
-
-
-# ------------------------------------------------------------------------------------------------ pixels
-@dataclass(frozen=True)
-class _Scene:
-    """Everything needed to render any chunk of the slide; cell arrays are indexed by ``cell_id - 1``."""
-
-    shape: tuple[int, int]  # (ny, nx) pixels
-    origin: tuple[float, float]  # (y0, x0) µm of the image's top-left corner
-    pixel_size: float
-    noise: float
-    key: int  # seed of the pixel noise hash
-    background: _Waves
-    tree: cKDTree  # on (cy, cx)
-    cy: np.ndarray
-    cx: np.ndarray
-    cos: np.ndarray
-    sin: np.ndarray
-    cell_a: np.ndarray  # semi-axes of the cell body (µm)
-    cell_b: np.ndarray
-    nuc_a: np.ndarray  # semi-axes of the nucleus (µm)
-    nuc_b: np.ndarray
-    dapi: np.ndarray
-    tex_amp: np.ndarray
-    tex_ky: np.ndarray  # (n, _TEXTURE_WAVES) wave vectors (rad/µm) and phases of the chromatin texture
-    tex_kx: np.ndarray
-    tex_phase: np.ndarray
-    membrane: np.ndarray
-
-    def render(self, r0: int, r1: int, c0: int, c1: int, with_image: bool = True):
-        """Render pixel rows ``r0:r1`` and columns ``c0:c1``.
-
-        Returns
-        -------
-        ``labels`` of shape ``(r1 - r0, c1 - c0)`` (int32) and, if ``with_image``, the image ``(2, h, w)``
-        (uint16) — else ``None``.
-        """
-        ps, (oy, ox), pad = self.pixel_size, self.origin, _PAD_PX
-        rows, cols = np.arange(r0 - pad, r1 + pad), np.arange(c0 - pad, c1 + pad)
-        ys, xs = oy + (rows + 0.5) * ps, ox + (cols + 0.5) * ps  # pixel centres (µm) of the padded chunk
-        # 1. cells whose bounding box may touch the padded chunk
-        reach = float(self.cell_a.max()) + ps
-        centre = [(ys[0] + ys[-1]) / 2, (xs[0] + xs[-1]) / 2]
-        half = max(ys[-1] - ys[0], xs[-1] - xs[0]) / 2
-        ids = np.sort(np.asarray(self.tree.query_ball_point(centre, half + reach, p=np.inf), dtype=np.int64))
-        labels = self._labels(ids, ys, xs)
-        if not with_image:
-            return labels[pad:-pad, pad:-pad], None
-        dapi, nucleus = self._nuclei(ids, labels, ys, xs)
-        # 4. channels: optics blur, cell boundaries, background, shot + read noise
-        inside = labels > 0
-        member = np.where(inside, self.membrane[labels - 1], 0.0)
-        edge = np.zeros(labels.shape, bool)
-        edge[:-1] |= labels[:-1] != labels[1:]
-        edge[1:] |= labels[1:] != labels[:-1]
-        edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
-        edge[:, 1:] |= labels[:, 1:] != labels[:, :-1]
-        mem = member * (edge & inside) + 0.18 * member * (1.0 - nucleus) * inside
-        bg = _BACKGROUND * (1.0 + 0.3 * self.background.grid(ys, xs))
-        channels = [
-            ndimage.gaussian_filter(_DAPI_PEAK * dapi + 0.05 * _DAPI_PEAK * inside, 0.8) + bg,
-            ndimage.gaussian_filter(_MEMBRANE_PEAK * mem, 1.0) + 0.8 * bg,
-        ]
-        core = (slice(pad, -pad), slice(pad, -pad))
-        image = np.empty((len(channels), r1 - r0, c1 - c0), np.uint16)
-        noise = _hash_normal(rows[core[0]], cols[core[1]], self.key) if self.noise > 0 else (0.0, 0.0)
-        for k, (signal, z) in enumerate(zip(channels, noise, strict=True)):
-            signal = signal[core]
-            # shot (Poisson-like, variance ∝ signal) and read noise, summed into one Gaussian
-            signal = signal + self.noise * np.sqrt(_SHOT_GAIN * signal + _READ_NOISE**2) * z
-            image[k] = np.clip(np.rint(signal), 0, 65535)
-        return labels[core], image
-
-    def _frames(self, ids: np.ndarray, ys: np.ndarray, xs: np.ndarray, reach: np.ndarray):
-        """Per cell: its id, the chunk slices of its box ``centre ± reach`` and pixel offsets ``(u, v)`` in
-        its own frame (µm, u along the major axis)."""
-        ps = self.pixel_size
-        cy, cx, c, s = (v[ids].astype(np.float64) for v in (self.cy, self.cx, self.cos, self.sin))
-        i0 = np.maximum(np.floor((cy - reach - ys[0]) / ps).astype(np.int64), 0)
-        i1 = np.minimum(np.ceil((cy + reach - ys[0]) / ps).astype(np.int64) + 1, len(ys))
-        j0 = np.maximum(np.floor((cx - reach - xs[0]) / ps).astype(np.int64), 0)
-        j1 = np.minimum(np.ceil((cx + reach - xs[0]) / ps).astype(np.int64) + 1, len(xs))
-        for k in np.flatnonzero((i0 < i1) & (j0 < j1)).tolist():
-            sl = (slice(int(i0[k]), int(i1[k])), slice(int(j0[k]), int(j1[k])))
-            dy, dx = ys[sl[0], None] - cy[k], xs[None, sl[1]] - cx[k]
-            yield k, sl, dx * c[k] + dy * s[k], dy * c[k] - dx * s[k]
-
-    def _labels(self, ids: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
-        """2. Each pixel goes to the nearest centre (elliptic distance) among the cell bodies covering it."""
-        best = np.full((len(ys), len(xs)), np.inf)
-        labels = np.zeros((len(ys), len(xs)), np.int32)
-        cell_a, cell_b = self.cell_a[ids].tolist(), self.cell_b[ids].tolist()
-        for k, sl, u, v in self._frames(ids, ys, xs, self.cell_a[ids] + self.pixel_size):
-            a, b = cell_a[k], cell_b[k]
-            rho2 = (u / a) ** 2 + (v / b) ** 2
-            dist = rho2 * (a * b)  # squared elliptic distance (µm²): monotone in the distance
-            sub_best, sub_lab = best[sl], labels[sl]
-            win = (rho2 < 1.0) & (dist < sub_best)
-            sub_best[win] = dist[win]
-            sub_lab[win] = ids[k] + 1
-        return labels
-
-    def _nuclei(self, ids: np.ndarray, labels: np.ndarray, ys: np.ndarray, xs: np.ndarray):
-        """3. Nuclei: soft ellipses with a brighter rim and chromatin texture, clipped to their own cell.
-
-        The texture is a sum of plane waves in *global* coordinates (deterministic per cell, any chunking).
-        Returns the DAPI signal and the nuclear occupancy (0–1) of the padded chunk.
-        """
-        dapi, nucleus = np.zeros(labels.shape), np.zeros(labels.shape)
-        a_all, b_all = self.nuc_a[ids].astype(np.float64), self.nuc_b[ids].astype(np.float64)
-        # the soft edge is cut where it has decayed to ~3e-4 (8 edge widths): every pixel's value depends on
-        # that pixel alone, never on the box, so chunks agree exactly
-        cut = 1.0 + 8 * _EDGE_UM / np.sqrt(a_all * b_all)
-        bright, amp = self.dapi[ids].tolist(), self.tex_amp[ids].tolist()
-        norm = math.sqrt(2 / _TEXTURE_WAVES)
-        for k, sl, u, v in self._frames(ids, ys, xs, a_all * cut + self.pixel_size):
-            i, a, b = int(ids[k]), float(a_all[k]), float(b_all[k])
-            rn2 = (u / a) ** 2 + (v / b) ** 2
-            own = (labels[sl] == i + 1) & (rn2 < cut[k] ** 2)
-            # soft edge: logistic in the (approximate) signed distance to the ellipse, width _EDGE_UM
-            soft = 0.5 - 0.5 * np.tanh((np.sqrt(rn2) - 1.0) * (0.5 * math.sqrt(a * b) / _EDGE_UM))
-            ay = self.tex_ky[i, :, None] * ys[None, sl[0]] + self.tex_phase[i, :, None]  # (waves, h)
-            bx = self.tex_kx[i, :, None] * xs[None, sl[1]]  # (waves, w)
-            tex = (np.cos(ay).T @ np.cos(bx) - np.sin(ay).T @ np.sin(bx)) * norm
-            value = bright[k] * soft * np.maximum(1.0 + amp[k] * tex + 0.3 * np.minimum(rn2, 1.0), 0.05)
-            dapi[sl] += np.where(own, value, 0.0)
-            nucleus[sl] = np.where(own, soft, nucleus[sl])
-        return dapi, nucleus
-
-
-def _tokenize(parameters: dict, key: int) -> str:
-    """A dask key for the rendered arrays: the same slide (parameters and seed) gives the same key."""
-    from dask.base import tokenize
-
-    return tokenize(sorted(parameters.items()), key)
-
-
-def _labels_block(scene: _Scene, block_info=None) -> np.ndarray:
-    (r0, r1), (c0, c1) = block_info[None]["array-location"]
-    return scene.render(r0, r1, c0, c1, with_image=False)[0]
-
-
-def _image_block(scene: _Scene, block_info=None) -> np.ndarray:
-    _, (r0, r1), (c0, c1) = block_info[None]["array-location"]
-    return scene.render(r0, r1, c0, c1, with_image=True)[1]
-
-
-def _rasters(scene: _Scene, chunk_size: int, lazy: bool, token: str):
-    """Labels ``(y, x)`` and image ``(c, y, x)``: dask graphs (lazy) or numpy arrays filled chunk by chunk."""
-    ny, nx = scene.shape
-    if lazy:
-        import dask.array as da
-
-        ychunks = da.core.normalize_chunks(chunk_size, (ny,))[0]
-        xchunks = da.core.normalize_chunks(chunk_size, (nx,))[0]
-        # `name` given: dask does not hash the scene (a million cells) to build the graph
-        labels = da.map_blocks(
-            _labels_block, scene=scene, chunks=(ychunks, xchunks), dtype=np.int32,
-            meta=np.empty((0, 0), np.int32), name=f"spatia-simulate-labels-{token}",
-        )  # fmt: skip
-        image = da.map_blocks(
-            _image_block, scene=scene, chunks=((len(CHANNELS),), ychunks, xchunks), dtype=np.uint16,
-            meta=np.empty((0, 0, 0), np.uint16), name=f"spatia-simulate-image-{token}",
-        )  # fmt: skip
-        return labels, image
-    labels = np.zeros((ny, nx), np.int32)
-    image = np.zeros((len(CHANNELS), ny, nx), np.uint16)
-    for r0 in range(0, ny, chunk_size):
-        for c0 in range(0, nx, chunk_size):
-            r1, c1 = min(r0 + chunk_size, ny), min(c0 + chunk_size, nx)
-            labels[r0:r1, c0:c1], image[:, r0:r1, c0:c1] = scene.render(r0, r1, c0, c1)
-    return labels, image
-
-
-# ------------------------------------------------------------------------------------------------ public
 def simulate(
     n_cells: int = 2000,
     *,
@@ -432,6 +75,8 @@ def simulate(
     noise: float = 1.0,
     condition_fraction: float = 0.5,
     transition_rate: float = 0.6,
+    morphology_types: int = 0,
+    morphology_strength: float = 1.0,
     random_state: RandomState = 0,
     chunk_size: int = 1024,
     lazy: bool | None = None,
@@ -471,6 +116,17 @@ def simulate(
         Fraction of cells on the "disease" side of the slide.
     transition_rate
         Probability that a disease cell of the transitioning type is in the ``"transitioned"`` state.
+    morphology_types
+        Number of **morphology-only** cell types (at most ``n_cell_types - 2``), added to the
+        ``n_cell_types``. Each is the "twin" of one of the most frequent types that are neither the inducer
+        nor the transitioning type: half of that parent's cells, chosen at random, become the twin. A twin has
+        exactly its parent's expression (markers, programme means, library size), location and niche role;
+        only its nuclei differ: size, elongation, chromatin grain and contrast, each scaled by
+        ``exp(±morphology_strength · (0.25, 0.7, 0.5, 0.3))`` with signs drawn per twin. Expression alone cannot
+        tell a twin from its parent; the image can. ``0`` (the default) gives exactly the slide of the same
+        seed without the option, pixel for pixel and count for count.
+    morphology_strength
+        Scale of the twins' morphological differences (log-multipliers above; ``0`` makes them identical).
     random_state
         Seed or :class:`numpy.random.Generator`; the same seed gives the same slide.
     chunk_size
@@ -505,7 +161,8 @@ def simulate(
     ======================== ============================================================================
     ``cell_type``            ``"type_0"``, ``"type_1"``, ...: marker genes, type-specific expression and
                              morphology (nuclear size, elongation, DAPI brightness, texture grain,
-                             cytoplasm size)
+                             cytoplasm size); the last ``morphology_types`` types are morphology-only
+                             twins of earlier ones (``uns["simulation"]["morphology_twins"]``)
     ``domain``               ``"domain_0"``, ...: smooth tissue region with its own cell-type mixture: a
                              cell's type does not give its domain, its neighbourhood composition does
     ``condition``            ``"control"`` / ``"disease"``: one contiguous side of the slide
@@ -526,8 +183,18 @@ def simulate(
 
     ``uns["simulation"]`` holds the parameters, ``random_state``, ``pixel_size``, ``channels``,
     ``transition_type``, ``inducer_type``, ``niche_genes`` (gene → inducer type), ``niche_radius_um``,
-    ``markers`` (type → genes), ``program_genes``, ``response_genes``, ``suppressed_markers`` and
-    ``columns`` (a description of every ground-truth column).
+    ``markers`` (type → genes; a twin has its parent's), ``program_genes``, ``response_genes``,
+    ``suppressed_markers``, ``columns`` (a description of every ground-truth column) and the morphology
+    ground truth:
+
+    - ``morphology_drivers``: image feature → ``{"program", "genes", "effect"}``, the gene programmes that
+      drive morphology: ``size_program`` → ``nucleus_area_um2``, ``elongation_program`` →
+      ``nucleus_eccentricity``, ``texture_program`` → ``chromatin_texture`` (texture amplitude). Their genes
+      rise with the programme, so image → expression can be checked on them;
+    - ``morphology_twins``: twin type → parent type (the type whose expression it has); empty by default;
+    - ``morphology_only_types``: the types that only morphology tells apart (every twin and its parent);
+    - ``morphology_effects``: twin → multipliers of ``nucleus_radius``, ``axis_ratio_excess`` (axis ratio −
+      1), ``texture_grain`` (spatial frequency) and ``texture_amplitude`` relative to its parent.
 
     Pixel ``(i, j)`` covers ``[i, i + 1) × [j, j + 1)`` in intrinsic coordinates, so its centre lies at
     ``y0 + (i + 0.5) · pixel_size`` µm. The pixel noise is a hash of the global pixel position, so the image
@@ -538,30 +205,39 @@ def simulate(
     >>> import spatia as sp
     >>> sdata = sp.datasets.simulate(1000, random_state=0)
     >>> sdata["table"].obs[["cell_type", "domain", "size_program"]].head()
+    >>> twins = sp.datasets.simulate(2000, morphology_types=1)  # one type only the image tells apart
+    >>> twins["table"].uns["simulation"]["morphology_twins"]  # e.g. {'type_5': 'type_2'}
     """
     _check(n_cells, n_genes, n_cell_types, n_domains, pixel_size, cell_spacing, mean_depth, noise, chunk_size,
-           condition_fraction=condition_fraction, transition_rate=transition_rate)  # fmt: skip
+           morphology_types, morphology_strength, condition_fraction=condition_fraction,
+           transition_rate=transition_rate)  # fmt: skip
     n_cells = int(n_cells)
     lazy = n_cells > LAZY_ABOVE if lazy is None else bool(lazy)
     start = time.perf_counter()
     rng = get_rng(random_state)
     # 1. tissue: positions, domains, types, condition, state, niche
     tissue = _tissue(n_cells, n_cell_types, n_domains, cell_spacing, condition_fraction, transition_rate, rng)
+    if morphology_types:  # a spawned stream: the draws of the slide without twins stay the same
+        tissue = _add_twins(tissue, int(morphology_types), float(morphology_strength), rng.spawn(1)[0])
     # 2. cells: latent programmes, then morphology from them
-    obs, shape = _cells(tissue, cell_spacing, rng)
-    # 3. expression
-    var = _gene_panel(n_genes, tissue.types, tissue.types[tissue.inducer], rng)
-    area_factor = obs["nucleus_area_um2"].to_numpy() ** 0.3
+    obs, shape, program_area = _cells(tissue, cell_spacing, rng)
+    obs.insert(0, INSTANCE_KEY, np.arange(1, n_cells + 1, dtype=np.int64))
+    obs.insert(1, REGION_KEY, pd.Categorical.from_codes(np.zeros(n_cells, np.int8), categories=[LABELS_KEY]))
+    # 3. expression (a twin's is its parent's, library size included)
+    types, inducer = tissue.base_types, tissue.types[tissue.inducer]
+    var = _gene_panel(n_genes, types, inducer, rng)
+    area_factor = program_area**0.3
     depth = mean_depth * np.exp(rng.normal(-0.08, 0.4, n_cells)) * area_factor / area_factor.mean()
     counts, lost = _expression(
-        var, tissue.types, obs, tissue.types[tissue.inducer], tissue.types[tissue.transition], depth, rng
+        var, types, tissue.expr_idx, obs, inducer, tissue.types[tissue.transition], depth, rng
     )
     # 4. pixels
     parameters = {
         "n_cells": n_cells, "n_genes": n_genes, "n_cell_types": n_cell_types, "n_domains": n_domains,
         "pixel_size": float(pixel_size), "cell_spacing": float(cell_spacing), "mean_depth": float(mean_depth),
         "noise": float(noise), "condition_fraction": float(condition_fraction),
-        "transition_rate": float(transition_rate), "chunk_size": chunk_size, "lazy": lazy,
+        "transition_rate": float(transition_rate), "morphology_types": int(morphology_types),
+        "morphology_strength": float(morphology_strength), "chunk_size": chunk_size, "lazy": lazy,
     }  # fmt: skip
     scene = _make_scene(tissue, shape, pixel_size, noise, rng)
     labels, image = _rasters(scene, chunk_size, lazy, token=_tokenize(parameters, scene.key))
@@ -578,107 +254,12 @@ def simulate(
     return sdata
 
 
-@dataclass(frozen=True)
-class _Tissue:
-    """Where cells are and what they are (indices into ``types`` and domains)."""
-
-    yx: np.ndarray  # (n, 2) cell centres in global µm, (y, x)
-    origin: np.ndarray  # (y0, x0) µm of the image corner
-    types: list[str]
-    type_idx: np.ndarray
-    domain: np.ndarray
-    mixture: np.ndarray  # (n_domains, n_types)
-    inducer: int
-    transition: int
-    disease: np.ndarray
-    moved: np.ndarray
-    niche: np.ndarray
-
-
-def _tissue(n, n_types, n_domains, spacing, condition_fraction, transition_rate, rng) -> _Tissue:
-    """Positions, domains, cell types, condition, transitioned state and niche signal."""
-    origin = rng.uniform(80.0, 120.0, 2)  # the slide does not start at 0
-    yx = _layout(n, spacing, rng) + origin + _MARGIN_UM
-    domain = _domains(yx, n_domains, rng)
-    mixture = 0.8 * rng.dirichlet(np.full(n_types, 0.8), n_domains) + 0.2 / n_types
-    type_idx = (rng.uniform(size=(n, 1)) > np.cumsum(mixture[domain], 1)).sum(1).clip(max=n_types - 1)
-    frequency = mixture[domain].mean(0)
-    inducer = int(np.argmax(mixture.std(0) * np.sqrt(frequency)))  # domain-specific and not rare
-    transition = int(np.argmax(np.where(np.arange(n_types) == inducer, -1.0, frequency)))  # most common other
-    # disease: one side of the slide, behind a wavy boundary
-    extent = float(np.ptp(yx, axis=0).max()) + 1.0
-    side = yx[:, 1] + 0.1 * extent * _Waves.draw(rng, length_scale=0.5 * extent).at(yx[:, 0], yx[:, 1])
-    disease = side > np.quantile(side, 1.0 - condition_fraction)
-    if condition_fraction == 0:
-        disease[:] = False
-    moved = disease & (type_idx == transition) & (rng.uniform(size=n) < transition_rate)
-    niche = _neighbour_counts(yx, (type_idx == inducer).astype(float), NICHE_RADIUS_UM)
-    types = [f"type_{i}" for i in range(n_types)]
-    return _Tissue(yx, origin, types, type_idx, domain, mixture, inducer, transition, disease, moved, niche)
-
-
-def _cells(tissue: _Tissue, spacing: float, rng: np.random.Generator) -> tuple[pd.DataFrame, dict]:
-    """Latent programmes and the morphology they drive; returns ``obs`` and the rendering parameters."""
-    t, moved, n, n_types = tissue.type_idx, tissue.moved, len(tissue.type_idx), len(tissue.types)
-    obs = pd.DataFrame(index=pd.Index(np.arange(1, n + 1).astype(str)))
-    obs[INSTANCE_KEY] = np.arange(1, n + 1, dtype=np.int64)
-    obs[REGION_KEY] = pd.Categorical.from_codes(np.zeros(n, np.int8), categories=[LABELS_KEY])
-    obs["cell_type"] = pd.Categorical.from_codes(t, categories=tissue.types)
-    domains = [f"domain_{d}" for d in range(len(tissue.mixture))]
-    obs["domain"] = pd.Categorical.from_codes(tissue.domain, categories=domains)
-    conditions = ["control", "disease"]
-    obs["condition"] = pd.Categorical.from_codes(tissue.disease.astype(int), categories=conditions)
-    obs["state"] = pd.Categorical.from_codes(moved.astype(int), categories=["normal", "transitioned"])
-    for program in _PROGRAMS:  # type mean + cell noise (≈ unit variance), shifted when transitioned
-        z = rng.normal(0.0, 0.6, n_types)[t] + rng.normal(0.0, 0.8, n)
-        obs[program] = z + _TRANSITION_SHIFT[program] * moved
-    obs["niche_signal"] = tissue.niche.astype(np.int64)
-    # nucleus: radius from the size programme, axis ratio from the elongation programme
-    radius = 3.0 * np.exp(0.22 * obs["size_program"].to_numpy() + rng.normal(0.0, 0.03, n))
-    ratio = 1.0 + 0.4 * np.logaddexp(0.0, obs["elongation_program"].to_numpy() + 0.2)
-    nuc_a, nuc_b = radius * np.sqrt(ratio), radius / np.sqrt(ratio)
-    yx = tissue.yx
-    theta = 0.8 * _Waves.draw(rng, length_scale=8 * spacing).at(yx[:, 0], yx[:, 1]) + rng.normal(0.0, 0.5, n)
-    # cell body: a type-specific multiple of the nucleus, elongated along it (less)
-    cyto = (rng.uniform(1.8, 2.5, n_types)[t] * np.exp(rng.normal(0.0, 0.06, n))).clip(1.4)
-    cell_a, cell_b = radius * cyto * ratio**0.25, radius * cyto / ratio**0.25
-    brightness = rng.uniform(0.65, 1.25, n_types)[t] * np.exp(rng.normal(0.0, 0.12, n))
-    brightness *= np.where(moved, 1.4, 1.0)
-    # chromatin: amplitude from the texture programme, type-specific grain (coarser when transitioned)
-    amplitude = 0.15 + 0.45 / (1.0 + np.exp(-obs["texture_program"].to_numpy()))
-    grain = rng.uniform(0.35, 0.75, n_types)[t] * np.where(moved, 0.7, 1.0)  # cycles / µm
-    k = 2 * np.pi * grain[:, None] * rng.uniform(0.5, 1.5, (n, _TEXTURE_WAVES))
-    angle = rng.uniform(0.0, np.pi, (n, _TEXTURE_WAVES))
-    obs["nucleus_area_um2"] = np.pi * nuc_a * nuc_b
-    obs["nucleus_eccentricity"] = np.sqrt(1.0 - (nuc_b / nuc_a) ** 2)
-    obs["nucleus_orientation"] = np.mod(theta + np.pi / 2, np.pi) - np.pi / 2
-    obs["cell_radius_um"] = np.sqrt(cell_a * cell_b)
-    obs["dapi_intensity"] = brightness
-    shape = {
-        "cos": np.cos(theta), "sin": np.sin(theta), "cell_a": cell_a, "cell_b": cell_b, "nuc_a": nuc_a,
-        "nuc_b": nuc_b, "dapi": brightness, "tex_amp": amplitude, "tex_ky": k * np.sin(angle),
-        "tex_kx": k * np.cos(angle), "tex_phase": rng.uniform(0, 2 * np.pi, (n, _TEXTURE_WAVES)),
-        "membrane": np.exp(rng.normal(0.0, 0.2, n)),
-    }  # fmt: skip
-    return obs, shape
-
-
-def _make_scene(tissue: _Tissue, shape: dict, pixel_size: float, noise: float, rng) -> _Scene:
-    """The pixel grid covering all cells plus a margin, and the per-cell rendering parameters (float32)."""
-    yx, origin = tissue.yx, tissue.origin
-    ny, nx = np.ceil((yx.max(0) + _MARGIN_UM - origin) / pixel_size).astype(int)
-    cells = {key: np.asarray(value, np.float32) for key, value in shape.items()}
-    return _Scene(
-        shape=(int(ny), int(nx)), origin=(float(origin[0]), float(origin[1])), pixel_size=float(pixel_size),
-        noise=float(noise), key=int(rng.integers(0, 2**62)), background=_Waves.draw(rng, length_scale=150.0),
-        tree=cKDTree(yx), cy=yx[:, 0].astype(np.float32), cx=yx[:, 1].astype(np.float32), **cells,
-    )  # fmt: skip
-
-
-def _ground_truth(tissue: _Tissue, var: pd.DataFrame, lost: list[str], parameters: dict, seed) -> dict:
+def _ground_truth(tissue, var: pd.DataFrame, lost: list[str], parameters: dict, seed) -> dict:
     """``uns["simulation"]``: parameters and every ground truth that is not a per-cell column."""
     role, types = var["role"].astype(str), tissue.types
     inducer = types[tissue.inducer]
+    twins = _twin_truth(tissue)
+    parent = {t: t for t in tissue.base_types} | twins["morphology_twins"]  # whose markers each type has
     return {
         "parameters": parameters,
         "random_state": seed,
@@ -693,8 +274,13 @@ def _ground_truth(tissue: _Tissue, var: pd.DataFrame, lost: list[str], parameter
         "inducer_type": inducer,
         "niche_radius_um": NICHE_RADIUS_UM,
         "niche_genes": dict.fromkeys(role.index[role == f"niche_induced:{inducer}"], inducer),
-        "markers": {t: role.index[role == f"marker:{t}"].tolist() for t in types},
+        "markers": {t: role.index[role == f"marker:{parent[t]}"].tolist() for t in types},
         "program_genes": {p: role.index[role == p].tolist() for p in _PROGRAMS},
+        "morphology_drivers": {
+            feature: {"program": p, "genes": role.index[role == p].tolist(), "effect": effect}
+            for p, (feature, effect) in _DRIVES.items()
+        },
+        **twins,
         "response_genes": role.index[role == "condition_response"].tolist(),
         "suppressed_markers": lost,
         "domain_mixture": {
@@ -753,7 +339,7 @@ def demo() -> SpatialData:
 
 
 def _check(n_cells, n_genes, n_cell_types, n_domains, pixel_size, cell_spacing, mean_depth, noise, chunk_size,
-           **fractions):  # fmt: skip
+           morphology_types, morphology_strength, **fractions):  # fmt: skip
     """Raise a ``ValueError`` naming the first invalid argument."""
     if int(n_cells) != n_cells or n_cells < 10:
         raise ValueError(f"n_cells must be an integer >= 10, got {n_cells!r}.")
@@ -765,6 +351,13 @@ def _check(n_cells, n_genes, n_cell_types, n_domains, pixel_size, cell_spacing, 
             f"n_genes={n_genes} is too small for {n_cell_types} cell types: pass n_genes >= {n_min} "
             "(markers, programme, niche and response genes and at least one housekeeping gene)."
         )
+    if int(morphology_types) != morphology_types or not 0 <= morphology_types <= n_cell_types - 2:
+        raise ValueError(
+            f"morphology_types must be an integer in [0, n_cell_types - 2] = [0, {n_cell_types - 2}] (each twins "
+            f"a type that is neither the inducer nor the transitioning type), got {morphology_types!r}."
+        )
+    if not morphology_strength >= 0:
+        raise ValueError(f"morphology_strength must be >= 0, got {morphology_strength}.")
     if n_domains < 1:
         raise ValueError(f"n_domains must be >= 1, got {n_domains}.")
     positive = {"pixel_size": pixel_size, "cell_spacing": cell_spacing, "mean_depth": mean_depth}
@@ -828,7 +421,9 @@ def simulate_with_reference(
     if not 0 < panel_fraction < 1:
         raise ValueError(f"panel_fraction must be in (0, 1), got {panel_fraction}.")
     if reference_depth < mean_depth:
-        raise ValueError("reference_depth must be at least mean_depth (the spatial counts are thinned from it).")
+        raise ValueError(
+            "reference_depth must be at least mean_depth (the spatial counts are thinned from it)."
+        )
     rng = get_rng(random_state)
     sdata = simulate(n_cells, n_genes=n_genes, mean_depth=reference_depth, random_state=rng, **kwargs)
     table = sdata.tables["table"]
@@ -846,8 +441,12 @@ def simulate_with_reference(
     sp_counts.eliminate_zeros()
     import anndata as ad
 
-    reference = ad.AnnData(X=counts[is_ref].astype(np.float32), obs=table.obs[is_ref].copy(), var=table.var.copy())
-    reference.obs = reference.obs.drop(columns=[c for c in ("region", "cell_id") if c in reference.obs], errors="ignore")
+    reference = ad.AnnData(
+        X=counts[is_ref].astype(np.float32), obs=table.obs[is_ref].copy(), var=table.var.copy()
+    )
+    reference.obs = reference.obs.drop(
+        columns=[c for c in ("region", "cell_id") if c in reference.obs], errors="ignore"
+    )
     query = table[~is_ref, panel].copy()
     query.X = sp_counts[:, panel].astype(np.float32)
     empty = np.asarray(query.X.sum(1)).ravel() == 0
