@@ -117,6 +117,7 @@ def _map_to_reference(query: np.ndarray, ref_shared: np.ndarray, ref_target: np.
     reference, and each query cell takes the similarity-weighted mean of ``ref_target`` over its
     ``n_neighbors`` nearest reference cells (cosine distance).
     """
+    import sklearn
     from sklearn.decomposition import PCA
     from sklearn.neighbors import NearestNeighbors
 
@@ -131,17 +132,19 @@ def _map_to_reference(query: np.ndarray, ref_shared: np.ndarray, ref_target: np.
     del zq
     nn_ = NearestNeighbors(n_neighbors=min(n_neighbors, len(pr)), metric="cosine").fit(pr)
     n_nb = nn_.n_neighbors
-    # the bandwidth: the median neighbour distance, over (at most ~20,000) query cells spread over the slide
-    probe = pq[:: max(1, len(pq) // 20_000)]
-    bandwidth = max(float(np.median(nn_.kneighbors(probe)[0])), 1e-6)
     out = np.empty((len(pq), ref_target.shape[1]), dtype=np.float32)
-    # query cells in chunks: the gathered neighbour profiles (chunk × n_neighbors × genes) stay ~64 MB
-    step = max(1, _MAP_CHUNK_BYTES // (n_nb * max(ref_target.shape[1], 1) * 4))
-    for s in range(0, len(pq), step):
-        dist, idx = nn_.kneighbors(pq[s : s + step])
-        w = np.exp(-dist / bandwidth)
-        w /= w.sum(1, keepdims=True)
-        out[s : s + step] = np.einsum("nk,nkg->ng", w, ref_target[idx])
+    # sklearn's brute-force search holds (query chunk × reference cells) distances: at most ~64 MB of them
+    with sklearn.config_context(working_memory=max(1, _MAP_CHUNK_BYTES // 2**20)):
+        # the bandwidth: the median neighbour distance, over (at most ~20,000) query cells spread over the slide
+        probe = pq[:: max(1, len(pq) // 20_000)]
+        bandwidth = max(float(np.median(nn_.kneighbors(probe)[0])), 1e-6)
+        # query cells in chunks: the gathered neighbour profiles (chunk × n_neighbors × genes) stay ~64 MB
+        step = max(1, _MAP_CHUNK_BYTES // (n_nb * max(ref_target.shape[1], 1) * 8))
+        for s in range(0, len(pq), step):
+            dist, idx = nn_.kneighbors(pq[s : s + step])
+            w = np.exp(-dist / bandwidth)
+            w /= w.sum(1, keepdims=True)
+            out[s : s + step] = np.einsum("nk,nkg->ng", w, ref_target[idx])
     return out
 
 
