@@ -5,8 +5,42 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
+
+
+@dataclass
+class TransitionPairs:
+    """What a state-transition flow learns of one ``source -> target`` transition.
+
+    Attributes
+    ----------
+    name
+        ``"source->target"``.
+    source, target
+        The two states (values of the ``groupby`` column).
+    source_rows, target_rows
+        ``(P,)`` table rows of the training pairs: each source cell and its matched target cell.
+    confidence
+        ``(P,)`` OT confidence of each pair (its weight in the loss).
+    delta_g
+        Mean expression shift per gene (genes missing from it count as 0).
+    delta_m
+        Standardised mean morphology shift per feature (features missing from it count as 0).
+    summary
+        Description of the pairing kept with the flow (``n_pairs``, ``mean_confidence``, ``pairing``...).
+    """
+
+    name: str
+    source: str
+    target: str
+    source_rows: np.ndarray
+    target_rows: np.ndarray
+    confidence: np.ndarray
+    delta_g: pd.Series
+    delta_m: pd.Series
+    summary: dict
 
 
 @dataclass

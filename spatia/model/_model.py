@@ -18,6 +18,7 @@ from .._utils import check_count, progress, resolve_device, seed_from
 from .._version import __version__
 from ..data import BatchDataset, CellArrays
 from ..module import DecoderConfig, SpatiaConfig, SpatiaModule
+from ._transition import TransitionMixin
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ _OLD_TAG = ".old-"  # the previous model during the swap: <name>.old-<id>, delet
 _MAX_PARAMETERS = 2e9  # 8 GB of float32 weights: refused before allocation (a damaged or absurd config)
 
 
-class SpatiaModel:
+class SpatiaModel(TransitionMixin):
     """A SPATIA model of a tissue: image + expression + spatial context.
 
     Create it with :func:`spatia.tl.fit` (or :meth:`SpatiaModel.load`); it keeps its gene panel,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any
 
@@ -12,8 +11,7 @@ import pandas as pd
 
 from .. import _results
 from .._constants import Defaults, Keys
-from .._utils import progress, seed_from
-from ..metrics import MORPHOLOGY_FEATURES
+from .._utils import keep_torch_threads, seed_from
 from ..pp._elements import _is_sdata
 from ._fit import _prepare_for_model
 from ._pairing import PairResult, _group_rows, compute_pairing
@@ -75,12 +73,6 @@ def _train_pairs(res, gate, gate_neighbors) -> np.ndarray:
                        "trains on all %d pairs.", res.name, len(keep), gate, len(every))
         return every
     return keep
-
-
-def default_flow_epochs(n_batches: int, min_steps: int) -> int:
-    """Epochs of a flow trained with ``FlowConfig(max_epochs=None)``: enough for ``min_steps`` optimiser steps
-    at ``n_batches`` batches per epoch, and at least 10."""
-    return max(10, math.ceil(min_steps / max(1, n_batches)))
 
 
 def fit_transition(
@@ -182,15 +174,9 @@ def fit_transition(
     >>> sp.tl.fit_transition(sdata, model, groupby="condition", source="control", target="disease")
     >>> sp.tl.transition(sdata, model, groupby="condition", source="control", target="disease")
     """
-    import lightning.pytorch as pl
-    import torch
+    from ..data._pairs import TransitionPairs
+    from ..module import FlowConfig
 
-    from .._settings import settings
-    from ..data import PairArrays, PairDataset
-    from ..module import FlowConfig, TransitionFlow
-    from ..train import FlowTrainingPlan, run_trainer
-
-    n_threads = torch.get_num_threads()  # kept across the pairing and crop steps (OpenMP kernels reset it)
     pairs_wanted = _transition_list(source, target, transitions)
     if pairing not in ("ot", "random"):
         raise ValueError(f"pairing must be 'ot' or 'random', got {pairing!r}.")
@@ -200,82 +186,42 @@ def fit_transition(
         raise TypeError(f"config must be a FlowConfig, got {type(config).__name__}.")
     if not model.config.image.enabled:
         raise ValueError("The model has no image branch: a morphology flow needs image crops.")
-    # the image the model was trained on (a slide may also hold mosaics written by earlier transitions)
-    image_key = image_key or (model.crop_params or {}).get("image_key")
-    prepared = _prepare_for_model(
-        data, model, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key, table_key=table_key,
-        layer=layer, coordinate_system=coordinate_system, crops=crops, allow_empty=True, um_per_unit=um_per_unit,
-    )
-    table, arrays = prepared.table, prepared.arrays
-    # 1. pairing of every transition (validates groups before any training)
-    results = [
-        _pairs_for(table, arrays, groupby, s, t, layer=layer, n_pcs=n_pcs, epsilon=epsilon, max_iter=max_iter,
-                   niche_key=niche_key, min_cells=min_cells, random_state=random_state, pairing=pairing,
-                   reg_m=reg_m, marginals=marginals)
-        for s, t in pairs_wanted
+    with keep_torch_threads():  # the crop and pairing steps' OpenMP kernels reset torch's thread count
+        # the image the model was trained on (a slide may also hold mosaics written by earlier transitions)
+        prepared = _prepare_for_model(
+            data, model, image_key=image_key or (model.crop_params or {}).get("image_key"), labels_key=labels_key,
+            shapes_key=shapes_key, table_key=table_key, layer=layer, coordinate_system=coordinate_system,
+            crops=crops, allow_empty=True, um_per_unit=um_per_unit,
+        )
+        table, arrays = prepared.table, prepared.arrays
+        # 1. pairing of every transition (validates groups before any training)
+        results = [
+            _pairs_for(table, arrays, groupby, s, t, layer=layer, n_pcs=n_pcs, epsilon=epsilon, max_iter=max_iter,
+                       niche_key=niche_key, min_cells=min_cells, random_state=random_state, pairing=pairing,
+                       reg_m=reg_m, marginals=marginals)
+            for s, t in pairs_wanted
+        ]
+        train = [_train_pairs(r, gate, gate_neighbors) for r in results]
+    # 2. the flow, on the pairs of each transition that pass the gate
+    described = [
+        TransitionPairs(
+            name=r.name, source=s, target=t, source_rows=r.source_rows[k], target_rows=r.target_rows[r.match[k]],
+            confidence=r.confidence[k], delta_g=r.delta_g, delta_m=r.delta_m_std,
+            summary={"n_pairs": int(len(r.match)), "mean_confidence": float(r.confidence.mean()),
+                     "pairing": r.info["pairing"]},
+        )
+        for r, (s, t), k in zip(results, pairs_wanted, train, strict=True)
     ]
-    emb = model.infer(arrays, outputs=("cell",))["cell"]
-    torch.set_num_threads(n_threads)
-    # 2. the flow module, with each transition's Δg (model gene order) and Δm (standardised) in buffers
-    seed = seed_from(random_state)
-    feats = list(MORPHOLOGY_FEATURES)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        flow = TransitionFlow(config, channels=len(model.channels), size=arrays.crops.size, emb_dim=emb.shape[1],
-                              n_genes=len(model.genes), n_features=len(feats), n_transitions=len(results))
-    dg = np.stack([r.delta_g.reindex(model.genes).fillna(0.0).to_numpy(np.float32) for r in results])
-    dm = np.stack([r.delta_m_std.reindex(feats).fillna(0.0).to_numpy(np.float32) for r in results])
-    train = [_train_pairs(r, gate, gate_neighbors) for r in results]
-    conf_all = np.concatenate([r.confidence[k] for r, k in zip(results, train, strict=True)])
-    flow.delta_g.copy_(torch.from_numpy(dg))
-    flow.delta_m.copy_(torch.from_numpy(dm))
-    flow.mean_confidence.fill_(float(conf_all.mean()))
-    pairs = PairArrays(
-        crops=arrays.crops, cell_emb=emb,
-        source=np.concatenate([r.source_rows[k] for r, k in zip(results, train, strict=True)]),
-        target=np.concatenate([r.target_rows[r.match[k]] for r, k in zip(results, train, strict=True)]),
-        transition=np.concatenate([np.full(len(k), i) for i, k in enumerate(train)]),
-        confidence=conf_all,
-    )
-    # 3. training (Lightning)
-    batch_size = config.batch_size if batch_size is None else int(batch_size)
-    if batch_size < 2:
-        raise ValueError(f"batch_size must be at least 2, got {batch_size}.")
-    dataset = PairDataset(pairs, batch_size, seed)
-    max_epochs = config.max_epochs if max_epochs is None else int(max_epochs)
-    if max_epochs is None:
-        max_epochs = default_flow_epochs(len(dataset), config.min_steps)
-    elif max_epochs < 1:
-        raise ValueError(f"max_epochs must be at least 1, got {max_epochs}.")
-    pl.seed_everything(seed, workers=True, verbose=False)
-    # new batches every epoch, drawn from (seed, epoch)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=dataset.sampler,
-                                         num_workers=settings.num_workers)
-    t0 = time.perf_counter()
-    plan = FlowTrainingPlan(flow, lr=config.lr, weight_decay=config.weight_decay)
-    trainer, history = run_trainer(
-        plan, loader, name="transition training", max_epochs=max_epochs, accelerator=accelerator, devices=devices,
-        precision=precision, trainer_kwargs=trainer_kwargs, gradient_clip_val=config.grad_clip or None,
-        num_sanity_val_steps=0,
-    )
-    model.flow = plan.flow.cpu().eval()
-    model.flow_info = {
-        "config": config.to_dict(), "channels": len(model.channels), "size": int(arrays.crops.size),
-        "emb_dim": int(emb.shape[1]), "n_genes": len(model.genes), "n_features": len(feats),
-        "features": feats, "groupby": groupby,
-        "transitions": [
-            {"name": r.name, "source": s, "target": t, "n_pairs": int(len(r.match)), "n_train_pairs": len(k),
-             "mean_confidence": float(r.confidence.mean()), "pairing": r.info["pairing"]}
-            for r, (s, t), k in zip(results, pairs_wanted, train, strict=True)
-        ],
+    run = {
+        "groupby": groupby,
         "pairing": {"n_pcs": n_pcs, "epsilon": epsilon, "max_iter": max_iter, "niche_key": niche_key,
-                    "min_cells": min_cells, "method": pairing, "random_state": seed,
+                    "min_cells": min_cells, "method": pairing, "random_state": seed_from(random_state),
                     "reg_m": None if reg_m is None else float(reg_m), "marginals": marginals},
         "train_gate": {"gate": None if gate is None else float(gate), "gate_neighbors": int(gate_neighbors)},
-        "epochs": int(trainer.current_epoch), "steps": int(trainer.global_step),
-        "train_seconds": round(time.perf_counter() - t0, 2),
-        "history": history.history,
     }
+    model.fit_transition(arrays, described, config=config, max_epochs=max_epochs, batch_size=batch_size,
+                         accelerator=accelerator, devices=devices, precision=precision, random_state=random_state,
+                         info=run, **trainer_kwargs)
     logger.info("Trained a flow for %d transition(s) of %r in %.1f s.", len(results), groupby,
                 model.flow_info["train_seconds"])
     summaries = {f"uns/{Keys.UNS}/{Keys.TRANSITIONS}/{r.name}": _results.sanitize(r.to_uns()) for r in results}
@@ -287,20 +233,6 @@ def fit_transition(
         return _results.returned("fit_transition", summaries, params, model=model)
     _results.write(data, table, summaries, function="fit_transition", params=params, overwrite=False)
     return model
-
-
-def _find_transition(model, groupby: str, source: str, target: str) -> int:
-    if getattr(model, "flow", None) is None:
-        raise ValueError("The model has no state-transition flow: train one with `sp.tl.fit_transition` first.")
-    info = model.flow_info
-    known = [f"{info['groupby']}: {t['source']}->{t['target']}" for t in info["transitions"]]
-    if groupby != info["groupby"]:
-        raise KeyError(f"The flow was trained on groupby={info['groupby']!r}, not {groupby!r}; known transitions: "
-                       f"{known}.")
-    for i, t in enumerate(info["transitions"]):
-        if t["source"] == str(source) and t["target"] == str(target):
-            return i
-    raise KeyError(f"The flow has no transition {source!r}->{target!r}; known transitions: {known}.")
 
 
 def _select_cells(table, source_rows: np.ndarray, cells) -> np.ndarray:
@@ -422,15 +354,11 @@ def transition(
     >>> sp.tl.transition(sdata, model, groupby="condition", source="control", target="disease", steps=50)
     >>> sdata["spatia_transition_table"].obs.head()
     """
-    import torch
-
-    from .._utils import resolve_device
     from ..metrics import morphology_features
 
-    n_threads = torch.get_num_threads()  # kept across the pairing and crop steps (OpenMP kernels reset it)
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int | np.integer) or steps < 1):
         raise ValueError(f"steps must be a whole number of solver steps >= 1, got {steps!r}.")
-    tid = _find_transition(model, groupby, source, target)
+    tid = model.transition_index(groupby, source, target)
     if inplace and not _is_sdata(data):
         raise TypeError("transition(inplace=True) writes image elements: pass a SpatialData (or inplace=False).")
     from ._mosaic import add_crop_mosaic, mosaic_paths
@@ -442,47 +370,33 @@ def transition(
     solver = fcfg.solver if solver is None else solver
     w = fcfg.guidance_scale if guidance_scale is None else float(guidance_scale)
     _check_gate(gate, gate_neighbors)
-    # the image the model was trained on (a slide may also hold mosaics written by earlier transitions)
-    image_key = image_key or (model.crop_params or {}).get("image_key")
-    prepared = _prepare_for_model(
-        data, model, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key, table_key=table_key,
-        layer=layer, coordinate_system=coordinate_system, crops=crops, allow_empty=True, um_per_unit=um_per_unit,
-    )
-    table, arrays = prepared.table, prepared.arrays
-    if arrays.crops.size != model.flow.size:
-        raise ValueError(f"The crops are {arrays.crops.size} px but the flow was trained on {model.flow.size} px.")
-    p = model.flow_info["pairing"]
-    res = _pairs_for(table, arrays, groupby, source, target, layer=layer, n_pcs=p["n_pcs"], epsilon=p["epsilon"],
-                     max_iter=p["max_iter"], niche_key=p["niche_key"], min_cells=p["min_cells"],
-                     random_state=random_state, pairing=p.get("method", "ot"), reg_m=p.get("reg_m"),
-                     marginals=p.get("marginals", "uniform"))  # flows from before the option: uniform
-    rows = _select_cells(table, res.source_rows, cells)
-    pos = pd.Series(np.arange(len(res.source_rows)), index=res.source_rows)[rows].to_numpy()
-    pvalue = res.shift_test(gate_neighbors)["shift_pvalue"].to_numpy()[pos]
+    with keep_torch_threads():  # the crop and pairing steps' OpenMP kernels reset torch's thread count
+        # the image the model was trained on (a slide may also hold mosaics written by earlier transitions)
+        prepared = _prepare_for_model(
+            data, model, image_key=image_key or (model.crop_params or {}).get("image_key"), labels_key=labels_key,
+            shapes_key=shapes_key, table_key=table_key, layer=layer, coordinate_system=coordinate_system,
+            crops=crops, allow_empty=True, um_per_unit=um_per_unit,
+        )
+        table, arrays = prepared.table, prepared.arrays
+        if arrays.crops.size != model.flow.size:
+            raise ValueError(f"The crops are {arrays.crops.size} px but the flow was trained on {model.flow.size} px.")
+        p = model.flow_info["pairing"]
+        res = _pairs_for(table, arrays, groupby, source, target, layer=layer, n_pcs=p["n_pcs"], epsilon=p["epsilon"],
+                         max_iter=p["max_iter"], niche_key=p["niche_key"], min_cells=p["min_cells"],
+                         random_state=random_state, pairing=p.get("method", "ot"), reg_m=p.get("reg_m"),
+                         marginals=p.get("marginals", "uniform"))  # flows from before the option: uniform
+        rows = _select_cells(table, res.source_rows, cells)
+        pos = pd.Series(np.arange(len(res.source_rows)), index=res.source_rows)[rows].to_numpy()
+        pvalue = res.shift_test(gate_neighbors)["shift_pvalue"].to_numpy()[pos]
     move = np.ones(len(rows), bool) if gate is None else pvalue < gate
     if not move.any():
         logger.warning("No selected cell has a significant morphology shift (gate=%s): every crop is returned "
                        "unchanged; pass gate=None to transform them all.", gate)
     pred = np.asarray(arrays.crops.get(rows), dtype=np.float32) / 255.0
     moving = np.flatnonzero(move)
-    emb = model.infer(arrays, outputs=("cell",))["cell"] if len(moving) else None
-    torch.set_num_threads(n_threads)
-    dev = resolve_device(device)
-    flow = model.flow.to(dev).eval()
-    n_batches, nfe = 0, 0
     t0 = time.perf_counter()
-    try:
-        for i in progress(range(0, len(moving), batch_size), desc="transition", unit="batch"):
-            j = moving[i:i + batch_size]
-            x0 = torch.from_numpy(pred[j]).to(dev)
-            e = torch.from_numpy(emb[rows[j]]).to(dev)
-            tr = torch.full((len(j),), tid, dtype=torch.long, device=dev)
-            x1, n = flow.sample(x0, e, tr, guidance_scale=w, steps=steps, solver=solver)
-            pred[j] = x1.float().cpu().numpy()
-            nfe += n
-            n_batches += 1
-    finally:
-        model.flow.cpu()
+    pred[moving], nfe, n_batches = model.sample_transition(
+        arrays, rows[moving], tid, guidance_scale=w, steps=steps, solver=solver, batch_size=batch_size, device=device)
     seconds = time.perf_counter() - t0
     # links: OT match of each source cell, and the real target nearest to the prediction in morphology
     matched = res.matched_obs[pos]
