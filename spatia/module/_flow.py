@@ -19,6 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn._image_ops import (
+    gaussian_blur,
+    morphology_proxies,
+    random_dihedral,
+    sliced_wasserstein,
+    soft_proxies,
+)
 from ..nn._ode import integrate
 from ._config import check_fields
 
@@ -47,8 +54,8 @@ class FlowConfig:
     - ``sw_blur``: Gaussian blur (pixels) of every crop before its proxies are computed, so that the loss does
       not chase the pixel-scale texture the flow cannot render; 0 = none.
     - ``proxies``: ``"region"`` (9 of the 10 measured region features, on the same Otsu region;
-      ``spatia.module._flow.morphology_proxies``) or ``"soft"`` (sigmoid-foreground stand-ins,
-      ``spatia.module._flow.soft_proxies``, kept to reproduce flows trained with them).
+      ``spatia.nn.morphology_proxies``) or ``"soft"`` (sigmoid-foreground stand-ins,
+      ``spatia.nn.soft_proxies``, kept to reproduce flows trained with them).
     - ``sw_memory``: also compare the (detached) endpoints and targets of this many earlier batches, which
       steadies the distance on small batches; 0 = the batch alone.
 
@@ -181,7 +188,8 @@ class FlowOutput:
     """``loss`` (weighted sum), ``losses`` (each term), ``weights`` ``(B,)`` per-pair FM weights,
     ``fm_error`` ``(B,)`` per-pair velocity MSE, ``x1_hat`` ``(B, C, S, S)`` one-step predicted targets,
     ``x1_end`` ``(B, C, S, S)`` the endpoints the morphology loss compared with the real targets (``None``
-    when it was off)."""
+    when it was off), ``sw_points`` the batch's detached morphology points for the memory of later batches
+    (``None`` without memory)."""
 
     loss: torch.Tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -189,18 +197,7 @@ class FlowOutput:
     fm_error: torch.Tensor | None = None
     x1_hat: torch.Tensor | None = None
     x1_end: torch.Tensor | None = None
-
-
-def random_dihedral(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Each crop of ``x (B, C, S, S)`` turned by a random multiple of 90° and possibly mirrored."""
-    k = torch.randint(0, 8, (x.shape[0],), generator=generator).to(x.device)
-    out = x.clone()
-    for code in range(8):
-        sel = k == code
-        if sel.any():
-            y = torch.rot90(x[sel], code % 4, dims=(2, 3))
-            out[sel] = y.flip(3) if code >= 4 else y
-    return out
+    sw_points: tuple[torch.Tensor, ...] | None = None
 
 
 def batch_repair(x0: torch.Tensor, x1: torch.Tensor, emb: torch.Tensor, group: torch.Tensor,
@@ -240,162 +237,6 @@ def confidence_weights(confidence: torch.Tensor, mean_confidence: float | torch.
     A pair as confident as the average weighs 1; a pair near the uniform confidence weighs little.
     """
     return confidence / torch.clamp(torch.as_tensor(mean_confidence, dtype=confidence.dtype), min=1e-12)
-
-
-def _principal_moments(m: torch.Tensor, mass: torch.Tensor, coords: torch.Tensor):
-    """Eigenvalues (l1 ≥ l2) of the second moments of the soft masks ``m (B, S*S)`` of total ``mass (B,)``
-    over a square grid of ``coords (S,)``, and half their difference."""
-    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-    yy, xx = yy.reshape(1, -1), xx.reshape(1, -1)
-    cy, cx = (m * yy).sum(1) / mass, (m * xx).sum(1) / mass
-    dy, dx = yy - cy[:, None], xx - cx[:, None]
-    vyy, vxx, vxy = (m * dy * dy).sum(1) / mass, (m * dx * dx).sum(1) / mass, (m * dx * dy).sum(1) / mass
-    tr, det = vyy + vxx, vyy * vxx - vxy**2
-    disc = torch.sqrt(torch.clamp((tr / 2) ** 2 - det, min=0.0) + 1e-8)
-    return tr / 2 + disc, torch.clamp(tr / 2 - disc, min=0.0), disc
-
-
-def soft_proxies(img: torch.Tensor, channel: int = 0, sharpness: float = 0.05) -> torch.Tensor:
-    """Sigmoid-foreground morphology proxies (``FlowConfig(proxies="soft")``).
-
-    Looser than :func:`morphology_proxies` (their axis lengths and intensity spread do not follow the measured
-    features); kept to reproduce flows trained with them. ``img (B, C, S, S)`` in [0, 1] → ``(B, 7)``: soft foreground area (a sigmoid around a
-    per-crop threshold halfway between mean and max), mean / soft-max / std of the intensity inside, whole-crop mean
-    intensity, and the square roots of the two eigenvalues of the foreground's second moments (axis
-    lengths).
-    """
-    x = img[:, channel]
-    b, s, _ = x.shape
-    flat = x.reshape(b, -1)
-    thr = (0.5 * (flat.mean(1) + flat.amax(1))).detach()
-    m = torch.sigmoid((flat - thr[:, None]) / sharpness)
-    mass = m.sum(1) + 1e-4
-    area = m.mean(1)
-    mean_in = (flat * m).sum(1) / mass
-    std_in = torch.sqrt(((flat - mean_in[:, None]) ** 2 * m).sum(1) / mass + 1e-6)
-    soft_max = torch.logsumexp(flat * 20.0, 1) / 20.0
-    l1, l2, _ = _principal_moments(m, mass, torch.linspace(-1.0, 1.0, s, device=img.device, dtype=img.dtype))
-    return torch.stack([area, mean_in, soft_max, std_in, flat.mean(1), torch.sqrt(l1 + 1e-6),
-                        torch.sqrt(l2 + 1e-6)], 1)
-
-
-def otsu_fraction(flat: torch.Tensor, nbins: int = 256) -> torch.Tensor:
-    """Otsu's threshold of each row of ``flat (B, N)`` as a fraction of the row's range (min → 0, max → 1).
-
-    The histogram algorithm of ``skimage.filters.threshold_otsu`` (``nbins`` bins over the row's range,
-    the threshold at the centre of the bin that maximises the between-class variance), vectorised over
-    rows and without gradients. Constant rows give 0.5.
-    """
-    with torch.no_grad():
-        x = flat.float()
-        lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
-        span = (hi - lo).clamp(min=1e-12)
-        idx = ((x - lo) / span * nbins).long().clamp(0, nbins - 1)
-        counts = torch.zeros(x.shape[0], nbins, device=x.device).scatter_add_(1, idx, torch.ones_like(x))
-        centers = (torch.arange(nbins, device=x.device, dtype=x.dtype) + 0.5) / nbins
-        w1 = counts.cumsum(1)
-        w2 = counts.flip(1).cumsum(1).flip(1)
-        m1 = (counts * centers).cumsum(1) / w1.clamp(min=1e-12)
-        m2 = (counts * centers).flip(1).cumsum(1).flip(1) / w2.clamp(min=1e-12)
-        var = w1[:, :-1] * w2[:, 1:] * (m1[:, :-1] - m2[:, 1:]) ** 2
-        frac = centers[var.argmax(1)]
-        return torch.where((hi - lo).squeeze(1) > 1e-8, frac, torch.full_like(frac, 0.5)).to(flat.dtype)
-
-
-def largest_component(mask: torch.Tensor) -> torch.Tensor:
-    """The largest 8-connected region of each boolean ``mask (B, H, W)`` (empty where the mask is), by
-    label propagation (each pixel takes the largest index among its foreground neighbours until stable)."""
-    with torch.no_grad():
-        b, h, w = mask.shape
-        fg = mask.float()[:, None]
-        lab = (torch.arange(1, h * w + 1, device=mask.device, dtype=torch.float32).view(1, 1, h, w) * fg)
-        for _ in range(h * w):
-            new = F.max_pool2d(lab, 3, stride=1, padding=1) * fg
-            if torch.equal(new, lab):
-                break
-            lab = new
-        lab = lab.view(b, -1).long()
-        sizes = torch.zeros(b, h * w + 1, device=mask.device)
-        sizes.scatter_add_(1, lab, torch.ones_like(lab, dtype=torch.float32))
-        sizes[:, 0] = 0
-        best = sizes.argmax(1, keepdim=True)
-        return ((lab == best) & (best > 0)).view(b, h, w)
-
-
-def morphology_proxies(img: torch.Tensor, channel: int = 0, softness: float = 0.02,
-                       beta: float = 30.0) -> torch.Tensor:
-    """Differentiable stand-ins for the region features of :func:`spatia.metrics.morphology_features`.
-
-    ``img (B, C, S, S)`` in [0, 1] → ``(B, 9)``: area, perimeter, squared eccentricity (stable for round
-    shapes; same ranking), mean / max / min intensity, intensity std, major and minor axis length of the
-    crop's main region (solidity has no smooth stand-in).
-    The region follows the measured one: the foreground is the crop above Otsu's threshold, and of it the
-    largest 8-connected region is kept (found without gradients). Gradients flow through a soft mask,
-    a sigmoid around the threshold (width ``softness`` × the crop's range) inside that region grown by one
-    pixel, so the region can grow or shrink. The threshold is placed at Otsu's fraction of the crop's
-    range, and moves with it: brightening a whole crop does not grow its region. The range and the
-    threshold carry no gradient: through them a loss asking for a larger region pulled the crop's maximum
-    down, dimming the cells whose intensity it was also asked to raise. Max and min are soft
-    (log-sum-exp with ``beta`` over the range for the max, a third of it for the min, which is taken inside
-    the region proper). Lengths are in pixels.
-    """
-    x = img[:, channel]
-    b, s, _ = x.shape
-    flat = x.reshape(b, -1)
-    with torch.no_grad():  # a region must not grow by dimming its brightest pixel (which lowers the threshold)
-        lo, hi = flat.amin(1), flat.amax(1)
-        span = (hi - lo).clamp(min=1e-6)
-        thr = lo + otsu_fraction(flat) * span
-    region = largest_component((flat > thr[:, None]).view(b, s, s))
-    empty = ~region.flatten(1).any(1)
-    zone = F.max_pool2d(region.float()[:, None], 3, stride=1, padding=1)[:, 0].flatten(1)
-    zone = torch.where(empty[:, None], torch.ones_like(zone), zone)
-    m = torch.sigmoid((flat - thr[:, None]) / (softness * span[:, None])) * zone
-    mass = m.sum(1) + 1e-4
-    mean_in = (flat * m).sum(1) / mass
-    std_in = torch.sqrt(((flat - mean_in[:, None]) ** 2 * m).sum(1) / mass + 1e-6)
-    logm = torch.log(m + 1e-6)
-    z = beta / span[:, None]
-    max_in = torch.logsumexp(flat * z + logm, 1) / z[:, 0] - torch.log(mass) / z[:, 0]
-    inner = m * region.flatten(1).to(m.dtype) + 1e-6  # the minimum is taken inside the region, not its rim
-    zmin = z / 3
-    min_in = (torch.log(inner.sum(1)) - torch.logsumexp(-flat * zmin + torch.log(inner), 1)) / zmin[:, 0]
-    l1, l2, disc = _principal_moments(m, mass, torch.arange(s, device=img.device, dtype=img.dtype))
-    ecc2 = 2 * disc / (l1 + 1e-6)  # squared eccentricity, 1 − l2/l1: no square root near round shapes
-    mm = F.pad(m.view(b, 1, s, s), (2, 2, 2, 2))  # soft boundary length: |∇m| summed, central differences
-    gy = (mm[:, :, 2:, 1:-1] - mm[:, :, :-2, 1:-1]) / 2
-    gx = (mm[:, :, 1:-1, 2:] - mm[:, :, 1:-1, :-2]) / 2
-    perim = torch.sqrt(gy**2 + gx**2 + 1e-8).sum((1, 2, 3))
-    return torch.stack([m.sum(1), perim, ecc2, mean_in, max_in, min_in, std_in,
-                        4 * torch.sqrt(l1 + 1e-6), 4 * torch.sqrt(l2 + 1e-6)], 1)
-
-
-def gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``img (B, C, S, S)`` smoothed by a Gaussian of ``sigma`` pixels (reflect padding); ``sigma <= 0``: as is."""
-    if sigma <= 0:
-        return img
-    r = min(max(1, int(round(3 * sigma))), img.shape[-1] - 1)
-    x = torch.arange(-r, r + 1, device=img.device, dtype=img.dtype)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    k = k / k.sum()
-    c = img.shape[1]
-    y = F.pad(img, (r, r, r, r), mode="reflect")
-    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
-def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_projections: int, generator=None) -> torch.Tensor:
-    """Squared sliced-Wasserstein-2 distance between two equal-size point sets ``(B, d)``.
-
-    Features are standardised by ``b``'s (real) standard deviation first, so each counts equally.
-    """
-    scale = b.detach().std(0, keepdim=True).clamp(min=1e-3)
-    a, b = a / scale, b / scale
-    theta = torch.randn(a.shape[1], n_projections, device=a.device, dtype=a.dtype, generator=generator)
-    theta = theta / theta.norm(dim=0, keepdim=True)
-    pa, _ = (a @ theta).sort(0)
-    pb, _ = (b @ theta).sort(0)
-    return ((pa - pb) ** 2).mean()
 
 
 class TransitionFlow(nn.Module):
@@ -442,8 +283,6 @@ class TransitionFlow(nn.Module):
             nn.Linear(c.hidden, c.hidden), nn.SiLU(), nn.Linear(c.hidden, c.cond_dim),
         )
         self.null_cond = nn.Parameter(torch.zeros(c.cond_dim))
-        self.sw_scale = 1.0  # multiplier of the morphology loss (the training plan sets 0 during the warm-up)
-        self.sw_bank: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # earlier batches (fa, fb, tr)
         n = len(c.block_out_channels)
         self.unet = UNet2DModel(
             sample_size=size, in_channels=channels, out_channels=channels,
@@ -466,12 +305,15 @@ class TransitionFlow(nn.Module):
         """``x (B, C, S, S)`` in [-1, 1], ``t (B,)`` in [0, 1], ``cond (B, cond_dim)`` → ``(B, C, S, S)``."""
         return self.unet(x, t * 1000.0, class_labels=cond).sample
 
-    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> FlowOutput:
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None, *,
+                sw_scale: float = 1.0, sw_bank: list[tuple[torch.Tensor, ...]] | None = None) -> FlowOutput:
         """Training losses of a batch of pairs.
 
         ``batch``: ``x0`` / ``x1`` ``(B, C, S, S)`` source and matched target crops in [0, 1],
         ``cell_emb (B, E)``, ``transition (B,)``, ``confidence (B,)``; optionally ``t (B,)`` (default
-        uniform on [0, 1]).
+        uniform on [0, 1]). ``sw_scale`` multiplies the morphology loss (0: not computed); ``sw_bank`` holds
+        the morphology points of earlier batches (``FlowOutput.sw_points``), used in training when
+        ``config.sw_memory > 0``. The training plan keeps both.
         """
         c = self.config
         x0, x1r = batch["x0"], batch["x1"]
@@ -510,19 +352,20 @@ class TransitionFlow(nn.Module):
         # 5. sliced Wasserstein between morphology proxies of the flow's endpoints and the real targets
         x1_hat = xt + (1 - tt) * v
         x1_end = None
-        if c.sw_weight > 0 and self.sw_scale > 0:
+        sw_points = None
+        if c.sw_weight > 0 and sw_scale > 0:
             if c.sw_endpoint == "rollout":
                 x1_end, use = self._rollout(x0, cond_full, c.sw_steps), torch.ones(b, dtype=torch.bool, device=dev)
             else:
                 x1_end, use = x1_hat, t >= c.sw_min_t
-            sw = self._sw_per_transition(x1_end, x1r, batch["transition"], use, generator,
-                                         x0r=batch_x0r if c.sw_joint else None)
+            sw, sw_points = self._sw_per_transition(x1_end, x1r, batch["transition"], use, generator,
+                                                    x0r=batch_x0r if c.sw_joint else None, bank=sw_bank)
             if sw is not None:
                 losses["sw"] = sw
-                total = total + self.sw_scale * c.sw_weight * sw
+                total = total + sw_scale * c.sw_weight * sw
             x1_end = x1_end.detach()
         return FlowOutput(loss=total, losses=losses, weights=w.detach(), fm_error=err.detach(),
-                          x1_hat=x1_hat.detach(), x1_end=x1_end)
+                          x1_hat=x1_hat.detach(), x1_end=x1_end, sw_points=sw_points)
 
     def _rollout(self, x0: torch.Tensor, cond: torch.Tensor, steps: int) -> torch.Tensor:
         """Euler integration of the conditional velocity from ``x0`` (in [-1, 1]) to t = 1, with gradients."""
@@ -532,14 +375,17 @@ class TransitionFlow(nn.Module):
         return x
 
     def _sw_per_transition(self, x_end: torch.Tensor, x1r: torch.Tensor, transition: torch.Tensor,
-                           use: torch.Tensor, generator, x0r: torch.Tensor | None = None) -> torch.Tensor | None:
+                           use: torch.Tensor, generator, x0r: torch.Tensor | None = None,
+                           bank: list[tuple[torch.Tensor, ...]] | None = None):
         """Sliced Wasserstein between the proxies of ``x_end`` (in [-1, 1]) and of the real targets ``x1r``,
         within each transition of the batch (a transition's targets are not another's), weighted by size.
 
         With ``x0r`` (the source crops in [0, 1]) the points are [source proxies ; endpoint proxies] against
         [source proxies ; matched target proxies]: the joint law of the pairs, not only the targets'
         marginal, so the loss cannot be lowered by giving one cell type's targets to another's sources.
-        In training, the points of the last ``config.sw_memory`` batches (detached) join the batch's own.
+        In training with ``config.sw_memory > 0``, the points of earlier batches in ``bank`` (detached) join
+        the batch's own. Returns the distance (``None`` when no transition has two points) and the batch's
+        detached points ``(fa, fb, transition)`` for the bank (``None`` when no memory is kept).
         """
         blur = self.config.sw_blur
         proxies = morphology_proxies if self.config.proxies == "region" else soft_proxies
@@ -551,14 +397,14 @@ class TransitionFlow(nn.Module):
         fa, fb, tr_all = fa[use], fb[use], transition[use]
         n_new = len(fa)
         memory = self.config.sw_memory > 0 and self.training
+        points = None
         if memory:
-            bank = [m for m in self.sw_bank if m[0].shape[1:] == fa.shape[1:]]
-            fa = torch.cat([fa] + [m[0] for m in bank])
-            fb = torch.cat([fb] + [m[1] for m in bank])
-            tr_all = torch.cat([tr_all] + [m[2] for m in bank])
+            earlier = [m for m in (bank or []) if m[0].shape[1:] == fa.shape[1:]]
+            fa = torch.cat([fa] + [m[0] for m in earlier])
+            fb = torch.cat([fb] + [m[1] for m in earlier])
+            tr_all = torch.cat([tr_all] + [m[2] for m in earlier])
         if memory and n_new:
-            self.sw_bank = ([(fa[:n_new].detach(), fb[:n_new].detach(), tr_all[:n_new])] + self.sw_bank)
-            self.sw_bank = self.sw_bank[:self.config.sw_memory]
+            points = (fa[:n_new].detach(), fb[:n_new].detach(), tr_all[:n_new])
         parts, sizes = [], []
         for tr in tr_all[:n_new].unique():
             sel = tr_all == tr
@@ -570,9 +416,9 @@ class TransitionFlow(nn.Module):
                 parts.append(d.detach() + boost * (d - d.detach()))
                 sizes.append(float(sel[:n_new].sum()))
         if not parts:
-            return None
+            return None, points
         wts = torch.tensor(sizes, device=x_end.device, dtype=x_end.dtype)
-        return (torch.stack(parts) * wts).sum() / wts.sum()
+        return (torch.stack(parts) * wts).sum() / wts.sum(), points
 
     # ---------------------------------------------------------------------------------------------
     @torch.no_grad()

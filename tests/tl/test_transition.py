@@ -337,22 +337,25 @@ def test_morphology_loss_memory_steadies_the_distance():
     values = {}
     for memory in (0, 8):
         flow = _flow(sw_memory=memory).train()
-        vals = []
+        vals, bank = [], []  # the bank is the training plan's: the module keeps no state
         for seed in range(24):
             x0, x1 = _blob_batch(seed)
             end = x0.clone().requires_grad_(True)  # a flow that leaves the cells unchanged: a steady error
-            loss = flow._sw_per_transition(end * 2 - 1, x1, tr, use, torch.Generator().manual_seed(seed), x0r=x0)
+            loss, points = flow._sw_per_transition(end * 2 - 1, x1, tr, use, torch.Generator().manual_seed(seed),
+                                                   x0r=x0, bank=bank)
             loss.backward()
             assert torch.isfinite(end.grad).all() and end.grad.abs().sum() > 0
             vals.append(float(loss))
-        assert len(flow.sw_bank) == memory and all(not t.requires_grad for m in flow.sw_bank for t in m)
+            if points is not None:
+                bank = [points, *bank][:memory]
+        assert len(bank) == memory and all(not t.requires_grad for m in bank for t in m)
         values[memory] = np.array(vals[8:])  # once the memory is full
     assert values[8].std() < 0.6 * values[0].std(), (values[8].std(), values[0].std())
     # outside training the memory is neither used nor filled
     flow = _flow(sw_memory=8).eval()
     x0, x1 = _blob_batch(0)
-    flow._sw_per_transition(x0 * 2 - 1, x1, tr, use, None, x0r=x0)
-    assert flow.sw_bank == []
+    _, points = flow._sw_per_transition(x0 * 2 - 1, x1, tr, use, None, x0r=x0, bank=[])
+    assert points is None
 
 
 def test_morphology_loss_on_the_flow_rollout():
@@ -369,8 +372,7 @@ def test_morphology_loss_on_the_flow_rollout():
     b["t"] = torch.tensor([0.1, 0.2, 0.3, 0.9])  # one late pair: too few for a distance
     assert "sw" not in one(b).losses
     # switched off (the warm-up sets the scale to 0): no morphology term, no rollout
-    flow.sw_scale = 0.0
-    out = flow(_batch())
+    out = flow(_batch(), sw_scale=0.0)
     assert "sw" not in out.losses and out.x1_end is None
     for bad in (dict(sw_endpoint="two_step"), dict(sw_steps=0), dict(sw_warmup=1.0)):
         with pytest.raises(ValueError, match="sw_"):
@@ -395,7 +397,7 @@ def test_flow_config_old_models_keep_their_training_defaults():
 
 
 def test_default_flow_length_counts_steps():
-    from spatia.tl._transition import default_flow_epochs
+    from spatia.model._transition import default_flow_epochs
 
     assert default_flow_epochs(3, 500) == 167  # a small slide's few shifted pairs: many epochs
     assert default_flow_epochs(50, 500) == 10 and default_flow_epochs(313, 500) == 10  # at least 10
@@ -430,7 +432,7 @@ def test_batch_repair_keeps_the_targets_and_shortens_paths():
 
 
 def test_gaussian_blur_of_morphology_loss():
-    from spatia.module._flow import gaussian_blur
+    from spatia.nn import gaussian_blur
 
     x = torch.zeros(2, 1, 16, 16)
     x[:, :, 8, 8] = 1.0
@@ -587,7 +589,7 @@ def test_several_transitions_in_one_flow(fitted):
                          config=FlowConfig.tiny(), max_epochs=2)
     # the morphology loss is off during the warm-up (first half of the epochs), on afterwards
     hist = model.flow_info["history"]
-    assert "train_sw" not in hist[0] and "train_sw" in hist[1] and model.flow.sw_scale == 1.0
+    assert "train_sw" not in hist[0] and "train_sw" in hist[1] and not hasattr(model.flow, "sw_scale")
     assert [t["name"] for t in model.flow_info["transitions"]] == ["control->transitioned", "transitioned->control"]
     assert model.flow.delta_g.shape == (2, len(model.genes))
     # the two directions have opposite shifts

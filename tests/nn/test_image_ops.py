@@ -1,4 +1,4 @@
-"""The flow's differentiable morphology proxies follow the measured region features."""
+"""Differentiable image operations (spatia.nn): Otsu threshold, largest region and morphology proxies against the measured features."""
 
 import numpy as np
 import torch
@@ -6,7 +6,7 @@ from scipy.stats import spearmanr
 from skimage.filters import threshold_otsu
 
 import spatia as sp
-from spatia.module._flow import largest_component, morphology_proxies, otsu_fraction
+from spatia.nn import largest_component, morphology_proxies, otsu_fraction
 
 PROXY_FEATURES = ("area", "perimeter", "eccentricity", "mean_intensity", "max_intensity", "min_intensity",
                   "intensity_std", "major_axis_length", "minor_axis_length")
