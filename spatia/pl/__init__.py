@@ -1,4 +1,5 @@
-"""Plots: each returns a matplotlib Figure, takes ax= and save=."""
+"""Plots with scanpy's arguments (``color=``, ``palette=``, ``title=``, ``ax=``, ``show=``, ``save=``); each returns
+the matplotlib Figure (``None`` with ``show=True``)."""
 
 from ._embedding import embedding
 from ._generated import generated

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .._constants import Defaults, Keys
+from .._logging import quiet_dependencies
 from .._results import written_by
 from .._utils import check_obs_column, scanpy_neighbors
 from ..pp._elements import get_embedding, get_table
@@ -68,11 +69,11 @@ def embedding(data, *, level: str = "cell", color: str | None = None, table_key:
     random_state
         UMAP seed.
     ax, show, save
-        Axes to draw into; show the figure (scanpy's default when ``None``: not in a script); file to save to.
+        Axes to draw into; ``True`` shows the figure and returns ``None``; file to save to.
 
     Returns
     -------
-    The :class:`matplotlib.figure.Figure`. Writes ``obsm['X_umap_spatia_<level>']`` and
+    The :class:`matplotlib.figure.Figure` (``None`` when ``show=True``). Writes ``obsm['X_umap_spatia_<level>']`` and
     ``uns['spatia']['umap'][level]`` the first time.
 
     Examples
@@ -87,12 +88,9 @@ def embedding(data, *, level: str = "cell", color: str | None = None, table_key:
         check_obs_column(table, color, argument="color")
     basis = _umap(table, level, random_state)
     fig, ax = get_ax(ax, figsize=(5, 5))
-    sc.pl.embedding(table, basis=basis, color=color, palette=palette, size=size, ax=ax, show=False,
-                    title=title if title is not None else f"{Keys.LEVEL_TO_EMB[level]}" + (f" — {color}" if color else ""))
+    with quiet_dependencies():
+        sc.pl.embedding(table, basis=basis, color=color, palette=palette, size=size, ax=ax, show=False,
+                        title=title if title is not None else f"{Keys.LEVEL_TO_EMB[level]}" + (f" — {color}" if color else ""))
     ax.set_xlabel("UMAP1")
     ax.set_ylabel("UMAP2")
-    if show:
-        import matplotlib.pyplot as plt
-
-        plt.show()
-    return finish(fig, save)
+    return finish(fig, save, show)

@@ -13,7 +13,7 @@ from ._utils import finish
 
 def imputation(
     sdata,
-    genes: list[str] | str,
+    color: list[str] | str,
     *,
     layer: str = Keys.IMPUTED,
     counts_layer: str | None = None,
@@ -21,7 +21,9 @@ def imputation(
     spatial_key: str = Keys.SPATIAL,
     size: float | None = None,
     cmap: str = "viridis",
-    axes=None,
+    title: str | None = None,
+    ax=None,
+    show: bool | None = None,
     save: str | Path | None = None,
 ):
     """Measured (log-normalised) and imputed expression of each gene over the tissue, with their correlation.
@@ -36,8 +38,8 @@ def imputation(
     sdata
         SpatialData or AnnData whose table holds ``layers[layer]`` (from :func:`spatia.tl.impute` or
         :func:`spatia.tl.predict_expression` with ``layer="spatia_predicted"``).
-    genes
-        Gene(s) to show.
+    color
+        Gene(s) to show (as scanpy's ``color=``: the values the cells are coloured by).
     layer
         Layer of imputed values (expected counts, or log-normalised values for ``"spatia_predicted"``).
     counts_layer
@@ -50,14 +52,16 @@ def imputation(
         Marker size (default from the number of cells).
     cmap
         Colour map.
-    axes
-        ``(len(genes), 2)`` array of axes to draw into.
-    save
-        File to save the figure to.
+    title
+        Figure title (above the panels).
+    ax
+        ``(len(color), 2)`` array of axes to draw into (measured, imputed per gene).
+    show, save
+        ``True`` shows the figure and returns ``None``; file to save the figure to.
 
     Returns
     -------
-    The :class:`matplotlib.figure.Figure`.
+    The :class:`matplotlib.figure.Figure` (``None`` when ``show=True``).
 
     Examples
     --------
@@ -68,7 +72,7 @@ def imputation(
     import scipy.sparse as sps
 
     table = get_table(sdata, table_key)
-    genes = [genes] if isinstance(genes, str) else list(genes)
+    genes = [color] if isinstance(color, str) else list(color)
     if layer not in table.layers:
         raise KeyError(f"No layers[{layer!r}] in the table: run `sp.tl.impute` first.")
     missing = [g for g in genes if g not in table.var_names]
@@ -87,10 +91,14 @@ def imputation(
         imp = np.log1p(imp / lib * 1e4)
     held = table.uns.get(Keys.UNS, {}).get("impute", {}).get("validation", {})
     held_r = dict(zip(held.get("gene", []), held.get("pearson", []), strict=False))
-    if axes is None:
+    if ax is None:
         fig, axes = plt.subplots(len(genes), 2, figsize=(8, 3.6 * len(genes)), squeeze=False)
     else:
-        axes = np.asarray(axes).reshape(len(genes), 2)
+        axes = np.asarray(ax, dtype=object)
+        if axes.size != 2 * len(genes):
+            raise ValueError(f"ax must hold {2 * len(genes)} axes (measured and imputed for each of "
+                             f"{len(genes)} genes), got {axes.size}.")
+        axes = axes.reshape(len(genes), 2)
         fig = axes[0, 0].figure
     s = size if size is not None else max(1.0, 3000.0 / len(xy) ** 0.8)
     for i, g in enumerate(genes):
@@ -98,17 +106,19 @@ def imputation(
         r = np.corrcoef(measured[ok, i], imp[ok, i])[0, 1] if ok.sum() > 2 and imp[ok, i].std() > 0 else np.nan
         vmax = np.percentile(np.concatenate([measured[:, i], imp[ok, i]]), 99) or 1.0
         for j, (vals, what) in enumerate(((measured[:, i], "measured"), (imp[:, i], layer))):
-            ax = axes[i, j]
-            sc = ax.scatter(xy[:, 0], xy[:, 1], c=vals, s=s, cmap=cmap, vmin=0, vmax=vmax, linewidths=0)
-            ax.set_aspect("equal")
-            ax.invert_yaxis()
-            ax.set_xticks([])
-            ax.set_yticks([])
-            title = f"{g}: {what}"
+            panel = axes[i, j]
+            sc = panel.scatter(xy[:, 0], xy[:, 1], c=vals, s=s, cmap=cmap, vmin=0, vmax=vmax, linewidths=0)
+            panel.set_aspect("equal")
+            panel.invert_yaxis()
+            panel.set_xticks([])
+            panel.set_yticks([])
+            label = f"{g}: {what}"
             if j == 1:
-                title += f"\nPearson vs measured {r:.2f}"
+                label += f"\nPearson vs measured {r:.2f}"
                 if g in held_r:
-                    title += f", held out {held_r[g]:.2f}"
-            ax.set_title(title, fontsize=9)
+                    label += f", held out {held_r[g]:.2f}"
+            panel.set_title(label, fontsize=9)
         fig.colorbar(sc, ax=axes[i, :].tolist(), shrink=0.8, label="log1p(counts per 10k)")
-    return finish(fig, save)
+    if title is not None:
+        fig.suptitle(title)
+    return finish(fig, save, show)

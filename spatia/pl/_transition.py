@@ -34,7 +34,10 @@ def transition(
     crops=None,
     table_key: str | None = Defaults.TABLE,
     random_state: int = 0,
+    cmap: str = "magma",
+    title: str | None = None,
     ax=None,
+    show: bool | None = None,
     save: str | Path | None = None,
 ):
     """Rows of source crop → predicted target-state crop → a real target-state crop.
@@ -60,12 +63,16 @@ def transition(
         Table of the source and target cells.
     random_state
         Seed of the rows drawn.
-    ax, save
-        Axes to draw into; file to save to.
+    cmap
+        Colour map of the crops.
+    title
+        Axes title (default: the transition, e.g. ``"control → disease"``).
+    ax, show, save
+        Axes to draw into; ``True`` shows the figure and returns ``None``; file to save to.
 
     Returns
     -------
-    The :class:`matplotlib.figure.Figure`; nothing is written.
+    The :class:`matplotlib.figure.Figure` (``None`` when ``show=True``); nothing is written.
 
     Examples
     --------
@@ -108,7 +115,7 @@ def transition(
         for j, img in enumerate((src[i], pred[k], tgt[i])):
             canvas[i * (s + gap):i * (s + gap) + s, j * (s + gap):j * (s + gap) + s] = img[channel] / 255.0
     fig, ax = get_ax(ax, figsize=(3.2, 1.1 * len(pick) + 0.4))
-    ax.imshow(canvas, cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+    ax.imshow(canvas, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks([j * (s + gap) + s / 2 for j in range(3)])
     ax.set_xticklabels([*_COLUMNS[:2], f"{target} real target"], fontsize=8)
     ax.set_yticks([i * (s + gap) + s / 2 for i in range(len(pick))])
@@ -116,5 +123,5 @@ def transition(
     ax.tick_params(length=0)
     for side in ax.spines.values():
         side.set_visible(False)
-    ax.set_title(str(ttab.obs["transition"].iloc[0]), fontsize=9)
-    return finish(fig, save)
+    ax.set_title(title if title is not None else str(ttab.obs["transition"].iloc[0]), fontsize=9)
+    return finish(fig, save, show)

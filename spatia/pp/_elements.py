@@ -88,16 +88,21 @@ def table_annotation(table: AnnData) -> tuple[list[str], str | None, str | None]
     return regions, attrs.get("region_key"), attrs.get("instance_key")
 
 
+def input_images(sdata) -> list[str]:
+    """The images that are not spatia's own outputs (generated / transition crop mosaics are never an input)."""
+    tables = getattr(sdata, "tables", {})
+    own = {k for k in sdata.images if f"{k}_table" in tables and "spatia" in tables[f"{k}_table"].uns}
+    return [k for k in sdata.images if k not in own]
+
+
 def get_image(sdata, image_key: str | None):
     """Return ``(key, DataArray)`` of the full-resolution image, checking it exists and has a channel axis."""
     from xarray import DataArray, DataTree
 
     images = sdata.images
     if image_key is None:
-        if len(images) > 1:  # spatia's own outputs (generated / transition crop mosaics) are never the input
-            tables = getattr(sdata, "tables", {})
-            own = {k for k in images if f"{k}_table" in tables and "spatia" in tables[f"{k}_table"].uns}
-            inputs = [k for k in images if k not in own]
+        if len(images) > 1:
+            inputs = input_images(sdata)
             if len(inputs) == 1:
                 image_key = inputs[0]
             elif "morphology_focus" in inputs:  # spatialdata-io's Xenium: focus (and older: mip) images

@@ -62,7 +62,7 @@ def test_niches_zoom_image(slide, tmp_path):
 
 
 def test_niches_without_image(slide, tmp_path):
-    check_image(sp.pl.niches(slide, key="cell_type", image_key=False), "niches_no_image", tmp_path)
+    check_image(sp.pl.niches(slide, color="cell_type", image_key=False), "niches_no_image", tmp_path)
 
 
 def test_imputation_image(slide, tmp_path):

@@ -1,8 +1,10 @@
-"""Execute a tutorial notebook with nbclient; a failing cell fails the test with its traceback."""
+"""Execute a tutorial notebook with nbclient; a failing cell fails the test with its traceback, and a Python
+warning printed by any cell fails it too (the tutorials run without warning filters)."""
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -25,3 +27,7 @@ def run_notebook(name: str, timeout: int = 900) -> None:
         NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": tmp}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, (name, env_threads, errors)
+    # Python's warnings print as "<file>:<line>: SomeWarning: ..."; spatia's own log lines read "WARNING: ..."
+    warned = [o["text"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if o.output_type == "stream" and re.search(r"\b[A-Z]\w*Warning: ", o.get("text", ""))]
+    assert not warned, (name, warned)
