@@ -24,7 +24,6 @@ import multiprocessing as mp
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -244,18 +243,28 @@ def machine() -> str:
 
 
 def others() -> str:
-    """The other busy processes (CPU > 5 %) while this one runs."""
-    try:
-        ps = subprocess.run(["ps", "-eo", "pcpu,rss,args", "--sort=-pcpu"], capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    me = str(os.getpid())
+    """The other busy processes (> 5 % of a core over 0.5 s) beside this benchmark and its workers."""
+    import psutil
+
+    me = psutil.Process()
+    mine = {me.pid, *(c.pid for c in me.children(recursive=True))}
+    procs = [p for p in psutil.process_iter(["pid", "cmdline"]) if p.pid not in mine]
+    for p in procs:
+        try:
+            p.cpu_percent(None)
+        except psutil.Error:
+            pass
+    time.sleep(0.5)
     busy = []
-    for line in ps.stdout.splitlines()[1:]:
-        parts = line.split(None, 2)
-        if len(parts) == 3 and float(parts[0]) > 5 and "ps -eo" not in parts[2] and me not in parts[2]:
-            busy.append(f"{parts[2][:70]} ({parts[0]} % CPU)")
-    return "; ".join(busy[:6]) or "nothing else busy"
+    for p in procs:
+        try:
+            cpu = p.cpu_percent(None)
+            cmd = " ".join(p.info["cmdline"] or [])
+        except psutil.Error:
+            continue
+        if cpu > 5 and cmd:
+            busy.append((cpu, f"{cmd[:70]} ({cpu:.0f} % CPU)"))
+    return "; ".join(b for _, b in sorted(busy, reverse=True)[:6]) or "nothing else busy"
 
 
 def exponent(n: list[int], y: list[float]) -> float:
