@@ -376,6 +376,10 @@ def _pipeline(sdata, out: Path, *, elements: dict, config, max_epochs, random_st
         by = groupby if groupby is not None and groupby in table.obs else "spatia_cluster"
         written.append(sp.pl.generated(sdata, groupby=by, image_key=one_image, table_key=table_key,
                                        n_per_group=5, save=figs / "generated.png"))
+    written.append(_at_a_glance(sdata, model, figs / "at_a_glance.png", image_key=one_image, table_key=table_key,
+                                coordinate_system=elements["coordinate_system"], gene=best[0], counts_layer=layer,
+                                color="spatia_cell_type" if cell_type_key is not None else "spatia_cluster",
+                                generated=decoder_epochs > 0, groupby=groupby))
     written += [
         sp.pl.niches(sdata, image_key=one_image, table_key=table_key, coordinate_system=elements["coordinate_system"],
                      save=figs / "niches.png"),
@@ -394,12 +398,42 @@ def _pipeline(sdata, out: Path, *, elements: dict, config, max_epochs, random_st
         import shutil
 
         shutil.rmtree(zarr_path)
-    sdata.write(zarr_path)
+    from spatia._logging import quiet_dependencies
+
+    with quiet_dependencies():
+        sdata.write(zarr_path)
     print(f"SpatialData with embeddings, niches, labels and imputed expression: {zarr_path}")
     print(f"Per-gene imputation scores (held-out genes): {out / 'imputation_scores.csv'}")
     print(f"Model: {out / 'model'}")
     print(f"Figures: {', '.join(str(p) for p in sorted(figs.glob('*.png')))}")
     print(f"Total time: {time.time() - t0:.0f} s")
+
+
+def _at_a_glance(sdata, model, path: Path, *, image_key, table_key, coordinate_system, gene, counts_layer, color,
+                 generated: bool, groupby):
+    """One figure of the run's results: niches over the tissue, the cell embedding, the training curves, the
+    best imputed gene (measured and imputed) and generated cells (or, without a decoder, the niche embedding)."""
+    import matplotlib.pyplot as plt
+
+    import spatia as sp
+
+    fig = plt.figure(figsize=(16, 9.5), layout="constrained")
+    grid = fig.add_gridspec(2, 3)
+    sp.pl.niches(sdata, image_key=image_key, table_key=table_key, coordinate_system=coordinate_system,
+                 ax=fig.add_subplot(grid[0, 0]), title="niches (sp.tl.cluster, level='niche')")
+    sp.pl.embedding(sdata, level="cell", color=color, table_key=table_key, ax=fig.add_subplot(grid[0, 1]))
+    sp.pl.history(model, ax=fig.add_subplot(grid[0, 2]), title="training (sp.tl.fit)")
+    sp.pl.imputation(sdata, gene, table_key=table_key, counts_layer=counts_layer,
+                     ax=[fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])])
+    if generated:
+        table = sdata[table_key]
+        by = groupby if groupby is not None and groupby in table.obs else "spatia_cluster"
+        sp.pl.generated(sdata, groupby=by, image_key=image_key, table_key=table_key, n_per_group=4,
+                        ax=fig.add_subplot(grid[1, 2]))
+    else:
+        sp.pl.embedding(sdata, level="niche", color="spatia_niche", table_key=table_key, ax=fig.add_subplot(grid[1, 2]))
+    fig.savefig(path, dpi=110)
+    return fig
 
 
 def _demo(args) -> None:

@@ -85,6 +85,8 @@ def quiet_dependencies() -> Iterator[None]:
     levels = [lg.level for lg in loggers]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=_QUIET_MODULES)
+        # zarr 3 announces a future default on every array it creates (raised from contextlib, not zarr)
+        warnings.filterwarnings("ignore", message=r"zarr v3 autosharding", category=UserWarning)
         for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning, SyntaxWarning):
             warnings.filterwarnings("ignore", category=category, module=_NOT_SPATIA)
         _ignore_lightning_categories()

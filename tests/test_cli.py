@@ -249,7 +249,7 @@ def test_fit_on_the_shipped_xenium_slide(xenium_zarr, capsys):
     assert rc == 0
     out = xenium_zarr.parent / "xen_spatia"
     assert {p.name for p in (out / "figures").glob("*.png")} >= {"niches.png", "umap_cell.png", "umap_niche.png",
-                                                                  "history.png", "imputation.png"}
+                                                                  "history.png", "imputation.png", "at_a_glance.png"}
     res = sd.read_zarr(out / "spatia.zarr")
     t = res["table"]
     assert t.n_obs == 526
@@ -272,7 +272,7 @@ def test_fit_with_annotation_and_generation(tmp_path):
     assert rc == 0
     figs = {p.name for p in (out / "figures").glob("*.png")}
     assert {"niches.png", "umap_cell.png", "umap_niche.png", "history.png", "imputation.png", "generated.png",
-            "umap_cell_type.png"} <= figs
+            "umap_cell_type.png", "at_a_glance.png"} <= figs
     res = sd.read_zarr(out / "spatia.zarr")
     t = res["table"]
     assert {"X_spatia_cell", "X_spatia_niche", "X_spatia_tissue"} <= set(t.obsm)
