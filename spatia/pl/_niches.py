@@ -38,7 +38,7 @@ def niches(
 ):
     """Cells coloured by niche (or any ``obs`` column), over one channel of the morphology image.
 
-    Drawing is :mod:`spatialdata_plot`'s (``render_images`` → ``render_labels`` / ``render_shapes`` → ``show``):
+    Drawing is spatialdata-plot's (``render_images`` → ``render_labels`` / ``render_shapes`` → ``show``):
     it reads the image level that suits the figure size from a multiscale image, applies each element's
     transformation (a rotated or scaled image is drawn where it lies in the coordinate system) and colours
     cells by their segmentation (labels) or their shapes (circles, polygons), whichever the table annotates.
