@@ -26,9 +26,9 @@ LIMITS: dict[str, dict[str, tuple[float | None, float | None]]] = {
     "TissueConfig": {"tile_um": (1e-6, 1e7), "depth": (0, 64), "heads": (1, 64), "position_scale": (1e-6, 1e7)},
     "LossConfig": {"counts": (0, 1e6), "cell_counts": (0, 1e6), "masked_genes": (0, 1e6), "pixels": (0, 1e6),
                    "niche_counts": (0, 1e6), "labels": (0, 1e6), "contrastive": (0, 1e6),
-                   "temperature": (1e-6, 1e6)},
+                   "temperature": (1e-6, 1e6), "counts_scale": (1e-6, 1e6)},
     "TrainConfig": {"lr": (1e-12, 10), "weight_decay": (0, 10), "batch_size": (2, _BIG), "max_epochs": (1, _BIG),
-                    "val_fraction": (0, 0.9), "patience": (0, _BIG)},
+                    "val_fraction": (0, 0.9), "patience": (0, _BIG), "modality_dropout": (0, 0.99)},
     "SpatiaConfig": {"width": (4, 8192), "embed_dim": (1, 8192)},
 }
 
@@ -193,6 +193,13 @@ class TissueConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
+    """Weights of the training objectives (0 switches one off) and their likelihood.
+
+    ``counts`` and ``cell_counts`` are negative-binomial (``likelihood="nb"``) or zero-inflated NB
+    (``"zinb"``) log-likelihoods per gene, times ``counts_scale``, so that their size does not grow with the
+    panel. ``temperature`` is the softmax temperature of the image ⟷ expression contrastive objective.
+    """
+
     likelihood: Literal["nb", "zinb"] = "nb"
     counts: float = 1.0
     cell_counts: float = 1.0
@@ -202,6 +209,7 @@ class LossConfig:
     labels: float = 1.0
     contrastive: float = 0.1
     temperature: float = 0.1
+    counts_scale: float = 10.0
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -209,12 +217,19 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Optimisation of the encoder.
+
+    ``modality_dropout``: fraction of the cells whose expression is hidden in a training batch (when both
+    branches are on), so that the embedding of image-only cells is learned too.
+    """
+
     lr: float = 2e-3
     weight_decay: float = 1e-4
     batch_size: int = 64  # centre cells per step
     max_epochs: int = 30
     val_fraction: float = 0.1
     patience: int = 5
+    modality_dropout: float = 0.1
 
     def __post_init__(self) -> None:
         check_fields(self)

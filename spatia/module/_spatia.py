@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +27,7 @@ from ._config import SpatiaConfig
 
 @dataclass
 class SpatiaOutput:
-    """What :meth:`SpatiaModule.forward` returns (``M`` = centre cells of the batch).
+    """What :meth:`SpatiaModule.encode` returns (``M`` = centre cells of the batch).
 
     Attributes
     ----------
@@ -40,10 +42,13 @@ class SpatiaOutput:
     label_logits
         ``(M, n_labels)`` or ``None``.
     losses
-        Named scalar losses (training objectives actually used in this batch).
+        Named scalar losses of the batch (filled by :meth:`SpatiaModule.forward` in training).
     rho
         ``(M, G)`` expected expression proportions (``mu`` divided by the library size; defined also for
         cells whose expression was hidden).
+    internals
+        What :meth:`SpatiaModule.loss` needs besides the outputs: the per-cell tensors of
+        :meth:`SpatiaModule.encode_cells` (``"cells"``) and the niche members ``(M, K + 1)`` (``"members"``).
     """
 
     cell: torch.Tensor
@@ -53,8 +58,9 @@ class SpatiaOutput:
     theta: torch.Tensor
     zi_logits: torch.Tensor | None
     label_logits: torch.Tensor | None
-    losses: dict[str, torch.Tensor]
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
     rho: torch.Tensor | None = None
+    internals: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 class SpatiaModule(nn.Module):
@@ -136,21 +142,8 @@ class SpatiaModule(nn.Module):
         parts = []
         genes = gpad = None
         if c.expression.enabled:
-            lib = counts.sum(1)
-            norm = self.normalise(counts, lib)
-            gidx, pad = sample_expressed(counts, c.expression.max_len, training=corrupt)
-            vals = torch.gather(norm, 1, gidx)
-            vmask = torch.zeros_like(pad)
-            if corrupt:
-                drop = torch.rand(pad.shape, device=pad.device) < c.expression.dropout
-                pad = pad | drop
-                vmask = (torch.rand(pad.shape, device=pad.device) < c.expression.mask_ratio) & ~pad
-            if drop_expression is not None:
-                pad = pad | drop_expression[:, None]
-                vmask = vmask & ~pad
-            # depth token sees the library of the tokens actually shown
-            shown = torch.zeros_like(counts).scatter(1, gidx, torch.gather(counts, 1, gidx) * (~pad).float())
-            log_depth = torch.log2(1 + shown.sum(1))
+            gidx, vals, pad, vmask, log_depth = self._gene_tokens(counts, corrupt=corrupt,
+                                                                 drop_expression=drop_expression)
             genes, gpad = self.expr(gidx, vals, pad, vmask, log_depth)
             out.update(gene_idx=gidx, gene_vals=vals, vmask=vmask)
         img = None
@@ -177,20 +170,49 @@ class SpatiaModule(nn.Module):
         """
         if not self.config.expression.enabled:
             raise ValueError("The model has no expression branch: it cannot encode expression.")
-        lib = counts.sum(1)
-        norm = self.normalise(counts, lib)
-        gidx, pad = sample_expressed(counts, self.config.expression.max_len, training=False)
+        return self.expr(*self._gene_tokens(counts, corrupt=False))
+
+    def _gene_tokens(self, counts: torch.Tensor, *, corrupt: bool, drop_expression: torch.Tensor | None = None):
+        """Inputs of the expression encoder for ``counts (N, G)``: ``gene_idx``, ``values``, ``pad``,
+        ``value_mask`` ``(N, L)`` and ``log_depth (N,)``.
+
+        Up to ``max_len`` expressed genes (a random subset when ``corrupt``, else the most expressed); when
+        ``corrupt``, a fraction ``expression.dropout`` of them is dropped and ``expression.mask_ratio`` of the
+        rest hidden. ``drop_expression (N,)`` hides a cell's expression entirely. The depth token counts
+        the genes actually shown.
+        """
+        c = self.config.expression
+        norm = self.normalise(counts, counts.sum(1))
+        gidx, pad = sample_expressed(counts, c.max_len, training=corrupt)
         vals = torch.gather(norm, 1, gidx)
+        vmask = torch.zeros_like(pad)
+        if corrupt:
+            drop = torch.rand(pad.shape, device=pad.device) < c.dropout
+            pad = pad | drop
+            vmask = (torch.rand(pad.shape, device=pad.device) < c.mask_ratio) & ~pad
+        if drop_expression is not None:
+            pad = pad | drop_expression[:, None]
+            vmask = vmask & ~pad
         shown = torch.zeros_like(counts).scatter(1, gidx, torch.gather(counts, 1, gidx) * (~pad).float())
-        return self.expr(gidx, vals, pad, torch.zeros_like(pad), torch.log2(1 + shown.sum(1)))
+        return gidx, vals, pad, vmask, torch.log2(1 + shown.sum(1))
 
     def forward(self, batch: dict[str, torch.Tensor], *, train: bool = False) -> SpatiaOutput:
-        """One batch of centre cells with their niche members.
+        """:meth:`encode` the batch; in training also compute its :meth:`loss` (into ``losses``)."""
+        out = self.encode(batch, train=train)
+        if train:
+            out.losses = self.loss(batch, out)
+        return out
+
+    def encode(self, batch: dict[str, torch.Tensor], *, train: bool = False) -> SpatiaOutput:
+        """Embeddings and expression heads of one batch of centre cells with their niche members.
 
         ``batch``: ``images (N, C, S, S)`` in [0, 1]; ``counts (N, G)``; ``xy (N, 2)`` µm;
         ``core (M,)`` indices of the centre cells into N; ``nbr (M, K)`` niche members (indices into N,
         -1 = none); ``tile (M,)`` tissue tile of each centre cell (0..T-1); optional ``labels (M,)``
-        (-1 = unknown) and ``drop_expression (N,)`` bool (image-only cells).
+        (-1 = unknown) and ``drop_expression (N,)`` bool (image-only cells). ``train`` corrupts the inputs
+        (gene dropout and masking, MAE masking, modality dropout ``train.modality_dropout``).
+
+        Steps: 1. cells; 2. niches; 3. tissue tiles; 4. context fused back into each centre cell; 5. heads.
         """
         c = self.config
         counts = batch["counts"]
@@ -198,16 +220,17 @@ class SpatiaModule(nn.Module):
         m = core.shape[0]
         drop_expr = batch.get("drop_expression")
         if train and c.expression.enabled and c.image.enabled:
-            md = torch.rand(counts.shape[0], device=counts.device) < 0.1  # modality dropout → image-only use
+            # modality dropout: some cells are seen through the image alone, as image-only cells will be
+            md = torch.rand(counts.shape[0], device=counts.device) < c.train.modality_dropout
             drop_expr = md if drop_expr is None else (drop_expr | md)
         # 1. cell level (all N cells: centres and niche members)
         cells = self.encode_cells(batch.get("images"), counts, corrupt=train, drop_expression=drop_expr)
         h_all, z_all = cells["h"], cells["z"]
         h_core = h_all[core]
-        losses: dict[str, torch.Tensor] = {}
 
         # 2. niche level: centre + members, offset-encoded
         ctx = []
+        members = None
         if c.niche.enabled:
             members = torch.cat([core[:, None], nbr], dim=1)  # (M, K+1)
             npad = members < 0
@@ -223,21 +246,9 @@ class SpatiaModule(nn.Module):
             nv[:, 0] = (nv[:, 1:].sum(1) == 0).float()  # a cell without neighbours keeps its own token
             niche = self.niche_proj((ntok * nv).sum(1) / nv.sum(1).clamp(min=1))
             ctx.append((ntok, npad))
-            if train and c.loss.niche_counts > 0:
-                # the niche embedding predicts the pooled counts of the *neighbours* (the centre cell left
-                # out): their expression composition, a property of the surroundings and not of the cell
-                # itself, so that the niche embedding tracks tissue domains rather than the centre's type
-                nvalid = valid[:, 1:]
-                has = nvalid.sum(1)[:, 0] > 0
-                ncounts = (counts[safe[:, 1:]] * nvalid).sum(1)
-                nlib = ncounts.sum(1, keepdim=True)
-                if has.any():
-                    nmu = F.softmax(self.niche_counts(niche[has]).float(), dim=-1) * nlib[has]
-                    losses["niche_counts"] = -self._log_nb(ncounts[has], nmu, None).mean() / c.niche.k
         else:
             n_h = h_core
             niche = z_all[core]
-
         # 3. tissue level: niche tokens of each tile, at their position in the tile (relative to the tile's
         #    centre, so that where the slide sits in its coordinate system changes nothing)
         if c.tissue.enabled:
@@ -271,44 +282,73 @@ class SpatiaModule(nn.Module):
             q = self.context(q, kv, kpm)
         h_ctx = q[:, 0]
 
-        # 5. heads and losses
+        # 5. heads
         lib = counts[core].sum(1, keepdim=True)
         rho = F.softmax(self.counts_head(h_ctx).float(), dim=-1)
         mu = rho * lib
         theta = self.log_theta.exp()
         zi = self.zi_head(h_ctx).float() if self.zi_head is not None else None
         logits = self.label_head(z_all[core]) if self.label_head is not None else None
-        if train:
-            losses["counts"] = -self._log_nb(counts[core], mu, zi).mean() / max(1, self.n_genes) * 10
-            if c.loss.cell_counts > 0:
-                mu_cell = F.softmax(self.cell_counts_head(z_all[core]).float(), dim=-1) * lib
-                losses["cell_counts"] = -self._log_nb(counts[core], mu_cell, None).mean() / max(1, self.n_genes) * 10
-            if c.expression.enabled and c.loss.masked_genes > 0:
-                vm = cells["vmask"][core]
-                if vm.any():
-                    pred = self.masked_head(cells["gene_tokens"][core][:, 2:]).squeeze(-1).float()
-                    losses["masked_genes"] = F.mse_loss(pred[vm], cells["gene_vals"][core][vm])
-            if c.image.enabled and c.loss.pixels > 0:
-                rec = self.pixel_decoder(cells["img_tokens"][core], None if cells["keep"] is None else cells["keep"][core])
-                target = patchify(batch["images"][core], c.image.patch).float()
-                err = ((rec.float() - target) ** 2).mean(-1)
-                if cells["keep"] is not None:
-                    hidden = torch.ones_like(err, dtype=torch.bool).scatter(1, cells["keep"][core], False)
-                    losses["pixels"] = err[hidden].mean()
-                else:
-                    losses["pixels"] = err.mean()
-            if logits is not None and "labels" in batch:
-                y = batch["labels"]
-                known = y >= 0
-                if known.any():
-                    losses["labels"] = F.cross_entropy(logits[known].float(), y[known])
-            if c.expression.enabled and c.image.enabled and c.loss.contrastive > 0 and m > 1:
-                gi = F.normalize(cells["gene_tokens"][core][:, 0].float(), dim=-1)
-                ii = F.normalize(cells["img_tokens"][core].mean(1).float(), dim=-1)
-                sim = gi @ ii.T / c.loss.temperature
-                tgt = torch.arange(m, device=sim.device)
-                losses["contrastive"] = 0.5 * (F.cross_entropy(sim, tgt) + F.cross_entropy(sim.T, tgt))
-        return SpatiaOutput(z_all[core], niche, tissue, mu, theta, zi, logits, losses, rho)
+        return SpatiaOutput(z_all[core], niche, tissue, mu, theta, zi, logits, rho=rho,
+                            internals={"cells": cells, "members": members})
+
+    def loss(self, batch: dict[str, torch.Tensor], outputs: SpatiaOutput,
+             weights: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
+        """The training objectives of a batch :meth:`encode`-d with ``train=True``, by name.
+
+        ``weights`` (default: ``config.loss``) switch objectives off: one of weight 0 is not computed
+        (counts and labels always are). Combine them with :meth:`total_loss`.
+        """
+        c = self.config
+        w = self.loss_weights() if weights is None else dict(weights)
+        counts, core = batch["counts"], batch["core"]
+        cells, members = outputs.internals["cells"], outputs.internals["members"]
+        m, g = core.shape[0], max(1, self.n_genes)  # the counts objectives are per gene, times counts_scale
+        losses: dict[str, torch.Tensor] = {}
+        if members is not None and w["niche_counts"] > 0:
+            # the niche embedding predicts the pooled counts of the *neighbours* (the centre cell left
+            # out): their expression composition, a property of the surroundings and not of the cell
+            # itself, so that the niche embedding tracks tissue domains rather than the centre's type
+            safe, nvalid = members.clamp(min=0), (members >= 0).float()[..., None][:, 1:]
+            has = nvalid.sum(1)[:, 0] > 0
+            ncounts = (counts[safe[:, 1:]] * nvalid).sum(1)
+            nlib = ncounts.sum(1, keepdim=True)
+            if has.any():
+                nmu = F.softmax(self.niche_counts(outputs.niche[has]).float(), dim=-1) * nlib[has]
+                losses["niche_counts"] = -self._log_nb(ncounts[has], nmu, None).mean() / c.niche.k
+        lib = counts[core].sum(1, keepdim=True)
+        losses["counts"] = -self._log_nb(counts[core], outputs.mu, outputs.zi_logits).mean() / g * c.loss.counts_scale
+        if w["cell_counts"] > 0:
+            mu_cell = F.softmax(self.cell_counts_head(outputs.cell).float(), dim=-1) * lib
+            losses["cell_counts"] = -self._log_nb(counts[core], mu_cell, None).mean() / g * c.loss.counts_scale
+        if c.expression.enabled and w["masked_genes"] > 0:
+            vm = cells["vmask"][core]
+            if vm.any():
+                pred = self.masked_head(cells["gene_tokens"][core][:, 2:]).squeeze(-1).float()
+                losses["masked_genes"] = F.mse_loss(pred[vm], cells["gene_vals"][core][vm])
+        if c.image.enabled and w["pixels"] > 0:
+            losses["pixels"] = self._pixel_loss(batch["images"][core], cells, core)
+        if outputs.label_logits is not None and "labels" in batch:
+            y = batch["labels"]
+            known = y >= 0
+            if known.any():
+                losses["labels"] = F.cross_entropy(outputs.label_logits[known].float(), y[known])
+        if c.expression.enabled and c.image.enabled and w["contrastive"] > 0 and m > 1:
+            gi = F.normalize(cells["gene_tokens"][core][:, 0].float(), dim=-1)
+            ii = F.normalize(cells["img_tokens"][core].mean(1).float(), dim=-1)
+            sim = gi @ ii.T / c.loss.temperature
+            tgt = torch.arange(m, device=sim.device)
+            losses["contrastive"] = 0.5 * (F.cross_entropy(sim, tgt) + F.cross_entropy(sim.T, tgt))
+        return losses
+
+    def _pixel_loss(self, images: torch.Tensor, cells: dict, core: torch.Tensor) -> torch.Tensor:
+        """MAE reconstruction error of the centre cells' ``images``, on the hidden patches (all without masking)."""
+        keep = None if cells["keep"] is None else cells["keep"][core]
+        rec = self.pixel_decoder(cells["img_tokens"][core], keep)
+        err = ((rec.float() - patchify(images, self.config.image.patch).float()) ** 2).mean(-1)
+        if keep is None:
+            return err.mean()
+        return err[torch.ones_like(err, dtype=torch.bool).scatter(1, keep, False)].mean()
 
     def _log_nb(self, x: torch.Tensor, mu: torch.Tensor, zi_logits: torch.Tensor | None) -> torch.Tensor:
         """Per-cell log-likelihood summed over genes (scvi-tools' NB / ZINB)."""
@@ -322,8 +362,14 @@ class SpatiaModule(nn.Module):
             dist = ZeroInflatedNegativeBinomial(mu=mu, theta=theta, zi_logits=zi_logits, validate_args=False)
         return dist.log_prob(x.float()).sum(-1)
 
-    def total_loss(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss_weights(self) -> dict[str, float]:
+        """The weight of each objective, from ``config.loss``."""
         w = self.config.loss
-        weights = {"counts": w.counts, "cell_counts": w.cell_counts, "masked_genes": w.masked_genes, "pixels": w.pixels,
-                   "niche_counts": w.niche_counts, "labels": w.labels, "contrastive": w.contrastive}
-        return sum(weights[k] * v for k, v in losses.items())
+        return {"counts": w.counts, "cell_counts": w.cell_counts, "masked_genes": w.masked_genes,
+                "pixels": w.pixels, "niche_counts": w.niche_counts, "labels": w.labels,
+                "contrastive": w.contrastive}
+
+    def total_loss(self, losses: dict[str, torch.Tensor], weights: Mapping[str, float] | None = None) -> torch.Tensor:
+        """The weighted sum of ``losses`` (``weights`` default to ``config.loss``)."""
+        w = self.loss_weights() if weights is None else weights
+        return sum(w[k] * v for k, v in losses.items())
