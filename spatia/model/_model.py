@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +11,18 @@ import numpy as np
 import torch
 
 from .._utils import check_count, progress, resolve_device, seed_from
-from .._version import __version__
 from ..data import BatchDataset, CellArrays
-from ..module import DecoderConfig, SpatiaConfig, SpatiaModule
+from ..module import SpatiaConfig, SpatiaModule
+from ._decoder import DecoderMixin
+from ._io import read_model, write_model
 from ._transition import TransitionMixin
 
 logger = logging.getLogger(__name__)
 
-_WEIGHTS = "model.safetensors"
-_CONFIG = "config.json"
-_META = "spatia_model.json"
-_DECODER_WEIGHTS = "decoder.safetensors"
-_FLOW_WEIGHTS = "flow.safetensors"
-_FLOW_META = "flow.json"
-_FILES = frozenset({_WEIGHTS, _CONFIG, _META, _DECODER_WEIGHTS, _FLOW_WEIGHTS, _FLOW_META})
-_TMP_PREFIX = ".spatia_save_"  # a save in progress: .spatia_save_<name>_<random>, beside the target
-_OLD_TAG = ".old-"  # the previous model during the swap: <name>.old-<id>, deleted once the new one is in
 _MAX_PARAMETERS = 2e9  # 8 GB of float32 weights: refused before allocation (a damaged or absurd config)
 
 
-class SpatiaModel(TransitionMixin):
+class SpatiaModel(DecoderMixin, TransitionMixin):
     """A SPATIA model of a tissue: image + expression + spatial context.
 
     Create it with :func:`spatia.tl.fit` (or :meth:`SpatiaModel.load`); it keeps its gene panel,
@@ -253,133 +241,7 @@ class SpatiaModel(TransitionMixin):
         self.module.cpu()
         return full
 
-    # generation --------------------------------------------------------------------------------
-    def fit_decoder(
-        self,
-        arrays: CellArrays,
-        *,
-        config: DecoderConfig | None = None,
-        max_epochs: int | None = None,
-        batch_size: int | None = None,
-        lr: float | None = None,
-        accelerator: str = "auto",
-        devices: int | str = "auto",
-        precision: str | int | None = None,
-        random_state: int | None = 0,
-        **trainer_kwargs: Any,
-    ) -> SpatiaModel:
-        """Train the diffusion decoder on prepared arrays, the encoder frozen (see :func:`spatia.tl.fit_decoder`).
-
-        The crops of ``arrays`` set the generated size and channels (``config.size`` must match them).
-
-        Examples
-        --------
-        >>> model.fit_decoder(prepared.arrays, max_epochs=20)  # or sp.tl.fit_decoder(sdata, model)
-        """
-        from ..module import DiffusionDecoder
-        from ..train import DecoderBatches, DecoderTrainingPlan, run_trainer
-
-        if not self.config.expression.enabled:
-            raise ValueError("The decoder is conditioned on expression: the model needs its expression branch.")
-        if arrays.crops is None:
-            raise ValueError("Training the decoder needs cell crops (the images it learns to generate).")
-        dc = config or DecoderConfig()
-        if not isinstance(dc, DecoderConfig):
-            raise TypeError(f"config must be a DecoderConfig, got {type(dc).__name__}.")
-        size = int(arrays.crops.size)
-        if dc.size is not None and dc.size != size:
-            raise ValueError(f"config.size is {dc.size} but the crops are {size} px.")
-        dc = dc.replace(size=size)
-        max_epochs = check_count("max_epochs", dc.max_epochs if max_epochs is None else max_epochs, 1)
-        batch_size = check_count("batch_size", dc.batch_size if batch_size is None else batch_size, 1)
-        seed = seed_from(random_state)
-        rng = np.random.default_rng(seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            decoder = DiffusionDecoder(dc, len(arrays.crops.channels), self.config.width, len(self.genes))
-        order = rng.permutation(arrays.n)
-        batches = [order[i:i + batch_size] for i in range(0, arrays.n, batch_size)]
-        from .._settings import settings
-
-        plan = DecoderTrainingPlan(decoder, self.module, lr=lr or dc.lr, weight_decay=dc.weight_decay)
-        loader = torch.utils.data.DataLoader(
-            DecoderBatches(arrays.counts, arrays.crops, batches), batch_size=None, shuffle=True,
-            num_workers=settings.num_workers, generator=torch.Generator().manual_seed(seed),
-        )
-        try:
-            trainer, history = run_trainer(
-                plan, loader, name="decoder training", max_epochs=max_epochs, accelerator=accelerator,
-                devices=devices, precision=precision, seed=seed, trainer_kwargs=trainer_kwargs, deterministic="warn",
-            )
-        finally:
-            self.module.requires_grad_(True)
-            self.module.cpu()
-        self.decoder = plan.decoder.cpu().eval()
-        self.decoder_history = list(history.history)
-        self.decoder_info = {"epochs": max_epochs, "n_cells": int(arrays.n), "batch_size": batch_size,
-                             "optimizer_steps": int(trainer.global_step),
-                             "random_state": seed, "channels": list(arrays.crops.channels),
-                             "crop_params": dict(getattr(arrays.crops, "params", {}) or {})}
-        return self
-
-    def _require_decoder(self):
-        if self.decoder is None:
-            raise ValueError("This model has no trained diffusion decoder: train one with "
-                             "`sp.tl.fit_decoder(sdata, model)` first.")
-        return self.decoder
-
-    @torch.no_grad()
-    def sample_images(
-        self,
-        counts,
-        *,
-        guidance_scale: float = 2.0,
-        num_inference_steps: int = 20,
-        scheduler: str = "ddim",
-        token_merging: float | None = None,
-        unconditional: bool = False,
-        random_state: int | None = 0,
-        batch_size: int = 64,
-        device: str | None = None,
-    ) -> np.ndarray:
-        """Generated crops ``(n, C, S, S)`` uint8, one per row of ``counts (n, G)`` (model gene order).
-
-        The same ``random_state`` gives the same images (on the same device).
-
-        Examples
-        --------
-        >>> counts = sp.pp.get_counts(sdata["table"])[:8]
-        >>> crops = model.sample_images(counts, num_inference_steps=20, guidance_scale=2.0)
-        """
-        import scipy.sparse as sp_sparse
-
-        decoder = self._require_decoder()
-        x = counts.toarray() if sp_sparse.issparse(counts) else np.asarray(counts)
-        x = np.asarray(x, dtype=np.float32)
-        if x.ndim != 2 or x.shape[1] != len(self.genes):
-            raise ValueError(f"counts must be (n, {len(self.genes)}) in the model's gene order, got {x.shape}.")
-        dev = torch.device(resolve_device(device))
-        gen = torch.Generator().manual_seed(seed_from(random_state))
-        encoder = self.module.to(dev).eval()
-        decoder = decoder.to(dev).eval()
-        out = []
-        n_batches = -(-len(x) // batch_size)
-        try:
-            with progress(total=n_batches * num_inference_steps, desc="generating", unit="step") as bar:
-                for i in range(0, len(x), batch_size):
-                    xb = torch.from_numpy(x[i:i + batch_size]).to(dev)
-                    tokens, pad = encoder.encode_expression(xb)
-                    img = decoder.sample(tokens, pad, guidance_scale=guidance_scale,
-                                         num_inference_steps=num_inference_steps, scheduler=scheduler,
-                                         token_merging=token_merging, generator=gen, unconditional=unconditional,
-                                         counts=xb, callback=bar.update)
-                    out.append(((img.float().cpu().numpy() + 1) * 127.5 + 0.5).clip(0, 255).astype(np.uint8))
-        finally:
-            self.module.cpu()
-            decoder.cpu()
-        s = decoder.config.size
-        return np.concatenate(out) if out else np.zeros((0, decoder.channels, s, s), dtype=np.uint8)
-
+    # persistence ---------------------------------------------------------------------------------
     # persistence ---------------------------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> None:
         """Write ``config.json``, ``model.safetensors`` and ``spatia_model.json`` (genes, channels, version).
@@ -398,43 +260,7 @@ class SpatiaModel(TransitionMixin):
         >>> model.save("my_model")  # config.json + model.safetensors (+ decoder / flow weights)
         >>> model.save("my_model", overwrite=True)  # replace it
         """
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        _check_target(path, overwrite)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{path.name}_", dir=path.parent))
-        try:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
-            save_file(state, str(tmp / _WEIGHTS))
-            (tmp / _CONFIG).write_text(self.config.to_json())
-            meta = {
-                "spatia_version": __version__, "genes": self.genes, "channels": self.channels,
-                "label_categories": self.label_categories, "crop_params": self.crop_params,
-                "history": self.history, "is_trained": self.is_trained,
-                "train_info": {k: v for k, v in self.train_info.items() if isinstance(v, int | float | str)},
-            }
-            if self.decoder is not None:
-                dstate = {k: v.detach().cpu().contiguous() for k, v in self.decoder.state_dict().items()}
-                save_file(dstate, str(tmp / _DECODER_WEIGHTS))
-                meta["decoder"] = {
-                    "config": self.decoder.config.to_dict(), "channels": self.decoder.channels,
-                    "history": self.decoder_history,
-                    "info": {k: v for k, v in self.decoder_info.items()
-                             if isinstance(v, int | float | str | list | dict)},
-                }
-            if self.flow is not None:
-                fstate = {k: v.detach().cpu().contiguous() for k, v in self.flow.state_dict().items()}
-                save_file(fstate, str(tmp / _FLOW_WEIGHTS))
-                (tmp / _FLOW_META).write_text(json.dumps(self.flow_info, indent=1, default=float))
-            # the metadata last: a folder is a complete model once spatia_model.json is in it
-            (tmp / _META).write_text(json.dumps(meta, indent=1, default=float))
-            _fsync_folder(tmp)
-            _swap_in(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _remove_stale(path)
+        write_model(self, path, overwrite)
 
     @classmethod
     def load(cls, path: str | Path, map_location: str = "cpu") -> SpatiaModel:
@@ -445,53 +271,7 @@ class SpatiaModel(TransitionMixin):
         >>> model = sp.SpatiaModel.load("my_model", map_location="cpu")
         >>> sp.tl.embed(sdata, model)
         """
-
-        path = Path(path)
-        _recover(path)
-        for f in (_WEIGHTS, _CONFIG, _META):
-            if not (path / f).exists():
-                raise FileNotFoundError(f"{path} is not a saved SpatiaModel: {f} is missing.")
-        device = resolve_device(map_location)
-        # 1. everything read from the folder is checked before any weight is allocated
-        config = _read_config(path / _CONFIG)
-        meta = _read_json(path / _META, _META)
-        _check_meta(meta, path / _META)
-        decoder_config = flow_info = None
-        if "decoder" in meta:  # saves from before the decoder have none
-            if not (path / _DECODER_WEIGHTS).exists():
-                raise FileNotFoundError(f"{path} describes a decoder but {_DECODER_WEIGHTS} is missing.")
-            d = meta["decoder"]
-            decoder_config = _in_file(path / _META, lambda: DecoderConfig.from_dict(d["config"]))
-        if (path / _FLOW_META).exists() and (path / _FLOW_WEIGHTS).exists():  # older saves have no flow
-            flow_info = _read_json(path / _FLOW_META, _FLOW_META)
-            _check_flow_info(flow_info, path / _FLOW_META)
-        # 2. the modules, then their weights (finite, and of the shapes the config gives)
-        model = cls(config, meta["genes"], meta["channels"], meta["label_categories"], meta["crop_params"])
-        state = _read_weights(path / _WEIGHTS, device)
-        # models saved before the normalisation target was learned used a fixed 1e4
-        state.setdefault("library_target", torch.tensor(1e4))
-        _load_state(model.module, state, path / _WEIGHTS)
-        model.module.to(device)
-        model.history = meta.get("history", [])
-        model.is_trained = bool(meta.get("is_trained", True))
-        model.train_info = meta.get("train_info", {})
-        if decoder_config is not None:
-            from ..module import DiffusionDecoder
-
-            d = meta["decoder"]
-            decoder = DiffusionDecoder(decoder_config, int(d["channels"]), config.width, len(model.genes))
-            _load_state(decoder, _read_weights(path / _DECODER_WEIGHTS, "cpu"), path / _DECODER_WEIGHTS)
-            model.decoder = decoder.eval()
-            model.decoder_history = d.get("history", [])
-            model.decoder_info = d.get("info", {})
-        if flow_info is not None:
-            from ..module._flow import build_flow
-
-            model.flow_info = flow_info
-            model.flow = _in_file(path / _FLOW_META, lambda: build_flow(flow_info))
-            _load_state(model.flow, _read_weights(path / _FLOW_WEIGHTS, device), path / _FLOW_WEIGHTS)
-            model.flow.to(device)
-        return model
+        return read_model(cls, path, map_location)
 
 
 def _validation_cells(arrays: CellArrays, fraction: float, rng: np.random.Generator, *, hold_out: bool) -> np.ndarray:
@@ -515,197 +295,3 @@ def _approx_parameters(config: SpatiaConfig, n_genes: int, n_channels: int) -> f
     image = (c.image.patch ** 2 * n_channels * d * 2 + 12 * c.image.decoder_width ** 2 * c.image.decoder_depth
              if c.image.enabled else 0)
     return 13.0 * d * d * blocks + image + 6.0 * (d + c.embed_dim) * n_genes
-
-
-# validated loads ---------------------------------------------------------------------------------
-def _in_file(file: Path, build):
-    """``build()``, its configuration errors prefixed with the file they come from."""
-    try:
-        return build()
-    except (TypeError, ValueError, KeyError) as e:
-        msg = e.args[0] if e.args else str(e)
-        raise type(e)(f"{file}: {msg}") from e
-
-
-def _read_json(file: Path, what: str) -> dict:
-    try:
-        d = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file} is not valid JSON ({e}): the model folder is damaged.") from e
-    if not isinstance(d, dict):
-        raise TypeError(f"{file}: {what} must hold a JSON object, got {type(d).__name__}.")
-    return d
-
-
-def _read_config(file: Path) -> SpatiaConfig:
-    d = _read_json(file, _CONFIG)
-    return _in_file(file, lambda: SpatiaConfig.from_dict(d, complete=True))
-
-
-def _check_list_of_str(file: Path, meta: dict, key: str, *, empty: bool = True) -> None:
-    v = meta[key]
-    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise TypeError(f"{file}: {key!r} must be a list of strings, got {v!r:.80}.")
-    if not empty and not v:
-        raise ValueError(f"{file}: {key!r} is empty.")
-    if len(set(v)) != len(v):
-        raise ValueError(f"{file}: {key!r} has duplicated entries.")
-
-
-def _check_meta(meta: dict, file: Path) -> None:
-    """Keys and types of ``spatia_model.json``."""
-    missing = [k for k in ("genes", "channels", "label_categories", "crop_params") if k not in meta]
-    if missing:
-        raise KeyError(f"{file} has no {missing}: the model folder is damaged.")
-    _check_list_of_str(file, meta, "genes", empty=False)
-    _check_list_of_str(file, meta, "channels")
-    _check_list_of_str(file, meta, "label_categories")
-    if len(meta["label_categories"]) == 1:
-        raise ValueError(f"{file}: 'label_categories' has one class; a supervised head has none or 2 and more.")
-    kinds = {"crop_params": dict, "history": list, "train_info": dict, "is_trained": bool, "decoder": dict}
-    for key, kind in kinds.items():
-        if key in meta and not isinstance(meta[key], kind):
-            raise TypeError(f"{file}: {key!r} must be a {kind.__name__}, got {meta[key]!r:.80}.")
-    if "history" in meta and not all(isinstance(row, dict) for row in meta["history"]):
-        raise TypeError(f"{file}: 'history' must be a list of objects (one per epoch).")
-    d = meta.get("decoder")
-    if d is not None:
-        if not isinstance(d.get("config"), dict):
-            raise TypeError(f"{file}: 'decoder.config' must be an object, got {d.get('config')!r:.80}.")
-        ch = d.get("channels")
-        if isinstance(ch, bool) or not isinstance(ch, int) or not 1 <= ch <= 1024:
-            raise ValueError(f"{file}: 'decoder.channels' must be an integer in [1, 1024], got {ch!r}.")
-
-
-def _check_flow_info(info: dict, file: Path) -> None:
-    """Keys and types of ``flow.json`` that shape the flow's modules."""
-    missing = [k for k in ("config", "channels", "size", "emb_dim", "n_genes", "n_features", "transitions")
-               if k not in info]
-    if missing:
-        raise KeyError(f"{file} has no {missing}: the model folder is damaged.")
-    if not isinstance(info["config"], dict):
-        raise TypeError(f"{file}: 'config' must be an object, got {info['config']!r:.80}.")
-    limits = {"channels": 1024, "size": 1024, "emb_dim": 8192, "n_genes": 1_000_000, "n_features": 10_000}
-    for key, hi in limits.items():
-        v = info[key]
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
-            raise ValueError(f"{file}: {key!r} must be an integer in [0, {hi}], got {v!r}.")
-    if not isinstance(info["transitions"], list) or not info["transitions"]:
-        raise ValueError(f"{file}: 'transitions' must be a non-empty list, got {info['transitions']!r:.80}.")
-
-
-def _read_weights(file: Path, device: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(file), device=device)
-    except SafetensorError as e:
-        raise ValueError(f"{file} is not a valid safetensors file ({e}): the model folder is damaged.") from e
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise ValueError(f"{file} holds non-finite weights (NaN or inf) in {bad[:5]}"
-                         f"{' and more' if len(bad) > 5 else ''}: refusing to load a model that would give NaN "
-                         "results. Load an earlier save, or train again.")
-    return state
-
-
-def _load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{file} does not match the configuration saved beside it: {e}") from e
-
-
-# atomic saves ------------------------------------------------------------------------------------
-def _is_model_folder(path: Path) -> bool:
-    """A folder :meth:`SpatiaModel.save` wrote: its metadata, config and weights, and nothing else."""
-    if not path.is_dir() or not (path / _META).is_file():
-        return False
-    names = {p.name for p in path.iterdir()}
-    return {_META, _CONFIG, _WEIGHTS} <= names and names <= _FILES
-
-
-def _check_target(path: Path, overwrite: bool) -> None:
-    if not path.exists():
-        return
-    if not path.is_dir():
-        raise FileExistsError(f"{path} is a file, not a model folder: choose another path.")
-    if not any(path.iterdir()):
-        return
-    if not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty: pass overwrite=True to replace the model in it.")
-    if not _is_model_folder(path):
-        other = sorted(p.name for p in path.iterdir() if p.name not in _FILES)
-        raise FileExistsError(
-            f"{path} is not a saved SpatiaModel (it holds {other[:5] or 'no ' + _META}): overwrite=True replaces "
-            "a saved model only and never deletes other files. Choose another path, or empty the folder yourself."
-        )
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Flush the files of ``folder`` and the folder itself to disk (no-op where the OS does not allow it)."""
-    for p in [*folder.iterdir(), folder]:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Move the complete model ``tmp`` to ``path`` by renames: old → ``<path>.old-<id>``, new → ``path``,
-    then delete the old one. At every instant one complete model is at ``path`` or at ``<path>.old-<id>``
-    (where :meth:`SpatiaModel.load` finds it when ``path`` is missing)."""
-    old = None
-    if path.exists():
-        old = path.with_name(f"{path.name}{_OLD_TAG}{uuid.uuid4().hex[:12]}")
-        os.replace(path, old)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        if old is not None:
-            try:
-                os.replace(old, path)  # put the previous model back
-            except OSError:
-                logger.error("Could not move the previous model back from %s to %s: SpatiaModel.load(%r) will.",
-                             old, path, str(path))
-        raise
-    _fsync_folder(path.parent)
-    if old is not None:
-        try:
-            shutil.rmtree(old)
-        except OSError as e:  # the new model is in place; the next save removes the old one
-            logger.warning("Saved the model to %s but could not delete the previous one in %s: %s", path, old, e)
-
-
-def _stale_old(path: Path) -> list[Path]:
-    """Previous models left by saves to ``path`` that were interrupted, oldest first."""
-    import glob
-
-    olds = [p for p in path.parent.glob(glob.escape(path.name) + _OLD_TAG + "*") if _is_model_folder(p)]
-    return sorted(olds, key=lambda p: p.stat().st_mtime)
-
-
-def _remove_stale(path: Path) -> None:
-    try:
-        for old in _stale_old(path):
-            shutil.rmtree(old, ignore_errors=True)
-    except OSError:  # the save is done; a leftover old copy is removed by the next one
-        pass
-
-
-def _recover(path: Path) -> None:
-    """``path`` missing after a save was killed between its renames: move the previous model back."""
-    if path.exists():
-        return
-    olds = _stale_old(path)
-    if olds:
-        logger.warning("%s is missing, but an interrupted save left the previous model in %s: restoring it.",
-                       path, olds[-1])
-        os.replace(olds[-1], path)

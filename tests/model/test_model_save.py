@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import spatia as sp
-from spatia.model import _model as model_mod
+from spatia.model import _io as io_mod
 
 GENES = [f"g{i}" for i in range(12)]
 
@@ -100,7 +100,7 @@ def test_failed_overwrite_keeps_old_model(models, tmp_path, monkeypatch, step):
     else:
         fail = {"rename_old": 1, "rename_new": 2}.get(step)
         if fail is not None:
-            monkeypatch.setattr(model_mod.os, "replace", _FailOn(os.replace, fail))
+            monkeypatch.setattr(io_mod.os, "replace", _FailOn(os.replace, fail))
         else:  # the new model cannot be moved in, nor the old one back: load finds it at <path>.old-<id>
             calls = {"n": 0}
 
@@ -110,7 +110,7 @@ def test_failed_overwrite_keeps_old_model(models, tmp_path, monkeypatch, step):
                     raise OSError("injected")
                 return os.replace(src, dst)
 
-            monkeypatch.setattr(model_mod.os, "replace", replace)
+            monkeypatch.setattr(io_mod.os, "replace", replace)
     with pytest.raises(OSError, match="injected"):
         b.save(tmp_path / "m", overwrite=True)
     monkeypatch.undo()
@@ -129,7 +129,7 @@ def test_failed_delete_of_old_model_keeps_new(models, tmp_path, monkeypatch, cap
     def rmtree(p, *args, **kwargs):
         raise OSError("injected")
 
-    monkeypatch.setattr(model_mod.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(io_mod.shutil, "rmtree", rmtree)
     b.save(tmp_path / "m", overwrite=True)  # saved; the old copy stays behind with a warning
     monkeypatch.undo()
     assert "could not delete the previous one" in caplog.text
