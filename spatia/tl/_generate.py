@@ -279,8 +279,7 @@ def generate(
     """
     from .._utils import seed_from
     from ..model import SpatiaModel
-    from ..pp._elements import _is_sdata, get_table
-    from ..pp._expression import get_counts
+    from ..pp._elements import _is_sdata
 
     if not isinstance(model, SpatiaModel):
         raise TypeError(f"model must be a SpatiaModel, got {type(model).__name__}.")
@@ -300,6 +299,43 @@ def generate(
     edits = _check_edits(edits, model.genes)
 
     # 1. source profiles
+    x, src, mode = _source_profiles(data, model, expression, table_key=table_key, layer=layer, cells=cells,
+                                    edits=edits)
+
+    # 2. generate (each profile n_samples times, in a row)
+    x = np.repeat(x, int(n_samples), axis=0)
+    crops = model.sample_images(x, guidance_scale=guidance_scale, num_inference_steps=int(num_inference_steps),
+                                scheduler=scheduler, token_merging=token_merging, random_state=random_state,
+                                batch_size=batch_size, device=device)
+
+    # 3. the table linking every crop to its source
+    obs = _crops_table(src, mode, edits, int(n_samples), obs_keys, guidance_scale=guidance_scale,
+                       num_inference_steps=num_inference_steps, token_merging=token_merging)
+    cp = model.decoder_info.get("crop_params", {}) or {}
+    pixel = float(cp["crop_um"]) / decoder.config.size if cp.get("crop_um") else 1.0
+    params = {
+        "version": __version__, "mode": mode, "edits": edits, "n_samples": int(n_samples),
+        "guidance_scale": float(guidance_scale), "num_inference_steps": int(num_inference_steps),
+        "scheduler": scheduler, "token_merging": token_merging, "random_state": seed_from(random_state),
+        "table_key": table_key if expression is None else None, "decoder": decoder.config.to_dict(),
+        "pixel_size_um": pixel,
+    }
+    paths = mosaic_paths(key_added)
+    if not inplace:
+        return _results.returned("generate", {paths[0]: crops, paths[2]: obs}, params, keys=paths)
+    channels = model.decoder_info.get("channels") or None
+    add_crop_mosaic(data, crops, obs, key_added=key_added, channels=channels, pixel_size=pixel,
+                    uns={"generate": _results.params_entry("generate", params, paths)}, overwrite=overwrite)
+    return None
+
+
+def _source_profiles(data, model, expression, *, table_key, layer, cells, edits):
+    """The counts ``(n, G)`` (model gene order) to generate from, their source ``obs`` rows and the mode:
+    ``"expression"`` (given profiles), ``"reconstruction"`` (the table's cells) or ``"counterfactual"``
+    (either, with ``edits``)."""
+    from ..pp._elements import get_table
+    from ..pp._expression import get_counts
+
     if expression is not None:
         x, obs_src = _expression_counts(expression, model, layer)
         mode = "expression"
@@ -318,24 +354,22 @@ def generate(
         mode = "counterfactual"
         for g, v in edits.items():
             x[:, model.genes.index(g)] = v
+    return x, obs_src.iloc[rows], mode
 
-    # 2. generate (each profile n_samples times, in a row)
-    x = np.repeat(x, int(n_samples), axis=0)
-    crops = model.sample_images(x, guidance_scale=guidance_scale, num_inference_steps=int(num_inference_steps),
-                                scheduler=scheduler, token_merging=token_merging, random_state=random_state,
-                                batch_size=batch_size, device=device)
 
-    # 3. the table linking every crop to its source
-    src = obs_src.iloc[rows]
+def _crops_table(src: pd.DataFrame, mode: str, edits: dict, n_samples: int, obs_keys, *, guidance_scale,
+                 num_inference_steps, token_merging) -> pd.DataFrame:
+    """One row per generated crop (each source ``n_samples`` times, in a row): its source, the run's settings
+    and the ``obs_keys`` columns of the source (default ``cell_type`` where there is one)."""
     keys = list(obs_keys) if obs_keys is not None else [k for k in ("cell_type",) if k in src.columns]
     absent = [k for k in keys if k not in src.columns]
     if absent:
         raise KeyError(f"obs_keys {absent} are not columns of the source obs.")
     obs = pd.DataFrame({
         "source": np.repeat(src.index.astype(str).to_numpy(), n_samples),
-        "mode": pd.Categorical([mode] * len(x)),
+        "mode": pd.Categorical([mode] * (len(src) * n_samples)),
         "edits": ";".join(f"{g}={v:g}" for g, v in edits.items()),
-        "sample": np.tile(np.arange(n_samples), len(rows)),
+        "sample": np.tile(np.arange(n_samples), len(src)),
         "guidance_scale": float(guidance_scale),
         "num_inference_steps": int(num_inference_steps),
         "token_merging": float("nan") if token_merging is None else float(token_merging),
@@ -343,22 +377,7 @@ def generate(
     for k in keys:
         col = src[k].to_numpy().repeat(n_samples)
         obs[k] = pd.Categorical(col) if isinstance(src[k].dtype, pd.CategoricalDtype) else col
-    cp = model.decoder_info.get("crop_params", {}) or {}
-    pixel = float(cp["crop_um"]) / decoder.config.size if cp.get("crop_um") else 1.0
-    params = {
-        "version": __version__, "mode": mode, "edits": edits, "n_samples": int(n_samples),
-        "guidance_scale": float(guidance_scale), "num_inference_steps": int(num_inference_steps),
-        "scheduler": scheduler, "token_merging": token_merging, "random_state": seed_from(random_state),
-        "table_key": table_key if expression is None else None, "decoder": decoder.config.to_dict(),
-        "pixel_size_um": pixel,
-    }
-    paths = mosaic_paths(key_added)
-    if not inplace:
-        return _results.returned("generate", {paths[0]: crops, paths[2]: obs}, params, keys=paths)
-    channels = model.decoder_info.get("channels") or None
-    add_crop_mosaic(data, crops, obs, key_added=key_added, channels=channels, pixel_size=pixel,
-                    uns={"generate": _results.params_entry("generate", params, paths)}, overwrite=overwrite)
-    return None
+    return obs
 
 
 def _align(table, model) -> tuple[np.ndarray, list[str]]:

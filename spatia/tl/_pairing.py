@@ -20,6 +20,7 @@ from .._constants import Defaults, Keys
 from .._results import sanitize
 from .._utils import progress, seed_from
 from ..pp._elements import get_table
+from ._pairing_ot import _cluster_masses, _composition_labels, _lognorm, _pca, _shift_test, _sinkhorn_match
 
 logger = logging.getLogger(__name__)
 
@@ -149,129 +150,6 @@ def _group_rows(table, groupby: str, group: str, *, role: str, min_cells: int) -
     return rows
 
 
-def _lognorm(counts: sp_sparse.csr_matrix) -> sp_sparse.csr_matrix:
-    """``log1p`` of counts scaled to the median library size (scanpy's ``normalize_total`` default)."""
-    import scanpy as sc
-    from anndata import AnnData
-
-    a = AnnData(sp_sparse.csr_matrix(counts, dtype=np.float32))
-    sc.pp.normalize_total(a)
-    sc.pp.log1p(a)
-    return sp_sparse.csr_matrix(a.X)
-
-
-def _pca(x: sp_sparse.csr_matrix, n_pcs: int, seed: int) -> np.ndarray:
-    import scanpy as sc
-    from anndata import AnnData
-
-    n_comps = int(min(n_pcs, x.shape[0] - 1, x.shape[1] - 1))
-    if n_comps < 1:
-        return np.asarray(x.todense(), dtype=np.float64)
-    a = AnnData(x)
-    sc.pp.pca(a, n_comps=n_comps, random_state=seed)
-    return np.asarray(a.obsm["X_pca"], dtype=np.float64)
-
-
-def _composition_labels(zs: np.ndarray, zt: np.ndarray, n_neighbors: int, seed: int):
-    """Expression clusters of the source cells and the cluster each target cell falls in.
-
-    The source cells are clustered by Leiden (resolution 1) on their ``n_neighbors``-nearest-neighbour graph
-    in ``zs``; each target cell joins the cluster most common among its ``n_neighbors`` nearest source cells.
-    """
-    from sklearn.neighbors import NearestNeighbors
-
-    from ._cluster import leiden_codes
-
-    ns = len(zs)
-    k = int(min(n_neighbors, ns - 1))
-    if k < 2:  # too few cells to cluster: one cluster
-        return np.zeros(ns, int), np.zeros(len(zt), int)
-    lab_s = leiden_codes(zs, n_neighbors=k, resolution=1.0, seed=seed)
-    idx = NearestNeighbors(n_neighbors=k).fit(zs).kneighbors(zt, return_distance=False)
-    votes = np.zeros((len(zt), lab_s.max() + 1))
-    np.add.at(votes, (np.repeat(np.arange(len(zt)), k), lab_s[idx].ravel()), 1.0)
-    return lab_s, votes.argmax(1)
-
-
-def _cluster_masses(lab_s: np.ndarray, lab_t: np.ndarray) -> np.ndarray:
-    """Target masses (sum 1) giving each cluster the share it has among the source cells ``lab_s``, spread
-    evenly over its target cells; uniform when no target falls in a source cluster."""
-    n = int(max(lab_s.max(), lab_t.max())) + 1
-    share = np.bincount(lab_s, minlength=n) / len(lab_s)
-    count = np.bincount(lab_t, minlength=n)
-    b = share[lab_t] / count[lab_t]
-    return b / b.sum() if b.sum() > 0 else np.full(len(lab_t), 1.0 / len(lab_t))
-
-
-def _sinkhorn_match(xs: np.ndarray, xt: np.ndarray, scale: float, epsilon: float, max_iter: int,
-                    reg_m: float | None = None, b: np.ndarray | None = None):
-    """Hard match and confidence of each source row under the entropic plan between ``xs`` and ``xt``.
-
-    Cost = squared Euclidean distance divided by ``scale`` (the median of the whole problem's costs), so
-    ``epsilon`` is relative to a typical cost whatever the dataset. ``reg_m``: ``None`` = balanced OT
-    (uniform marginals); a number = unbalanced OT, the marginals held by a KL penalty of that weight.
-    ``b``: the target cells' masses (normalised here; ``None`` = uniform).
-    """
-    import ot
-
-    if b is not None and (np.asarray(b) <= 0).any():  # massless targets cannot be matched: leave them out
-        keep = np.flatnonzero(np.asarray(b) > 0)
-        m, c = _sinkhorn_match(xs, xt[keep], scale, epsilon, max_iter, reg_m, np.asarray(b)[keep])
-        return keep[m], c
-    cost = ot.dist(xs, xt, metric="sqeuclidean") / scale
-    a = np.full(len(xs), 1.0 / len(xs))
-    b = np.full(len(xt), 1.0 / len(xt)) if b is None else np.asarray(b, dtype=np.float64) / np.sum(b)
-    if reg_m is None:
-        plan = ot.bregman.sinkhorn_log(a, b, cost, reg=epsilon, numItermax=max_iter, stopThr=1e-9)
-    else:
-        with warnings.catch_warnings():  # POT warns on slow convergence; the plan is checked below
-            warnings.simplefilter("ignore", UserWarning)
-            plan = ot.unbalanced.sinkhorn_unbalanced(a, b, cost, reg=epsilon, reg_m=float(reg_m),
-                                                     method="sinkhorn_stabilized", numItermax=max_iter,
-                                                     stopThr=1e-9)
-    plan = np.asarray(plan, dtype=np.float64)
-    if not np.isfinite(plan).all() or plan.sum() <= 0:
-        raise ValueError(f"Sinkhorn did not converge to a valid plan (epsilon={epsilon}): increase epsilon.")
-    row = plan.sum(1, keepdims=True)
-    match = plan.argmax(1)
-    conf = plan[np.arange(len(xs)), match] / np.maximum(row[:, 0], 1e-300)
-    return match, conf
-
-
-def _shift_test(coords: np.ndarray, fs: np.ndarray, ft: np.ndarray, k: int):
-    """χ² test of the mean morphology shift ``ft − fs`` over each row's ``k`` nearest rows of ``coords``."""
-    from scipy import stats
-    from sklearn.neighbors import NearestNeighbors
-
-    n, f = fs.shape
-    k = int(min(k, n))
-    both = np.concatenate([fs, ft])
-    with warnings.catch_warnings():  # all-NaN features (no foreground anywhere) → 0
-        warnings.simplefilter("ignore", RuntimeWarning)
-        mu, sd = np.nanmean(both, 0), np.nanstd(both, 0)
-    sd = np.where(np.isfinite(sd) & (sd > 0), sd, 1.0)
-    mu = np.where(np.isfinite(mu), mu, 0.0)
-    d = np.nan_to_num((ft - mu) / sd) - np.nan_to_num((fs - mu) / sd)
-    idx = NearestNeighbors(n_neighbors=k).fit(coords).kneighbors(coords, return_distance=False)
-    # neighbourhood means in chunks (no (n, k, f) array: memory stays O(n·k) on large slides)
-    step = max(1, 2**22 // (k * f))
-    dbar = np.concatenate([d[idx[i:i + step]].mean(1) for i in range(0, n, step)])
-    # pooled covariance of the shifts around their neighbourhood means:
-    # Σ_i Σ_{j∈N(i)} (d_j − d̄_i)(d_j − d̄_i)ᵀ = Σ_j c_j d_j d_jᵀ − k Σ_i d̄_i d̄_iᵀ,
-    # with c_j the number of neighbourhoods holding j
-    c = np.bincount(idx.ravel(), minlength=n).astype(np.float64)
-    scatter = (d * c[:, None]).T @ d - k * (dbar.T @ dbar)
-    cov = scatter / max(n * (k - 1), 1)  # each neighbourhood's mean costs one degree of freedom
-    w, v = np.linalg.eigh(cov)
-    keep = w > max(w.max(), 0.0) * 1e-6
-    if not keep.any():  # no feature varies: nothing can be shifted
-        return np.zeros(n), 0, np.ones(n)
-    proj = dbar @ (v[:, keep] / np.sqrt(w[keep]))
-    stat = k * (proj ** 2).sum(1)
-    dof = int(keep.sum())
-    return stat, dof, stats.chi2.sf(stat, dof)
-
-
 def _features(crops, rows: np.ndarray, channel: int) -> pd.DataFrame | None:
     from ..metrics import morphology_features
 
@@ -279,6 +157,44 @@ def _features(crops, rows: np.ndarray, channel: int) -> pd.DataFrame | None:
         return None
     imgs = crops.get(rows) if hasattr(crops, "get") else np.asarray(crops)[rows]
     return morphology_features(np.asarray(imgs, dtype=np.float32) / 255.0, channel=channel)
+
+
+def _match(zs, zt, lab_s, lab_t, niches, *, scale, epsilon, max_iter, reg_m, min_cells):
+    """Each source cell's match, confidence and stratum: within the niches both sides share with at least
+    ``min_cells`` cells each (``niches``: the source and target cells' niche labels), the rest globally."""
+    ns = len(zs)
+    match = np.full(ns, -1, dtype=np.int64)
+    conf = np.zeros(ns)
+    stratum = np.full(ns, "global", dtype=object)
+    strata_used: list[str] = []
+    if niches is not None:
+        ns_lab, nt_lab = niches
+        for lab in progress(sorted(set(ns_lab) & set(nt_lab)), desc="pairing niches", unit="niche"):
+            si, ti = np.flatnonzero(ns_lab == lab), np.flatnonzero(nt_lab == lab)
+            if len(si) < min_cells or len(ti) < min_cells:
+                continue
+            m, c = _sinkhorn_match(zs[si], zt[ti], scale, epsilon, max_iter, reg_m,
+                                   b=_cluster_masses(lab_s[si], lab_t[ti]))
+            match[si], conf[si], stratum[si] = ti[m], c, lab
+            strata_used.append(lab)
+    rest = np.flatnonzero(match < 0)
+    if len(rest):
+        m, c = _sinkhorn_match(zs[rest], zt, scale, epsilon, max_iter, reg_m, b=_cluster_masses(lab_s[rest], lab_t))
+        match[rest], conf[rest] = m, c
+    return match, conf, stratum, strata_used
+
+
+def _morphology_shift(fs: pd.DataFrame | None, ft: pd.DataFrame | None, match: np.ndarray):
+    """Mean morphology-feature shift of the pairs, raw and divided by each feature's pooled standard deviation
+    (empty without features)."""
+    if fs is None or ft is None:
+        return pd.Series(dtype=float), pd.Series(dtype=float)
+    d = ft.to_numpy()[match] - fs.to_numpy()
+    with warnings.catch_warnings():  # a feature NaN in every pair (no foreground anywhere) stays NaN → 0
+        warnings.simplefilter("ignore", RuntimeWarning)
+        delta_m = pd.Series(np.nanmean(np.where(np.isfinite(d), d, np.nan), 0), index=fs.columns)
+    pooled = pd.concat([fs, ft]).std()
+    return delta_m.fillna(0.0), (delta_m / pooled.where(pooled > 0)).fillna(0.0)
 
 
 def compute_pairing(
@@ -331,48 +247,25 @@ def compute_pairing(
     j = rng.integers(0, len(zt), 4000)
     scale = float(np.median(((zs[i] - zt[j]) ** 2).sum(1)))
     scale = scale if scale > 0 else 1.0
-
     if marginals == "composition":
         lab_s, lab_t = _composition_labels(zs, zt, Defaults.PAIR_NEIGHBORS, seed)
     else:
         lab_s, lab_t = np.zeros(ns, int), np.zeros(len(zt), int)
-    match = np.full(ns, -1, dtype=np.int64)
-    conf = np.zeros(ns)
-    stratum = np.full(ns, "global", dtype=object)
-    strata_used: list[str] = []
+    niches = None
     if niche_key is not None:
         for t, role in ((source_table, "source"), (target_table, "target")):
             if niche_key not in t.obs:
                 raise KeyError(f"No obs column {niche_key!r} (niche_key) in the {role} table; run "
                                "`sp.tl.cluster(..., level='niche')` first or pass niche_key=None.")
-        ns_lab = source_table.obs[niche_key].astype(str).to_numpy()[source_rows]
-        nt_lab = target_table.obs[niche_key].astype(str).to_numpy()[target_rows]
-        for lab in progress(sorted(set(ns_lab) & set(nt_lab)), desc="pairing niches", unit="niche"):
-            si, ti = np.flatnonzero(ns_lab == lab), np.flatnonzero(nt_lab == lab)
-            if len(si) < min_cells or len(ti) < min_cells:
-                continue
-            m, c = _sinkhorn_match(zs[si], zt[ti], scale, epsilon, max_iter, reg_m,
-                                   b=_cluster_masses(lab_s[si], lab_t[ti]))
-            match[si], conf[si], stratum[si] = ti[m], c, lab
-            strata_used.append(lab)
-    rest = np.flatnonzero(match < 0)
-    if len(rest):
-        m, c = _sinkhorn_match(zs[rest], zt, scale, epsilon, max_iter, reg_m, b=_cluster_masses(lab_s[rest], lab_t))
-        match[rest], conf[rest] = m, c
-
+        niches = (source_table.obs[niche_key].astype(str).to_numpy()[source_rows],
+                  target_table.obs[niche_key].astype(str).to_numpy()[target_rows])
+    match, conf, stratum, strata_used = _match(zs, zt, lab_s, lab_t, niches, scale=scale, epsilon=epsilon,
+                                               max_iter=max_iter, reg_m=reg_m, min_cells=min_cells)
     xd = x.toarray()
     delta_g = pd.Series((xd[ns:][match] - xd[:ns]).mean(0), index=shared.to_numpy())
     fs = _features(source_crops, source_rows, channel)
     ft = _features(target_crops, target_rows, channel)
-    delta_m = delta_m_std = pd.Series(dtype=float)
-    if fs is not None and ft is not None:
-        d = ft.to_numpy()[match] - fs.to_numpy()
-        with warnings.catch_warnings():  # a feature NaN in every pair (no foreground anywhere) stays NaN → 0
-            warnings.simplefilter("ignore", RuntimeWarning)
-            delta_m = pd.Series(np.nanmean(np.where(np.isfinite(d), d, np.nan), 0), index=fs.columns)
-        pooled = pd.concat([fs, ft]).std()
-        delta_m_std = (delta_m / pooled.where(pooled > 0)).fillna(0.0)
-        delta_m = delta_m.fillna(0.0)
+    delta_m, delta_m_std = _morphology_shift(fs, ft, match)
     info = {
         "source": name.split("->")[0], "target": name.split("->")[1], "epsilon": float(epsilon),
         "n_pcs": int(z.shape[1]), "cost": "squared euclidean / median", "cost_scale": scale,

@@ -1,4 +1,5 @@
-"""Differentiable image operations (spatia.nn): Otsu threshold, largest region and morphology proxies against the measured features."""
+"""Differentiable image operations (spatia.nn): Otsu threshold, largest region, morphology proxies against the
+measured features, Gaussian blur."""
 
 import numpy as np
 import torch
@@ -89,3 +90,13 @@ def test_region_does_not_grow_by_dimming_the_brightest_pixel():
     peak = np.unravel_index(img.argmax(), img.shape)
     assert abs(g[peak]) < 1e-6, g[peak]  # before 2026-11-27: -15 (dimming the peak lowered the threshold)
     assert g.max() > 1.0  # brightening pixels at the rim grows the region
+
+
+def test_gaussian_blur_of_morphology_loss():
+    from spatia.nn import gaussian_blur
+
+    x = torch.zeros(2, 1, 16, 16)
+    x[:, :, 8, 8] = 1.0
+    y = gaussian_blur(x, 1.0)
+    assert y.shape == x.shape and torch.allclose(y.sum((2, 3)), torch.ones(2, 1), atol=1e-5)
+    assert float(y.max()) < 0.2 and gaussian_blur(x, 0.0) is x
