@@ -40,7 +40,10 @@ def main() -> None:
                    help="decoder training settings: epochs=, lr=, ema=, batch=, channels=16|32 (comma separated)")
     p.add_argument("--sample", nargs="+", default=["steps=20,guidance=2.0"], help="sampler: steps=, guidance=")
     p.add_argument("--n-eval", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="decoder training and sampling seed")
+    p.add_argument("--slide", type=int, default=None,
+                   help="simulate(1500, random_state=SLIDE) instead of the demo slide (a check on a slide not "
+                        "used to choose the settings)")
     p.add_argument("--encoder-cache", default="/tmp/spatia_demo_gen_enc")
     p.add_argument("--figures", default=None)
     p.add_argument("--threads", type=int, default=1)
@@ -55,8 +58,10 @@ def main() -> None:
     sp.settings.verbosity = 1
     sp.settings.progress_bar = False
     logging.getLogger("lightning").setLevel(logging.ERROR)
-    sdata = sp.datasets.demo()
+    sdata = sp.datasets.demo() if a.slide is None else sp.datasets.simulate(1500, random_state=a.slide)
     table = sdata["table"]
+    if a.slide is not None:
+        a.encoder_cache = f"{a.encoder_cache}_slide{a.slide}"
     if os.path.exists(os.path.join(a.encoder_cache, "config.json")):
         base = sp.SpatiaModel.load(a.encoder_cache)
     else:
@@ -67,7 +72,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     cells = np.sort(rng.choice(table.n_obs, min(a.n_eval, table.n_obs), replace=False))
     types = table.obs["cell_type"].astype(str).to_numpy()[cells]
-    print(f"torch {torch.__version__}, {a.threads} thread(s); demo slide {table.n_obs} cells; {len(cells)} evaluation "
+    slide = "demo slide" if a.slide is None else f"simulate(1500, random_state={a.slide})"
+    print(f"torch {torch.__version__}, {a.threads} thread(s); {slide}, {table.n_obs} cells; {len(cells)} evaluation "
           f"cells; load average {os.getloadavg()[0]:.1f}")
     print()
     print("| training | sampler | W all | W area | W shape | W texture | train s | sample s |")
