@@ -236,3 +236,28 @@ def test_imputation_plot(clustered, tmp_path):
     with pytest.raises(KeyError, match="not in the table"):
         sp.pl.imputation(sd, ["nope"])
     plt.close(fig)
+
+
+@pytest.mark.parametrize("name", sp.pl.__all__)
+def test_every_plot_takes_scanpys_arguments(name):
+    import inspect
+
+    params = set(inspect.signature(getattr(sp.pl, name)).parameters)
+    assert {"ax", "show", "save", "title"} <= params, name
+    colours_cells = {"niches", "embedding", "imputation"}
+    if name in colours_cells:
+        assert "color" in params, name
+    if name in colours_cells - {"imputation"} | {"history"}:
+        assert "palette" in params, name
+
+
+def test_show_returns_none_everywhere(clustered, monkeypatch):
+    """As scanpy: with show=True the figure is shown and nothing is returned."""
+    from types import SimpleNamespace
+
+    sd, _ = clustered
+    monkeypatch.setattr(plt, "show", lambda *a, **k: None)
+    hist = [{"epoch": e, "train_loss": 1.0 / (e + 1)} for e in range(3)]
+    assert sp.pl.history(SimpleNamespace(history=hist), show=True, title="t") is None
+    assert sp.pl.embedding(sd, level="niche", color="spatia_niche", show=True) is None
+    plt.close("all")
