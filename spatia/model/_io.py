@@ -83,20 +83,17 @@ def read_model(cls, path: str | Path, map_location: str = "cpu"):
     meta = _read_json(path / _META, _META)
     _check_meta(meta, path / _META)
     decoder_config = flow_info = None
-    if "decoder" in meta:  # saves from before the decoder have none
+    if "decoder" in meta:
         if not (path / _DECODER_WEIGHTS).exists():
             raise FileNotFoundError(f"{path} describes a decoder but {_DECODER_WEIGHTS} is missing.")
         d = meta["decoder"]
-        decoder_config = _in_file(path / _META, lambda: DecoderConfig.from_dict(d["config"]))
-    if (path / _FLOW_META).exists() and (path / _FLOW_WEIGHTS).exists():  # older saves have no flow
+        decoder_config = _in_file(path / _META, lambda: DecoderConfig.from_dict(d["config"], complete=True))
+    if (path / _FLOW_META).exists() and (path / _FLOW_WEIGHTS).exists():  # a model without a flow has neither
         flow_info = _read_json(path / _FLOW_META, _FLOW_META)
         _check_flow_info(flow_info, path / _FLOW_META)
     # 2. the modules, then their weights (finite, and of the shapes the config gives)
     model = cls(config, meta["genes"], meta["channels"], meta["label_categories"], meta["crop_params"])
-    state = _read_weights(path / _WEIGHTS, device)
-    # models saved before the normalisation target was learned used a fixed 1e4
-    state.setdefault("library_target", torch.tensor(1e4))
-    _load_state(model.module, state, path / _WEIGHTS)
+    _load_state(model.module, _read_weights(path / _WEIGHTS, device), path / _WEIGHTS)
     model.module.to(device)
     model.history = meta.get("history", [])
     model.is_trained = bool(meta.get("is_trained", True))

@@ -111,6 +111,59 @@ def _check_type(name: str, value: Any, tp: Any) -> Any:
     return value
 
 
+class ConfigBase:
+    """``to_dict`` / ``to_json`` / ``from_dict`` / ``replace``, shared by the configuration dataclasses
+    (:class:`SpatiaConfig`, :class:`~spatia.module.DecoderConfig`, :class:`~spatia.module.FlowConfig`)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON-ready values (nested sections as dicts)."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, complete: bool = False):
+        """The configuration of :meth:`to_dict`. Fields and sections left out take their defaults, unless
+        ``complete`` (a saved configuration): then every field must be there. Lists become tuples, and every
+        value is checked."""
+        return _from_dict(cls, d, complete=complete)
+
+    def replace(self, **changes: Any):
+        """A copy with fields changed; nested sections accept dicts of their fields."""
+        names = {f.name for f in fields(self)}
+        kw = {}
+        for k, v in changes.items():
+            if k not in names:
+                raise ValueError(f"{type(self).__name__} has no field {k!r}.")
+            current = getattr(self, k)
+            kw[k] = dataclasses.replace(current, **v) if dataclasses.is_dataclass(current) and isinstance(v, dict) \
+                else v
+        return dataclasses.replace(self, **kw)
+
+
+def _from_dict(cls, d: Any, *, complete: bool, section: str | None = None):
+    where = "The configuration" if section is None else f"The configuration's {section!r} section"
+    if not isinstance(d, dict):
+        raise TypeError(f"A {cls.__name__} is read from a dict of its fields, got {type(d).__name__}.")
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ValueError(f"Unknown configuration fields: {unknown}"
+                         + ("." if section is None else f" in the {section!r} section."))
+    missing = [n for n in names if n not in d] if complete else []
+    if missing:
+        raise KeyError(f"{where} has no field(s) {missing}.")
+    hints = _hints(cls)
+    kw = {}
+    for name, v in d.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp) and isinstance(v, dict):
+            v = _from_dict(tp, v, complete=complete, section=name)
+        kw[name] = v
+    return cls(**kw)
+
+
 @dataclass(frozen=True)
 class ImageConfig:
     """Image branch: ViT over ``size × size`` crops with MAE masking.
@@ -236,7 +289,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class SpatiaConfig:
+class SpatiaConfig(ConfigBase):
     """Full SPATIA configuration.
 
     Use a preset (:meth:`tiny`, :meth:`default`, :meth:`large`) and :meth:`replace` fields, e.g.
@@ -299,62 +352,3 @@ class SpatiaConfig:
             tissue=TissueConfig(depth=2, heads=8),
             train=TrainConfig(batch_size=512, max_epochs=50),
         )
-
-    # (de)serialisation -------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], *, complete: bool = False) -> SpatiaConfig:
-        """The config of :meth:`to_dict`. Fields and sections left out take their defaults, unless
-        ``complete`` (a saved ``config.json``): then every field must be there."""
-        if not isinstance(d, dict):
-            raise TypeError(f"A SpatiaConfig is read from a dict of its fields, got {type(d).__name__}.")
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"Unknown configuration fields: {sorted(unknown)}.")
-        kw = {}
-        for f in fields(cls):
-            if f.name not in d:
-                if complete:
-                    raise KeyError(f"The configuration has no field {f.name!r}.")
-                continue
-            v = d[f.name]
-            sub = _SUB.get(f.name)
-            if sub is not None and isinstance(v, dict):
-                missing = [g.name for g in fields(sub) if g.name not in v] if complete else []
-                if missing:
-                    raise KeyError(f"The configuration's {f.name!r} section has no field(s) {missing}.")
-                kw[f.name] = sub(**_known(sub, v))
-            else:
-                kw[f.name] = v
-        return cls(**kw)
-
-    def replace(self, **changes: Any) -> SpatiaConfig:
-        """A copy with fields changed; nested sections accept dicts of their fields."""
-        kw = {}
-        for k, v in changes.items():
-            if k in _SUB and isinstance(v, dict):
-                kw[k] = dataclasses.replace(getattr(self, k), **v)
-            elif k in {f.name for f in fields(self)}:
-                kw[k] = v
-            else:
-                raise ValueError(f"SpatiaConfig has no field {k!r}.")
-        return dataclasses.replace(self, **kw)
-
-
-def _known(cls, d: dict) -> dict:
-    names = {f.name for f in fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-        raise ValueError(f"Unknown fields for {cls.__name__}: {sorted(unknown)}.")
-    return d
-
-
-_SUB = {
-    "image": ImageConfig, "expression": ExpressionConfig, "fusion": FusionConfig, "niche": NicheConfig,
-    "tissue": TissueConfig, "loss": LossConfig, "train": TrainConfig,
-}

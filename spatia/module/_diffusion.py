@@ -11,7 +11,6 @@ sampling.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -20,17 +19,15 @@ import torch
 from torch import nn
 
 from ..nn._tome import token_merging as _token_merging
-from ._config import check_fields
+from ._config import ConfigBase, check_fields
 
 
 @dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(ConfigBase):
     """Diffusion decoder configuration (saved with the model).
 
     Attributes
     ----------
-    enabled
-        Whether the model has a decoder.
     size
         Side of the generated crops in pixels (``None``: the encoder's crop size).
     block_out_channels
@@ -70,7 +67,6 @@ class DecoderConfig:
         ``n`` steps, so short trainings average over their last steps only.
     """
 
-    enabled: bool = True
     size: int | None = None
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     attention_levels: tuple[bool, ...] = (False, True, True)
@@ -107,24 +103,6 @@ class DecoderConfig:
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DecoderConfig:
-        """The config of ``to_dict``; fields missing from older saves take what those models were built with."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"Unknown fields for DecoderConfig: {sorted(unknown)}.")
-        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        for k, v in _BEFORE_FIELD.items():
-            kw.setdefault(k, v)
-        return cls(**kw)
-
-    def replace(self, **changes: Any) -> DecoderConfig:
-        return dataclasses.replace(self, **changes)
-
 
 _BIG = 1_000_000
 _LIMITS = {
@@ -133,9 +111,6 @@ _LIMITS = {
     "lr": (1e-12, 10), "weight_decay": (0, 10), "max_epochs": (1, _BIG), "batch_size": (1, _BIG),
     "warmup_steps": (0, _BIG),
 }
-
-# what decoders saved before a field existed were built / trained with (DecoderConfig.from_dict)
-_BEFORE_FIELD: dict[str, Any] = {"expression_embedding": False, "warmup_steps": 0, "ema_decay": 0.0}
 
 
 def log_expression(counts: torch.Tensor) -> torch.Tensor:

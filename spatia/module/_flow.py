@@ -10,8 +10,6 @@ Euler rollout of the flow from the source crop, after a warm-up: see :class:`Flo
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,11 +25,11 @@ from ..nn._image_ops import (
     soft_proxies,
 )
 from ..nn._ode import integrate
-from ._config import check_fields
+from ._config import ConfigBase, check_fields
 
 
 @dataclass(frozen=True)
-class FlowConfig:
+class FlowConfig(ConfigBase):
     """Flow model configuration (saved next to the weights as ``flow.json``).
 
     **Architecture.** ``block_out_channels``, ``layers_per_block`` and ``norm_num_groups`` shape the diffusers
@@ -55,7 +53,7 @@ class FlowConfig:
       not chase the pixel-scale texture the flow cannot render; 0 = none.
     - ``proxies``: ``"region"`` (9 of the 10 measured region features, on the same Otsu region;
       ``spatia.nn.morphology_proxies``) or ``"soft"`` (sigmoid-foreground stand-ins,
-      ``spatia.nn.soft_proxies``, kept to reproduce flows trained with them).
+      ``spatia.nn.soft_proxies``, looser: their sizes and intensity spread do not follow the measured features).
     - ``sw_memory``: also compare the (detached) endpoints and targets of this many earlier batches, which
       steadies the distance on small batches; 0 = the batch alone.
 
@@ -72,8 +70,6 @@ class FlowConfig:
 
     **Sampling.** ``steps``, ``solver`` (``"euler"``, ``"midpoint"``, ``"rk45"``) and ``guidance_scale`` are the
     defaults of :func:`spatia.tl.transition`.
-
-    A saved flow without a field loads with the value it was trained with.
     """
 
     block_out_channels: tuple[int, ...] = (32, 64)
@@ -146,28 +142,6 @@ class FlowConfig:
         """For tests: trains in tens of seconds on a CPU."""
         return cls(block_out_channels=(16, 32), cond_dim=64, hidden=64, max_epochs=30, batch_size=32)
 
-    def replace(self, **changes: Any) -> FlowConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FlowConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"Unknown FlowConfig fields: {sorted(unknown)}.")
-        kw = dict(d)
-        if "block_out_channels" in kw:
-            kw["block_out_channels"] = tuple(kw["block_out_channels"])
-        for k, v in _BEFORE_FIELD.items():
-            kw.setdefault(k, v)
-        return cls(**kw)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
-
 
 _BIG = 1_000_000
 _LIMITS = {
@@ -177,10 +151,6 @@ _LIMITS = {
     "max_epochs": (1, _BIG), "min_steps": (1, _BIG), "batch_size": (2, _BIG), "steps": (1, 100_000),
     "sw_steps": (1, 1000), "sw_memory": (0, 10_000),
 }
-
-# what flows saved before a field existed were trained with (FlowConfig.from_dict)
-_BEFORE_FIELD: dict[str, Any] = {"sw_blur": 0.0, "batch_ot": False, "batch_ot_emb_weight": 1.0,
-                                 "lr_schedule": "constant", "proxies": "soft", "sw_memory": 0}
 
 
 @dataclass
@@ -449,7 +419,7 @@ class TransitionFlow(nn.Module):
 def build_flow(info: dict[str, Any]) -> TransitionFlow:
     """An untrained :class:`TransitionFlow` shaped as described by ``info`` (``flow.json``)."""
     return TransitionFlow(
-        FlowConfig.from_dict(info["config"]), channels=int(info["channels"]), size=int(info["size"]),
+        FlowConfig.from_dict(info["config"], complete=True), channels=int(info["channels"]), size=int(info["size"]),
         emb_dim=int(info["emb_dim"]), n_genes=int(info["n_genes"]), n_features=int(info["n_features"]),
         n_transitions=len(info["transitions"]),
     )

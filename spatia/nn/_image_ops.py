@@ -37,7 +37,7 @@ def soft_proxies(img: torch.Tensor, channel: int = 0, sharpness: float = 0.05) -
     """Sigmoid-foreground morphology proxies (``FlowConfig(proxies="soft")``).
 
     Looser than :func:`morphology_proxies` (their axis lengths and intensity spread do not follow the measured
-    features); kept to reproduce flows trained with them. ``img (B, C, S, S)`` in [0, 1] → ``(B, 7)``: soft foreground area (a sigmoid around a
+    features). ``img (B, C, S, S)`` in [0, 1] → ``(B, 7)``: soft foreground area (a sigmoid around a
     per-crop threshold halfway between mean and max), mean / soft-max / std of the intensity inside, whole-crop mean
     intensity, and the square roots of the two eigenvalues of the foreground's second moments (axis
     lengths).

@@ -235,6 +235,17 @@ def fit_transition(
     return model
 
 
+def _pairing_params(model) -> dict:
+    """The pairing parameters the flow was trained with (``fit_transition`` records them in ``flow_info``)."""
+    p = model.flow_info.get("pairing")
+    keys = ("n_pcs", "epsilon", "max_iter", "niche_key", "min_cells", "method", "reg_m", "marginals")
+    missing = [k for k in keys if not isinstance(p, dict) or k not in p]
+    if missing:
+        raise ValueError(f"The model's flow has no pairing parameters {missing} in flow_info['pairing']: train it "
+                         "with `sp.tl.fit_transition`.")
+    return p
+
+
 def _select_cells(table, source_rows: np.ndarray, cells) -> np.ndarray:
     if cells is None:
         return source_rows
@@ -380,11 +391,11 @@ def transition(
         table, arrays = prepared.table, prepared.arrays
         if arrays.crops.size != model.flow.size:
             raise ValueError(f"The crops are {arrays.crops.size} px but the flow was trained on {model.flow.size} px.")
-        p = model.flow_info["pairing"]
+        p = _pairing_params(model)
         res = _pairs_for(table, arrays, groupby, source, target, layer=layer, n_pcs=p["n_pcs"], epsilon=p["epsilon"],
                          max_iter=p["max_iter"], niche_key=p["niche_key"], min_cells=p["min_cells"],
-                         random_state=random_state, pairing=p.get("method", "ot"), reg_m=p.get("reg_m"),
-                         marginals=p.get("marginals", "uniform"))  # flows from before the option: uniform
+                         random_state=random_state, pairing=p["method"], reg_m=p["reg_m"],
+                         marginals=p["marginals"])
         rows = _select_cells(table, res.source_rows, cells)
         pos = pd.Series(np.arange(len(res.source_rows)), index=res.source_rows)[rows].to_numpy()
         pvalue = res.shift_test(gate_neighbors)["shift_pvalue"].to_numpy()[pos]

@@ -69,7 +69,7 @@ CONFIG_TAMPERING = [
     ("nan learning rate", _set("train", "lr", float("nan")), ValueError, r"TrainConfig\.lr must be finite"),
     ("negative loss weight", _set("loss", "counts", -1.0), ValueError, r"LossConfig\.counts"),
     ("section not a dict", _set(None, "image", 5), TypeError, r"SpatiaConfig\.image must be ImageConfig"),
-    ("missing field", _del(None, "width"), KeyError, r"no field 'width'"),
+    ("missing field", _del(None, "width"), KeyError, r"no field\(s\) \['width'\]"),
     ("missing section field", _del("niche", "k"), KeyError, r"'niche' section has no field\(s\) \['k'\]"),
     ("unknown field", _set(None, "evil", 1), ValueError, r"Unknown configuration fields: \['evil'\]"),
 ]

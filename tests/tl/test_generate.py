@@ -191,13 +191,15 @@ def test_generate_bad_input(trained, fitted):
     assert "spatia_generated" not in sd.images
 
 
-def test_decoder_config_from_older_saves():
-    """Saves from before a field existed load with what those decoders were built and trained with."""
-    d = DecoderConfig(size=16).to_dict()
-    for k in ("expression_embedding", "warmup_steps", "ema_decay"):
-        d.pop(k)
-    old = DecoderConfig.from_dict(d)
-    assert not old.expression_embedding and old.warmup_steps == 0 and old.ema_decay == 0.0
-    assert DecoderConfig.from_dict(DecoderConfig(size=16).to_dict()) == DecoderConfig(size=16)
+def test_decoder_config_round_trip():
+    """A saved decoder configuration has every field: none is filled in from defaults."""
+    cfg = DecoderConfig(size=16)
+    assert DecoderConfig.from_dict(cfg.to_dict(), complete=True) == cfg
+    d = cfg.to_dict()
+    d.pop("ema_decay")
+    with pytest.raises(KeyError, match=r"no field\(s\) \['ema_decay'\]"):
+        DecoderConfig.from_dict(d, complete=True)
+    with pytest.raises(ValueError, match=r"Unknown configuration fields: \['enabled'\]"):
+        DecoderConfig.from_dict({**cfg.to_dict(), "enabled": True})
     with pytest.raises(ValueError, match="ema_decay"):
         DecoderConfig(ema_decay=1.0)

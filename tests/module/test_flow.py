@@ -1,0 +1,208 @@
+"""The state-transition flow module: confidence weights, losses, the morphology loss and its memory, batch
+re-pairing, configuration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from spatia.module import FlowConfig, TransitionFlow
+from spatia.nn import integrate
+
+
+def _batch(b=4, s=16, conf=None):
+    g = torch.Generator().manual_seed(0)
+    return {
+        "x0": torch.rand(b, 2, s, s, generator=g), "x1": torch.rand(b, 2, s, s, generator=g),
+        "cell_emb": torch.randn(b, 8, generator=g), "transition": torch.zeros(b, dtype=torch.long),
+        "confidence": torch.tensor(conf if conf is not None else [0.5] * b),
+    }
+
+
+def _flow(**kw):
+    cfg = FlowConfig.tiny().replace(cond_dropout=0.0, augment=False, **kw)
+    torch.manual_seed(0)
+    return TransitionFlow(cfg, channels=2, size=16, emb_dim=8, n_genes=5, n_features=10, n_transitions=2)
+
+
+def test_low_confidence_pairs_get_low_weight():
+    flow = _flow(contrastive_weight=0.0, sw_weight=0.0)
+    flow.mean_confidence.fill_(0.4)
+    conf = [0.8, 0.4, 0.05, 0.01]
+    out = flow(_batch(conf=conf), generator=torch.Generator().manual_seed(1))
+    w = out.weights.numpy()
+    np.testing.assert_allclose(w, np.array(conf) / 0.4, rtol=1e-6)
+    assert w[3] < w[2] < w[1] < w[0]
+    # the FM loss is the weighted mean: a pair's contribution scales with its confidence
+    torch.testing.assert_close(out.losses["fm"], (out.weights * out.fm_error).mean())
+    # gradient through the loss: the same pair contributes ~80x less at confidence 0.01 than at 0.8
+    b = _batch(conf=conf)
+    b["x1"] = b["x1"][[0, 0, 0, 0]].clone().requires_grad_(True)
+    b["x0"] = b["x0"][[0, 0, 0, 0]]
+    b["cell_emb"] = b["cell_emb"][[0, 0, 0, 0]]
+    b["t"] = torch.full((4,), 0.5)  # the same point of the path for all four copies
+    flow(b).loss.backward()
+    gn = b["x1"].grad.flatten(1).norm(dim=1).numpy()
+    np.testing.assert_allclose(gn / gn[0], np.array(conf) / conf[0], rtol=1e-4)
+
+
+def test_flow_losses_and_backward():
+    flow = _flow()
+    out = flow(_batch())
+    assert set(out.losses) == {"fm", "contrastive", "sw"} and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in flow.named_parameters() if not n.startswith("null"))
+    assert out.x1_hat.shape == (4, 2, 16, 16)
+    x, nfe = flow.sample(_batch()["x0"], _batch()["cell_emb"], _batch()["transition"], steps=3, solver="euler")
+    assert x.shape == (4, 2, 16, 16) and nfe == 3 and 0 <= float(x.min()) and float(x.max()) <= 1
+
+
+def _discs(radius, brightness, n=8, s=16):
+    """``(n, 1, s, s)`` crops of one centred disc each (radius in px, jittered), in [0, 1]."""
+    g = torch.Generator().manual_seed(int(radius * 10))
+    yy, xx = torch.meshgrid(torch.arange(s) - s / 2 + 0.5, torch.arange(s) - s / 2 + 0.5, indexing="ij")
+    r = radius + 0.5 * torch.rand(n, generator=g)
+    inside = (yy[None] ** 2 + xx[None] ** 2) <= r[:, None, None] ** 2
+    return (0.05 + brightness * inside.float())[:, None]
+
+
+def test_joint_morphology_loss_penalises_swapping_types():
+    """The morphology loss compares the joint law of (source, endpoint) with that of (source, matched target):
+    endpoints that give one type's target morphology to another type's sources are penalised, whereas the
+    targets' marginal law (the same set of crops, only reassigned) cannot tell the two apart."""
+    flow = _flow(sw_memory=0)
+    x0 = torch.cat([_discs(2.0, 0.5), _discs(5.0, 0.5)])  # small- and large-nucleus sources
+    x1 = torch.cat([_discs(3.0, 0.9), _discs(6.0, 0.9)])  # their targets: each grows and brightens
+    swapped = x1[torch.cat([torch.arange(8, 16), torch.arange(0, 8)])]  # small sources get large targets
+    tr = torch.zeros(16, dtype=torch.long)
+    use = torch.ones(16, dtype=torch.bool)
+
+    def loss(end, joint):
+        g = torch.Generator().manual_seed(0)
+        return float(flow._sw_per_transition(end * 2 - 1, x1, tr, use, g, x0r=x0 if joint else None)[0])
+
+    # the true pairs and the swapped pairs' marginal: no signal beyond float noise (every disc of a group has
+    # the same eccentricity and intensities, so their tiny spread magnifies rounding errors)
+    floor = max(loss(x1, joint=True), loss(swapped, joint=False))
+    swap = loss(swapped, joint=True)
+    assert swap > 0.3 and swap > 20 * floor, (swap, floor)
+
+
+def _blob_batch(seed, n=16, grow=1.0):
+    """Sources: noisy discs of random radius; targets: the same discs grown by ``grow`` px and brighter."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(16.0) - 7.5, torch.arange(16.0) - 7.5, indexing="ij")
+    r = 2.0 + 3.0 * torch.rand(n, 1, 1, generator=g)
+    d = torch.sqrt(yy**2 + xx**2)[None]
+
+    def disc(rad, b):
+        return (0.05 + b * torch.sigmoid((rad - d) * 2) + 0.03 * torch.rand(n, 16, 16, generator=g))[:, None]
+
+    return disc(r, 0.5), disc(r + grow, 0.8)
+
+
+def test_morphology_loss_memory_steadies_the_distance():
+    """With ``sw_memory`` the loss compares the batch together with earlier batches' (detached) points: it
+    varies less from batch to batch, the batch's own endpoints still get gradients, and the memory holds
+    no graph."""
+    tr = torch.zeros(16, dtype=torch.long)
+    use = torch.ones(16, dtype=torch.bool)
+    values = {}
+    for memory in (0, 8):
+        flow = _flow(sw_memory=memory).train()
+        vals, bank = [], []  # the bank is the training plan's: the module keeps no state
+        for seed in range(24):
+            x0, x1 = _blob_batch(seed)
+            end = x0.clone().requires_grad_(True)  # a flow that leaves the cells unchanged: a steady error
+            loss, points = flow._sw_per_transition(end * 2 - 1, x1, tr, use, torch.Generator().manual_seed(seed),
+                                                   x0r=x0, bank=bank)
+            loss.backward()
+            assert torch.isfinite(end.grad).all() and end.grad.abs().sum() > 0
+            vals.append(float(loss))
+            if points is not None:
+                bank = [points, *bank][:memory]
+        assert len(bank) == memory and all(not t.requires_grad for m in bank for t in m)
+        values[memory] = np.array(vals[8:])  # once the memory is full
+    assert values[8].std() < 0.6 * values[0].std(), (values[8].std(), values[0].std())
+    # outside training the memory is neither used nor filled
+    flow = _flow(sw_memory=8).eval()
+    x0, x1 = _blob_batch(0)
+    _, points = flow._sw_per_transition(x0 * 2 - 1, x1, tr, use, None, x0r=x0, bank=[])
+    assert points is None
+
+
+def test_morphology_loss_on_the_flow_rollout():
+    """By default the morphology loss sees the flow's own few-step sample from the source crop."""
+    flow = _flow(contrastive_weight=0.0, sw_steps=3)
+    b = _batch()
+    cond = flow.condition(b["cell_emb"], b["transition"])
+    out = flow(b)
+    x_euler, _ = integrate(lambda x, t: flow.velocity(x, t, cond), b["x0"] * 2 - 1, steps=3, solver="euler")
+    torch.testing.assert_close(out.x1_end, x_euler, atol=1e-5, rtol=1e-5)
+    assert "sw" in out.losses
+    # the one-step variant compares x_t + (1 - t) v instead, only where t >= sw_min_t
+    one = _flow(contrastive_weight=0.0, sw_endpoint="one_step", sw_min_t=0.5)
+    b["t"] = torch.tensor([0.1, 0.2, 0.3, 0.9])  # one late pair: too few for a distance
+    assert "sw" not in one(b).losses
+    # switched off (the warm-up sets the scale to 0): no morphology term, no rollout
+    out = flow(_batch(), sw_scale=0.0)
+    assert "sw" not in out.losses and out.x1_end is None
+    for bad in (dict(sw_endpoint="two_step"), dict(sw_steps=0), dict(sw_warmup=1.0)):
+        with pytest.raises(ValueError, match="sw_"):
+            FlowConfig(**bad)
+
+
+def test_flow_config_round_trip_and_checks():
+    """A saved configuration has every field (no defaults fill in for missing ones); values are checked."""
+    cfg = FlowConfig.tiny()
+    assert FlowConfig.from_dict(cfg.to_dict()) == cfg == FlowConfig.from_dict(cfg.to_dict(), complete=True)
+    assert FlowConfig.from_dict({"block_out_channels": [16, 32]}).block_out_channels == (16, 32)
+    d = cfg.to_dict()
+    d.pop("sw_blur")
+    with pytest.raises(KeyError, match=r"no field\(s\) \['sw_blur'\]"):
+        FlowConfig.from_dict(d, complete=True)
+    with pytest.raises(ValueError, match=r"Unknown configuration fields: \['evil'\]"):
+        FlowConfig.from_dict({"evil": 1})
+    assert cfg.replace(sw_blur=0.5).sw_blur == 0.5
+    with pytest.raises(ValueError, match="has no field 'evil'"):
+        cfg.replace(evil=1)
+    for bad in (dict(lr_schedule="step"), dict(sw_blur=-1.0), dict(batch_ot_emb_weight=-1.0), dict(proxies="x"),
+                dict(sw_memory=-1)):
+        with pytest.raises(ValueError):
+            FlowConfig(**bad)
+
+
+def test_default_flow_length_counts_steps():
+    from spatia.model._transition import default_flow_epochs
+
+    assert default_flow_epochs(3, 500) == 167  # a small slide's few shifted pairs: many epochs
+    assert default_flow_epochs(50, 500) == 10 and default_flow_epochs(313, 500) == 10  # at least 10
+    assert default_flow_epochs(0, 500) == 500
+    assert FlowConfig().max_epochs is None and FlowConfig().min_steps == 500
+    for bad in (dict(max_epochs=0), dict(min_steps=0)):
+        with pytest.raises(ValueError, match="max_epochs|min_steps"):
+            FlowConfig(**bad)
+
+
+def test_batch_repair_keeps_the_targets_and_shortens_paths():
+    from spatia.module._flow import batch_repair
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(12, 1, 8, 8, generator=g)
+    x1 = x0[torch.randperm(12, generator=g)] + 0.01 * torch.rand(12, 1, 8, 8, generator=g)
+    emb = torch.zeros(12, 4)
+    group = torch.tensor([0] * 6 + [1] * 6)
+    perm = batch_repair(x0, x1, emb, group)
+    assert sorted(perm.tolist()) == list(range(12))  # a permutation: the same targets
+    assert (group[perm] == group).all()  # within each transition only
+    d_before = ((x1 - x0) ** 2).flatten(1).sum(1)
+    d_after = ((x1[perm] - x0) ** 2).flatten(1).sum(1)
+    assert d_after.sum() <= d_before.sum() + 1e-6
+    # with a heavy embedding term, a source only takes the target of a source with the same embedding
+    emb = torch.tensor([[0.0], [0.0], [10.0], [10.0]])
+    x0 = torch.stack([torch.full((1, 4, 4), v) for v in (0.0, 0.05, 0.85, 0.9)])
+    x1 = torch.stack([torch.full((1, 4, 4), v) for v in (0.9, 0.8, 0.0, 0.1)])  # pixel cost alone swaps groups
+    perm = batch_repair(x0, x1, emb, torch.zeros(4, dtype=torch.long), emb_weight=100.0)
+    assert set(perm[:2].tolist()) == {0, 1} and set(perm[2:].tolist()) == {2, 3}
+    assert set(batch_repair(x0, x1, emb, torch.zeros(4, dtype=torch.long), emb_weight=0.0)[:2].tolist()) == {2, 3}
