@@ -110,6 +110,12 @@ nitpick_ignore = [
     ("py:class", "spatia.data._dataset.CellArrays"),
     # the flow's forward output (an internal dataclass) appears in a type hint
     ("py:class", "spatia.module._flow.FlowOutput"),
+    # SpatiaModel.fit_transition takes the pairing's per-transition arrays (spatia/data/_pairs.py)
+    ("py:class", "spatia.data._pairs.TransitionPairs"),
+    # private bases: their methods are documented on the public class (templates: :inherited-members:)
+    ("py:class", "spatia.module._config.ConfigBase"),
+    ("py:class", "spatia.model._decoder.DecoderMixin"),
+    ("py:class", "spatia.model._transition.TransitionMixin"),
 ]
 
 # -- HTML ------------------------------------------------------------------------------------------------

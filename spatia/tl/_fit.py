@@ -129,7 +129,7 @@ def fit(
     crops
         A :class:`~spatia.pp.CropStore` (or its path) from :func:`spatia.pp.extract_crops` to reuse. Without
         it, crops are extracted on the fly: in memory for small slides, into a temporary zarr store for
-        large ones (see :func:`spatia.pp.crops_for`). On a large slide that you fit more than once, extract
+        large ones (more than 256 MiB of crops). On a large slide that you fit more than once, extract
         them to a store first.
     n_cells
         Train on this many cells drawn at random (seeded by ``random_state``) instead of all of them; every
