@@ -75,6 +75,65 @@ def _fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     return float(np.exp(minimize_scalar(nll, bounds=(-3, 3), method="bounded").x))
 
 
+def _known_labels(y_raw: pd.Series, labels_key: str, unknown_label: str):
+    """Mask of labelled cells, their labels as strings, and the sorted classes with their counts.
+
+    Raises ``ValueError`` when nothing can be learnt: no labelled cell, a single class, a class with fewer
+    than 2 cells, or a class named like ``unknown_label``.
+    """
+    known = y_raw.notna().to_numpy()
+    if known.sum() == 0:
+        raise ValueError(f"obs[{labels_key!r}] has no labelled cells.")
+    y_known = y_raw[known].astype(str).to_numpy()
+    classes, counts = np.unique(y_known, return_counts=True)
+    if len(classes) < 2:
+        raise ValueError(f"obs[{labels_key!r}] has a single class ({classes[0]!r}): nothing to learn.")
+    if counts.min() < 2:
+        rare = classes[counts < 2].tolist()
+        raise ValueError(f"Classes {rare} have fewer than 2 labelled cells: relabel or drop them.")
+    if unknown_label in classes:
+        raise ValueError(f"{unknown_label!r} is one of your classes: pass another unknown_label.")
+    return known, y_known, classes, counts
+
+
+def _probe(C: float):
+    """The linear probe: an L2-regularised multinomial logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=C, max_iter=2000)
+
+
+def _calibrate(
+    xs: np.ndarray, y: np.ndarray, n_classes: int, *, folds: int, C: float, random_state: int | None
+) -> tuple[float, dict]:
+    """Temperature and cross-validated statistics from out-of-fold logits of the probe.
+
+    Returns the temperature and the out-of-fold accuracy, macro-F1 and calibration error before / after
+    temperature scaling; with fewer than 2 folds, temperature 1 and no statistics (with a warning).
+    """
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.model_selection import StratifiedKFold
+
+    seed = seed_from(random_state)  # drawn even without folds, so that a shared generator advances the same
+    if folds < 2:
+        logger.warning("Too few labelled cells per class for cross-validation: confidences are not calibrated.")
+        return 1.0, {}
+    oof = np.zeros((len(y), n_classes))
+    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(xs, y):
+        clf = _probe(C).fit(xs[tr], y[tr])
+        part = np.full((len(te), n_classes), -1e9)
+        part[:, clf.classes_] = _logits(clf, xs[te])
+        oof[te] = part
+    temp = _fit_temperature(oof, y)
+    p_raw, p_cal = _softmax(oof), _softmax(oof / temp)
+    return temp, {
+        "cv_accuracy": float(accuracy_score(y, p_cal.argmax(1))),
+        "cv_macro_f1": float(f1_score(y, p_cal.argmax(1), average="macro")),
+        "ece_uncalibrated": expected_calibration_error(p_raw, y),
+        "ece": expected_calibration_error(p_cal, y),
+    }
+
+
 def annotate(
     data,
     model=None,
@@ -168,9 +227,6 @@ def annotate(
     >>> sp.tl.annotate(sdata, model, labels_key="cell_type")
     >>> sdata["table"].obs[["spatia_cell_type", "spatia_cell_type_confidence"]].head()
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, f1_score
-    from sklearn.model_selection import StratifiedKFold
     from sklearn.preprocessing import StandardScaler
 
     table = get_table(data, table_key)
@@ -190,19 +246,7 @@ def annotate(
     if labels_key not in src_table.obs:
         where = "the reference" if reference is not None else "the table"
         raise KeyError(f"No obs[{labels_key!r}] in {where}; available columns: {list(src_table.obs.columns)}.")
-    y_raw = src_table.obs[labels_key]
-    known = y_raw.notna().to_numpy()
-    if known.sum() == 0:
-        raise ValueError(f"obs[{labels_key!r}] has no labelled cells.")
-    y_known = y_raw[known].astype(str).to_numpy()
-    classes, counts = np.unique(y_known, return_counts=True)
-    if len(classes) < 2:
-        raise ValueError(f"obs[{labels_key!r}] has a single class ({classes[0]!r}): nothing to learn.")
-    if counts.min() < 2:
-        rare = classes[counts < 2].tolist()
-        raise ValueError(f"Classes {rare} have fewer than 2 labelled cells: relabel or drop them.")
-    if unknown_label in classes:
-        raise ValueError(f"{unknown_label!r} is one of your classes: pass another unknown_label.")
+    known, y_known, classes, counts = _known_labels(src_table.obs[labels_key], labels_key, unknown_label)
     x_all = _features(table, use_rep, model, data, table_key, **embed_kwargs)
     x_src = x_all if reference is None else _features(src_table, use_rep, model, src_data, src_key, **embed_kwargs)
     if x_src.shape[1] != x_all.shape[1]:
@@ -210,32 +254,9 @@ def annotate(
     y = np.searchsorted(classes, y_known)
     scaler = StandardScaler().fit(x_src[known])
     xs = scaler.transform(x_src[known])
-
-    def make():
-        return LogisticRegression(C=C, max_iter=2000)
-
-    # out-of-fold logits → temperature, calibration error, honest accuracy
     folds = int(min(n_folds, counts.min()))
-    seed = seed_from(random_state)
-    oof = np.zeros((len(y), len(classes)))
-    if folds >= 2:
-        for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(xs, y):
-            clf = make().fit(xs[tr], y[tr])
-            part = np.full((len(te), len(classes)), -1e9)
-            part[:, clf.classes_] = _logits(clf, xs[te])
-            oof[te] = part
-        temp = _fit_temperature(oof, y)
-        p_raw, p_cal = _softmax(oof), _softmax(oof / temp)
-        stats = {
-            "cv_accuracy": float(accuracy_score(y, p_cal.argmax(1))),
-            "cv_macro_f1": float(f1_score(y, p_cal.argmax(1), average="macro")),
-            "ece_uncalibrated": expected_calibration_error(p_raw, y),
-            "ece": expected_calibration_error(p_cal, y),
-        }
-    else:
-        temp, stats = 1.0, {}
-        logger.warning("Too few labelled cells per class for cross-validation: confidences are not calibrated.")
-    clf = make().fit(xs, y)
+    temp, stats = _calibrate(xs, y, len(classes), folds=folds, C=C, random_state=random_state)
+    clf = _probe(C).fit(xs, y)
     proba = _softmax(_logits(clf, scaler.transform(x_all)) / temp)
     conf = proba.max(1)
     labels = classes[proba.argmax(1)].astype(object)
