@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import _cli_figures, _cli_steps
 from ._settings import settings
 from ._version import __version__
 
@@ -300,140 +301,39 @@ def _pipeline(sdata, out: Path, *, elements: dict, config, max_epochs, random_st
     import matplotlib
 
     matplotlib.use("Agg")
-    import numpy as np
-
     import spatia as sp
 
-    log = logging.getLogger("spatia")
-    table_key, layer = elements["table_key"], elements["layer"]
-    image_key = elements["image_key"]
+    table_key, image_key = elements["table_key"], elements["image_key"]
     one_image = image_key[0] if isinstance(image_key, list) else image_key  # figures show one image
     # inference (impute, generate) on the training accelerator: "auto" picks CUDA when there is one
     device = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "mps": "mps"}.get(str(trainer["accelerator"]).lower())
-    units = {}
-    if um_per_unit is not None:
-        if not _takes(sp.tl.fit, "um_per_unit"):
-            raise CLIError("--um-per-unit needs a spatia whose sp.tl.fit takes um_per_unit=; this one does not.")
-        units = {"um_per_unit": um_per_unit}
+    if um_per_unit is not None and not _takes(sp.tl.fit, "um_per_unit"):
+        raise CLIError("--um-per-unit needs a spatia whose sp.tl.fit takes um_per_unit=; this one does not.")
     out.mkdir(parents=True, exist_ok=True)
     figs = out / "figures"
     figs.mkdir(exist_ok=True)
     t0 = time.time()
-    model = sp.tl.fit(sdata, **elements, config=config, max_epochs=max_epochs, random_state=random_state,
-                      outside=outside, checkpoint_dir=out / "checkpoints", **trainer, **units)
-    if units and hasattr(sp.pp, "set_um_per_unit"):
-        # record the value on the slide, for the frame the fit used: impute, the decoder and generation find
-        # it there, and the written zarr keeps it
-        fitted = sdata[table_key].uns.get(sp.Keys.UNS, {}).get("fit", {})
-        frame = fitted.get("coordinate_system") or elements["coordinate_system"]
-        sp.pp.set_um_per_unit(sdata, um_per_unit, coordinate_system=frame or "global")
-    log.info("fit: %.0f s, %d epochs", time.time() - t0, model.train_info.get("epochs", 0))
-    sp.tl.cluster(sdata, level="niche", resolution=resolution, table_key=table_key, random_state=random_state)
-    sp.tl.cluster(sdata, level="cell", resolution=resolution, table_key=table_key, random_state=random_state)
-    model.save(out / "model", overwrite=True)
-    prepare_kwargs = {k: elements[k] for k in ("image_key", "labels_key", "shapes_key", "coordinate_system")}
+    model = _cli_steps.fit_and_cluster(sdata, out, elements=elements, config=config, max_epochs=max_epochs,
+                                       random_state=random_state, resolution=resolution, trainer=trainer,
+                                       outside=outside, um_per_unit=um_per_unit)
     written = []
     if cell_type_key is not None:
-        t1 = time.time()
-        sp.tl.annotate(sdata, model, labels_key=cell_type_key, table_key=table_key, random_state=random_state)
-        st = sdata[table_key].uns["spatia"]["annotate"]
-        log.info("annotate: %.0f s; out-of-fold accuracy %.3f, calibration error %.3f", time.time() - t1,
-                 st.get("cv_accuracy", float("nan")), st.get("ece", float("nan")))
-        written.append(sp.pl.embedding(sdata, level="cell", color="spatia_cell_type", table_key=table_key,
-                                       save=figs / "umap_cell_type.png"))
-    t1 = time.time()
-    sp.tl.impute(sdata, model, table_key=table_key, layer=layer, validate=True, random_state=random_state,
-                 device=device, **prepare_kwargs)
-    import pandas as pd
-
-    scores = pd.DataFrame(sdata[table_key].uns["spatia"]["impute"]["validation"]).set_index("gene")
-    scores.to_csv(out / "imputation_scores.csv")
-    log.info("impute: %.0f s; held-out genes median Pearson %.3f", time.time() - t1, scores["pearson"].median())
-    best = scores["pearson"].sort_values(ascending=False).index[:2].tolist()
-    written.append(sp.pl.imputation(sdata, best, table_key=table_key, counts_layer=layer,
-                                    save=figs / "imputation.png"))
+        written.append(_cli_steps.annotate_cells(sdata, model, cell_type_key, table_key=table_key,
+                                                 random_state=random_state, figs=figs))
+    best, fig = _cli_steps.impute_genes(sdata, model, out, elements=elements, random_state=random_state,
+                                        device=device, figs=figs)
+    written.append(fig)
     if decoder_epochs > 0:
-        # generation: the decoder learns each cell's crop from its expression; one generated crop per cell of
-        # a sample, next to real cells of the same group
-        import torch
-
-        from spatia.module import DecoderConfig
-
-        t1 = time.time()
-        # on a CPU, the small UNet in small batches (more optimiser steps per second: what a short training
-        # learns from; benchmarks/results/generate_quality.md); the default decoder on a GPU
-        dconf = DecoderConfig() if torch.cuda.is_available() else DecoderConfig(block_out_channels=(16, 32, 32),
-                                                                                  batch_size=8)
-        sp.tl.fit_decoder(sdata, model, **elements, config=dconf, max_epochs=decoder_epochs,
-                          random_state=random_state, **trainer)
-        table = sdata[table_key]
-        n_gen = min(table.n_obs, 120)
-        cells = table.obs_names[np.sort(np.random.default_rng(random_state).choice(table.n_obs, n_gen, replace=False))]
-        sp.tl.generate(sdata, model, cells=cells, table_key=table_key, layer=layer, random_state=random_state,
-                       device=device)
-        model.save(out / "model", overwrite=True)  # now with the decoder
-        log.info("generation: %.0f s (%d decoder epochs, %d crops)", time.time() - t1, decoder_epochs, n_gen)
-        by = groupby if groupby is not None and groupby in table.obs else "spatia_cluster"
-        written.append(sp.pl.generated(sdata, groupby=by, image_key=one_image, table_key=table_key,
-                                       n_per_group=5, save=figs / "generated.png"))
-    written.append(_at_a_glance(sdata, model, figs / "at_a_glance.png", image_key=one_image, table_key=table_key,
-                                coordinate_system=elements["coordinate_system"], gene=best[0], counts_layer=layer,
-                                color="spatia_cell_type" if cell_type_key is not None else "spatia_cluster",
-                                generated=decoder_epochs > 0, groupby=groupby))
-    written += [
-        sp.pl.niches(sdata, image_key=one_image, table_key=table_key, coordinate_system=elements["coordinate_system"],
-                     save=figs / "niches.png"),
-        sp.pl.embedding(sdata, level="cell", color="spatia_cluster", table_key=table_key,
-                        save=figs / "umap_cell.png"),
-        sp.pl.embedding(sdata, level="niche", color="spatia_niche", table_key=table_key,
-                        save=figs / "umap_niche.png"),
-        sp.pl.history(model, save=figs / "history.png"),
-    ]
-    import matplotlib.pyplot as plt
-
-    for f in written:
-        plt.close(f)
-    zarr_path = out / "spatia.zarr"
-    if zarr_path.exists():
-        import shutil
-
-        shutil.rmtree(zarr_path)
-    from spatia._logging import quiet_dependencies
-
-    with quiet_dependencies():
-        sdata.write(zarr_path)
-    print(f"SpatialData with embeddings, niches, labels and imputed expression: {zarr_path}")
-    print(f"Per-gene imputation scores (held-out genes): {out / 'imputation_scores.csv'}")
-    print(f"Model: {out / 'model'}")
-    print(f"Figures: {', '.join(str(p) for p in sorted(figs.glob('*.png')))}")
-    print(f"Total time: {time.time() - t0:.0f} s")
-
-
-def _at_a_glance(sdata, model, path: Path, *, image_key, table_key, coordinate_system, gene, counts_layer, color,
-                 generated: bool, groupby):
-    """One figure of the run's results: niches over the tissue, the cell embedding, the training curves, the
-    best imputed gene (measured and imputed) and generated cells (or, without a decoder, the niche embedding)."""
-    import matplotlib.pyplot as plt
-
-    import spatia as sp
-
-    fig = plt.figure(figsize=(16, 9.5), layout="constrained")
-    grid = fig.add_gridspec(2, 3)
-    sp.pl.niches(sdata, image_key=image_key, table_key=table_key, coordinate_system=coordinate_system,
-                 ax=fig.add_subplot(grid[0, 0]), title="niches (sp.tl.cluster, level='niche')")
-    sp.pl.embedding(sdata, level="cell", color=color, table_key=table_key, ax=fig.add_subplot(grid[0, 1]))
-    sp.pl.history(model, ax=fig.add_subplot(grid[0, 2]), title="training (sp.tl.fit)")
-    sp.pl.imputation(sdata, gene, table_key=table_key, counts_layer=counts_layer,
-                     ax=[fig.add_subplot(grid[1, 0]), fig.add_subplot(grid[1, 1])])
-    if generated:
-        table = sdata[table_key]
-        by = groupby if groupby is not None and groupby in table.obs else "spatia_cluster"
-        sp.pl.generated(sdata, groupby=by, image_key=image_key, table_key=table_key, n_per_group=4,
-                        ax=fig.add_subplot(grid[1, 2]))
-    else:
-        sp.pl.embedding(sdata, level="niche", color="spatia_niche", table_key=table_key, ax=fig.add_subplot(grid[1, 2]))
-    fig.savefig(path, dpi=110)
-    return fig
+        written.append(_cli_steps.generate_crops(sdata, model, out, elements=elements, decoder_epochs=decoder_epochs,
+                                                 random_state=random_state, trainer=trainer, device=device,
+                                                 image_key=one_image, groupby=groupby, figs=figs))
+    written += _cli_figures.summary_figures(
+        sdata, model, figs, image_key=one_image, table_key=table_key, coordinate_system=elements["coordinate_system"],
+        gene=best[0], counts_layer=elements["layer"],
+        color="spatia_cell_type" if cell_type_key is not None else "spatia_cluster",
+        generated=decoder_epochs > 0, groupby=groupby)
+    _cli_figures.close(written)
+    _cli_steps.write_results(sdata, out, figs, t0)
 
 
 def _demo(args) -> None:
