@@ -14,7 +14,9 @@ import pytest
 from scipy import ndimage as ndi
 from scipy import sparse
 
-from spatia.datasets._real import cosmx_lung_mini, merscope_toy, xenium_toy
+from spatia.datasets._cosmx import cosmx_lung_mini
+from spatia.datasets._merscope import merscope_toy
+from spatia.datasets._xenium import xenium_toy
 
 
 # the layout and registration tests read "global" in µm (units="um"); the px frames are checked against them
