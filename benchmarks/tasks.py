@@ -151,7 +151,7 @@ def run_seed(seed: int, n_cells: int, epochs: int, res: dict) -> None:
 
     import spatia as sp
     from spatia.tl._cluster import spatial_smooth
-    from spatia.tl._impute import _map_to_reference
+    from spatia.tl._reference_mapping import _map_to_reference
 
     sdata, ref = sp.datasets.simulate_with_reference(n_cells, n_genes=60, mean_depth=40.0, random_state=seed)
     table = sdata["table"]

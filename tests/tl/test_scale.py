@@ -120,11 +120,12 @@ def test_spatial_smooth_in_chunks_equals_one_pass(monkeypatch):
 
 
 def test_reference_mapping_in_chunks_equals_one_pass(monkeypatch):
-    from spatia.tl import _impute
+    from spatia.tl import _reference_mapping
 
     rng = np.random.default_rng(0)
     ref_shared, query = rng.normal(size=(200, 12)), rng.normal(size=(90, 12))
     target = rng.gamma(1.0, size=(200, 6)).astype(np.float32)
-    one = _impute._map_to_reference(query, ref_shared, target, 10, 5, 0)
-    monkeypatch.setattr(_impute, "_MAP_CHUNK_BYTES", 10 * 6 * 8 * 8)  # 8 cells per chunk
-    np.testing.assert_allclose(_impute._map_to_reference(query, ref_shared, target, 10, 5, 0), one, rtol=1e-5)
+    one = _reference_mapping._map_to_reference(query, ref_shared, target, 10, 5, 0)
+    monkeypatch.setattr(_reference_mapping, "_MAP_CHUNK_BYTES", 10 * 6 * 8 * 8)  # 8 cells per chunk
+    np.testing.assert_allclose(_reference_mapping._map_to_reference(query, ref_shared, target, 10, 5, 0), one,
+                               rtol=1e-5)
