@@ -323,6 +323,31 @@ def _match_instances(element_ids: pd.Index, table_ids: pd.Series, region: str) -
     return pos
 
 
+def _cell_regions(sdata, regions: list[str], labels_key: str | None, shapes_key: str | None) -> list[str]:
+    """The labels / shapes elements that hold the table's cells: ``labels_key`` or ``shapes_key`` when given
+    (it must be one the table annotates, if it annotates any), else the annotated ``regions`` that are labels
+    or shapes (empty when the table annotates only points, or nothing)."""
+    if labels_key is not None and shapes_key is not None:
+        raise ValueError("Pass either labels_key or shapes_key, not both.")
+    explicit = labels_key or shapes_key
+    if explicit is None:
+        missing = [r for r in regions if r not in sdata.labels and r not in sdata.shapes and r not in sdata.points]
+        if missing:
+            raise KeyError(f"The table annotates {missing}, which are not elements of the SpatialData.")
+        return [r for r in regions if r in sdata.labels or r in sdata.shapes]
+    container = sdata.labels if labels_key is not None else sdata.shapes
+    kind = "labels" if labels_key is not None else "shapes"
+    if explicit not in container:
+        raise KeyError(f"No {kind} element {explicit!r} in the SpatialData; available {kind}: {_available(container)}.")
+    if regions and explicit not in regions:
+        raise ValueError(
+            f"The table annotates {regions}, not {explicit!r}: its rows cannot be matched to {kind} "
+            f"{explicit!r}. Pass {'labels_key' if kind == 'labels' else 'shapes_key'}= one of the annotated "
+            "elements, or link the table to it (`spatialdata.SpatialData.set_table_annotates_spatialelement`)."
+        )
+    return [explicit]
+
+
 def cell_geometry(
     sdata,
     table: AnnData,
@@ -354,26 +379,7 @@ def cell_geometry(
     """
     regions, region_key, instance_key = table_annotation(table)
     n = table.n_obs
-    if labels_key is not None and shapes_key is not None:
-        raise ValueError("Pass either labels_key or shapes_key, not both.")
-    explicit = labels_key or shapes_key
-    if explicit is not None:
-        container = sdata.labels if labels_key is not None else sdata.shapes
-        kind = "labels" if labels_key is not None else "shapes"
-        if explicit not in container:
-            raise KeyError(f"No {kind} element {explicit!r} in the SpatialData; available {kind}: {_available(container)}.")
-        if regions and explicit not in regions:
-            raise ValueError(
-                f"The table annotates {regions}, not {explicit!r}: its rows cannot be matched to {kind} "
-                f"{explicit!r}. Pass {'labels_key' if kind == 'labels' else 'shapes_key'}= one of the annotated "
-                "elements, or link the table to it (`spatialdata.SpatialData.set_table_annotates_spatialelement`)."
-            )
-        use_regions = [explicit]
-    else:
-        use_regions = [r for r in regions if r in sdata.labels or r in sdata.shapes]
-        missing = [r for r in regions if r not in sdata.labels and r not in sdata.shapes and r not in sdata.points]
-        if missing:
-            raise KeyError(f"The table annotates {missing}, which are not elements of the SpatialData.")
+    use_regions = _cell_regions(sdata, regions, labels_key, shapes_key)
     if not use_regions:
         if spatial_key not in table.obsm:
             raise ValueError(
