@@ -1,6 +1,7 @@
 """Data preparation: cell crops, expression, niche and tissue graphs."""
 
-from ._crops import CropStore, extract_crops
+from ._crop_store import CropStore
+from ._crops import extract_crops
 from ._elements import CellGeometry, cell_geometry, get_embedding, get_table
 from ._expression import get_counts
 from ._graphs import niche_graph, tissue_tiles

@@ -357,21 +357,21 @@ def test_zarr_store_many_batches(tmp_path):
 @pytest.mark.parametrize("cache_tiles", [100, 3])
 def test_small_tiles_and_cache_give_the_same_crops(many_cells, monkeypatch, cache_tiles):
     """Crops cut across tile borders, with tiles evicted and re-read (narrow stripes), equal the reference."""
-    from spatia.pp import _crops
+    from spatia.pp import _crop_tiles
 
     kw = {"image_key": "img", "size": 12, "crop_um": 9.0, "labels_key": "cells", "mask_neighbours": True}
     ref = extract_crops(many_cells, **kw).images
-    monkeypatch.setattr(_crops, "_TILE_ROWS", 40)
-    monkeypatch.setattr(_crops, "_TILE_COLS", 60)
-    monkeypatch.setattr(_crops, "_CACHE_BYTES", cache_tiles * 64 * 64)  # chunks (1, 64, 64) uint8
+    monkeypatch.setattr(_crop_tiles, "_TILE_ROWS", 40)
+    monkeypatch.setattr(_crop_tiles, "_TILE_COLS", 60)
+    monkeypatch.setattr(_crop_tiles, "_CACHE_BYTES", cache_tiles * 64 * 64)  # chunks (1, 64, 64) uint8
     reads = []
-    tile = _crops._Tiles.tile
+    tile = _crop_tiles._Tiles.tile
 
     def counting(self, i, j):
         reads.append((self.arr.shape[0], (i, j) in self._cache))
         return tile(self, i, j)
 
-    monkeypatch.setattr(_crops._Tiles, "tile", counting)
+    monkeypatch.setattr(_crop_tiles._Tiles, "tile", counting)
     np.testing.assert_array_equal(extract_crops(many_cells, **kw).images, ref)
     decoded = sum(not hit for _, hit in reads)
     n_tiles = 16  # 250 px in 64-px chunks: 4 × 4 tiles
