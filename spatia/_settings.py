@@ -28,6 +28,13 @@ class SpatiaSettings:
         Default device for models: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ...
     num_workers
         Number of DataLoader worker processes.
+    cache_crops
+        Keep the crops a tool cut from the image (called without ``crops=``) for the next call on the same
+        cells, elements and window, so that ``fit`` → ``embed`` → ``annotate`` → ``impute`` extract them once.
+        The last two extractions are kept: in memory up to 256 MiB each, larger ones in a temporary zarr
+        store. Replacing an element, changing the cells or the window extracts again; pixels edited in place
+        are not seen. Set ``False`` to free what is kept and always extract; to keep crops across sessions,
+        write them once with :func:`spatia.pp.extract_crops` (``store=``) and pass ``crops=``.
     verbosity
         What spatia logs, as in scanpy: ``0`` errors, ``1`` warnings, ``2`` information (default: the
         "Adding `adata.obsm['…']`" lines naming each result written, training summaries), ``3`` hints and
@@ -45,6 +52,7 @@ class SpatiaSettings:
     progress_bar: bool = True
     device: str = "auto"
     num_workers: int = 0
+    cache_crops: bool = True
     _verbosity: int = field(default=2, repr=False)
 
     @property

@@ -77,3 +77,13 @@ def pca_of_expression(table, n_comps: int) -> np.ndarray:
     sc.pp.log1p(a)
     sc.pp.pca(a, n_comps=n_comps, random_state=0)
     return a.obsm["X_pca"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_crop_cache():
+    """Each test starts without crops kept by an earlier one (sp.settings.cache_crops)."""
+    from spatia.pp import _crop_cache
+
+    _crop_cache.clear()
+    yield
+    _crop_cache.clear()

@@ -12,6 +12,7 @@ from anndata import AnnData
 
 from .._constants import Defaults, Keys
 from .._utils import check_obs_names
+from ..pp._crop_cache import cached_crops
 from ..pp._crops import CropStore, crops_for
 from ..pp._elements import _is_sdata, cell_geometry, get_image, get_table
 from ..pp._expression import align_genes, get_counts
@@ -129,7 +130,10 @@ def _prepare(
             kw = dict(crop_kwargs or {})
             kw.update(image_key=image_key, table_key=table_key, labels_key=labels_key, shapes_key=shapes_key,
                       coordinate_system=cs, geometry=geo, um_per_unit=units.um_per_unit)
-            store = crops_for(data, crops, **kw)
+            if crops is None:  # extracted once for the same cells, elements and window (sp.settings.cache_crops)
+                store = cached_crops(data, table, kw, lambda: crops_for(data, None, **kw))
+            else:
+                store = crops_for(data, crops, **kw)
             crop_params, channels = store.params, list(store.channels)
     else:
         if use_image and crops is None:
