@@ -40,6 +40,32 @@ def _features(table, use_rep: str | list[str], model, data, table_key: str | Non
     return x.astype(np.float64)
 
 
+def _morphology_features(data, model, table_key: str | None, embed_kwargs: dict) -> np.ndarray:
+    """Nucleus measurements of each cell's crop (the model's window and channels; crops from the cache)."""
+    from ._impute import _PREPARE_KEYS, _prepare
+    from ._nucleus import nucleus_features
+
+    kw = {k: v for k, v in embed_kwargs.items() if k in _PREPARE_KEYS}
+    prepared = _prepare(data, model, {**kw, "table_key": table_key}, use_expression=False)
+    return nucleus_features(prepared.arrays.crops)
+
+
+def _use_morphology(morphology: bool | None, model, datas) -> bool:
+    """Whether nucleus features join the embedding: asked for, or (``None``) possible for every input."""
+    from ..pp._elements import _is_sdata
+
+    why = None
+    if model is None:
+        why = "no model (its crop window and channels define the crops)"
+    elif not model.config.image.enabled:
+        why = "the model has no image branch"
+    elif not all(_is_sdata(d) and len(d.images) for d in datas):
+        why = "an input is not a SpatialData with an image"
+    if why is not None and morphology:
+        raise ValueError(f"morphology=True needs each cell's crop, but there is {why}: pass morphology=False.")
+    return why is None and morphology is not False
+
+
 def _softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(1, keepdims=True)
     e = np.exp(z)
@@ -141,6 +167,7 @@ def annotate(
     labels_key: str,
     reference=None,
     use_rep: str | list[str] = Keys.CELL_EMB,
+    morphology: bool | None = None,
     table_key: str | None = Defaults.TABLE,
     reference_table_key: str | None = Defaults.TABLE,
     unknown_threshold: float = 0.5,
@@ -157,7 +184,8 @@ def annotate(
     """Transfer cell-type labels from labelled cells (or a labelled reference) to the other cells.
 
     A multinomial logistic regression (a linear probe, as in the SPATIA paper) on the standardised
-    embedding, with temperature scaling fitted on out-of-fold predictions so that the confidences are
+    embedding and, when the model and the slide's image allow it, measured nucleus features of each cell's
+    crop (``morphology``), with temperature scaling fitted on out-of-fold predictions so that the confidences are
     calibrated: among cells predicted with confidence 0.8, about 80 % are right. Cells whose confidence is
     below ``unknown_threshold`` are called ``unknown_label``.
 
@@ -176,6 +204,13 @@ def annotate(
     use_rep
         ``obsm`` key(s) of the features (several are concatenated), e.g.
         ``["X_spatia_cell", "X_spatia_niche"]``.
+    morphology
+        Also read 12 nucleus measurements of each cell's crop (area, perimeter, shape, intensity, axis lengths
+        and GLCM texture of the largest Otsu region, standardised with the embedding), so that types that
+        differ in nuclear size, shape or chromatin texture more than in expression are told apart. ``None``
+        (default): when ``model`` is given, reads images and the inputs are SpatialData; ``False``: the
+        embedding alone. The crops are the model's (window, size, channels), reused from an earlier call when
+        possible; measuring takes about 1–2 ms per cell.
     table_key, reference_table_key
         Tables when ``data`` / ``reference`` are SpatialData.
     unknown_threshold
@@ -249,6 +284,11 @@ def annotate(
     known, y_known, classes, counts = _known_labels(src_table.obs[labels_key], labels_key, unknown_label)
     x_all = _features(table, use_rep, model, data, table_key, **embed_kwargs)
     x_src = x_all if reference is None else _features(src_table, use_rep, model, src_data, src_key, **embed_kwargs)
+    with_morphology = _use_morphology(morphology, model, [data] + ([reference] if reference is not None else []))
+    if with_morphology:
+        x_all = np.hstack([x_all, _morphology_features(data, model, table_key, embed_kwargs)])
+        x_src = x_all if reference is None else np.hstack(
+            [x_src, _morphology_features(reference, model, src_key, embed_kwargs)])
     if x_src.shape[1] != x_all.shape[1]:
         raise ValueError(f"The reference's {use_rep} has {x_src.shape[1]} dimensions, the data's {x_all.shape[1]}.")
     y = np.searchsorted(classes, y_known)
@@ -273,7 +313,7 @@ def annotate(
     stats.update({
         "classes": list(classes), "temperature": temp, "unknown_threshold": float(unknown_threshold),
         "n_unknown": int((lab == unknown_label).sum()), "n_labelled": int(known.sum()),
-        "use_rep": use_rep, "labels_key": labels_key, "key_added": key_added,
+        "use_rep": use_rep, "morphology": with_morphology, "labels_key": labels_key, "key_added": key_added,
         "reference": reference is not None, "keep_known": bool(keep_known and reference is None),
     })
     results = dict(zip(paths, (lab, conf.astype(np.float32), proba_df), strict=True))
