@@ -46,8 +46,26 @@ def _morphology_features(data, model, table_key: str | None, embed_kwargs: dict)
     from ._nucleus import nucleus_features
 
     kw = {k: v for k, v in embed_kwargs.items() if k in _PREPARE_KEYS}
+    cp = model.crop_params or {}
+    elements = {"image_key": "images", "labels_key": "labels", "shapes_key": "shapes"}
+    for key, kind in elements.items():  # the elements the model was fitted on, where this slide has them
+        if kw.get(key) is None and isinstance(cp.get(key), str) and cp[key] in getattr(data, kind):
+            kw[key] = cp[key]
     prepared = _prepare(data, model, {**kw, "table_key": table_key}, use_expression=False)
     return nucleus_features(prepared.arrays.crops)
+
+
+def _with_morphology(x: np.ndarray, data, model, table_key, embed_kwargs, required: bool) -> np.ndarray | None:
+    """``x`` with the nucleus features appended; ``None`` when they cannot be measured and were not
+    required (logged as a warning)."""
+    try:
+        return np.hstack([x, _morphology_features(data, model, table_key, embed_kwargs)])
+    except (KeyError, ValueError) as err:
+        if required:
+            raise
+        logger.warning("annotate reads the embedding alone: the nucleus features could not be measured (%s). "
+                       "Pass image_key= / labels_key= to describe the image, or morphology=False.", err)
+        return None
 
 
 def _use_morphology(morphology: bool | None, model, datas) -> bool:
@@ -286,9 +304,12 @@ def annotate(
     x_src = x_all if reference is None else _features(src_table, use_rep, model, src_data, src_key, **embed_kwargs)
     with_morphology = _use_morphology(morphology, model, [data] + ([reference] if reference is not None else []))
     if with_morphology:
-        x_all = np.hstack([x_all, _morphology_features(data, model, table_key, embed_kwargs)])
-        x_src = x_all if reference is None else np.hstack(
-            [x_src, _morphology_features(reference, model, src_key, embed_kwargs)])
+        m_all = _with_morphology(x_all, data, model, table_key, embed_kwargs, bool(morphology))
+        m_src = m_all if reference is None or m_all is None else _with_morphology(
+            x_src, reference, model, src_key, embed_kwargs, bool(morphology))
+        with_morphology = m_all is not None and m_src is not None
+        if with_morphology:
+            x_all, x_src = m_all, m_src
     if x_src.shape[1] != x_all.shape[1]:
         raise ValueError(f"The reference's {use_rep} has {x_src.shape[1]} dimensions, the data's {x_all.shape[1]}.")
     y = np.searchsorted(classes, y_known)

@@ -146,3 +146,25 @@ def test_morphology_needs_a_model_and_an_image(twins_slide):
     # without a model: the embedding alone, recorded as such
     res = sp.tl.annotate(sd, None, labels_key="known", inplace=False)
     assert res["params"]["morphology"] is False
+
+
+def test_morphology_finds_the_model_image_or_steps_aside(twins_slide, caplog):
+    import copy
+
+    sd, model, _, _ = twins_slide
+    # a second image: the model's own (crop_params["image_key"]) is measured, as without it
+    two = copy.deepcopy(sd)
+    two.images["other"] = two.images["morphology"].copy(deep=True)
+    res = sp.tl.annotate(two, model, labels_key="known", inplace=False)
+    one = sp.tl.annotate(sd, model, labels_key="known", inplace=False)
+    assert res["params"]["morphology"] and one["params"]["morphology"]
+    np.testing.assert_allclose(res["obs/spatia_cell_type_confidence"], one["obs/spatia_cell_type_confidence"])
+    # neither image is the model's: by default the embedding alone (with a warning); asked for, an error
+    for name in ("morphology", "other"):
+        two.images[f"{name}_renamed"] = two.images[name]
+        del two.images[name]
+    with caplog.at_level("WARNING", logger="spatia"):
+        res = sp.tl.annotate(two, model, labels_key="known", inplace=False)
+    assert res["params"]["morphology"] is False and "image_key=" in caplog.text
+    with pytest.raises(KeyError, match="pass image_key="):
+        sp.tl.annotate(two, model, labels_key="known", morphology=True, inplace=False)
