@@ -9,7 +9,9 @@ Half of the cells (stratified, seeded) keep their label; the other half is score
 
 - **spatia, defaults**: ``sp.tl.fit(sdata, image_key="morphology")`` (no labels), then
   ``sp.tl.annotate(sdata, model, labels_key="train_label")`` with its defaults (``unknown`` below 0.5
-  confidence, counted as wrong);
+  confidence, counted as wrong), which reads the cell embedding and the nucleus measurements of each cell's
+  crop (``morphology=None``);
+- **spatia, embedding alone**: the same, ``annotate(morphology=False)`` (the default before nucleus features);
 - **spatia, threshold 0**: the same embedding, ``annotate(unknown_threshold=0)`` (every cell called);
 - **spatia, label-aware**: ``sp.tl.fit(..., cell_type_key="train_label")`` then ``annotate`` with its defaults;
 - **LR expression PCA**: logistic regression on PCA of expression as scanpy users compute it
@@ -155,6 +157,8 @@ def run_seed(seed: int, args) -> dict[str, dict]:
     sp.tl.annotate(sdata, model, labels_key=TRAIN_KEY)
     wall["spatia (defaults)"] = time.perf_counter() - t
     out["spatia (defaults)"] = table.obs["spatia_cell_type"].astype(str).to_numpy()
+    res = sp.tl.annotate(sdata, model, labels_key=TRAIN_KEY, morphology=False, inplace=False)
+    out["spatia, embedding alone"] = np.asarray(res["obs/spatia_cell_type"]).astype(str)
     res = sp.tl.annotate(sdata, model, labels_key=TRAIN_KEY, unknown_threshold=0.0, inplace=False)
     out["spatia, unknown_threshold=0"] = np.asarray(res["obs/spatia_cell_type"]).astype(str)
     if args.label_aware:
