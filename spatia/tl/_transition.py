@@ -187,12 +187,9 @@ def fit_transition(
     if not model.config.image.enabled:
         raise ValueError("The model has no image branch: a morphology flow needs image crops.")
     with keep_torch_threads():  # the crop and pairing steps' OpenMP kernels reset torch's thread count
-        # the image the model was trained on (a slide may also hold mosaics written by earlier transitions)
-        prepared = _prepare_for_model(
-            data, model, image_key=image_key or (model.crop_params or {}).get("image_key"), labels_key=labels_key,
-            shapes_key=shapes_key, table_key=table_key, layer=layer, coordinate_system=coordinate_system,
-            crops=crops, allow_empty=True, um_per_unit=um_per_unit,
-        )
+        prepared = _on_model_image(data, model, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key,
+                                   table_key=table_key, layer=layer, coordinate_system=coordinate_system,
+                                   crops=crops, um_per_unit=um_per_unit)
         table, arrays = prepared.table, prepared.arrays
         # 1. pairing of every transition (validates groups before any training)
         results = [
@@ -233,6 +230,13 @@ def fit_transition(
         return _results.returned("fit_transition", summaries, params, model=model)
     _results.write(data, table, summaries, function="fit_transition", params=params, overwrite=False)
     return model
+
+
+def _on_model_image(data, model, *, image_key, **kw):
+    """The cells prepared for the model on the image it was trained on unless ``image_key`` names another (a
+    slide may also hold mosaics written by earlier transitions)."""
+    return _prepare_for_model(data, model, image_key=image_key or (model.crop_params or {}).get("image_key"),
+                              allow_empty=True, **kw)
 
 
 def _pairing_params(model) -> dict:
@@ -382,12 +386,9 @@ def transition(
     w = fcfg.guidance_scale if guidance_scale is None else float(guidance_scale)
     _check_gate(gate, gate_neighbors)
     with keep_torch_threads():  # the crop and pairing steps' OpenMP kernels reset torch's thread count
-        # the image the model was trained on (a slide may also hold mosaics written by earlier transitions)
-        prepared = _prepare_for_model(
-            data, model, image_key=image_key or (model.crop_params or {}).get("image_key"), labels_key=labels_key,
-            shapes_key=shapes_key, table_key=table_key, layer=layer, coordinate_system=coordinate_system,
-            crops=crops, allow_empty=True, um_per_unit=um_per_unit,
-        )
+        prepared = _on_model_image(data, model, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key,
+                                   table_key=table_key, layer=layer, coordinate_system=coordinate_system,
+                                   crops=crops, um_per_unit=um_per_unit)
         table, arrays = prepared.table, prepared.arrays
         if arrays.crops.size != model.flow.size:
             raise ValueError(f"The crops are {arrays.crops.size} px but the flow was trained on {model.flow.size} px.")
