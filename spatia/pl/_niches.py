@@ -118,7 +118,7 @@ def _draw(sdata, table, table_key, color, cells, ikeys, cs, channel, zoom, group
     for ikey in (k for k in ikeys if k in sd.images):
         values = _channel_values(sd.images[ikey])
         ch = values[_channel_position(channel, [str(v) for v in values], ikey)] if values else None
-        plot = plot.pl.render_images(ikey, channel=ch, cmap="gray")
+        plot = plot.pl.render_images(ikey, channel=ch, cmap="gray", colorbar=False)  # as scanpy and squidpy: no bar
     for el in cells:
         if el not in sd.labels and el not in sd.shapes:
             continue

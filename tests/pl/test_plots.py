@@ -47,6 +47,7 @@ def test_niches(clustered, tmp_path):
     assert isinstance(fig, plt.Figure) and (tmp_path / "n.png").stat().st_size > 1000
     ax = fig.axes[0]
     assert len(ax.images) == 2  # the morphology image, then the cells' segmentation coloured by niche
+    assert len(fig.axes) == 1  # no colour bar for the image's intensities (as scanpy and squidpy draw it)
     cats = [str(c) for c in t.obs["spatia_niche"].cat.categories]
     colors = t.uns["spatia_niche_colors"]  # scanpy's palette convention, written on first use
     assert len(colors) == len(cats)
