@@ -22,7 +22,6 @@ from ..nn._image_ops import (
     morphology_proxies,
     random_dihedral,
     sliced_wasserstein,
-    soft_proxies,
 )
 from ..nn._ode import integrate
 from ._config import ConfigBase, check_fields
@@ -39,21 +38,19 @@ class FlowConfig(ConfigBase):
 
     **Losses.** Flow matching (``fm_weight``), weighted by each pair's OT confidence; a contrastive hinge
     (``contrastive_weight``, ``margin``): the true condition must explain the velocity better than a shuffled
-    one; a sliced-Wasserstein loss (``sw_weight``, ``n_projections`` directions) between morphology proxies of
-    where the flow sends the source crops and of the real targets, within each transition.
+    one; a sliced-Wasserstein loss (``sw_weight``, ``n_projections`` directions; 0 = off) between morphology
+    proxies of where the flow sends the source crops and of the real targets, within each transition. The
+    proxies are 9 of the 10 measured region features, on the same Otsu region as the measurement
+    (``spatia.nn.morphology_proxies``).
 
-    - ``sw_endpoint``: ``"rollout"`` integrates the velocity from the source crop in ``sw_steps`` Euler steps
-      (with gradients): the model's own sample. ``"one_step"`` extrapolates the flow-matching point,
-      x_t + (1 − t)·v, for pairs whose path time is at least ``sw_min_t`` (cheaper; at small t it is the blurry
-      conditional mean the flow-matching loss asks for).
+    - ``sw_steps``: the endpoint the loss compares is the velocity integrated from the source crop in this many
+      Euler steps, with gradients (the model's own sample). More steps follow the sampler more closely; each
+      costs one more UNet pass, forward and backward.
     - ``sw_joint``: compare [source ; endpoint] with [source ; matched target] proxies (the pairs' joint law),
       so the loss cannot be lowered by giving one cell type's targets to another's sources.
     - ``sw_warmup``: fraction of the epochs without the morphology loss, while the velocity field is untrained.
     - ``sw_blur``: Gaussian blur (pixels) of every crop before its proxies are computed, so that the loss does
       not chase the pixel-scale texture the flow cannot render; 0 = none.
-    - ``proxies``: ``"region"`` (9 of the 10 measured region features, on the same Otsu region;
-      ``spatia.nn.morphology_proxies``) or ``"soft"`` (sigmoid-foreground stand-ins,
-      ``spatia.nn.soft_proxies``, looser: their sizes and intensity spread do not follow the measured features).
     - ``sw_memory``: also compare the (detached) endpoints and targets of this many earlier batches, which
       steadies the distance on small batches; 0 = the batch alone.
 
@@ -83,13 +80,10 @@ class FlowConfig(ConfigBase):
     contrastive_weight: float = 0.1
     margin: float = 0.1
     sw_weight: float = 0.1
-    sw_endpoint: str = "rollout"
     sw_steps: int = 2
     sw_warmup: float = 0.5
     sw_joint: bool = True
-    sw_min_t: float = 0.0
     sw_blur: float = 1.0
-    proxies: str = "region"
     sw_memory: int = 0
     n_projections: int = 64
     cond_dropout: float = 0.1
@@ -116,10 +110,6 @@ class FlowConfig(ConfigBase):
                              f"norm_num_groups {self.norm_num_groups}.")
         if not 0 <= self.cond_dropout < 1:
             raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}.")
-        if self.sw_endpoint not in ("rollout", "one_step"):
-            raise ValueError(f"sw_endpoint must be 'rollout' or 'one_step', got {self.sw_endpoint!r}.")
-        if self.proxies not in ("region", "soft"):
-            raise ValueError(f"proxies must be 'region' or 'soft', got {self.proxies!r}.")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}.")
         if self.batch_ot_emb_weight < 0:
@@ -319,16 +309,13 @@ class TransitionFlow(nn.Module):
                 err_shuf = ((v_shuf - target[keep]) ** 2).flatten(1).mean(1)
                 losses["contrastive"] = F.relu(c.margin + err[keep] - err_shuf).mean()
                 total = total + c.contrastive_weight * losses["contrastive"]
-        # 5. sliced Wasserstein between morphology proxies of the flow's endpoints and the real targets
-        x1_hat = xt + (1 - tt) * v
+        x1_hat = xt + (1 - tt) * v  # one-step extrapolation, returned for inspection
+        # 5. sliced Wasserstein between morphology proxies of the flow's rollout and the real targets
         x1_end = None
         sw_points = None
         if c.sw_weight > 0 and sw_scale > 0:
-            if c.sw_endpoint == "rollout":
-                x1_end, use = self._rollout(x0, cond_full, c.sw_steps), torch.ones(b, dtype=torch.bool, device=dev)
-            else:
-                x1_end, use = x1_hat, t >= c.sw_min_t
-            sw, sw_points = self._sw_per_transition(x1_end, x1r, batch["transition"], use, generator,
+            x1_end = self._rollout(x0, cond_full, c.sw_steps)
+            sw, sw_points = self._sw_per_transition(x1_end, x1r, batch["transition"], generator,
                                                     x0r=batch_x0r if c.sw_joint else None, bank=sw_bank)
             if sw is not None:
                 losses["sw"] = sw
@@ -345,7 +332,7 @@ class TransitionFlow(nn.Module):
         return x
 
     def _sw_per_transition(self, x_end: torch.Tensor, x1r: torch.Tensor, transition: torch.Tensor,
-                           use: torch.Tensor, generator, x0r: torch.Tensor | None = None,
+                           generator, x0r: torch.Tensor | None = None,
                            bank: list[tuple[torch.Tensor, ...]] | None = None):
         """Sliced Wasserstein between the proxies of ``x_end`` (in [-1, 1]) and of the real targets ``x1r``,
         within each transition of the batch (a transition's targets are not another's), weighted by size.
@@ -358,13 +345,12 @@ class TransitionFlow(nn.Module):
         detached points ``(fa, fb, transition)`` for the bank (``None`` when no memory is kept).
         """
         blur = self.config.sw_blur
-        proxies = morphology_proxies if self.config.proxies == "region" else soft_proxies
-        fa = proxies(gaussian_blur(((x_end + 1) / 2).clamp(0, 1), blur))
-        fb = proxies(gaussian_blur(x1r, blur))
+        fa = morphology_proxies(gaussian_blur(((x_end + 1) / 2).clamp(0, 1), blur))
+        fb = morphology_proxies(gaussian_blur(x1r, blur))
         if x0r is not None:
-            f0 = proxies(gaussian_blur(x0r, blur)).detach()
+            f0 = morphology_proxies(gaussian_blur(x0r, blur)).detach()
             fa, fb = torch.cat([f0, fa], 1), torch.cat([f0, fb], 1)
-        fa, fb, tr_all = fa[use], fb[use], transition[use]
+        tr_all = transition
         n_new = len(fa)
         memory = self.config.sw_memory > 0 and self.training
         points = None

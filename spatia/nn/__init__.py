@@ -16,7 +16,6 @@ from ._image_ops import (
     otsu_fraction,
     random_dihedral,
     sliced_wasserstein,
-    soft_proxies,
 )
 from ._ode import SOLVERS, integrate
 from ._position import grid_2d, sincos_1d, sincos_2d
@@ -26,5 +25,5 @@ __all__ = [
     "MultiHeadAttention", "Transformer", "TransformerBlock", "CrossAttentionBlock", "BidirectionalFusion",
     "ExpressionEncoder", "sample_expressed", "ViTEncoder", "PixelDecoder", "patchify", "unpatchify",
     "sincos_1d", "sincos_2d", "grid_2d", "integrate", "SOLVERS", "random_dihedral", "gaussian_blur",
-    "otsu_fraction", "largest_component", "morphology_proxies", "soft_proxies", "sliced_wasserstein",
+    "otsu_fraction", "largest_component", "morphology_proxies", "sliced_wasserstein",
 ]

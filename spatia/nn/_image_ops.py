@@ -33,30 +33,6 @@ def principal_moments(m: torch.Tensor, mass: torch.Tensor, coords: torch.Tensor)
     return tr / 2 + disc, torch.clamp(tr / 2 - disc, min=0.0), disc
 
 
-def soft_proxies(img: torch.Tensor, channel: int = 0, sharpness: float = 0.05) -> torch.Tensor:
-    """Sigmoid-foreground morphology proxies (``FlowConfig(proxies="soft")``).
-
-    Looser than :func:`morphology_proxies` (their axis lengths and intensity spread do not follow the measured
-    features). ``img (B, C, S, S)`` in [0, 1] → ``(B, 7)``: soft foreground area (a sigmoid around a
-    per-crop threshold halfway between mean and max), mean / soft-max / std of the intensity inside, whole-crop mean
-    intensity, and the square roots of the two eigenvalues of the foreground's second moments (axis
-    lengths).
-    """
-    x = img[:, channel]
-    b, s, _ = x.shape
-    flat = x.reshape(b, -1)
-    thr = (0.5 * (flat.mean(1) + flat.amax(1))).detach()
-    m = torch.sigmoid((flat - thr[:, None]) / sharpness)
-    mass = m.sum(1) + 1e-4
-    area = m.mean(1)
-    mean_in = (flat * m).sum(1) / mass
-    std_in = torch.sqrt(((flat - mean_in[:, None]) ** 2 * m).sum(1) / mass + 1e-6)
-    soft_max = torch.logsumexp(flat * 20.0, 1) / 20.0
-    l1, l2, _ = principal_moments(m, mass, torch.linspace(-1.0, 1.0, s, device=img.device, dtype=img.dtype))
-    return torch.stack([area, mean_in, soft_max, std_in, flat.mean(1), torch.sqrt(l1 + 1e-6),
-                        torch.sqrt(l2 + 1e-6)], 1)
-
-
 def otsu_fraction(flat: torch.Tensor, nbins: int = 256) -> torch.Tensor:
     """Otsu's threshold of each row of ``flat (B, N)`` as a fraction of the row's range (min → 0, max → 1).
 

@@ -76,11 +76,10 @@ def test_joint_morphology_loss_penalises_swapping_types():
     x1 = torch.cat([_discs(3.0, 0.9), _discs(6.0, 0.9)])  # their targets: each grows and brightens
     swapped = x1[torch.cat([torch.arange(8, 16), torch.arange(0, 8)])]  # small sources get large targets
     tr = torch.zeros(16, dtype=torch.long)
-    use = torch.ones(16, dtype=torch.bool)
 
     def loss(end, joint):
         g = torch.Generator().manual_seed(0)
-        return float(flow._sw_per_transition(end * 2 - 1, x1, tr, use, g, x0r=x0 if joint else None)[0])
+        return float(flow._sw_per_transition(end * 2 - 1, x1, tr, g, x0r=x0 if joint else None)[0])
 
     # the true pairs and the swapped pairs' marginal: no signal beyond float noise (every disc of a group has
     # the same eccentricity and intensities, so their tiny spread magnifies rounding errors)
@@ -107,7 +106,6 @@ def test_morphology_loss_memory_steadies_the_distance():
     varies less from batch to batch, the batch's own endpoints still get gradients, and the memory holds
     no graph."""
     tr = torch.zeros(16, dtype=torch.long)
-    use = torch.ones(16, dtype=torch.bool)
     values = {}
     for memory in (0, 8):
         flow = _flow(sw_memory=memory).train()
@@ -115,7 +113,7 @@ def test_morphology_loss_memory_steadies_the_distance():
         for seed in range(24):
             x0, x1 = _blob_batch(seed)
             end = x0.clone().requires_grad_(True)  # a flow that leaves the cells unchanged: a steady error
-            loss, points = flow._sw_per_transition(end * 2 - 1, x1, tr, use, torch.Generator().manual_seed(seed),
+            loss, points = flow._sw_per_transition(end * 2 - 1, x1, tr, torch.Generator().manual_seed(seed),
                                                    x0r=x0, bank=bank)
             loss.backward()
             assert torch.isfinite(end.grad).all() and end.grad.abs().sum() > 0
@@ -128,7 +126,7 @@ def test_morphology_loss_memory_steadies_the_distance():
     # outside training the memory is neither used nor filled
     flow = _flow(sw_memory=8).eval()
     x0, x1 = _blob_batch(0)
-    _, points = flow._sw_per_transition(x0 * 2 - 1, x1, tr, use, None, x0r=x0, bank=[])
+    _, points = flow._sw_per_transition(x0 * 2 - 1, x1, tr, None, x0r=x0, bank=[])
     assert points is None
 
 
@@ -141,14 +139,10 @@ def test_morphology_loss_on_the_flow_rollout():
     x_euler, _ = integrate(lambda x, t: flow.velocity(x, t, cond), b["x0"] * 2 - 1, steps=3, solver="euler")
     torch.testing.assert_close(out.x1_end, x_euler, atol=1e-5, rtol=1e-5)
     assert "sw" in out.losses
-    # the one-step variant compares x_t + (1 - t) v instead, only where t >= sw_min_t
-    one = _flow(contrastive_weight=0.0, sw_endpoint="one_step", sw_min_t=0.5)
-    b["t"] = torch.tensor([0.1, 0.2, 0.3, 0.9])  # one late pair: too few for a distance
-    assert "sw" not in one(b).losses
     # switched off (the warm-up sets the scale to 0): no morphology term, no rollout
     out = flow(_batch(), sw_scale=0.0)
     assert "sw" not in out.losses and out.x1_end is None
-    for bad in (dict(sw_endpoint="two_step"), dict(sw_steps=0), dict(sw_warmup=1.0)):
+    for bad in (dict(sw_steps=0), dict(sw_warmup=1.0)):
         with pytest.raises(ValueError, match="sw_"):
             FlowConfig(**bad)
 
@@ -167,10 +161,22 @@ def test_flow_config_round_trip_and_checks():
     assert cfg.replace(sw_blur=0.5).sw_blur == 0.5
     with pytest.raises(ValueError, match="has no field 'evil'"):
         cfg.replace(evil=1)
-    for bad in (dict(lr_schedule="step"), dict(sw_blur=-1.0), dict(batch_ot_emb_weight=-1.0), dict(proxies="x"),
+    for bad in (dict(lr_schedule="step"), dict(sw_blur=-1.0), dict(batch_ot_emb_weight=-1.0),
                 dict(sw_memory=-1)):
         with pytest.raises(ValueError):
             FlowConfig(**bad)
+
+
+def test_flow_config_rejects_the_removed_options():
+    """``proxies`` and ``sw_endpoint`` (with ``sw_min_t``) are no longer options: a configuration that names
+    them is refused, not silently trained another way."""
+    for name, value in (("proxies", "soft"), ("sw_endpoint", "one_step"), ("sw_min_t", 0.5)):
+        with pytest.raises(ValueError, match=rf"Unknown configuration fields: \['{name}'\]"):
+            FlowConfig.from_dict({name: value})
+    d = FlowConfig.tiny().to_dict() | {"proxies": "region", "sw_endpoint": "rollout"}
+    with pytest.raises(ValueError, match=r"Unknown configuration fields: \['proxies', 'sw_endpoint'\]"):
+        FlowConfig.from_dict(d, complete=True)
+    assert not {"proxies", "sw_endpoint", "sw_min_t"} & set(FlowConfig().to_dict())
 
 
 def test_default_flow_length_counts_steps():
