@@ -219,7 +219,6 @@ def _merscope_copy(dest: Path, *, tables: bool) -> Path:
 
 
 def test_merscope_folder_through_spatialdata_io(tmp_path, fit_calls, capsys):
-    pytest.importorskip("spatialdata_io")
     # the shipped folder itself: the reader keeps z-plane 0 polygons only, and ours are at z-plane 3
     rc, err = _run(["fit", "--merscope", _DATA / "merscope_toy", "--out", tmp_path / "o1", "-q"], capsys)
     assert rc == 2 and "spatialdata_io.merscope could not read" in err, (
