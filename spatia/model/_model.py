@@ -208,7 +208,10 @@ class SpatiaModel(DecoderMixin, TransitionMixin):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         mine = batches[rank::world]
-        res: dict[str, list] = {k: [] for k in outputs}
+        # one process: each batch goes straight into the (n_cells, ...) result, so the peak is the outputs
+        # themselves; under DDP the shards are gathered, then laid out the same way
+        full: dict[str, np.ndarray] = {}
+        shard: dict[str, list] = {k: [] for k in outputs}
         idx = []
         use_bf16 = device.startswith("cuda")
         for core in progress(mine, desc="inference", unit="batch"):
@@ -221,27 +224,32 @@ class SpatiaModel(DecoderMixin, TransitionMixin):
                     v = torch.softmax(out.label_logits.float(), -1) if out.label_logits is not None else None
                 else:
                     v = getattr(out, k)
-                res[k].append(v.float().cpu().numpy())
+                if v is None:
+                    continue
+                v = v.float().cpu().numpy()
+                if world > 1:
+                    shard[k].append(v)
+                    continue
+                if k not in full:
+                    full[k] = np.zeros((arrays.n,) + v.shape[1:], dtype=np.float32)
+                full[k][core] = v
         idx_arr = np.concatenate(idx) if idx else np.zeros(0, dtype=np.int64)
-        local = {k: (np.concatenate(v) if v else None) for k, v in res.items()}
         if world > 1:
+            local = {k: (np.concatenate(v) if v else None) for k, v in shard.items()}
             gathered: list = [None] * world
             torch.distributed.all_gather_object(gathered, (idx_arr, local))
             idx_arr = np.concatenate([g[0] for g in gathered])
-            local = {k: np.concatenate([g[1][k] for g in gathered if g[1][k] is not None]) for k in outputs}
-        full = {}
-        for k, v in local.items():
-            if v is None:
-                continue
-            arr = np.zeros((arrays.n,) + v.shape[1:], dtype=np.float32)
-            arr[idx_arr] = v
-            full[k] = arr
+            for k in outputs:
+                parts = [g[1][k] for g in gathered if g[1][k] is not None]
+                if parts:
+                    v = np.concatenate(parts)
+                    full[k] = np.zeros((arrays.n,) + v.shape[1:], dtype=np.float32)
+                    full[k][idx_arr] = v
         if len(np.unique(idx_arr)) != arrays.n:
             raise RuntimeError("Inference did not cover every cell exactly once.")
         self.module.cpu()
         return full
 
-    # persistence ---------------------------------------------------------------------------------
     # persistence ---------------------------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> None:
         """Write ``config.json``, ``model.safetensors`` and ``spatia_model.json`` (genes, channels, version).
