@@ -163,7 +163,7 @@ def pipeline(path: str, n: int, workdir: str, preset: str, train_cells: int, epo
     crops = run("extract_crops → zarr", sp.pp.extract_crops, sdata, image_key=IMAGE, size=config.image.size,
                 crop_um=config.image.crop_um, store=store)
     emb_bytes = 3 * n * config.embed_dim * 4
-    model = run(f"fit (train on {min(train_cells, n):,} cells, {epochs} epochs; embed all)", sp.tl.fit, sdata,
+    model = run(f"fit (n_cells={train_cells:,}, {epochs} epochs; embed all)", sp.tl.fit, sdata,
                 image_key=IMAGE, config=config, crops=crops, n_cells=train_cells, max_epochs=epochs,
                 random_state=0, output_bytes=emb_bytes)
     info["epochs_run"] = int(model.train_info["epochs"])
