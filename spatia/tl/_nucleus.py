@@ -38,14 +38,19 @@ def nucleus_features(store, rows: np.ndarray | None = None) -> np.ndarray:
 
     Measured in crop pixels: comparable between cells of crops cut with the same window and size.
     """
+    from .._settings import settings
+    from .._utils import progress
     from ..metrics import morphology_features
 
     rows = np.arange(len(store)) if rows is None else np.asarray(rows)
     out = np.empty((len(rows), 10 + len(TEXTURE_FEATURES)), dtype=np.float64)
-    for start in range(0, len(rows), _CHUNK):
-        part = rows[start:start + _CHUNK]
-        crops = store.get(part)
-        out[start:start + len(part), :10] = morphology_features(crops).to_numpy(np.float64)
-        gray = crops[:, 0].astype(np.float64)
-        out[start:start + len(part), 10:] = [_texture(img) for img in gray]
+    with progress(total=len(rows), desc="nucleus features", unit="cell") as bar:
+        for start in range(0, len(rows), _CHUNK):
+            part = rows[start:start + _CHUNK]
+            crops = store.get(part)
+            with settings.override(progress_bar=False):  # one bar for the whole slide, not one per chunk
+                out[start:start + len(part), :10] = morphology_features(crops).to_numpy(np.float64)
+            gray = crops[:, 0].astype(np.float64)
+            out[start:start + len(part), 10:] = [_texture(img) for img in gray]
+            bar.update(len(part))
     return np.nan_to_num(out, nan=0.0)
