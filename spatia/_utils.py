@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 from typing import Any
@@ -115,6 +116,43 @@ def _tqdm_class(show: bool) -> type:
     else:
         from tqdm.std import tqdm
     return tqdm
+
+
+def release_memory() -> None:
+    """Hand the C heap's free pages back to the operating system (``malloc_trim``; glibc only, else nothing).
+
+    A loop over batches frees large buffers (crops, activations) between long-lived small objects; glibc keeps
+    those freed pages, and the process's resident memory then grows with the number of batches instead of
+    staying at one batch's worth. Calling this every few dozen batches keeps a streaming step's memory flat
+    (it costs about a millisecond).
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim  # noqa: B018 (musl has no malloc_trim)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def trimmed(iterable: Any, every: int = 32) -> Any:
+    """Yield from ``iterable``, calling :func:`release_memory` every ``every`` items and at the end."""
+    for i, item in enumerate(iterable, 1):
+        yield item
+        if i % every == 0:
+            release_memory()
+    release_memory()
 
 
 @contextlib.contextmanager

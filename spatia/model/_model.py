@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._utils import check_count, progress, resolve_device, seed_from
+from .._utils import check_count, progress, resolve_device, seed_from, trimmed
 from ..data import BatchDataset, CellArrays
 from ..module import SpatiaConfig, SpatiaModule
 from ._decoder import DecoderMixin
@@ -214,7 +214,7 @@ class SpatiaModel(DecoderMixin, TransitionMixin):
         shard: dict[str, list] = {k: [] for k in outputs}
         idx = []
         use_bf16 = device.startswith("cuda")
-        for core in progress(mine, desc="inference", unit="batch"):
+        for core in trimmed(progress(mine, desc="inference", unit="batch")):
             batch = {k: v.to(device) for k, v in arrays.collate(core).items()}
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 out = module(batch, train=False)

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from .._utils import release_memory
 from ..module import SpatiaModule
 
 
@@ -67,6 +68,25 @@ class HistoryCallback(pl.Callback):
             self.history[-1].update(row)
         else:
             self.history.append(row)
+
+
+class ReleaseMemoryCallback(pl.Callback):
+    """Hands freed heap pages back to the system every ``every`` batches and after each epoch
+    (:func:`spatia._utils.release_memory`), so that a long training keeps the memory of a few batches."""
+
+    def __init__(self, every: int = 32) -> None:
+        self.every = every
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % self.every == 0:
+            release_memory()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if (batch_idx + 1) % self.every == 0:
+            release_memory()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        release_memory()
 
 
 class RandomStateCallback(pl.Callback):

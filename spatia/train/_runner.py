@@ -75,14 +75,14 @@ def run_trainer(
 
     from .._logging import quiet_dependencies
     from .._utils import keep_torch_threads
-    from ._plan import HistoryCallback
+    from ._plan import HistoryCallback, ReleaseMemoryCallback
     from ._progress import progress_options
 
     if seed is not None:
         pl.seed_everything(seed, workers=True, verbose=False)
     history = HistoryCallback()
     shown = progress_options(name)
-    every = [history, *callbacks]
+    every = [history, ReleaseMemoryCallback(), *callbacks]
     if checkpoint_dir is not None:
         from lightning.pytorch.callbacks import ModelCheckpoint
 
