@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,15 @@ from .. import _results
 from .._constants import Defaults, Keys
 from .._utils import seed_from
 from ..pp._elements import table_annotation
-from ._reference_mapping import _cp10k, _reference_impute, _reference_profiles
+from ._reference_mapping import (
+    _cp10k,
+    _dense_limit_bytes,
+    _lazy_log1p,
+    _reference_impute,
+    _reference_map,
+    _reference_profiles,
+    _write_table_store,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +87,8 @@ def _new_table_like(table, x: np.ndarray, genes: list[str], uns: dict):
 
     regions, region_key, instance_key = table_annotation(table)
     obs = pd.DataFrame(index=table.obs_names.copy())
-    new = AnnData(X=np.asarray(x, dtype=np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(genes, dtype=str)))
+    x = x if hasattr(x, "dask") else np.asarray(x, dtype=np.float32)  # a dask array stays lazy
+    new = AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(genes, dtype=str)))
     new.uns[Keys.UNS] = uns
     if region_key is not None:
         from spatialdata.models import TableModel
@@ -102,6 +112,7 @@ def impute(
     layer: str | None = None,
     n_neighbors: int = 50,
     n_comps: int = 30,
+    store: str | Path | None = None,
     validate: bool = False,
     key_added: str = Keys.IMPUTED,
     batch_size: int | None = None,
@@ -136,6 +147,12 @@ def impute(
         Table and counts layer of ``data``.
     n_neighbors, n_comps
         Reference neighbours per cell and joint-PCA components.
+    store
+        A ``.zarr`` path for the table of reference genes: it is computed and written there block by block
+        (about 64 MB at a time), and the table added to the SpatialData reads it lazily (its ``X`` is a dask
+        array). Use it for whole-transcriptome references, whose cells × genes matrix would not fit in memory
+        (20,000 genes for a million cells are 80 GB as float32); without it, a table larger than half the
+        machine's memory is refused. An existing store is replaced only with ``overwrite=True``.
     validate
         Also run :func:`validate_imputation` (held-out genes) and record its per-gene scores.
     key_added
@@ -203,11 +220,21 @@ def impute(
             raise KeyError(f"Genes not in the reference: {unknown[:10]}{'...' if len(unknown) > 10 else ''}.")
         if not targets:
             raise ValueError("No genes to impute: every reference gene is in the panel (pass genes=).")
+        if store is None and 4.0 * table.n_obs * len(targets) > _dense_limit_bytes():
+            raise MemoryError(
+                f"The imputed table ({table.n_obs:,} cells × {len(targets):,} genes) would take "
+                f"{4 * table.n_obs * len(targets) / 2**30:.1f} GiB in memory, more than half of this machine's: pass "
+                "store='imputed.zarr' to write it to disk block by block, or genes= to impute fewer genes."
+            )
     rho = _infer_rho(model, prepared.arrays, batch_size, device)
     if reference is not None:
-        ref_new = _reference_impute(rho, model.genes, ref_counts, ref_genes, shared, targets, n_neighbors,
-                                    n_comps, seed)
-        np.log1p(ref_new, out=ref_new)
+        mapping = _reference_map(rho, model.genes, ref_counts, ref_genes, shared, targets, n_neighbors, n_comps,
+                                 seed)
+        if store is None:
+            ref_new = mapping.all()
+            np.log1p(ref_new, out=ref_new)
+        else:
+            ref_new = _lazy_log1p(mapping)  # computed while it is written to the store
     lib = np.asarray(prepared.arrays.counts.sum(1)).ravel()
     mu = rho
     mu *= lib[:, None]  # in place: one cells × genes array at a time
@@ -219,6 +246,7 @@ def impute(
                                          n_comps=n_comps, batch_size=batch_size, device=device,
                                          random_state=random_state, **prepare_kwargs)
     params = {"n_neighbors": n_neighbors, "n_comps": n_comps, "reference": reference is not None,
+              "store": None if store is None else str(store),
               "n_reference_genes": 0 if ref_new is None else len(targets), "missing_genes": prepared.missing_genes,
               "random_state": seed}
     if validation is not None:
@@ -229,6 +257,9 @@ def impute(
         params["shared_genes"] = len(shared)
         results[f"tables/{key_added}"] = _new_table_like(
             table, ref_new, targets, {"impute": _results.params_entry("impute", params, paths)})
+        if store is not None:
+            results[f"tables/{key_added}"] = _write_table_store(results[f"tables/{key_added}"], store,
+                                                                overwrite=overwrite)
     if not inplace:
         return _results.returned("impute", results, params)
     _results.write(data, table, results, function="impute", params=params, overwrite=overwrite)

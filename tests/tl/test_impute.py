@@ -68,6 +68,53 @@ def test_impute_from_reference_recovers_unmeasured_genes(with_reference):
         sp.tl.impute(sd, model, reference=ref)
 
 
+def test_impute_from_reference_into_a_store(with_reference, tmp_path, monkeypatch):
+    """store=: the reference table is written block by block and read back lazily, equal to the in-memory one;
+    an existing store is kept without overwrite=True; a table too large for memory is refused before any write."""
+    import dask.array as da
+    import spatialdata as sd_
+
+    from spatia.tl import _reference_mapping
+
+    sd, ref, model = with_reference
+    dense = sp.tl.impute(sd, model, reference=ref, inplace=False)["tables/spatia_imputed"]
+    sd = copy.deepcopy(sd)
+    monkeypatch.setattr(_reference_mapping, "_MAP_CHUNK_BYTES", 2**12)  # many blocks on this small slide
+    blocks = []
+    one_block = _reference_mapping._ReferenceMap.block
+    monkeypatch.setattr(_reference_mapping._ReferenceMap, "block",
+                        lambda self, a, b: blocks.append(b - a) or one_block(self, a, b))
+    store = tmp_path / "imputed.zarr"
+    sp.tl.impute(sd, model, reference=ref, store=store)
+    new = sd.tables["spatia_imputed"]
+    assert isinstance(new.X, da.Array) and new.X.numblocks[0] > 3  # read lazily, block by block
+    assert len(blocks) > 3 and max(blocks) < new.n_obs / 3  # computed block by block, each once
+    assert sum(blocks) == new.n_obs
+    np.testing.assert_allclose(new.X.compute(), dense.X, rtol=1e-5, atol=1e-6)
+    assert new.uns["spatia"]["impute"]["store"] == str(store)
+    assert sd["table"].uns["spatia"]["impute"]["store"] == str(store)
+    # the SpatialData (lazy table included) writes and reads back
+    sd.write(tmp_path / "out.zarr")
+    back = sd_.read_zarr(tmp_path / "out.zarr")
+    np.testing.assert_allclose(np.asarray(back.tables["spatia_imputed"].X), dense.X, rtol=1e-5, atol=1e-6)
+    # an existing store: kept as it was, unless overwrite=True
+    before = sorted(p.name for p in store.rglob("*"))
+    with pytest.raises((FileExistsError, KeyError), match="overwrite=True"):
+        sp.tl.impute(sd, model, reference=ref, store=store)
+    assert sorted(p.name for p in store.rglob("*")) == before
+    other = tmp_path / "other.zarr"
+    other.mkdir()
+    (other / "keep.txt").write_text("not a table")
+    with pytest.raises(FileExistsError, match="not an AnnData"):
+        sp.tl.impute(sd, model, reference=ref, store=other, key_added="again", overwrite=True)
+    assert (other / "keep.txt").exists()
+    # too large for memory without a store: refused, nothing written
+    monkeypatch.setattr("spatia.tl._impute._dense_limit_bytes", lambda: 1000.0)
+    with pytest.raises(MemoryError, match="store="):
+        sp.tl.impute(sd, model, reference=ref, key_added="big")
+    assert "big" not in sd.tables and "big" not in sd["table"].layers
+
+
 def test_predict_expression_from_images_alone(with_reference):
     sd, _, model = with_reference
     sd = copy.deepcopy(sd)
