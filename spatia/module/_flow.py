@@ -46,13 +46,11 @@ class FlowConfig(ConfigBase):
     - ``sw_steps``: the endpoint the loss compares is the velocity integrated from the source crop in this many
       Euler steps, with gradients (the model's own sample). More steps follow the sampler more closely; each
       costs one more UNet pass, forward and backward.
-    - ``sw_joint``: compare [source ; endpoint] with [source ; matched target] proxies (the pairs' joint law),
-      so the loss cannot be lowered by giving one cell type's targets to another's sources.
+    - The points compared are [source ; endpoint] against [source ; matched target] proxies (the pairs' joint
+      law), so the loss cannot be lowered by giving one cell type's targets to another's sources.
     - ``sw_warmup``: fraction of the epochs without the morphology loss, while the velocity field is untrained.
     - ``sw_blur``: Gaussian blur (pixels) of every crop before its proxies are computed, so that the loss does
       not chase the pixel-scale texture the flow cannot render; 0 = none.
-    - ``sw_memory``: also compare the (detached) endpoints and targets of this many earlier batches, which
-      steadies the distance on small batches; 0 = the batch alone.
 
     **Training.** ``cond_dropout``: fraction of conditions replaced by a learned null condition (needed for
     classifier-free guidance). ``augment``: independent random right-angle rotations / flips of source and
@@ -82,9 +80,7 @@ class FlowConfig(ConfigBase):
     sw_weight: float = 0.1
     sw_steps: int = 2
     sw_warmup: float = 0.5
-    sw_joint: bool = True
     sw_blur: float = 1.0
-    sw_memory: int = 0
     n_projections: int = 64
     cond_dropout: float = 0.1
     augment: bool = True
@@ -116,8 +112,6 @@ class FlowConfig(ConfigBase):
             raise ValueError(f"batch_ot_emb_weight must be non-negative, got {self.batch_ot_emb_weight}.")
         if self.sw_blur < 0:
             raise ValueError(f"sw_blur must be non-negative, got {self.sw_blur}.")
-        if self.sw_memory < 0:
-            raise ValueError(f"sw_memory must be non-negative, got {self.sw_memory}.")
         if self.max_epochs is not None and self.max_epochs < 1:
             raise ValueError(f"max_epochs must be at least 1 (or None), got {self.max_epochs}.")
         if self.min_steps < 1:
@@ -139,7 +133,7 @@ _LIMITS = {
     "cond_dim": (1, 8192), "transition_dim": (1, 8192), "delta_dim": (1, 8192), "hidden": (1, 8192),
     "n_projections": (1, 100_000), "lr": (1e-12, 10), "grad_clip": (0, 1e6), "weight_decay": (0, 10),
     "max_epochs": (1, _BIG), "min_steps": (1, _BIG), "batch_size": (2, _BIG), "steps": (1, 100_000),
-    "sw_steps": (1, 1000), "sw_memory": (0, 10_000),
+    "sw_steps": (1, 1000),
 }
 
 
@@ -148,8 +142,7 @@ class FlowOutput:
     """``loss`` (weighted sum), ``losses`` (each term), ``weights`` ``(B,)`` per-pair FM weights,
     ``fm_error`` ``(B,)`` per-pair velocity MSE, ``x1_hat`` ``(B, C, S, S)`` one-step predicted targets,
     ``x1_end`` ``(B, C, S, S)`` the endpoints the morphology loss compared with the real targets (``None``
-    when it was off), ``sw_points`` the batch's detached morphology points for the memory of later batches
-    (``None`` without memory)."""
+    when it was off)."""
 
     loss: torch.Tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -157,7 +150,6 @@ class FlowOutput:
     fm_error: torch.Tensor | None = None
     x1_hat: torch.Tensor | None = None
     x1_end: torch.Tensor | None = None
-    sw_points: tuple[torch.Tensor, ...] | None = None
 
 
 def batch_repair(x0: torch.Tensor, x1: torch.Tensor, emb: torch.Tensor, group: torch.Tensor,
@@ -266,14 +258,13 @@ class TransitionFlow(nn.Module):
         return self.unet(x, t * 1000.0, class_labels=cond).sample
 
     def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None, *,
-                sw_scale: float = 1.0, sw_bank: list[tuple[torch.Tensor, ...]] | None = None) -> FlowOutput:
+                sw_scale: float = 1.0) -> FlowOutput:
         """Training losses of a batch of pairs.
 
         ``batch``: ``x0`` / ``x1`` ``(B, C, S, S)`` source and matched target crops in [0, 1],
         ``cell_emb (B, E)``, ``transition (B,)``, ``confidence (B,)``; optionally ``t (B,)`` (default
-        uniform on [0, 1]). ``sw_scale`` multiplies the morphology loss (0: not computed); ``sw_bank`` holds
-        the morphology points of earlier batches (``FlowOutput.sw_points``), used in training when
-        ``config.sw_memory > 0``. The training plan keeps both.
+        uniform on [0, 1]). ``sw_scale`` multiplies the morphology loss (0: not computed); the training plan
+        computes it (the warm-up schedule).
         """
         c = self.config
         x0, x1r = batch["x0"], batch["x1"]
@@ -312,17 +303,15 @@ class TransitionFlow(nn.Module):
         x1_hat = xt + (1 - tt) * v  # one-step extrapolation, returned for inspection
         # 5. sliced Wasserstein between morphology proxies of the flow's rollout and the real targets
         x1_end = None
-        sw_points = None
         if c.sw_weight > 0 and sw_scale > 0:
             x1_end = self._rollout(x0, cond_full, c.sw_steps)
-            sw, sw_points = self._sw_per_transition(x1_end, x1r, batch["transition"], generator,
-                                                    x0r=batch_x0r if c.sw_joint else None, bank=sw_bank)
+            sw = self._sw_per_transition(x1_end, x1r, batch["transition"], generator, x0r=batch_x0r)
             if sw is not None:
                 losses["sw"] = sw
                 total = total + sw_scale * c.sw_weight * sw
             x1_end = x1_end.detach()
         return FlowOutput(loss=total, losses=losses, weights=w.detach(), fm_error=err.detach(),
-                          x1_hat=x1_hat.detach(), x1_end=x1_end, sw_points=sw_points)
+                          x1_hat=x1_hat.detach(), x1_end=x1_end)
 
     def _rollout(self, x0: torch.Tensor, cond: torch.Tensor, steps: int) -> torch.Tensor:
         """Euler integration of the conditional velocity from ``x0`` (in [-1, 1]) to t = 1, with gradients."""
@@ -332,17 +321,14 @@ class TransitionFlow(nn.Module):
         return x
 
     def _sw_per_transition(self, x_end: torch.Tensor, x1r: torch.Tensor, transition: torch.Tensor,
-                           generator, x0r: torch.Tensor | None = None,
-                           bank: list[tuple[torch.Tensor, ...]] | None = None):
+                           generator, x0r: torch.Tensor | None = None) -> torch.Tensor | None:
         """Sliced Wasserstein between the proxies of ``x_end`` (in [-1, 1]) and of the real targets ``x1r``,
-        within each transition of the batch (a transition's targets are not another's), weighted by size.
+        within each transition of the batch (a transition's targets are not another's), weighted by size;
+        ``None`` when no transition has two points.
 
-        With ``x0r`` (the source crops in [0, 1]) the points are [source proxies ; endpoint proxies] against
-        [source proxies ; matched target proxies]: the joint law of the pairs, not only the targets'
-        marginal, so the loss cannot be lowered by giving one cell type's targets to another's sources.
-        In training with ``config.sw_memory > 0``, the points of earlier batches in ``bank`` (detached) join
-        the batch's own. Returns the distance (``None`` when no transition has two points) and the batch's
-        detached points ``(fa, fb, transition)`` for the bank (``None`` when no memory is kept).
+        With ``x0r`` (the source crops in [0, 1], as in training) the points are [source proxies ; endpoint
+        proxies] against [source proxies ; matched target proxies]: the joint law of the pairs, not only the
+        targets' marginal, so the loss cannot be lowered by giving one cell type's targets to another's sources.
         """
         blur = self.config.sw_blur
         fa = morphology_proxies(gaussian_blur(((x_end + 1) / 2).clamp(0, 1), blur))
@@ -350,31 +336,16 @@ class TransitionFlow(nn.Module):
         if x0r is not None:
             f0 = morphology_proxies(gaussian_blur(x0r, blur)).detach()
             fa, fb = torch.cat([f0, fa], 1), torch.cat([f0, fb], 1)
-        tr_all = transition
-        n_new = len(fa)
-        memory = self.config.sw_memory > 0 and self.training
-        points = None
-        if memory:
-            earlier = [m for m in (bank or []) if m[0].shape[1:] == fa.shape[1:]]
-            fa = torch.cat([fa] + [m[0] for m in earlier])
-            fb = torch.cat([fb] + [m[1] for m in earlier])
-            tr_all = torch.cat([tr_all] + [m[2] for m in earlier])
-        if memory and n_new:
-            points = (fa[:n_new].detach(), fb[:n_new].detach(), tr_all[:n_new])
         parts, sizes = [], []
-        for tr in tr_all[:n_new].unique():
-            sel = tr_all == tr
+        for tr in transition.unique():
+            sel = transition == tr
             if int(sel.sum()) > 1:
-                d = sliced_wasserstein(fa[sel], fb[sel], self.config.n_projections, generator=generator)
-                # only the batch's own points carry gradients: scaled so that they get what a distance over
-                # the batch alone would give them, while the value stays the distance over all points
-                boost = float(sel.sum()) / float(sel[:n_new].sum())
-                parts.append(d.detach() + boost * (d - d.detach()))
-                sizes.append(float(sel[:n_new].sum()))
+                parts.append(sliced_wasserstein(fa[sel], fb[sel], self.config.n_projections, generator=generator))
+                sizes.append(float(sel.sum()))
         if not parts:
-            return None, points
+            return None
         wts = torch.tensor(sizes, device=x_end.device, dtype=x_end.dtype)
-        return (torch.stack(parts) * wts).sum() / wts.sum(), points
+        return (torch.stack(parts) * wts).sum() / wts.sum()
 
     # ---------------------------------------------------------------------------------------------
     @torch.no_grad()

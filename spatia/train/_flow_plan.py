@@ -24,22 +24,13 @@ class FlowTrainingPlan(pl.LightningModule):
         self.flow = flow
         self.lr, self.weight_decay = lr, weight_decay
         self.sw_scale = 1.0  # multiplier of the morphology loss: 0 during the warm-up
-        self.sw_bank: list[tuple[torch.Tensor, ...]] = []  # morphology points of earlier batches, newest first
-
-    def on_train_start(self) -> None:
-        self.sw_bank = []
 
     def on_train_epoch_start(self) -> None:
         warm = self.flow.config.sw_warmup * (self.trainer.max_epochs or 0)
         self.sw_scale = 0.0 if self.current_epoch < warm else 1.0
 
-    def on_train_end(self) -> None:
-        self.sw_bank = []
-
     def training_step(self, batch, batch_idx):
-        out = self.flow(batch, sw_scale=self.sw_scale, sw_bank=self.sw_bank)
-        if out.sw_points is not None:
-            self.sw_bank = [out.sw_points, *self.sw_bank][:self.flow.config.sw_memory]
+        out = self.flow(batch, sw_scale=self.sw_scale)
         bs = int(batch["x0"].shape[0])
         self.log("train_loss", out.loss, on_epoch=True, on_step=False, prog_bar=True, batch_size=bs, sync_dist=True)
         for k, v in out.losses.items():
