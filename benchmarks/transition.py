@@ -21,7 +21,8 @@ the source cell's own type**, so a flow that turns a cell into another type's mo
 - ``uniform marginals``: the full model paired by plain balanced OT
   (``marginals="uniform"``, the default before 2026-11-27);
 - ``random pairs``: the full model trained on random source→target pairs (no OT, equal weights), gated by
-  the shift test of random pairs (``sp.tl.transition`` recomputes the pairing the flow was trained with);
+  the shift test of random pairs (``random_pairs()`` replaces spatia's pairing in ``fit_transition`` and in
+  ``sp.tl.transition``, which recomputes it for its gate);
   ``..., gated by the OT pairing``: the same flow gated by the OT pairing's shift test (a hybrid);
 - ``no morphology loss``: the full model with ``sw_weight=0``;
 - ``previous full`` (not run by default): balanced OT with uniform marginals and the FlowConfig defaults
@@ -51,6 +52,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import sys
@@ -62,6 +64,7 @@ import pandas as pd
 import torch
 
 import spatia as sp
+from spatia._utils import seed_from
 from spatia.metrics import feature_distances, kid, morphology_features
 from spatia.module import FlowConfig
 
@@ -136,18 +139,42 @@ def pairing_recovery(sdata, seed) -> list[dict]:
 
 PREVIOUS = dict(lr_schedule="constant", sw_blur=0.0, batch_ot=False)  # before 2026-11-26 (then with soft proxies)
 VARIANTS = {
-    "full": ("full (composition OT + FM + contrastive + SW)", dict(pairing="ot", config=FlowConfig.tiny())),
-    "unbalanced": ("unbalanced OT (reg_m=0.3)", dict(pairing="ot", reg_m=0.3, marginals="uniform",
-                                                     config=FlowConfig.tiny())),
-    "uniform": ("uniform marginals (plain balanced OT)", dict(pairing="ot", marginals="uniform",
-                                                              config=FlowConfig.tiny())),
-    "random": ("random pairs (no OT)", dict(pairing="random", config=FlowConfig.tiny())),
-    "all_pairs": ("full, trained on all pairs (gate=None)", dict(pairing="ot", gate=None, config=FlowConfig.tiny())),
-    "no_sw": ("no morphology loss (sw_weight=0)",
-              dict(pairing="ot", config=FlowConfig.tiny().replace(sw_weight=0.0))),
+    "full": ("full (composition OT + FM + contrastive + SW)", dict(config=FlowConfig.tiny())),
+    "unbalanced": ("unbalanced OT (reg_m=0.3)", dict(reg_m=0.3, marginals="uniform", config=FlowConfig.tiny())),
+    "uniform": ("uniform marginals (plain balanced OT)", dict(marginals="uniform", config=FlowConfig.tiny())),
+    "random": ("random pairs (no OT)", dict(config=FlowConfig.tiny())),  # see random_pairs()
+    "all_pairs": ("full, trained on all pairs (gate=None)", dict(gate=None, config=FlowConfig.tiny())),
+    "no_sw": ("no morphology loss (sw_weight=0)", dict(config=FlowConfig.tiny().replace(sw_weight=0.0))),
     "previous": ("previous full (balanced OT, constant LR, sharp SW, no batch OT)",
-                 dict(pairing="ot", marginals="uniform", config=FlowConfig.tiny().replace(**PREVIOUS))),
+                 dict(marginals="uniform", config=FlowConfig.tiny().replace(**PREVIOUS))),
 }
+
+
+@contextlib.contextmanager
+def random_pairs(active: bool = True):
+    """The ablation ``random``: within the block, every pairing spatia computes (in ``fit_transition`` and, for
+    its gate and matches, in ``transition``) is replaced by random source → target pairs of equal weight."""
+    from spatia.tl import _transition
+
+    if not active:
+        yield
+        return
+    ot = _transition._pairs_for
+
+    def pairs(*args, **kwargs):
+        res = ot(*args, **kwargs)
+        rng = np.random.default_rng(seed_from(kwargs["random_state"]))
+        n_src, n_tgt = len(res.source_rows), len(res.target_rows)
+        res.match = rng.integers(0, n_tgt, n_src)
+        res.confidence = np.full(n_src, 1.0 / n_tgt)
+        res.info["pairing"] = "random"
+        return res
+
+    _transition._pairs_for = pairs
+    try:
+        yield
+    finally:
+        _transition._pairs_for = ot
 
 
 def run_seed(seed: int, n_cells: int, epochs: int, fit_epochs: int, steps: int, per_type: int,
@@ -185,19 +212,20 @@ def run_seed(seed: int, n_cells: int, epochs: int, fit_epochs: int, steps: int, 
         if epochs is None:  # the default length: FlowConfig(max_epochs=None), at least min_steps steps
             kw = {**kw, "config": kw["config"].replace(max_epochs=None)}
         t0 = time.perf_counter()
-        sp.tl.fit_transition(sdata, m, groupby="condition", source="control", target="disease",
-                             max_epochs=epochs, random_state=seed + 1000 * rep, crops=crops, inplace=False, **kw)
+        with random_pairs(name == VARIANTS["random"][0]):
+            sp.tl.fit_transition(sdata, m, groupby="condition", source="control", target="disease",
+                                 max_epochs=epochs, random_state=seed + 1000 * rep, crops=crops, inplace=False, **kw)
         train = time.perf_counter() - t0
         gate = sp.tl.transition.__kwdefaults__["gate"]
-        runs = [("", gate, None), (", ungated", None, None)]
-        if kw.get("pairing") == "random":  # the gate on the OT pairing's shift test instead of the random pairs'
-            runs.append((", gated by the OT pairing", gate, "ot"))
-        for suffix, gate, method in runs:
-            if method is not None:
-                m.flow_info["pairing"]["method"] = method
+        is_random = name == VARIANTS["random"][0]
+        runs = [("", gate, is_random), (", ungated", None, is_random)]
+        if is_random:  # the gate on the OT pairing's shift test instead of the random pairs'
+            runs.append((", gated by the OT pairing", gate, False))
+        for suffix, gate, random_gate in runs:
             t1 = time.perf_counter()
-            out = sp.tl.transition(sdata, m, groupby="condition", source="control", target="disease", crops=crops,
-                                   cells=src, steps=steps, gate=gate, inplace=False)
+            with random_pairs(random_gate):
+                out = sp.tl.transition(sdata, m, groupby="condition", source="control", target="disease",
+                                       crops=crops, cells=src, steps=steps, gate=gate, inplace=False)
             seconds = train + time.perf_counter() - t1
             row = score(name + suffix, out["images/spatia_transition"], types[src], real_by_type, m, seed, seconds,
                         tr_type)

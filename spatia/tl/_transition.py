@@ -38,7 +38,7 @@ def _transition_list(source, target, transitions) -> list[tuple[str, str]]:
 
 
 def _pairs_for(table, arrays, groupby, source, target, *, layer, n_pcs, epsilon, max_iter, niche_key, min_cells,
-               random_state, pairing, reg_m=None, marginals="composition") -> PairResult:
+               random_state, reg_m=None, marginals="composition") -> PairResult:
     srows = _group_rows(table, groupby, source, role="source", min_cells=min_cells)
     trows = _group_rows(table, groupby, target, role="target", min_cells=min_cells)
     res = compute_pairing(
@@ -47,11 +47,6 @@ def _pairs_for(table, arrays, groupby, source, target, *, layer, n_pcs, epsilon,
         target_crops=arrays.crops, random_state=random_state,
     )
     res.info["groupby"] = groupby
-    if pairing == "random":  # ablation: pairs without OT, every pair equally trusted
-        rng = np.random.default_rng(seed_from(random_state))
-        res.match = rng.integers(0, len(trows), len(srows))
-        res.confidence = np.full(len(srows), 1.0 / len(trows))
-        res.info["pairing"] = "random"
     return res
 
 
@@ -99,7 +94,6 @@ def fit_transition(
     min_cells: int = 10,
     reg_m: float | None = None,
     marginals: str = "composition",
-    pairing: str = "ot",
     gate: float | None = Defaults.SHIFT_ALPHA,
     gate_neighbors: int = Defaults.SHIFT_NEIGHBORS,
     max_epochs: int | None = None,
@@ -137,8 +131,6 @@ def fit_transition(
     n_pcs, epsilon, max_iter, niche_key, min_cells, reg_m, marginals
         Pairing parameters (:func:`~spatia.tl.pair_states`; ``reg_m`` = unbalanced OT, ``None`` = balanced;
         ``marginals="composition"`` keeps each expression cluster's share of the mass on both sides).
-    pairing
-        ``"ot"``, or ``"random"`` (random pairs of equal weight: an ablation).
     gate, gate_neighbors
         Train on the pairs whose source cell passes the morphology-shift test of the pairing
         (``shift_pvalue < gate`` with ``gate_neighbors`` neighbours: see :func:`~spatia.tl.pair_states`), the
@@ -178,8 +170,6 @@ def fit_transition(
     from ..module import FlowConfig
 
     pairs_wanted = _transition_list(source, target, transitions)
-    if pairing not in ("ot", "random"):
-        raise ValueError(f"pairing must be 'ot' or 'random', got {pairing!r}.")
     config = config or FlowConfig()
     _check_gate(gate, gate_neighbors)
     if not isinstance(config, FlowConfig):
@@ -194,7 +184,7 @@ def fit_transition(
         # 1. pairing of every transition (validates groups before any training)
         results = [
             _pairs_for(table, arrays, groupby, s, t, layer=layer, n_pcs=n_pcs, epsilon=epsilon, max_iter=max_iter,
-                       niche_key=niche_key, min_cells=min_cells, random_state=random_state, pairing=pairing,
+                       niche_key=niche_key, min_cells=min_cells, random_state=random_state,
                        reg_m=reg_m, marginals=marginals)
             for s, t in pairs_wanted
         ]
@@ -212,7 +202,7 @@ def fit_transition(
     run = {
         "groupby": groupby,
         "pairing": {"n_pcs": n_pcs, "epsilon": epsilon, "max_iter": max_iter, "niche_key": niche_key,
-                    "min_cells": min_cells, "method": pairing, "random_state": seed_from(random_state),
+                    "min_cells": min_cells, "random_state": seed_from(random_state),
                     "reg_m": None if reg_m is None else float(reg_m), "marginals": marginals},
         "train_gate": {"gate": None if gate is None else float(gate), "gate_neighbors": int(gate_neighbors)},
     }
@@ -242,7 +232,7 @@ def _on_model_image(data, model, *, image_key, **kw):
 def _pairing_params(model) -> dict:
     """The pairing parameters the flow was trained with (``fit_transition`` records them in ``flow_info``)."""
     p = model.flow_info.get("pairing")
-    keys = ("n_pcs", "epsilon", "max_iter", "niche_key", "min_cells", "method", "reg_m", "marginals")
+    keys = ("n_pcs", "epsilon", "max_iter", "niche_key", "min_cells", "reg_m", "marginals")
     missing = [k for k in keys if not isinstance(p, dict) or k not in p]
     if missing:
         raise ValueError(f"The model's flow has no pairing parameters {missing} in flow_info['pairing']: train it "
@@ -311,7 +301,7 @@ def transition(
     the cell; the gate may also leave some cells that do change (``gate=None`` transforms them all). Each
     prediction is linked to its source cell, to the
     source cell's OT-matched real target cell (the pairing recomputed with the parameters the flow was
-    trained with; random pairs for a flow trained with ``pairing="random"``, whose gate then tests those)
+    trained with)
     and to the real target cell nearest to it in morphology features.
 
     Parameters
@@ -395,7 +385,7 @@ def transition(
         p = _pairing_params(model)
         res = _pairs_for(table, arrays, groupby, source, target, layer=layer, n_pcs=p["n_pcs"], epsilon=p["epsilon"],
                          max_iter=p["max_iter"], niche_key=p["niche_key"], min_cells=p["min_cells"],
-                         random_state=random_state, pairing=p["method"], reg_m=p["reg_m"],
+                         random_state=random_state, reg_m=p["reg_m"],
                          marginals=p["marginals"])
         rows = _select_cells(table, res.source_rows, cells)
         pos = pd.Series(np.arange(len(res.source_rows)), index=res.source_rows)[rows].to_numpy()
