@@ -52,7 +52,7 @@ def main() -> None:
     import torch
 
     import spatia as sp
-    from spatia.module import DecoderConfig
+    from spatia.module import DecoderConfig, DecoderTrainConfig
 
     torch.set_num_threads(a.threads)
     sp.settings.verbosity = 1
@@ -81,9 +81,11 @@ def main() -> None:
     real = None
     for train in a.train:
         tk = _kv(train)
+        default = DecoderTrainConfig()
         dc = DecoderConfig(block_out_channels=(16, 32, 32) if tk.get("channels", 16) == 16 else (32, 64, 64),
-                           batch_size=int(tk.get("batch", 8)), lr=float(tk.get("lr", DecoderConfig().lr)),
-                           ema_decay=float(tk.get("ema", DecoderConfig().ema_decay)))
+                           train=DecoderTrainConfig(batch_size=int(tk.get("batch", 8)),
+                                                    lr=float(tk.get("lr", default.lr)),
+                                                    ema_decay=float(tk.get("ema", default.ema_decay))))
         m = sp.SpatiaModel.load(a.encoder_cache)
         t0 = time.time()
         sp.tl.fit_decoder(sdata, m, image_key="morphology", config=dc, max_epochs=int(tk.get("epochs", 3)),

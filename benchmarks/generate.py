@@ -45,7 +45,7 @@ def main() -> None:
     args = p.parse_args()
     import spatia as sp
     from spatia.data._prepare import prepare
-    from spatia.module import DecoderConfig
+    from spatia.module import DecoderConfig, DecoderTrainConfig
 
     torch.set_num_threads(args.threads)  # after the imports (one of them resets it)
 
@@ -66,7 +66,7 @@ def main() -> None:
         "| size | ToMe ratio | epochs | optimiser steps | img/s | speed-up | KID x1e3 | W_std | Δpix vs off |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    dconf = DecoderConfig(batch_size=args.batch_size)
+    dconf = DecoderConfig(train=DecoderTrainConfig(batch_size=args.batch_size))
     if args.channels:
         dconf = dconf.replace(block_out_channels=tuple(args.channels))
     lines[1] += f" UNet channels {'/'.join(map(str, dconf.block_out_channels))}."

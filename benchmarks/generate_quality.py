@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import logging
 import os
 import shlex
@@ -70,14 +71,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: sample_images')")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="DecoderConfig field override (repeatable), e.g. --set batch_size=8")
+                   help="DecoderConfig or DecoderTrainConfig field override (repeatable), e.g. --set batch_size=8")
     p.add_argument("--encoder-epochs", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--encoder-cache", default=None, help="directory: save the fitted encoder there / reuse it")
     args = p.parse_args()
 
     import spatia as sp
-    from spatia.module import DecoderConfig
+    from spatia.module import DecoderConfig, DecoderTrainConfig
 
     torch.set_num_threads(args.threads)  # after the imports
     sp.settings.progress_bar = False
@@ -103,7 +104,10 @@ def main() -> None:
     size_idx = [genes.index(g) for g in size_genes]
     high = float(np.percentile(counts[:, size_idx], 99))
 
-    config = DecoderConfig().replace(**_parse_set(args.set))
+    sets = _parse_set(args.set)  # DecoderConfig fields, or DecoderTrainConfig fields (its train section)
+    training = {f.name for f in dataclasses.fields(DecoderTrainConfig)}
+    config = DecoderConfig().replace(**{k: v for k, v in sets.items() if k not in training},
+                                     train={k: v for k, v in sets.items() if k in training})
     rng = np.random.default_rng(0)
     cells = np.sort(rng.choice(table.n_obs, min(args.n_eval, table.n_obs), replace=False))
     types = types_all[cells]
@@ -120,7 +124,7 @@ def main() -> None:
     for seed in args.seeds:
         row = {"seed": seed}
         models = {}
-        for name, dc in (("cond", config), ("uncond", config.replace(cond_dropout=1.0))):
+        for name, dc in (("cond", config), ("uncond", config.replace(train={"cond_dropout": 1.0}))):
             m = sp.SpatiaModel.load(_save_tmp(model))
             t0 = time.time()
             sp.tl.fit_decoder(sdata, m, image_key="morphology", config=dc, max_epochs=args.epochs, random_state=seed)
@@ -165,7 +169,7 @@ def main() -> None:
         f"(mean depth 25), tiny SPATIA encoder ({args.encoder_epochs} epochs); {len(cells)} evaluation cells, "
         f"{len(np.unique(types))} types; {args.steps} DDIM steps, guidance "
         f"{kw.get('guidance_scale', 'default')}; {len(size_genes)} size-programme genes, high = {high:g} counts.  ",
-        f"Decoder: `{config}` (epochs: {args.epochs or config.max_epochs}).  ",
+        f"Decoder: `{config}` (epochs: {args.epochs or config.train.max_epochs}).  ",
         f"Real crops: mean nuclear area {np.nanmean(real_area):.1f} px.",
         "",
         "| " + " | ".join(cols) + " |",

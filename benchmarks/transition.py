@@ -137,14 +137,14 @@ def pairing_recovery(sdata, seed) -> list[dict]:
     return out
 
 
-PREVIOUS = dict(lr_schedule="constant", sw_blur=0.0, batch_ot=False)  # before 2026-11-26 (then with soft proxies)
+PREVIOUS = dict(train={"lr_schedule": "constant", "batch_ot": False}, loss={"sw_blur": 0.0})  # before 2026-11-26 (then with soft proxies)
 VARIANTS = {
     "full": ("full (composition OT + FM + contrastive + SW)", dict(config=FlowConfig.tiny())),
     "unbalanced": ("unbalanced OT (reg_m=0.3)", dict(reg_m=0.3, marginals="uniform", config=FlowConfig.tiny())),
     "uniform": ("uniform marginals (plain balanced OT)", dict(marginals="uniform", config=FlowConfig.tiny())),
     "random": ("random pairs (no OT)", dict(config=FlowConfig.tiny())),  # see random_pairs()
     "all_pairs": ("full, trained on all pairs (gate=None)", dict(gate=None, config=FlowConfig.tiny())),
-    "no_sw": ("no morphology loss (sw_weight=0)", dict(config=FlowConfig.tiny().replace(sw_weight=0.0))),
+    "no_sw": ("no morphology loss (sw_weight=0)", dict(config=FlowConfig.tiny().replace(loss={"sw_weight": 0.0}))),
     "previous": ("previous full (balanced OT, constant LR, sharp SW, no batch OT)",
                  dict(marginals="uniform", config=FlowConfig.tiny().replace(**PREVIOUS))),
 }
@@ -209,8 +209,8 @@ def run_seed(seed: int, n_cells: int, epochs: int, fit_epochs: int, steps: int, 
     for rep, (name, kw) in ((r, VARIANTS[v]) for r in range(replicates) for v in variants):
         m = copy.deepcopy(model)
         torch.set_num_threads(1)
-        if epochs is None:  # the default length: FlowConfig(max_epochs=None), at least min_steps steps
-            kw = {**kw, "config": kw["config"].replace(max_epochs=None)}
+        if epochs is None:  # the default length: FlowTrainConfig(max_epochs=None), at least min_steps steps
+            kw = {**kw, "config": kw["config"].replace(train={"max_epochs": None})}
         t0 = time.perf_counter()
         with random_pairs(name == VARIANTS["random"][0]):
             sp.tl.fit_transition(sdata, m, groupby="condition", source="control", target="disease",

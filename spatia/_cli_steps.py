@@ -79,14 +79,14 @@ def generate_crops(sdata, model, out: Path, *, elements: dict, decoder_epochs: i
     import torch
 
     import spatia as sp
-    from spatia.module import DecoderConfig
+    from spatia.module import DecoderConfig, DecoderTrainConfig
 
     table_key, layer = elements["table_key"], elements["layer"]
     t1 = time.time()
     # on a CPU, the small UNet in small batches at a higher learning rate: a short training learns from its
     # optimiser steps (benchmarks/results/generate_quality.md, demo_generation.md); the default decoder on a GPU
-    dconf = DecoderConfig() if torch.cuda.is_available() else DecoderConfig(block_out_channels=(16, 32, 32),
-                                                                              batch_size=8, lr=4e-3)
+    dconf = DecoderConfig() if torch.cuda.is_available() else DecoderConfig(
+        block_out_channels=(16, 32, 32), train=DecoderTrainConfig(batch_size=8, lr=4e-3))
     sp.tl.fit_decoder(sdata, model, **elements, config=dconf, max_epochs=decoder_epochs,
                       random_state=random_state, **trainer)
     table = sdata[table_key]

@@ -51,8 +51,8 @@ class DecoderMixin:
         if dc.size is not None and dc.size != size:
             raise ValueError(f"config.size is {dc.size} but the crops are {size} px.")
         dc = dc.replace(size=size)
-        max_epochs = _utils.check_count("max_epochs", dc.max_epochs if max_epochs is None else max_epochs, 1)
-        batch_size = _utils.check_count("batch_size", dc.batch_size if batch_size is None else batch_size, 1)
+        max_epochs = _utils.check_count("max_epochs", dc.train.max_epochs if max_epochs is None else max_epochs, 1)
+        batch_size = _utils.check_count("batch_size", dc.train.batch_size if batch_size is None else batch_size, 1)
         seed = _utils.seed_from(random_state)
         rng = np.random.default_rng(seed)
         with torch.random.fork_rng(devices=[]):
@@ -62,7 +62,7 @@ class DecoderMixin:
         batches = [order[i:i + batch_size] for i in range(0, arrays.n, batch_size)]
         from .._settings import settings
 
-        plan = DecoderTrainingPlan(decoder, self.module, lr=lr or dc.lr, weight_decay=dc.weight_decay)
+        plan = DecoderTrainingPlan(decoder, self.module, lr=lr or dc.train.lr, weight_decay=dc.train.weight_decay)
         loader = torch.utils.data.DataLoader(
             DecoderBatches(arrays.counts, arrays.crops, batches), batch_size=None, shuffle=True,
             num_workers=settings.num_workers, generator=torch.Generator().manual_seed(seed),

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 
 def default_flow_epochs(n_batches: int, min_steps: int) -> int:
-    """Epochs of a flow trained with ``FlowConfig(max_epochs=None)``: enough for ``min_steps`` optimiser steps
+    """Epochs of a flow trained with ``FlowTrainConfig(max_epochs=None)``: enough for ``min_steps`` optimiser steps
     at ``n_batches`` batches per epoch, and at least 10."""
     return max(10, math.ceil(min_steps / max(1, n_batches)))
 
@@ -55,7 +55,7 @@ class TransitionMixin:
         config
             :class:`~spatia.module.FlowConfig` (default ``FlowConfig()``).
         max_epochs, batch_size
-            Override ``config``; by default enough epochs for ``config.min_steps`` optimiser steps, at least 10.
+            Override ``config.train``; by default enough epochs for ``config.train.min_steps`` optimiser steps, at least 10.
         accelerator, devices, precision, **trainer_kwargs
             Passed to :class:`lightning.pytorch.Trainer`.
         random_state
@@ -193,21 +193,21 @@ def _train_flow(flow, arrays: CellArrays, emb: np.ndarray, transitions: Sequence
         transition=np.concatenate([np.full(len(t.source_rows), i) for i, t in enumerate(transitions)]),
         confidence=np.concatenate([t.confidence for t in transitions]),
     )
-    batch_size = config.batch_size if batch_size is None else int(batch_size)
+    batch_size = config.train.batch_size if batch_size is None else int(batch_size)
     if batch_size < 2:
         raise ValueError(f"batch_size must be at least 2, got {batch_size}.")
     dataset = PairDataset(pairs, batch_size, seed)
-    max_epochs = config.max_epochs if max_epochs is None else int(max_epochs)
+    max_epochs = config.train.max_epochs if max_epochs is None else int(max_epochs)
     if max_epochs is None:
-        max_epochs = default_flow_epochs(len(dataset), config.min_steps)
+        max_epochs = default_flow_epochs(len(dataset), config.train.min_steps)
     elif max_epochs < 1:
         raise ValueError(f"max_epochs must be at least 1, got {max_epochs}.")
     # new batches every epoch, drawn from (seed, epoch)
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=dataset.sampler,
                                          num_workers=settings.num_workers)
-    plan = FlowTrainingPlan(flow, lr=config.lr, weight_decay=config.weight_decay)
+    plan = FlowTrainingPlan(flow, lr=config.train.lr, weight_decay=config.train.weight_decay)
     return run_trainer(
         plan, loader, name="transition training", max_epochs=max_epochs, accelerator=accelerator, devices=devices,
-        precision=precision, seed=seed, trainer_kwargs=trainer_kwargs, gradient_clip_val=config.grad_clip or None,
+        precision=precision, seed=seed, trainer_kwargs=trainer_kwargs, gradient_clip_val=config.train.grad_clip or None,
         num_sanity_val_steps=0,
     )

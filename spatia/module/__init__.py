@@ -10,12 +10,13 @@ from ._config import (
     TissueConfig,
     TrainConfig,
 )
-from ._diffusion import DecoderConfig, DiffusionDecoder
-from ._flow import FlowConfig, FlowOutput, TransitionFlow
+from ._diffusion import DecoderConfig, DecoderTrainConfig, DiffusionDecoder
+from ._flow import FlowConfig, FlowLossConfig, FlowOutput, FlowSampleConfig, FlowTrainConfig, TransitionFlow
 from ._spatia import SpatiaModule, SpatiaOutput
 
 __all__ = [
     "SpatiaConfig", "ImageConfig", "ExpressionConfig", "FusionConfig", "NicheConfig", "TissueConfig",
-    "LossConfig", "TrainConfig", "SpatiaModule", "SpatiaOutput", "DecoderConfig", "DiffusionDecoder",
-    "FlowConfig", "FlowOutput", "TransitionFlow",
+    "LossConfig", "TrainConfig", "SpatiaModule", "SpatiaOutput", "DecoderConfig", "DecoderTrainConfig",
+    "DiffusionDecoder",
+    "FlowConfig", "FlowLossConfig", "FlowTrainConfig", "FlowSampleConfig", "FlowOutput", "TransitionFlow",
 ]

@@ -38,7 +38,7 @@ def check_fields(obj: Any, limits: dict[str, tuple[float | None, float | None]] 
 
     Types: ``bool``, ``int`` (not bool, not float), ``float`` (an int is accepted; finite), ``str``,
     ``Literal[...]`` (one of the values), ``X | None``, ``tuple[X, ...]`` (a list becomes a tuple) and
-    nested dataclasses. Raises a :class:`TypeError` / :class:`ValueError` naming ``Class.field``.
+    nested dataclasses (a dict of a section's fields becomes the section). Raises a :class:`TypeError` / :class:`ValueError` naming ``Class.field``.
     """
     cls = type(obj)
     hints = _hints(cls)
@@ -106,6 +106,11 @@ def _check_type(name: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, str):
             raise TypeError(f"{name} must be a string, got {type(value).__name__} {value!r}.")
     elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):  # a section given as a dict of its fields
+            unknown = sorted(set(value) - {f.name for f in fields(tp)})
+            if unknown:
+                raise ValueError(f"{name} ({tp.__name__}) has no field(s) {unknown}.")
+            return tp(**value)
         if not isinstance(value, tp):
             raise TypeError(f"{name} must be {tp.__name__} (a section: a dict of its fields), got {value!r}.")
     return value

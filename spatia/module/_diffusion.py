@@ -12,7 +12,7 @@ sampling.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -20,6 +20,40 @@ from torch import nn
 
 from ..nn._tome import token_merging as _token_merging
 from ._config import ConfigBase, check_fields
+
+
+@dataclass(frozen=True)
+class DecoderTrainConfig:
+    """How the diffusion decoder trains (section ``train`` of :class:`~spatia.module.DecoderConfig`).
+
+    Attributes
+    ----------
+    cond_dropout
+        Fraction of training cells whose condition is replaced by the null condition (classifier-free
+        guidance; 1.0 trains an unconditional model).
+    lr, weight_decay, max_epochs, batch_size
+        The optimiser and the length of the run (``fit_decoder``'s arguments override them).
+    warmup_steps
+        Linear learning-rate warmup over this many optimiser steps (0 = none).
+    ema_decay
+        Decay of the exponential moving average of the weights kept during training (0 = off); the averaged
+        weights are the ones sampled from and saved. The decay is ramped up as ``(1 + n) / (10 + n)`` after
+        ``n`` steps, so short trainings average over their last steps only.
+    """
+
+    cond_dropout: float = 0.1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_epochs: int = 40
+    batch_size: int = 32
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"cond_dropout": (0, 1), "lr": (1e-12, 10), "weight_decay": (0, 10),
+                            "max_epochs": (1, _BIG), "batch_size": (1, _BIG), "warmup_steps": (0, _BIG)})
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"DecoderTrainConfig.ema_decay must be in [0, 1), got {self.ema_decay}.")
 
 
 @dataclass(frozen=True)
@@ -44,9 +78,6 @@ class DecoderConfig(ConfigBase):
         Width of the condition tokens the UNet attends to.
     norm_num_groups
         Group-norm groups (must divide every entry of ``block_out_channels``).
-    cond_dropout
-        Fraction of training cells whose condition is replaced by the null condition (classifier-free
-        guidance; 1.0 trains an unconditional model).
     num_train_timesteps, beta_schedule, prediction_type
         The DDPM noise schedule (diffusers ``DDPMScheduler``) and the training target. Keep
         ``"v_prediction"`` (default) for short trainings and few-step sampling: with the cosine schedule its
@@ -57,14 +88,12 @@ class DecoderConfig(ConfigBase):
         (class) embedding, besides the projected CLS token. The frozen encoder's tokens before fusion are
         a weak summary of a cell's expression; this direct path lets a briefly trained decoder follow its
         condition. Turn it off to condition on the encoder's tokens alone.
-    lr, weight_decay, max_epochs, batch_size
-        Training.
-    warmup_steps
-        Linear learning-rate warmup over this many optimiser steps (0 = none).
-    ema_decay
-        Decay of the exponential moving average of the weights kept during training (0 = off); the averaged
-        weights are the ones sampled from and saved. The decay is ramped up as ``(1 + n) / (10 + n)`` after
-        ``n`` steps, so short trainings average over their last steps only.
+    train
+        How it trains: :class:`~spatia.module.DecoderTrainConfig`.
+
+    Examples
+    --------
+    >>> cfg = DecoderConfig(block_out_channels=(16, 32, 32)).replace(train={"batch_size": 8, "lr": 2e-3})
     """
 
     size: int | None = None
@@ -74,17 +103,11 @@ class DecoderConfig(ConfigBase):
     attention_heads: int = 4
     cross_attention_dim: int = 64
     norm_num_groups: int = 8
-    cond_dropout: float = 0.1
     num_train_timesteps: int = 1000
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     expression_embedding: bool = True
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    max_epochs: int = 40
-    batch_size: int = 32
-    warmup_steps: int = 100
-    ema_decay: float = 0.999
+    train: DecoderTrainConfig = field(default_factory=DecoderTrainConfig)
 
     def __post_init__(self) -> None:
         check_fields(self, _LIMITS)
@@ -94,22 +117,14 @@ class DecoderConfig(ConfigBase):
             raise ValueError("attention_levels needs one entry per entry of block_out_channels.")
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError(f"norm_num_groups {self.norm_num_groups} must divide every block_out_channels entry.")
-        if not 0.0 <= self.cond_dropout <= 1.0:
-            raise ValueError(f"cond_dropout must be in [0, 1], got {self.cond_dropout}.")
         if self.size is not None and self.size % 2 ** (len(self.block_out_channels) - 1):
             raise ValueError(f"size {self.size} must be divisible by 2^(levels - 1).")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}.")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
 
 
 _BIG = 1_000_000
 _LIMITS = {
     "size": (4, 1024), "block_out_channels": (1, 4096), "layers_per_block": (1, 16), "attention_heads": (1, 64),
     "cross_attention_dim": (1, 8192), "norm_num_groups": (1, 1024), "num_train_timesteps": (1, _BIG),
-    "lr": (1e-12, 10), "weight_decay": (0, 10), "max_epochs": (1, _BIG), "batch_size": (1, _BIG),
-    "warmup_steps": (0, _BIG),
 }
 
 
@@ -214,7 +229,7 @@ class DiffusionDecoder(nn.Module):
         Steps: 1. condition dropout; 2. random timestep and noise; 3. MSE to the noise (or velocity).
         """
         b = x0.shape[0]
-        drop = torch.rand(b, device=x0.device) < self.config.cond_dropout
+        drop = torch.rand(b, device=x0.device) < self.config.train.cond_dropout
         enc, mask, cls = self.condition(tokens, pad, drop, counts)
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.config.num_train_timesteps, (b,), device=x0.device)

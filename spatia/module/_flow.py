@@ -11,7 +11,7 @@ Euler rollout of the flow from the source crop, after a warm-up: see :class:`Flo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,43 +28,103 @@ from ._config import ConfigBase, check_fields
 
 
 @dataclass(frozen=True)
-class FlowConfig(ConfigBase):
-    """Flow model configuration (saved next to the weights as ``flow.json``).
+class FlowLossConfig:
+    """The flow's training losses (section ``loss`` of :class:`~spatia.module.FlowConfig`).
 
-    **Architecture.** ``block_out_channels``, ``layers_per_block`` and ``norm_num_groups`` shape the diffusers
-    ``UNet2DModel``. The condition (width ``cond_dim``, added to the UNet's time embedding) is built by an MLP
-    of width ``hidden`` from the cell's SPATIA embedding, a learned transition embedding (``transition_dim``)
-    and projections of Δg and Δm (``delta_dim``). Wider blocks render finer crops and train slower.
-
-    **Losses.** Flow matching (``fm_weight``), weighted by each pair's OT confidence; a contrastive hinge
+    Flow matching (``fm_weight``), weighted by each pair's OT confidence; a contrastive hinge
     (``contrastive_weight``, ``margin``): the true condition must explain the velocity better than a shuffled
     one; a sliced-Wasserstein loss (``sw_weight``, ``n_projections`` directions; 0 = off) between morphology
     proxies of where the flow sends the source crops and of the real targets, within each transition. The
     proxies are 9 of the 10 measured region features, on the same Otsu region as the measurement
-    (``spatia.nn.morphology_proxies``).
+    (``spatia.nn.morphology_proxies``); the points compared are [source ; endpoint] against [source ; matched
+    target] proxies (the pairs' joint law), so the loss cannot be lowered by giving one cell type's targets to
+    another's sources.
 
     - ``sw_steps``: the endpoint the loss compares is the velocity integrated from the source crop in this many
       Euler steps, with gradients (the model's own sample). More steps follow the sampler more closely; each
       costs one more UNet pass, forward and backward.
-    - The points compared are [source ; endpoint] against [source ; matched target] proxies (the pairs' joint
-      law), so the loss cannot be lowered by giving one cell type's targets to another's sources.
     - ``sw_warmup``: fraction of the epochs without the morphology loss, while the velocity field is untrained.
     - ``sw_blur``: Gaussian blur (pixels) of every crop before its proxies are computed, so that the loss does
       not chase the pixel-scale texture the flow cannot render; 0 = none.
+    """
 
-    **Training.** ``cond_dropout``: fraction of conditions replaced by a learned null condition (needed for
-    classifier-free guidance). ``augment``: independent random right-angle rotations / flips of source and
-    target crops (the pairing is between cells, not orientations; it multiplies the few pairs a slide has).
-    ``batch_ot``: re-pair each batch's targets among its sources by an exact assignment on pixel distance plus
+    fm_weight: float = 1.0
+    contrastive_weight: float = 0.1
+    margin: float = 0.1
+    sw_weight: float = 0.1
+    sw_steps: int = 2
+    sw_warmup: float = 0.5
+    sw_blur: float = 1.0
+    n_projections: int = 64
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"fm_weight": (0, 1e6), "contrastive_weight": (0, 1e6), "sw_weight": (0, 1e6),
+                            "sw_steps": (1, 1000), "sw_blur": (0, 1e3), "n_projections": (1, 100_000)})
+        if not 0 <= self.sw_warmup < 1:
+            raise ValueError(f"FlowLossConfig.sw_warmup must be in [0, 1), got {self.sw_warmup}.")
+
+
+@dataclass(frozen=True)
+class FlowTrainConfig:
+    """How the flow trains (section ``train`` of :class:`~spatia.module.FlowConfig`).
+
+    ``cond_dropout``: fraction of conditions replaced by a learned null condition (needed for classifier-free
+    guidance). ``augment``: independent random right-angle rotations / flips of source and target crops (the
+    pairing is between cells, not orientations; it multiplies the few pairs a slide has). ``batch_ot``:
+    re-pair each batch's targets among its sources by an exact assignment on pixel distance plus
     ``batch_ot_emb_weight`` × source-embedding distance (minibatch OT: the same targets, shorter paths).
     ``lr``, ``lr_schedule`` (``"cosine"``: decay to 0 over the run, or ``"constant"``), ``grad_clip``,
     ``weight_decay``, ``batch_size``. ``max_epochs``: passes over the training pairs; ``None`` (default):
     enough epochs for ``min_steps`` optimiser steps, and at least 10. The pairs a flow trains on (those passing
     ``fit_transition``'s ``gate``) are often a few hundred, so a fixed number of epochs can be too few steps:
     raise ``min_steps`` when the flow under-fits, or fix ``max_epochs``.
+    """
 
-    **Sampling.** ``steps``, ``solver`` (``"euler"``, ``"midpoint"``, ``"rk45"``) and ``guidance_scale`` are the
-    defaults of :func:`spatia.tl.transition`.
+    cond_dropout: float = 0.1
+    augment: bool = True
+    batch_ot: bool = True
+    batch_ot_emb_weight: float = 1.0
+    lr: float = 1e-3
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    grad_clip: float = 1.0
+    weight_decay: float = 1e-4
+    max_epochs: int | None = None
+    min_steps: int = 500
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"cond_dropout": (0, 0.999), "batch_ot_emb_weight": (0, 1e6), "lr": (1e-12, 10),
+                            "grad_clip": (0, 1e6), "weight_decay": (0, 10), "max_epochs": (1, _BIG),
+                            "min_steps": (1, _BIG), "batch_size": (2, _BIG)})
+
+
+@dataclass(frozen=True)
+class FlowSampleConfig:
+    """The defaults of :func:`spatia.tl.transition` (section ``sample`` of :class:`~spatia.module.FlowConfig`):
+    ``steps``, ``solver`` (``"euler"``, ``"midpoint"``, ``"rk45"``) and ``guidance_scale``."""
+
+    steps: int = 100
+    solver: Literal["euler", "midpoint", "rk45"] = "midpoint"
+    guidance_scale: float = 0.2
+
+    def __post_init__(self) -> None:
+        check_fields(self, {"steps": (1, 100_000), "guidance_scale": (0, 100)})
+
+
+@dataclass(frozen=True)
+class FlowConfig(ConfigBase):
+    """Flow model configuration (saved next to the weights as ``flow.json``): the architecture, and the
+    sections ``loss`` (:class:`~spatia.module.FlowLossConfig`), ``train``
+    (:class:`~spatia.module.FlowTrainConfig`) and ``sample`` (:class:`~spatia.module.FlowSampleConfig`).
+
+    ``block_out_channels``, ``layers_per_block`` and ``norm_num_groups`` shape the diffusers ``UNet2DModel``.
+    The condition (width ``cond_dim``, added to the UNet's time embedding) is built by an MLP of width
+    ``hidden`` from the cell's SPATIA embedding, a learned transition embedding (``transition_dim``) and
+    projections of Δg and Δm (``delta_dim``). Wider blocks render finer crops and train slower.
+
+    Examples
+    --------
+    >>> cfg = FlowConfig().replace(train={"max_epochs": 50}, sample={"steps": 50})
     """
 
     block_out_channels: tuple[int, ...] = (32, 64)
@@ -74,28 +134,9 @@ class FlowConfig(ConfigBase):
     transition_dim: int = 16
     delta_dim: int = 16
     hidden: int = 128
-    fm_weight: float = 1.0
-    contrastive_weight: float = 0.1
-    margin: float = 0.1
-    sw_weight: float = 0.1
-    sw_steps: int = 2
-    sw_warmup: float = 0.5
-    sw_blur: float = 1.0
-    n_projections: int = 64
-    cond_dropout: float = 0.1
-    augment: bool = True
-    batch_ot: bool = True
-    batch_ot_emb_weight: float = 1.0
-    lr: float = 1e-3
-    lr_schedule: str = "cosine"
-    grad_clip: float = 1.0
-    weight_decay: float = 1e-4
-    max_epochs: int | None = None
-    min_steps: int = 500
-    batch_size: int = 32
-    steps: int = 100
-    solver: str = "midpoint"
-    guidance_scale: float = 0.2
+    loss: FlowLossConfig = field(default_factory=FlowLossConfig)
+    train: FlowTrainConfig = field(default_factory=FlowTrainConfig)
+    sample: FlowSampleConfig = field(default_factory=FlowSampleConfig)
 
     def __post_init__(self) -> None:
         check_fields(self, _LIMITS)
@@ -104,36 +145,18 @@ class FlowConfig(ConfigBase):
         if any(c % self.norm_num_groups for c in self.block_out_channels):
             raise ValueError(f"block_out_channels {self.block_out_channels} must be multiples of "
                              f"norm_num_groups {self.norm_num_groups}.")
-        if not 0 <= self.cond_dropout < 1:
-            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}.")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}.")
-        if self.batch_ot_emb_weight < 0:
-            raise ValueError(f"batch_ot_emb_weight must be non-negative, got {self.batch_ot_emb_weight}.")
-        if self.sw_blur < 0:
-            raise ValueError(f"sw_blur must be non-negative, got {self.sw_blur}.")
-        if self.max_epochs is not None and self.max_epochs < 1:
-            raise ValueError(f"max_epochs must be at least 1 (or None), got {self.max_epochs}.")
-        if self.min_steps < 1:
-            raise ValueError(f"min_steps must be at least 1, got {self.min_steps}.")
-        if self.sw_steps < 1:
-            raise ValueError(f"sw_steps must be at least 1, got {self.sw_steps}.")
-        if not 0 <= self.sw_warmup < 1:
-            raise ValueError(f"sw_warmup must be in [0, 1), got {self.sw_warmup}.")
 
     @classmethod
     def tiny(cls) -> FlowConfig:
         """For tests: trains in tens of seconds on a CPU."""
-        return cls(block_out_channels=(16, 32), cond_dim=64, hidden=64, max_epochs=30, batch_size=32)
+        return cls(block_out_channels=(16, 32), cond_dim=64, hidden=64,
+                   train=FlowTrainConfig(max_epochs=30, batch_size=32))
 
 
 _BIG = 1_000_000
 _LIMITS = {
     "block_out_channels": (1, 4096), "layers_per_block": (1, 16), "norm_num_groups": (1, 1024),
     "cond_dim": (1, 8192), "transition_dim": (1, 8192), "delta_dim": (1, 8192), "hidden": (1, 8192),
-    "n_projections": (1, 100_000), "lr": (1e-12, 10), "grad_clip": (0, 1e6), "weight_decay": (0, 10),
-    "max_epochs": (1, _BIG), "min_steps": (1, _BIG), "batch_size": (2, _BIG), "steps": (1, 100_000),
-    "sw_steps": (1, 1000),
 }
 
 
@@ -268,17 +291,17 @@ class TransitionFlow(nn.Module):
         """
         c = self.config
         x0, x1r = batch["x0"], batch["x1"]
-        if c.augment and self.training:
+        if c.train.augment and self.training:
             x0, x1r = random_dihedral(x0, generator), random_dihedral(x1r, generator)
-        if c.batch_ot and self.training:  # after the orientations are drawn: it sees the crops as trained on
-            x1r = x1r[batch_repair(x0, x1r, batch["cell_emb"], batch["transition"], c.batch_ot_emb_weight)]
+        if c.train.batch_ot and self.training:  # after the orientations are drawn: it sees the crops as trained on
+            x1r = x1r[batch_repair(x0, x1r, batch["cell_emb"], batch["transition"], c.train.batch_ot_emb_weight)]
         batch_x0r = x0
         x0, x1 = x0 * 2 - 1, x1r * 2 - 1
         b = x0.shape[0]
         dev = x0.device
         # 1. condition, with dropout to the null condition (for classifier-free guidance)
         cond_full = self.condition(batch["cell_emb"], batch["transition"])
-        dropped = torch.rand(b, device=dev, generator=generator) < c.cond_dropout
+        dropped = torch.rand(b, device=dev, generator=generator) < c.train.cond_dropout
         cond = torch.where(dropped[:, None], self.null_cond.expand(b, -1), cond_full)
         # 2. straight path and velocity
         t = batch["t"] if "t" in batch else torch.rand(b, device=dev, generator=generator)
@@ -290,25 +313,25 @@ class TransitionFlow(nn.Module):
         # 3. confidence-weighted flow matching
         w = confidence_weights(batch["confidence"], self.mean_confidence)
         losses = {"fm": (w * err).mean()}
-        total = c.fm_weight * losses["fm"]
+        total = c.loss.fm_weight * losses["fm"]
         # 4. contrastive hinge: the true condition must explain the velocity better than a shuffled one
-        if c.contrastive_weight > 0 and b > 1:
+        if c.loss.contrastive_weight > 0 and b > 1:
             perm = torch.roll(torch.arange(b, device=dev), 1)
             keep = ~(dropped | dropped[perm])
             if keep.any():
                 v_shuf = self.velocity(xt[keep], t[keep], cond[perm][keep])
                 err_shuf = ((v_shuf - target[keep]) ** 2).flatten(1).mean(1)
-                losses["contrastive"] = F.relu(c.margin + err[keep] - err_shuf).mean()
-                total = total + c.contrastive_weight * losses["contrastive"]
+                losses["contrastive"] = F.relu(c.loss.margin + err[keep] - err_shuf).mean()
+                total = total + c.loss.contrastive_weight * losses["contrastive"]
         x1_hat = xt + (1 - tt) * v  # one-step extrapolation, returned for inspection
         # 5. sliced Wasserstein between morphology proxies of the flow's rollout and the real targets
         x1_end = None
-        if c.sw_weight > 0 and sw_scale > 0:
-            x1_end = self._rollout(x0, cond_full, c.sw_steps)
+        if c.loss.sw_weight > 0 and sw_scale > 0:
+            x1_end = self._rollout(x0, cond_full, c.loss.sw_steps)
             sw = self._sw_per_transition(x1_end, x1r, batch["transition"], generator, x0r=batch_x0r)
             if sw is not None:
                 losses["sw"] = sw
-                total = total + sw_scale * c.sw_weight * sw
+                total = total + sw_scale * c.loss.sw_weight * sw
             x1_end = x1_end.detach()
         return FlowOutput(loss=total, losses=losses, weights=w.detach(), fm_error=err.detach(),
                           x1_hat=x1_hat.detach(), x1_end=x1_end)
@@ -330,7 +353,7 @@ class TransitionFlow(nn.Module):
         proxies] against [source proxies ; matched target proxies]: the joint law of the pairs, not only the
         targets' marginal, so the loss cannot be lowered by giving one cell type's targets to another's sources.
         """
-        blur = self.config.sw_blur
+        blur = self.config.loss.sw_blur
         fa = morphology_proxies(gaussian_blur(((x_end + 1) / 2).clamp(0, 1), blur))
         fb = morphology_proxies(gaussian_blur(x1r, blur))
         if x0r is not None:
@@ -340,7 +363,7 @@ class TransitionFlow(nn.Module):
         for tr in transition.unique():
             sel = transition == tr
             if int(sel.sum()) > 1:
-                parts.append(sliced_wasserstein(fa[sel], fb[sel], self.config.n_projections, generator=generator))
+                parts.append(sliced_wasserstein(fa[sel], fb[sel], self.config.loss.n_projections, generator=generator))
                 sizes.append(float(sel.sum()))
         if not parts:
             return None
@@ -358,7 +381,7 @@ class TransitionFlow(nn.Module):
         from t = 0 to 1 with :func:`spatia.nn.integrate`. Returns the crops and the velocity evaluations.
         """
         c = self.config
-        w = c.guidance_scale if guidance_scale is None else float(guidance_scale)
+        w = c.sample.guidance_scale if guidance_scale is None else float(guidance_scale)
         cond = self.condition(cell_emb, transition)
         null = self.null_cond.expand_as(cond)
 
@@ -369,7 +392,7 @@ class TransitionFlow(nn.Module):
             vc, vu = v.chunk(2)
             return vc + w * (vc - vu)
 
-        x1, nfe = integrate(vel, x0 * 2 - 1, steps=steps or c.steps, solver=solver or c.solver)
+        x1, nfe = integrate(vel, x0 * 2 - 1, steps=steps or c.sample.steps, solver=solver or c.sample.solver)
         return ((x1 + 1) / 2).clamp(0, 1), nfe
 
 

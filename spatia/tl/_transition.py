@@ -139,8 +139,8 @@ def fit_transition(
         the changing ones fully. A transition with fewer than two such cells trains on all its pairs (with a
         warning). ``None`` = all pairs.
     max_epochs, batch_size
-        Override ``config``. By default (``FlowConfig.max_epochs=None``) the flow trains for as many epochs as
-        give ``FlowConfig.min_steps`` (500) optimiser steps, and at least 10 (``flow_info["epochs"]``,
+        Override ``config``. By default (``FlowConfig.train.max_epochs=None``) the flow trains for as many epochs as
+        give ``FlowConfig.train.min_steps`` (500) optimiser steps, and at least 10 (``flow_info["epochs"]``,
         ``flow_info["steps"]``).
     accelerator, devices, precision
         Passed to :class:`lightning.pytorch.Trainer`.
@@ -315,9 +315,9 @@ def transition(
     cells
         Source cells to transform (obs_names, row positions or a boolean mask); default all of the group.
     guidance_scale
-        Guidance weight ``w`` (default ``FlowConfig.guidance_scale``, 0.2; 0 = plain conditional).
+        Guidance weight ``w`` (default ``FlowConfig.sample.guidance_scale``, 0.2; 0 = plain conditional).
     steps
-        Steps of the fixed-step solvers (default ``FlowConfig.steps``).
+        Steps of the fixed-step solvers (default ``FlowConfig.sample.steps``).
     solver
         ``"euler"``, ``"midpoint"`` (default) or ``"rk45"`` (adaptive).
     gate
@@ -371,9 +371,9 @@ def transition(
     if inplace:  # before sampling
         _results.check_free(data, None, mosaic_paths(key_added), overwrite=overwrite)
     fcfg = model.flow.config
-    steps = fcfg.steps if steps is None else int(steps)
-    solver = fcfg.solver if solver is None else solver
-    w = fcfg.guidance_scale if guidance_scale is None else float(guidance_scale)
+    steps = fcfg.sample.steps if steps is None else int(steps)
+    solver = fcfg.sample.solver if solver is None else solver
+    w = fcfg.sample.guidance_scale if guidance_scale is None else float(guidance_scale)
     _check_gate(gate, gate_neighbors)
     with keep_torch_threads():  # the crop and pairing steps' OpenMP kernels reset torch's thread count
         prepared = _on_model_image(data, model, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key,

@@ -34,8 +34,8 @@ class DecoderTrainingPlan(pl.LightningModule):
     Each step: 1. expression tokens from the frozen encoder (no gradient); 2. crops scaled to [-1, 1]
     with a random flip / 90° rotation (cell morphology has no orientation); 3. the denoising loss, logged
     as ``train_loss``; 4. after the optimiser step, the exponential moving average of the weights
-    (``decoder.config.ema_decay``), copied into the decoder at the end of training (:meth:`on_train_end`).
-    The learning rate warms up linearly over ``decoder.config.warmup_steps`` steps.
+    (``decoder.config.train.ema_decay``), copied into the decoder at the end of training (:meth:`on_train_end`).
+    The learning rate warms up linearly over ``decoder.config.train.warmup_steps`` steps.
     """
 
     def __init__(self, decoder: DiffusionDecoder, encoder: SpatiaModule, lr: float = 1e-3,
@@ -50,7 +50,7 @@ class DecoderTrainingPlan(pl.LightningModule):
 
     @torch.no_grad()
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        decay = float(self.decoder.config.ema_decay)
+        decay = float(self.decoder.config.train.ema_decay)
         if decay <= 0:
             return
         params = [p.detach() for p in self.decoder.parameters()]
@@ -82,7 +82,7 @@ class DecoderTrainingPlan(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.decoder.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        warm = int(self.decoder.config.warmup_steps)
+        warm = int(self.decoder.config.train.warmup_steps)
         if warm <= 0:
             return opt
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))

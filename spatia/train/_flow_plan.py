@@ -14,7 +14,7 @@ class FlowTrainingPlan(pl.LightningModule):
     """Optimises :class:`~spatia.module.TransitionFlow`; logs ``train_loss`` and each term
     (``train_fm``, ``train_contrastive``, ``train_sw``) per epoch.
 
-    The morphology (sliced-Wasserstein) loss is off for the first ``config.sw_warmup`` fraction of the
+    The morphology (sliced-Wasserstein) loss is off for the first ``config.loss.sw_warmup`` fraction of the
     epochs: before the velocity field has learned the transport its endpoints are noise, and matching their
     morphology would fight the flow-matching loss.
     """
@@ -26,7 +26,7 @@ class FlowTrainingPlan(pl.LightningModule):
         self.sw_scale = 1.0  # multiplier of the morphology loss: 0 during the warm-up
 
     def on_train_epoch_start(self) -> None:
-        warm = self.flow.config.sw_warmup * (self.trainer.max_epochs or 0)
+        warm = self.flow.config.loss.sw_warmup * (self.trainer.max_epochs or 0)
         self.sw_scale = 0.0 if self.current_epoch < warm else 1.0
 
     def training_step(self, batch, batch_idx):
@@ -39,7 +39,7 @@ class FlowTrainingPlan(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.flow.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        if self.flow.config.lr_schedule != "cosine":
+        if self.flow.config.train.lr_schedule != "cosine":
             return opt
         # cosine decay to 0 over the whole run: the last weights are an average-like, low-noise iterate
         total = max(1, int(self.trainer.estimated_stepping_batches))

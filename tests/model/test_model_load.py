@@ -166,7 +166,7 @@ def test_configs_validate_when_built_too():
         DecoderConfig(prediction_type="evil")
     with pytest.raises(TypeError, match=r"DecoderConfig\.block_out_channels\[1\] must be an integer"):
         DecoderConfig.from_dict({"block_out_channels": [32, "64", 64]})
-    with pytest.raises(ValueError, match=r"FlowConfig\.steps must be in"):
-        FlowConfig(steps=0)
+    with pytest.raises(ValueError, match=r"FlowSampleConfig\.steps must be in"):
+        FlowConfig().replace(sample={"steps": 0})
     # lists read from JSON become tuples
     assert DecoderConfig.from_dict({"block_out_channels": [32, 64, 64]}).block_out_channels == (32, 64, 64)

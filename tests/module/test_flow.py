@@ -20,8 +20,8 @@ def _batch(b=4, s=16, conf=None):
     }
 
 
-def _flow(**kw):
-    cfg = FlowConfig.tiny().replace(cond_dropout=0.0, augment=False, **kw)
+def _flow(**loss):
+    cfg = FlowConfig.tiny().replace(train={"cond_dropout": 0.0, "augment": False}, loss=loss)
     torch.manual_seed(0)
     return TransitionFlow(cfg, channels=2, size=16, emb_dim=8, n_genes=5, n_features=10, n_transitions=2)
 
@@ -102,7 +102,7 @@ def test_morphology_loss_on_the_flow_rollout():
     assert "sw" not in out.losses and out.x1_end is None
     for bad in (dict(sw_steps=0), dict(sw_warmup=1.0)):
         with pytest.raises(ValueError, match="sw_"):
-            FlowConfig(**bad)
+            FlowConfig().replace(loss=bad)
 
 
 def test_flow_config_round_trip_and_checks():
@@ -111,17 +111,21 @@ def test_flow_config_round_trip_and_checks():
     assert FlowConfig.from_dict(cfg.to_dict()) == cfg == FlowConfig.from_dict(cfg.to_dict(), complete=True)
     assert FlowConfig.from_dict({"block_out_channels": [16, 32]}).block_out_channels == (16, 32)
     d = cfg.to_dict()
-    d.pop("sw_blur")
-    with pytest.raises(KeyError, match=r"no field\(s\) \['sw_blur'\]"):
+    d["loss"].pop("sw_blur")
+    with pytest.raises(KeyError, match=r"'loss' section has no field\(s\) \['sw_blur'\]"):
         FlowConfig.from_dict(d, complete=True)
     with pytest.raises(ValueError, match=r"Unknown configuration fields: \['evil'\]"):
         FlowConfig.from_dict({"evil": 1})
-    assert cfg.replace(sw_blur=0.5).sw_blur == 0.5
+    assert cfg.replace(loss={"sw_blur": 0.5}).loss.sw_blur == 0.5
+    assert cfg.replace(loss={"sw_blur": 0.5}).loss.sw_weight == cfg.loss.sw_weight  # the rest of the section kept
     with pytest.raises(ValueError, match="has no field 'evil'"):
         cfg.replace(evil=1)
-    for bad in (dict(lr_schedule="step"), dict(sw_blur=-1.0), dict(batch_ot_emb_weight=-1.0)):
+    for bad in (dict(train={"lr_schedule": "step"}), dict(loss={"sw_blur": -1.0}),
+                dict(train={"batch_ot_emb_weight": -1.0}), dict(sample={"solver": "rk4"})):
         with pytest.raises(ValueError):
-            FlowConfig(**bad)
+            FlowConfig().replace(**bad)
+    with pytest.raises(ValueError, match="has no field 'lr'"):  # training settings live in their section
+        cfg.replace(lr=1e-3)
 
 
 def test_flow_config_rejects_the_removed_options():
@@ -143,10 +147,10 @@ def test_default_flow_length_counts_steps():
     assert default_flow_epochs(3, 500) == 167  # a small slide's few shifted pairs: many epochs
     assert default_flow_epochs(50, 500) == 10 and default_flow_epochs(313, 500) == 10  # at least 10
     assert default_flow_epochs(0, 500) == 500
-    assert FlowConfig().max_epochs is None and FlowConfig().min_steps == 500
+    assert FlowConfig().train.max_epochs is None and FlowConfig().train.min_steps == 500
     for bad in (dict(max_epochs=0), dict(min_steps=0)):
         with pytest.raises(ValueError, match="max_epochs|min_steps"):
-            FlowConfig(**bad)
+            FlowConfig().replace(train=bad)
 
 
 def test_batch_repair_keeps_the_targets_and_shortens_paths():

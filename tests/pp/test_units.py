@@ -251,7 +251,7 @@ def test_decoder_and_generation_same_in_um_and_pixel_frames(fitted_both):
     from spatia.module import DecoderConfig
 
     dc = DecoderConfig(size=16, block_out_channels=(8, 16), attention_levels=(False, True), norm_num_groups=4,
-                       attention_heads=2, cross_attention_dim=16, batch_size=16)
+                       attention_heads=2, cross_attention_dim=16, train={"batch_size": 16})
     out = {}
     for u, (sd, model) in fitted_both.items():
         sp.tl.fit_decoder(sd, model, config=dc, max_epochs=1, random_state=0)

@@ -26,7 +26,7 @@ from spatia.module import DecoderConfig, FlowConfig
 
 TINY = sp.SpatiaConfig.tiny()
 DECODER = DecoderConfig(size=16, block_out_channels=(8, 16), attention_levels=(False, True), norm_num_groups=4,
-                        attention_heads=2, cross_attention_dim=16, batch_size=64)
+                        attention_heads=2, cross_attention_dim=16, train={"batch_size": 64})
 TRANSITION = [("control", "transitioned")]
 EARLIER = {"function": "annotate", "keys": ["obs/earlier"], "run": 1}  # what another function recorded
 

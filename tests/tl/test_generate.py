@@ -15,7 +15,7 @@ STEPS = 10
 GUIDANCE = 2.0
 # small UNet and batches: at this budget the number of optimiser steps, not of images, is what the decoder
 # learns from (~530 steps of batch 8 on the 700-cell slide)
-CONFIG = DecoderConfig(block_out_channels=(16, 32, 32), batch_size=8, lr=2e-3)
+CONFIG = DecoderConfig(block_out_channels=(16, 32, 32)).replace(train={"batch_size": 8, "lr": 2e-3})
 EPOCHS = 6
 # Margins, from this fixture trained with random_state 0, 1, 2 (ratios own / baseline): all 10 features
 # 0.74-0.80 vs shuffled and 0.80-0.84 vs unconditional; area 0.50-0.70 vs shuffled and 0.67-0.69 vs
@@ -202,4 +202,4 @@ def test_decoder_config_round_trip():
     with pytest.raises(ValueError, match=r"Unknown configuration fields: \['enabled'\]"):
         DecoderConfig.from_dict({**cfg.to_dict(), "enabled": True})
     with pytest.raises(ValueError, match="ema_decay"):
-        DecoderConfig(ema_decay=1.0)
+        DecoderConfig().replace(train={"ema_decay": 1.0})

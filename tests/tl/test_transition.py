@@ -207,7 +207,7 @@ def test_fit_transition_trains_on_the_cells_that_change(fitted, caplog):
     # the default length counts optimiser steps: at least min_steps, at least 10 epochs
     m = copy.deepcopy(model)
     sp.tl.fit_transition(sd, m, **{**kw, "max_epochs": None, "batch_size": 512,
-                                   "config": FlowConfig.tiny().replace(max_epochs=None, min_steps=12)})
+                                   "config": FlowConfig.tiny().replace(train={"max_epochs": None, "min_steps": 12})})
     assert m.flow_info["epochs"] == 12 and m.flow_info["steps"] == 12
     m = copy.deepcopy(model)
     sp.tl.fit_transition(sd, m, gate=None, **kw)
