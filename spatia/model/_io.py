@@ -7,11 +7,11 @@ import logging
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 import torch
 
+from .._fs import OLD_TAG, fsync_folder, swap_in
 from .._utils import resolve_device
 from .._version import __version__
 from ..module import DecoderConfig, SpatiaConfig
@@ -26,7 +26,7 @@ _FLOW_WEIGHTS = "flow.safetensors"
 _FLOW_META = "flow.json"
 _FILES = frozenset({_WEIGHTS, _CONFIG, _META, _DECODER_WEIGHTS, _FLOW_WEIGHTS, _FLOW_META})
 _TMP_PREFIX = ".spatia_save_"  # a save in progress: .spatia_save_<name>_<random>, beside the target
-_OLD_TAG = ".old-"  # the previous model during the swap: <name>.old-<id>, deleted once the new one is in
+_OLD_TAG = OLD_TAG  # the previous model during the swap: <name>.old-<id>, deleted once the new one is in
 
 
 def write_model(model, path: str | Path, overwrite: bool = False) -> None:
@@ -62,7 +62,7 @@ def write_model(model, path: str | Path, overwrite: bool = False) -> None:
             (tmp / _FLOW_META).write_text(json.dumps(model.flow_info, indent=1, default=float))
         # the metadata last: a folder is a complete model once spatia_model.json is in it
         (tmp / _META).write_text(json.dumps(meta, indent=1, default=float))
-        _fsync_folder(tmp)
+        fsync_folder(tmp)
         _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -243,45 +243,11 @@ def _check_target(path: Path, overwrite: bool) -> None:
         )
 
 
-def _fsync_folder(folder: Path) -> None:
-    """Flush the files of ``folder`` and the folder itself to disk (no-op where the OS does not allow it)."""
-    for p in [*folder.iterdir(), folder]:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
 def _swap_in(tmp: Path, path: Path) -> None:
-    """Move the complete model ``tmp`` to ``path`` by renames: old → ``<path>.old-<id>``, new → ``path``,
-    then delete the old one. At every instant one complete model is at ``path`` or at ``<path>.old-<id>``
-    (where :meth:`SpatiaModel.load` finds it when ``path`` is missing)."""
-    old = None
-    if path.exists():
-        old = path.with_name(f"{path.name}{_OLD_TAG}{uuid.uuid4().hex[:12]}")
-        os.replace(path, old)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        if old is not None:
-            try:
-                os.replace(old, path)  # put the previous model back
-            except OSError:
-                logger.error("Could not move the previous model back from %s to %s: SpatiaModel.load(%r) will.",
-                             old, path, str(path))
-        raise
-    _fsync_folder(path.parent)
-    if old is not None:
-        try:
-            shutil.rmtree(old)
-        except OSError as e:  # the new model is in place; the next save removes the old one
-            logger.warning("Saved the model to %s but could not delete the previous one in %s: %s", path, old, e)
+    """Move the complete model ``tmp`` to ``path`` (:func:`spatia._fs.swap_in`): at every instant one complete
+    model is at ``path`` or at ``<path>.old-<id>``, where :meth:`SpatiaModel.load` finds it when ``path`` is
+    missing."""
+    swap_in(tmp, path, what="model")
 
 
 def _stale_old(path: Path) -> list[Path]:

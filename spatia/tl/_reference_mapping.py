@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp_sparse
 
+from .._fs import swap_in
 from .._logging import quiet_dependencies
 from ..pp._expression import get_counts
 
@@ -178,20 +179,9 @@ def _write_table_store(new, store, *, overwrite: bool):
         with (dask.config.set(scheduler="threads"), anndata.settings.override(zarr_write_format=3),
               quiet_dependencies()):
             new.write_zarr(tmp, chunks=chunks)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:12]}")
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old is not None:
-                os.replace(old, path)  # the previous store goes back
-            raise
+        swap_in(tmp, path, what="imputed table")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     new.X = da.from_zarr(str(path), component="X")
     return new
 
