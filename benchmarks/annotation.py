@@ -150,6 +150,8 @@ def run_seed(seed: int, args) -> dict[str, dict]:
     logging.info("seed %d: %d cells, twins %s, simulated in %.0fs", seed, len(y), twins, time.perf_counter() - t0)
 
     crop = {} if args.crop is None else {"image": {"size": args.crop[0], "crop_um": args.crop[1]}}
+    if args.patch is not None:
+        crop.setdefault("image", {})["patch"] = args.patch
     config = sp.SpatiaConfig.default().replace(**crop) if crop else None
     fit_kw = {"image_key": "morphology", "max_epochs": args.epochs, "random_state": seed, "config": config}
     t = time.perf_counter()
@@ -255,6 +257,7 @@ def main() -> None:
     p.add_argument("--pcs", type=int, default=30)
     p.add_argument("--crop", type=float, nargs=2, default=None, metavar=("SIZE_PX", "CROP_UM"),
                    help="image.size and image.crop_um for spatia (a lever; default: the library's)")
+    p.add_argument("--patch", type=int, default=None, help="ViT patch side in px (config.image.patch)")
     p.add_argument("--no-label-aware", dest="label_aware", action="store_false")
     p.add_argument("--no-scanvi", dest="scanvi", action="store_false")
     p.add_argument("--threads", type=int, default=1)
@@ -283,7 +286,8 @@ def main() -> None:
         "load average (start → end)": f"{load0[0]:.2f} → {os.getloadavg()[0]:.2f}",
         "slides": f"simulate({args.cells}, morphology_types={args.twins}, pixel_size={args.pixel_size}); "
         f"{args.labelled:.0%} of cells labelled (stratified); fit max_epochs={args.epochs or 'default'}"
-        + (f"; crops {args.crop[0]} px over {args.crop[1]} µm" if args.crop else ""),
+        + (f"; crops {args.crop[0]} px over {args.crop[1]} µm" if args.crop else "")
+        + (f"; ViT patch {args.patch} px" if args.patch else ""),
         "running at start (ps, %CPU)": busy0,
         "total wall": f"{time.perf_counter() - start:.0f} s",
     }
