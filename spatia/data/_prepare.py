@@ -161,8 +161,11 @@ def _prepare(
 
 
 def _reorder(counts: sp_sparse.csr_matrix, idx: np.ndarray) -> sp_sparse.csr_matrix:
-    """Columns of ``counts`` in the order ``idx`` (-1 → an all-zero column)."""
+    """Columns of ``counts`` in the order ``idx`` (-1 → an all-zero column); ``counts`` itself when that is
+    already its order (no copy of a large slide's counts)."""
     n = counts.shape[0]
+    if len(idx) == counts.shape[1] and np.array_equal(idx, np.arange(counts.shape[1])):
+        return counts
     sel = np.where(idx >= 0, idx, 0)
     out = counts[:, sel].tocsc()
     if (idx < 0).any():
