@@ -46,7 +46,7 @@ def trained(fitted, tmp_path_factory):
     cond = _copy_model(base, tmp_path_factory.mktemp("m") / "cond")
     sp.tl.fit_decoder(sd, cond, image_key="morphology", config=CONFIG, max_epochs=EPOCHS, random_state=0)
     uncond = _copy_model(base, tmp_path_factory.mktemp("m") / "uncond")
-    sp.tl.fit_decoder(sd, uncond, image_key="morphology", config=CONFIG.replace(cond_dropout=1.0), max_epochs=EPOCHS,
+    sp.tl.fit_decoder(sd, uncond, image_key="morphology", config=CONFIG.replace(train={"cond_dropout": 1.0}), max_epochs=EPOCHS,
                       random_state=0)
     untrained = _copy_model(cond, tmp_path_factory.mktemp("m") / "untrained")
     torch.manual_seed(0)
