@@ -196,9 +196,11 @@ def test_decoder_config_round_trip():
     cfg = DecoderConfig(size=16)
     assert DecoderConfig.from_dict(cfg.to_dict(), complete=True) == cfg
     d = cfg.to_dict()
-    d.pop("ema_decay")
-    with pytest.raises(KeyError, match=r"no field\(s\) \['ema_decay'\]"):
+    d["train"].pop("ema_decay")
+    with pytest.raises(KeyError, match=r"'train' section has no field\(s\) \['ema_decay'\]"):
         DecoderConfig.from_dict(d, complete=True)
+    with pytest.raises(ValueError, match=r"Unknown configuration fields: \['lr'\]"):  # a flat (old) save
+        DecoderConfig.from_dict({**cfg.to_dict(), "lr": 1e-3})
     with pytest.raises(ValueError, match=r"Unknown configuration fields: \['enabled'\]"):
         DecoderConfig.from_dict({**cfg.to_dict(), "enabled": True})
     with pytest.raises(ValueError, match="ema_decay"):
