@@ -195,6 +195,9 @@ def impute(
     kw = dict(prepare_kwargs, table_key=table_key, layer=layer)
     # the reference is checked first: its errors name it (not the slide's table)
     ref = _reference_profiles(reference, reference_layer) if reference is not None else None
+    if store is not None and reference is None:
+        raise ValueError("store= holds the table of reference genes: pass reference= as well (the panel genes go "
+                         "to a layer of the table).")
     paths = [f"layers/{key_added}"] + ([f"tables/{key_added}"] if reference is not None else [])
     if inplace:
         if reference is not None and not _is_sdata(data):

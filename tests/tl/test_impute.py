@@ -108,6 +108,9 @@ def test_impute_from_reference_into_a_store(with_reference, tmp_path, monkeypatc
     with pytest.raises(FileExistsError, match="not an AnnData"):
         sp.tl.impute(sd, model, reference=ref, store=other, key_added="again", overwrite=True)
     assert (other / "keep.txt").exists()
+    with pytest.raises(ValueError, match="pass reference="):
+        sp.tl.impute(sd, model, store=tmp_path / "panel.zarr", key_added="panel")
+    assert not (tmp_path / "panel.zarr").exists()
     # too large for memory without a store: refused, nothing written
     monkeypatch.setattr("spatia.tl._impute._dense_limit_bytes", lambda: 1000.0)
     with pytest.raises(MemoryError, match="store="):
