@@ -199,15 +199,14 @@ def impute(
         raise ValueError("store= holds the table of reference genes: pass reference= as well (the panel genes go "
                          "to a layer of the table).")
     paths = [f"layers/{key_added}"] + ([f"tables/{key_added}"] if reference is not None else [])
+    cells_table = get_table(data, table_key)
     if inplace:
         if reference is not None and not _is_sdata(data):
             raise TypeError("Reference genes go to a new table, which needs a SpatialData: pass one, or "
                             "inplace=False to get the arrays.")
-        _results.check_free(data, get_table(data, table_key), paths, overwrite=overwrite)
-    prepared = _prepare(data, model, kw)
-    table = prepared.table
-    seed = seed_from(random_state)
-    ref_new = None
+        _results.check_free(data, cells_table, paths, overwrite=overwrite)
+    # the reference and the table's size are checked before the crops are prepared (minutes on a large slide)
+    n_cells = cells_table.n_obs
     if reference is not None:
         ref_counts, ref_genes = ref
         shared = [g for g in model.genes if g in set(ref_genes)]
@@ -223,12 +222,16 @@ def impute(
             raise KeyError(f"Genes not in the reference: {unknown[:10]}{'...' if len(unknown) > 10 else ''}.")
         if not targets:
             raise ValueError("No genes to impute: every reference gene is in the panel (pass genes=).")
-        if store is None and 4.0 * table.n_obs * len(targets) > _dense_limit_bytes():
+        if store is None and 4.0 * n_cells * len(targets) > _dense_limit_bytes():
             raise MemoryError(
-                f"The imputed table ({table.n_obs:,} cells × {len(targets):,} genes) would take "
-                f"{4 * table.n_obs * len(targets) / 2**30:.1f} GiB in memory, more than half of this machine's: pass "
+                f"The imputed table ({n_cells:,} cells × {len(targets):,} genes) would take "
+                f"{4 * n_cells * len(targets) / 2**30:.1f} GiB in memory, more than half of this machine's: pass "
                 "store='imputed.zarr' to write it to disk block by block, or genes= to impute fewer genes."
             )
+    prepared = _prepare(data, model, kw)
+    table = prepared.table
+    seed = seed_from(random_state)
+    ref_new = None
     rho = _infer_rho(model, prepared.arrays, batch_size, device)
     if reference is not None:
         mapping = _reference_map(rho, model.genes, ref_counts, ref_genes, shared, targets, n_neighbors, n_comps,

@@ -143,8 +143,9 @@ def _lazy_log1p(mapping: _ReferenceMap):
     starts = da.arange(0, n, chunks=step)
 
     def block(rows: np.ndarray) -> np.ndarray:
-        out = mapping.block(int(rows[0]), int(rows[-1]) + 1) if len(rows) else np.zeros((0, mapping.n_genes))
-        return np.log1p(out, out=out.astype(np.float32, copy=False))
+        out = (mapping.block(int(rows[0]), int(rows[-1]) + 1) if len(rows)
+               else np.zeros((0, mapping.n_genes), dtype=np.float32))
+        return np.log1p(out, out=out)
 
     return da.map_blocks(block, starts, new_axis=1, chunks=(starts.chunks[0], (mapping.n_genes,)),
                          dtype=np.float32, meta=np.empty((0, 0), dtype=np.float32))
