@@ -6,7 +6,6 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp_sparse
 from anndata import AnnData
 
@@ -16,9 +15,9 @@ from ..pp._crop_cache import cached_crops
 from ..pp._crops import CropStore, crops_for
 from ..pp._elements import _is_sdata, cell_geometry, get_image, get_table
 from ..pp._expression import align_genes, get_counts
-from ..pp._graphs import niche_graph, obsm_um, tissue_tiles
+from ..pp._graphs import niche_members, obsm_um, tile_index
 from ..pp._units import Units
-from ._dataset import CellArrays, neighbours_from_graph
+from ._dataset import CellArrays
 
 logger = logging.getLogger(__name__)
 
@@ -151,11 +150,11 @@ def _prepare(
             f"(config.image.size): extract crops with size={want}."
         )
 
-    # niche graph (squidpy) and tissue tiles
-    tmp = AnnData(obs=pd.DataFrame(index=table.obs_names.astype(str)), obsm={"spatial": xy})  # µm
-    conn, _ = niche_graph(tmp, n_neighs=niche_k, radius=niche_radius, inplace=False, um_per_unit=1.0)
-    nbr = neighbours_from_graph(conn, niche_k if niche_radius is None else max(niche_k, int(conn.sum(1).max())))
-    tile = tissue_tiles(tmp, tile_size=tile_um, inplace=False, um_per_unit=1.0)
+    # niche members (niche_graph's graph, built chunk by chunk into the (n, k) table) and tissue tiles
+    nbr = niche_members(xy, niche_k, niche_radius)
+    if tile_um <= 0:
+        raise ValueError(f"tile_um must be positive, got {tile_um}.")
+    tile = tile_index(xy, tile_um)
     arrays = CellArrays(counts=counts, crops=store, xy=xy.astype(np.float32), nbr=nbr, tile=np.asarray(tile))
     return Prepared(arrays, table, list(genes), missing, channels, crop_params, cs, units)
 

@@ -16,6 +16,10 @@ def get_counts(
 ) -> sp_sparse.csr_matrix:
     """Validated raw counts of ``table`` as a float32 CSR matrix.
 
+    The table's own matrix is returned, not a copy, when it already is a float32 CSR without explicit zeros
+    (what scanpy's ``read_10x_h5`` and spatialdata-io's readers give): treat the result as read-only. Checks
+    run in chunks, so a million-cell table is validated without whole-matrix temporaries.
+
     Parameters
     ----------
     table
@@ -62,16 +66,19 @@ def get_counts(
         raise ValueError(f"The {name} has no X: pass layer= with the raw counts.")
     if hasattr(x, "compute"):  # dask
         x = x.compute()
-    x = sp_sparse.csr_matrix(x, dtype=np.float64) if not sp_sparse.issparse(x) else x.tocsr().astype(np.float64)
+    x = x.tocsr() if sp_sparse.issparse(x) else sp_sparse.csr_matrix(np.asarray(x))  # no copy of a CSR
     data = x.data
-    if not np.isfinite(data).all():
+    if data.dtype.kind not in "biuf":
+        raise ValueError(f"{name}.{where} has dtype {data.dtype}: spatia models raw counts (numbers).")
+    floating = data.dtype.kind == "f"
+    if floating and not _all_chunks(data, np.isfinite):
         raise ValueError(f"{name}.{where} contains NaN or infinite values: fix or drop those cells/genes first.")
-    if (data < 0).any():
+    if data.dtype.kind != "u" and _any_chunks(data, lambda d: d < 0):
         raise ValueError(
             f"{name}.{where} has negative values: it is not raw counts (scaled or log data?). "
             "Pass layer= naming the raw integer counts."
         )
-    if not np.allclose(data, np.round(data)):
+    if floating and not _all_chunks(data, lambda d: np.isclose(d, np.round(d))):
         hint = " (e.g. layer='counts')" if "counts" in table.layers else ""
         raise ValueError(
             f"{name}.{where} is not integer counts (normalised or log-transformed?): spatia models raw counts. "
@@ -88,9 +95,22 @@ def get_counts(
             "(`sc.pp.filter_cells(table, min_counts=1)`, or subset the SpatialData with its table) "
             "or pass allow_empty=True to keep them."
         )
-    out = x.astype(np.float32)
+    if data.dtype == np.float32 and x.has_canonical_format and not _any_chunks(data, lambda d: d == 0):
+        return x  # already what the model reads: shared with the table, not copied
+    out = x.astype(np.float32, copy=True)
     out.eliminate_zeros()
     return out
+
+
+_CHUNK = 1 << 22  # values checked at a time (bounded temporaries on a million-cell slide)
+
+
+def _all_chunks(a: np.ndarray, test) -> bool:
+    return all(bool(test(a[i:i + _CHUNK]).all()) for i in range(0, len(a), _CHUNK))
+
+
+def _any_chunks(a: np.ndarray, test) -> bool:
+    return any(bool(test(a[i:i + _CHUNK]).any()) for i in range(0, len(a), _CHUNK))
 
 
 def align_genes(var_names, model_genes) -> tuple[np.ndarray, list[str]]:

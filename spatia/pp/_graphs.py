@@ -124,6 +124,58 @@ def niche_graph(
     return None
 
 
+_MEMBER_CHUNK = 65_536  # cells queried at a time
+
+
+def niche_members(xy_um: np.ndarray, n_neighs: int, radius: float | None = None) -> np.ndarray:
+    """``(n, K)`` row indices of each cell's niche members, ``-1`` padded: the graph of :func:`niche_graph`
+    (same members, each row in ascending row order) built straight into a table, a chunk of cells at a time.
+
+    ``K`` is ``n_neighs``, or with ``radius`` (µm) the larger of ``n_neighs`` and the most cells any niche
+    holds. A cell is never its own member. Memory: the KD-tree and the table, never a cells × cells matrix
+    (a million cells cost their ``(n, K)`` table, not squidpy's two sparse graphs beside it).
+    """
+    from scipy.spatial import cKDTree
+
+    xy = np.asarray(xy_um, dtype=np.float64)
+    n = len(xy)
+    if radius is not None and radius <= 0:
+        raise ValueError(f"radius must be positive, got {radius}.")
+    if n < 2:
+        raise ValueError(f"The table has {n} cell(s): a niche graph needs at least 2 cells.")
+    tree = cKDTree(xy)
+    if radius is None:
+        k = int(min(n_neighs, max(1, n - 1)))
+        out = np.full((n, int(n_neighs)), -1, dtype=np.int64)
+        for start in range(0, n, _MEMBER_CHUNK):
+            rows = np.arange(start, min(n, start + _MEMBER_CHUNK))
+            _, idx = tree.query(xy[rows], k=min(k + 1, n))
+            idx = idx.reshape(len(rows), -1)
+            is_self = idx == rows[:, None]
+            # drop the cell itself (or, when k + 1 cells share its position, the farthest of them)
+            drop = np.where(is_self.any(1), is_self.argmax(1), idx.shape[1] - 1)
+            keep = np.ones_like(idx, dtype=bool)
+            keep[np.arange(len(rows)), drop] = False
+            out[rows, :k] = np.sort(idx[keep].reshape(len(rows), -1), axis=1)[:, :k]
+        return out
+    lists = []
+    for start in range(0, n, _MEMBER_CHUNK):
+        part = tree.query_ball_point(xy[start:start + _MEMBER_CHUNK], r=float(radius), return_sorted=True)
+        lists.extend(np.asarray([j for j in m if j != start + i], dtype=np.int64) for i, m in enumerate(part))
+    width = max(int(n_neighs), max((len(m) for m in lists), default=0))
+    out = np.full((n, width), -1, dtype=np.int64)
+    for i, m in enumerate(lists):
+        out[i, :len(m)] = m
+    return out
+
+
+def tile_index(xy_um: np.ndarray, tile_size: float) -> np.ndarray:
+    """The tissue tile of each cell (positions in µm; tiles numbered row-major over the occupied grid)."""
+    cell = np.floor((xy_um - xy_um.min(axis=0)) / tile_size).astype(np.int64)
+    key = cell[:, 1] * (cell[:, 0].max() + 1) + cell[:, 0]
+    return np.unique(key, return_inverse=True)[1].ravel()
+
+
 def tissue_tiles(
     data,
     *,
@@ -156,9 +208,7 @@ def tissue_tiles(
     if tile_size <= 0:
         raise ValueError(f"tile_size must be positive, got {tile_size}.")
     xy, _ = obsm_um(table, spatial_key, um_per_unit)
-    cell = np.floor((xy - xy.min(axis=0)) / tile_size).astype(np.int64)
-    key = cell[:, 1] * (cell[:, 0].max() + 1) + cell[:, 0]
-    _, tile = np.unique(key, return_inverse=True)
+    tile = tile_index(xy, tile_size)
     if not inplace:
         return tile
     table.obs[key_added] = pd.Categorical(tile)

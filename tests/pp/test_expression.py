@@ -26,6 +26,42 @@ def test_valid_counts(table):
     np.testing.assert_array_equal(x.toarray(), table.X.toarray())
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint16, np.float32, np.float64])
+def test_counts_of_any_numeric_dtype(table, dtype):
+    """Readers store counts as int (simulated, some h5ad), uint16 or float: all give the same float32 CSR."""
+    want = table.X.toarray()
+    table.X = sp_sparse.csr_matrix(want.astype(dtype))
+    x = sp.pp.get_counts(table)
+    assert x.dtype == np.float32 and x.has_canonical_format
+    np.testing.assert_array_equal(x.toarray(), want)
+
+
+def test_float32_csr_is_not_copied_and_others_are(table):
+    """A float32 CSR (what scanpy's read_10x_h5 gives) is the model's input as it is: a million-cell slide's
+    counts are not held twice. Anything else is converted into a new matrix and the table is left as it was."""
+    table.X = sp_sparse.csr_matrix(table.X.toarray().astype(np.float32))
+    assert sp.pp.get_counts(table) is table.X
+    with_zeros = table.X.copy()
+    with_zeros.data[:5] = 0  # explicit zeros: removed in a copy, never in the user's matrix
+    table.X = with_zeros
+    x = sp.pp.get_counts(table)
+    assert x is not table.X and x.nnz == with_zeros.nnz - 5 and table.X.nnz == with_zeros.nnz
+    table.X = sp_sparse.csr_matrix(table.X.toarray().astype(np.int32))
+    assert sp.pp.get_counts(table).data.base is not table.X.data
+
+
+def test_bad_values_found_across_chunks(table, monkeypatch):
+    """The checks run chunk by chunk: a bad value in the last chunk is found."""
+    import spatia.pp._expression as expr
+
+    monkeypatch.setattr(expr, "_CHUNK", 7)
+    x = table.X.toarray().astype(np.float32)
+    x[-1, -1] = 2.5
+    table.X = sp_sparse.csr_matrix(x)
+    with pytest.raises(ValueError, match="not integer counts"):
+        sp.pp.get_counts(table)
+
+
 @pytest.mark.parametrize(
     ("mutate", "match"),
     [

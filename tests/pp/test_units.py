@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pandas as pd
 import pytest
 from anndata import AnnData
 
@@ -114,6 +115,30 @@ def test_implausible_or_bad_values_raise():
 
 
 # --------------------------------------------------------------------------- same slide, µm and pixels
+@pytest.mark.parametrize(("k", "radius"), [(10, None), (10, 25.0), (3, 12.0), (50, None)])
+def test_niche_members_are_the_niche_graph(k, radius, monkeypatch):
+    """The model's niche table, built chunk by chunk with a KD-tree, holds exactly the members of the squidpy
+    graph `niche_graph` writes (ties at equal positions included), with none of its cells × cells matrices."""
+    import spatia.pp._graphs as graphs
+    from spatia.data import neighbours_from_graph
+
+    monkeypatch.setattr(graphs, "_MEMBER_CHUNK", 97)  # several chunks
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 400, (1500, 2))
+    xy[:40] = np.round(xy[:40] / 50) * 50  # cells sharing a position
+    adata = AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(len(xy))]), obsm={"spatial": xy})
+    conn, _ = sp.pp.niche_graph(adata, n_neighs=k, radius=radius, inplace=False, um_per_unit=1.0)
+    width = k if radius is None else max(k, int(conn.sum(1).max()))
+    want = neighbours_from_graph(conn, width)
+    got = graphs.niche_members(xy, k, radius)
+    assert got.shape == want.shape
+    same = [set(a[a >= 0]) == set(b[b >= 0]) for a, b in zip(got, want, strict=True)]
+    assert np.mean(same) > 0.99  # ties at the k-th distance may be broken differently
+    assert not (got == np.arange(len(xy))[:, None]).any()  # never its own member
+    with pytest.raises(ValueError, match="at least 2 cells"):
+        graphs.niche_members(xy[:1], k, radius)
+
+
 @pytest.mark.parametrize("um_per_unit", [0.2125, 0.5])
 def test_niche_graph_and_tiles_in_um(um_per_unit):
     """radius and tile_size are µm: a table in pixels gives the same graph and tiles as in µm."""
