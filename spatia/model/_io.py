@@ -24,7 +24,8 @@ _META = "spatia_model.json"
 _DECODER_WEIGHTS = "decoder.safetensors"
 _FLOW_WEIGHTS = "flow.safetensors"
 _FLOW_META = "flow.json"
-_FILES = frozenset({_WEIGHTS, _CONFIG, _META, _DECODER_WEIGHTS, _FLOW_WEIGHTS, _FLOW_META})
+_READOUT_WEIGHTS = "readout.safetensors"
+_FILES = frozenset({_WEIGHTS, _CONFIG, _META, _DECODER_WEIGHTS, _FLOW_WEIGHTS, _FLOW_META, _READOUT_WEIGHTS})
 _TMP_PREFIX = ".spatia_save_"  # a save in progress: .spatia_save_<name>_<random>, beside the target
 _OLD_TAG = OLD_TAG  # the previous model during the swap: <name>.old-<id>, deleted once the new one is in
 
@@ -56,6 +57,9 @@ def write_model(model, path: str | Path, overwrite: bool = False) -> None:
                 "info": {k: v for k, v in model.decoder_info.items()
                          if isinstance(v, int | float | str | list | dict)},
             }
+        if model.readout is not None:
+            save_file(model.readout.tensors(), str(tmp / _READOUT_WEIGHTS))
+            meta["readout"] = model.readout.info
         if model.flow is not None:
             fstate = {k: v.detach().cpu().contiguous() for k, v in model.flow.state_dict().items()}
             save_file(fstate, str(tmp / _FLOW_WEIGHTS))
@@ -88,6 +92,8 @@ def read_model(cls, path: str | Path, map_location: str = "cpu"):
             raise FileNotFoundError(f"{path} describes a decoder but {_DECODER_WEIGHTS} is missing.")
         d = meta["decoder"]
         decoder_config = _in_file(path / _META, lambda: DecoderConfig.from_dict(d["config"], complete=True))
+    if "readout" in meta and not (path / _READOUT_WEIGHTS).exists():
+        raise FileNotFoundError(f"{path} describes an image readout but {_READOUT_WEIGHTS} is missing.")
     if (path / _FLOW_META).exists() and (path / _FLOW_WEIGHTS).exists():  # a model without a flow has neither
         flow_info = _read_json(path / _FLOW_META, _FLOW_META)
         _check_flow_info(flow_info, path / _FLOW_META)
@@ -107,6 +113,14 @@ def read_model(cls, path: str | Path, map_location: str = "cpu"):
         model.decoder = decoder.eval()
         model.decoder_history = d.get("history", [])
         model.decoder_info = d.get("info", {})
+    if "readout" in meta:  # models saved before spatia had one have none: predict_expression decodes
+        from ._readout import ImageReadout
+
+        file = path / _READOUT_WEIGHTS
+        model.readout = _in_file(file, lambda: ImageReadout.from_tensors(_read_weights(file, "cpu"), meta["readout"]))
+        if model.readout.coef.shape[1] != len(model.genes):
+            raise ValueError(f"{file}: the readout predicts {model.readout.coef.shape[1]} genes, the model has "
+                             f"{len(model.genes)}.")
     if flow_info is not None:
         from ..module._flow import build_flow
 
@@ -162,7 +176,8 @@ def _check_meta(meta: dict, file: Path) -> None:
     _check_list_of_str(file, meta, "label_categories")
     if len(meta["label_categories"]) == 1:
         raise ValueError(f"{file}: 'label_categories' has one class; a supervised head has none or 2 and more.")
-    kinds = {"crop_params": dict, "history": list, "train_info": dict, "is_trained": bool, "decoder": dict}
+    kinds = {"crop_params": dict, "history": list, "train_info": dict, "is_trained": bool, "decoder": dict,
+             "readout": dict}
     for key, kind in kinds.items():
         if key in meta and not isinstance(meta[key], kind):
             raise TypeError(f"{file}: {key!r} must be a {kind.__name__}, got {meta[key]!r:.80}.")

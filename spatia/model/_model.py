@@ -81,6 +81,9 @@ class SpatiaModel(DecoderMixin, TransitionMixin):
         # transitions, pairing parameters, history), saved as flow.safetensors + flow.json
         self.flow = None
         self.flow_info: dict[str, Any] = {}
+        # image readout (expression from nucleus features + image-only embedding), fitted by sp.tl.fit on the
+        # training cells and read by sp.tl.predict_expression; saved as readout.safetensors
+        self.readout = None
 
     # ---------------------------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -188,10 +191,11 @@ class SpatiaModel(DecoderMixin, TransitionMixin):
     @torch.no_grad()
     def infer(
         self, arrays: CellArrays, *, batch_size: int | None = None, device: str | None = None,
-        outputs: tuple[str, ...] = ("cell", "niche", "tissue"),
+        outputs: tuple[str, ...] = ("cell", "niche", "tissue"), cells: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:
         """Embeddings (and optionally ``"mu"`` expected counts, ``"rho"`` expected proportions,
-        ``"label_proba"``) for every cell, once.
+        ``"label_proba"``) for every cell, once; with ``cells`` (row indices), for those cells only, in that
+        order (their niches and tiles still read the whole slide).
 
         Under an initialised ``torch.distributed`` process group, each rank embeds a shard of the
         batches and the results are gathered; every rank returns the full arrays.
@@ -203,7 +207,11 @@ class SpatiaModel(DecoderMixin, TransitionMixin):
         """
         device = resolve_device(device)
         module = self.module.to(device).eval()
-        batches = arrays.plan(batch_size or self.config.train.batch_size, None)
+        rows = np.arange(arrays.n) if cells is None else np.asarray(cells, dtype=np.int64)
+        where = None if cells is None else np.full(arrays.n, -1, dtype=np.int64)
+        if where is not None:
+            where[rows] = np.arange(len(rows))
+        batches = arrays.plan(batch_size or self.config.train.batch_size, None, None if cells is None else rows)
         rank, world = 0, 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -231,8 +239,8 @@ class SpatiaModel(DecoderMixin, TransitionMixin):
                     shard[k].append(v)
                     continue
                 if k not in full:
-                    full[k] = np.zeros((arrays.n,) + v.shape[1:], dtype=np.float32)
-                full[k][core] = v
+                    full[k] = np.zeros((len(rows),) + v.shape[1:], dtype=np.float32)
+                full[k][core if where is None else where[core]] = v
         idx_arr = np.concatenate(idx) if idx else np.zeros(0, dtype=np.int64)
         if world > 1:
             local = {k: (np.concatenate(v) if v else None) for k, v in shard.items()}
@@ -243,9 +251,9 @@ class SpatiaModel(DecoderMixin, TransitionMixin):
                 parts = [g[1][k] for g in gathered if g[1][k] is not None]
                 if parts:
                     v = np.concatenate(parts)
-                    full[k] = np.zeros((arrays.n,) + v.shape[1:], dtype=np.float32)
-                    full[k][idx_arr] = v
-        if len(np.unique(idx_arr)) != arrays.n:
+                    full[k] = np.zeros((len(rows),) + v.shape[1:], dtype=np.float32)
+                    full[k][idx_arr if where is None else where[idx_arr]] = v
+        if len(np.unique(idx_arr)) != len(rows) or (where is not None and (where[idx_arr] < 0).any()):
             raise RuntimeError("Inference did not cover every cell exactly once.")
         self.module.cpu()
         return full

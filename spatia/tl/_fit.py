@@ -232,6 +232,11 @@ def fit(
         ckpt_path=ckpt_path, early_stopping=early_stopping, compile=compile,
         **trainer_kwargs,
     )
+    if config.image.enabled:  # what sp.tl.predict_expression reads: fitted on the training cells
+        from ..model._readout import train_readout
+
+        centres = train_arrays.centres if train_arrays.centres is not None else np.arange(prepared.arrays.n)
+        model.readout = train_readout(model, prepared.arrays, centres, seed_from(random_state))
     emb = model.infer(prepared.arrays)
     results = _embedding_results(emb, keys)
     n_sampled = prepared.arrays.n if train_arrays.centres is None else len(train_arrays.centres)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -394,6 +394,7 @@ def predict_expression(
     data,
     model,
     *,
+    method: Literal["readout", "decoder"] | None = None,
     use_niche: bool = True,
     table_key: str | None = Defaults.TABLE,
     key_added: str = Keys.PREDICTED,
@@ -403,11 +404,19 @@ def predict_expression(
     inplace: bool = True,
     **prepare_kwargs: Any,
 ):
-    """Expression predicted from the image alone (and the neighbours' images): for slides without expression.
+    """Expression predicted from the image alone: for slides (or cells) without expression.
 
-    The model reads each cell's crop with all expression hidden, as in its image-only training passes
-    (modality dropout), and returns its expected expression profile. Works on an H&E- or DAPI-only
-    section whose table has no counts at all (only the cells).
+    Every cell's expression is hidden; the model reads each cell's crop. Works on an H&E- or DAPI-only
+    section whose table has no counts at all (only the cells). Two ways to read the crops:
+
+    - ``"readout"`` (default when the model has one, which :func:`~spatia.tl.fit` trains): a ridge map from
+      the measured nucleus features of the crop (size, shape, intensity, chromatin texture) and the model's
+      image-only cell embedding, fitted on the training cells. The weight of the embedding beside the
+      measured features was chosen on those cells; ``model.readout.info`` says which it got.
+    - ``"decoder"``: the model's own expression decoder, from the image tokens and the neighbours' images
+      (its image-only training passes, modality dropout). The generative path, and the only one for a model
+      saved without a readout; on simulated slides it predicts held-out cells less well
+      (``benchmarks/results/image_expression.md``).
 
     Parameters
     ----------
@@ -415,9 +424,11 @@ def predict_expression(
         SpatialData with the image and the cells (segmentation or shapes) and a table of the cells.
     model
         Trained :class:`~spatia.SpatiaModel` with the image branch.
+    method
+        ``"readout"`` or ``"decoder"`` (above); ``None``: the readout when the model has one.
     use_niche
-        Let the niche and tissue levels add context from neighbouring cells' images. ``False``: each cell's
-        own crop only.
+        ``"decoder"`` only: let the niche and tissue levels add context from neighbouring cells' images.
+        ``False``: each cell's own crop only.
     table_key
         Table of the cells.
     key_added
@@ -446,6 +457,12 @@ def predict_expression(
     """
     if not model.config.image.enabled:
         raise ValueError("This model has no image branch: it cannot predict expression from images.")
+    if method not in (None, "readout", "decoder"):
+        raise ValueError(f"method must be 'readout', 'decoder' or None, got {method!r}.")
+    if method == "readout" and model.readout is None:
+        raise ValueError("This model has no image readout (saved before spatia had one, or not trained by "
+                         "sp.tl.fit): pass method='decoder', or refit.")
+    method = method or ("readout" if model.readout is not None else "decoder")
     from ..pp._elements import get_table
 
     kw = dict(prepare_kwargs, table_key=table_key)
@@ -458,12 +475,18 @@ def predict_expression(
     table = prepared.table
     arrays = prepared.arrays
     arrays.drop_expression = np.ones(arrays.n, dtype=bool)
-    if not use_niche:
-        arrays.nbr = np.full_like(arrays.nbr, -1)
-        arrays.tile = np.arange(arrays.n)
-    rho = _infer_rho(model, arrays, batch_size, device)
-    pred = np.log1p(rho * 1e4).astype(np.float32)
-    params = {"use_niche": use_niche}
+    if method == "readout":
+        from ..model._readout import readout_features
+
+        nucleus, emb = readout_features(model, arrays, batch_size=batch_size, device=device)
+        pred = model.readout.predict(nucleus, emb)
+    else:
+        if not use_niche:
+            arrays.nbr = np.full_like(arrays.nbr, -1)
+            arrays.tile = np.arange(arrays.n)
+        rho = _infer_rho(model, arrays, batch_size, device)
+        pred = np.log1p(rho * 1e4).astype(np.float32)
+    params = {"method": method, "use_niche": use_niche}
     if covered:
         results = {path: _layer_for_table(table, model.genes, pred)}
     else:
