@@ -72,9 +72,10 @@ def scores(pred, truth, genes: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def run_design(name: str, kw: dict, res: dict) -> None:
-    import spatia as sp
     from annotation import nucleus_features
     from tasks import _lognorm, _squidpy_features, _subset_table
+
+    import spatia as sp
 
     sdata = sp.datasets.simulate(**kw)
     table = sdata["table"]

@@ -1,0 +1,146 @@
+"""The image readout of predict_expression: learned on the training cells, better than the decoder path on
+cells the model never saw with counts, saved and loaded with the model, refused when damaged."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import spatialdata as sd_mod
+from scipy.stats import pearsonr
+
+import spatia as sp
+from spatia.model._readout import EMBEDDING_WEIGHTS, fit_readout
+
+
+def _halves(sdata):
+    t = sdata["table"]
+    top = t.obsm["spatial"][:, 1] < np.median(t.obsm["spatial"][:, 1])
+
+    def part(mask):
+        return sd_mod.SpatialData(images=dict(sdata.images), labels=dict(sdata.labels),
+                                  tables={"table": t[mask].copy()})
+
+    return part(top), part(~top)
+
+
+@pytest.fixture(scope="module")
+def inductive():
+    """A model fitted on the top half of a slide; the bottom half's cells were never seen with counts."""
+    sdata = sp.datasets.simulate(900, mean_depth=60.0, random_state=5)
+    train, test = _halves(sdata)
+    model = sp.tl.fit(train, image_key="morphology", config=sp.SpatiaConfig.tiny(), max_epochs=10, random_state=0)
+    return model, test
+
+
+def _program_r(pred, table):
+    x = table.X.toarray()
+    truth = np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1) * 1e4)
+    genes = np.flatnonzero(table.var["role"].astype(str).str.endswith("_program").to_numpy())
+    return float(np.mean([pearsonr(pred[:, j], truth[:, j]).statistic for j in genes if pred[:, j].std() > 0]))
+
+
+def test_readout_predicts_unseen_cells_better_than_the_decoder(inductive):
+    model, test = inductive
+    info = model.readout.info
+    assert info["n_cells"] == 450 and info["embedding_weight"] in EMBEDDING_WEIGHTS
+    out = sp.tl.predict_expression(test, model, inplace=False)
+    assert out["params"]["method"] == "readout"
+    readout = out["layers/spatia_predicted"]
+    decoder = sp.tl.predict_expression(test, model, method="decoder", inplace=False)["layers/spatia_predicted"]
+    r_readout, r_decoder = _program_r(readout, test["table"]), _program_r(decoder, test["table"])
+    # the morphology programmes' genes (ground truth of the simulator); a mean profile has r = 0
+    assert r_readout > 0.2 and r_readout > r_decoder + 0.05, (r_readout, r_decoder)
+    assert (readout >= 0).all() and np.isfinite(readout).all()
+
+
+def test_embedding_weight_is_chosen_on_the_training_cells():
+    """An embedding that carries the signal gets weight; one of pure noise cannot make predictions of new
+    cells worse than the measured features alone."""
+    rng = np.random.default_rng(0)
+
+    def cells(n):
+        nucleus, emb_signal = rng.normal(size=(n, 12)), rng.normal(size=(n, 1))
+        y = np.hstack([nucleus[:, :1] + emb_signal + 0.3 * rng.normal(size=(n, 1)), rng.normal(size=(n, 2))])
+        return nucleus, np.hstack([emb_signal, rng.normal(size=(n, 15))]), rng.normal(size=(n, 16)), y
+
+    nucleus, useful, noise, y = cells(600)
+    new_nucleus, new_useful, new_noise, new_y = cells(2000)
+    fitted = fit_readout(nucleus, useful, y)
+    assert fitted.info["embedding_weight"] > 0
+    r_useful = pearsonr(fitted.predict(new_nucleus, new_useful)[:, 0], new_y[:, 0]).statistic
+    with_noise = fit_readout(nucleus, noise, y)
+    r_noise = pearsonr(with_noise.predict(new_nucleus, new_noise)[:, 0], new_y[:, 0]).statistic
+    alone = fit_readout(nucleus, noise[:, :0], y)
+    r_alone = pearsonr(alone.predict(new_nucleus, new_noise[:, :0])[:, 0], new_y[:, 0]).statistic
+    assert r_useful > r_alone + 0.1, (r_useful, r_alone)
+    assert r_noise > r_alone - 0.01, (r_noise, r_alone)
+
+
+def test_leave_one_out_errors_are_exact():
+    """The closed-form leave-one-out errors equal refitting the ridge without each cell."""
+    from sklearn.linear_model import Ridge
+
+    from spatia.model._readout import ALPHAS, _loo_errors
+
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(40, 5))
+    z -= z.mean(0)
+    y = z @ rng.normal(size=(5, 3)) + rng.normal(size=(40, 3)) + 2.0
+    errors, _ = _loo_errors(z, y - y.mean(0))
+    for a in (0, 6, 12):
+        brute = [((Ridge(alpha=ALPHAS[a]).fit(np.delete(z, i, 0), np.delete(y, i, 0)).predict(z[i:i + 1]) - y[i]) ** 2
+                  ).mean() for i in range(len(z))]
+        np.testing.assert_allclose(errors[a], brute, rtol=1e-8, atol=1e-10)
+
+
+def test_readout_saved_and_loaded(inductive, tmp_path):
+    model, test = inductive
+    model.save(tmp_path / "m")
+    assert (tmp_path / "m" / "readout.safetensors").exists()
+    loaded = sp.SpatiaModel.load(tmp_path / "m")
+    assert loaded.readout.info == model.readout.info
+    a = sp.tl.predict_expression(test, model, inplace=False)["layers/spatia_predicted"]
+    b = sp.tl.predict_expression(test, loaded, inplace=False)["layers/spatia_predicted"]
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_model_without_readout_decodes_and_damaged_readout_refused(inductive, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model, test = inductive
+    path = tmp_path / "m"
+    model.save(path)
+    meta = json.loads((path / "spatia_model.json").read_text())
+    # a folder saved before the readout existed: it loads, and predict_expression decodes
+    old = tmp_path / "old"
+    model.save(old)
+    (old / "readout.safetensors").unlink()
+    meta_old = dict(meta)
+    del meta_old["readout"]
+    (old / "spatia_model.json").write_text(json.dumps(meta_old))
+    legacy = sp.SpatiaModel.load(old)
+    assert legacy.readout is None
+    out = sp.tl.predict_expression(test, legacy, inplace=False)
+    assert out["params"]["method"] == "decoder"
+    with pytest.raises(ValueError, match="no image readout"):
+        sp.tl.predict_expression(test, legacy, method="readout", inplace=False)
+    # the metadata names a readout whose file is gone
+    (path / "readout.safetensors").rename(tmp_path / "kept.safetensors")
+    with pytest.raises(FileNotFoundError, match="readout.safetensors is missing"):
+        sp.SpatiaModel.load(path)
+    # non-finite or mis-shaped arrays
+    tensors = load_file(str(tmp_path / "kept.safetensors"))
+    tensors["coef"][0, 0] = float("nan")
+    save_file(tensors, str(path / "readout.safetensors"))
+    with pytest.raises(ValueError, match="readout.safetensors: .*NaN"):
+        sp.SpatiaModel.load(path)
+    tensors = load_file(str(tmp_path / "kept.safetensors"))
+    tensors["intercept"] = torch.zeros(3)
+    save_file(tensors, str(path / "readout.safetensors"))
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        sp.SpatiaModel.load(path)
+    with pytest.raises(ValueError, match="method must be"):
+        sp.tl.predict_expression(test, model, method="ridge", inplace=False)
