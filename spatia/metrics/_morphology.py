@@ -25,8 +25,26 @@ def _as_gray(crops, channel: int | None) -> np.ndarray:
     return x
 
 
-def morphology_features(crops, *, channel: int | None = 0, pixel_size: float | None = None) -> pd.DataFrame:
-    """Region features of each crop: Otsu mask → largest connected region → 10 measurements.
+def central_region(lab: np.ndarray) -> int:
+    """Label of the region of ``lab`` nearest the crop's centre (where the cell's centroid is): the one holding
+    the centre pixel, else the one with the pixel closest to it; among equals, the largest. 0 without regions."""
+    from scipy import ndimage
+
+    n = int(lab.max())
+    if n == 0:
+        return 0
+    h, w = lab.shape
+    yy, xx = np.ogrid[:h, :w]
+    dist = (yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2
+    ids = np.arange(1, n + 1)
+    nearest = np.asarray(ndimage.minimum(dist, lab, ids))
+    area = np.bincount(lab.ravel(), minlength=n + 1)[1:]
+    return int(ids[np.lexsort((-area, nearest))[0]])
+
+
+def morphology_features(crops, *, channel: int | None = 0, pixel_size: float | None = None,
+                        region: str = "largest") -> pd.DataFrame:
+    """Region features of each crop: Otsu mask → one connected region → 10 measurements.
 
     The features are those of the SPATIA paper's morphology metrics: area, perimeter, eccentricity,
     solidity, mean / max / min intensity and intensity standard deviation inside the region, and the major
@@ -40,6 +58,10 @@ def morphology_features(crops, *, channel: int | None = 0, pixel_size: float | N
         Channel to measure (default 0, the nuclear stain in our crops); ``None`` averages the channels.
     pixel_size
         Size of a crop pixel (µm): areas are then in µm² and lengths in µm; ``None`` keeps pixels.
+    region
+        Which region is measured: ``"largest"`` (generated crops, one nucleus each) or ``"central"``, the one
+        at the crop's centre (:func:`central_region`): the cell's own nucleus in a crop of dense tissue,
+        where a neighbour's nucleus may be larger.
 
     Returns
     -------
@@ -55,6 +77,8 @@ def morphology_features(crops, *, channel: int | None = 0, pixel_size: float | N
     from skimage.filters import threshold_otsu
     from skimage.measure import label, regionprops
 
+    if region not in ("largest", "central"):
+        raise ValueError(f"region must be 'largest' or 'central', got {region!r}.")
     x = _as_gray(crops, channel)
     out = np.full((x.shape[0], len(MORPHOLOGY_FEATURES)), np.nan, dtype=np.float64)
     s = 1.0 if pixel_size is None else float(pixel_size)
@@ -68,7 +92,11 @@ def morphology_features(crops, *, channel: int | None = 0, pixel_size: float | N
             out[i, 0] = 0.0
             continue
         props = regionprops(lab, intensity_image=img)
-        r = max(props, key=lambda p: p.area)
+        if region == "central":
+            keep = central_region(lab)
+            r = next(p for p in props if p.label == keep)
+        else:
+            r = max(props, key=lambda p: p.area)
         vals = img[lab == r.label]
         out[i] = (
             r.area * s * s, r.perimeter * s, r.eccentricity, r.solidity, vals.mean(), vals.max(), vals.min(),

@@ -13,15 +13,19 @@ _CHUNK = 2048  # cells read from the crop store at a time
 
 
 def _texture(img: np.ndarray) -> tuple[float, float]:
-    """GLCM contrast and homogeneity of the pixel pairs inside the Otsu foreground (distances 1 and 2 px, four
-    directions), on the foreground's own 1st–99.5th percentile range; NaN without a foreground."""
+    """GLCM contrast and homogeneity of the pixel pairs inside the central Otsu region, the cell's own nucleus
+    (distances 1 and 2 px, four directions), on the region's 1st–99.5th percentile range; NaN without one."""
     from skimage.feature import graycomatrix, graycoprops
     from skimage.filters import threshold_otsu
+    from skimage.measure import label
+
+    from ..metrics._morphology import central_region
 
     if not np.isfinite(img).all() or np.ptp(img) <= 1e-8:
         return np.nan, np.nan
-    inside = img > threshold_otsu(img)
-    if inside.sum() < 4:
+    lab = label(img > threshold_otsu(img), connectivity=2)
+    inside = lab == central_region(lab)
+    if lab.max() == 0 or inside.sum() < 4:
         return np.nan, np.nan
     lo, hi = np.percentile(img[inside], [1, 99.5])
     scaled = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1) * (_LEVELS - 1.001)
@@ -32,9 +36,9 @@ def _texture(img: np.ndarray) -> tuple[float, float]:
 
 
 def nucleus_features(store, rows: np.ndarray | None = None) -> np.ndarray:
-    """``(n_cells, 12)`` nucleus measurements from the first channel of each cell's crop: area, perimeter,
-    eccentricity, solidity, intensity mean / max / min / std, axis lengths (``morphology_features``) and GLCM
-    contrast / homogeneity. Crops are read ``_CHUNK`` cells at a time; a crop without foreground gets zeros.
+    """``(n_cells, 12)`` measurements of each cell's own nucleus (the Otsu region at the centre of the first
+    channel of its crop, not a larger neighbour's): area, perimeter, eccentricity, solidity, intensity
+    mean / max / min / std, axis lengths (``morphology_features``) and GLCM contrast / homogeneity. Crops are read ``_CHUNK`` cells at a time; a crop without foreground gets zeros.
 
     Measured in crop pixels: comparable between cells of crops cut with the same window and size.
     """
@@ -49,7 +53,7 @@ def nucleus_features(store, rows: np.ndarray | None = None) -> np.ndarray:
             part = rows[start:start + _CHUNK]
             crops = store.get(part)
             with settings.override(progress_bar=False):  # one bar for the whole slide, not one per chunk
-                out[start:start + len(part), :10] = morphology_features(crops).to_numpy(np.float64)
+                out[start:start + len(part), :10] = morphology_features(crops, region="central").to_numpy(np.float64)
             gray = crops[:, 0].astype(np.float64)
             out[start:start + len(part), 10:] = [_texture(img) for img in gray]
             bar.update(len(part))

@@ -74,3 +74,29 @@ def test_feature_distances_by_group_matches_per_group_calls():
     assert d.loc["area", "b"] > d.loc["area", "a"] + 3
     with pytest.raises(ValueError, match="one entry per row"):
         sp.metrics.feature_distances_by_group(real, gen, groups[:10])
+
+
+def test_central_region_is_the_cells_own_nucleus_not_a_larger_neighbour():
+    """In dense tissue a crop holds a neighbour's nucleus too: nucleus features (annotate, the image readout)
+    measure the one at the centre, where the cell is; the generation metrics keep the largest region."""
+    from spatia.tl._nucleus import nucleus_features
+
+    yy, xx = np.ogrid[:32, :32]
+    img = np.zeros((2, 32, 32), np.float32)
+    img[0][((yy - 16) ** 2 + (xx - 15) ** 2) < 16] = 1.0  # the cell's nucleus, ~45 px
+    img[0][((yy - 4) ** 2 + (xx - 26) ** 2) < 30] = 0.8  # a larger neighbour in the corner, ~90 px
+    central = sp.metrics.morphology_features(img[None], region="central")["area"].item()
+    largest = sp.metrics.morphology_features(img[None])["area"].item()
+    assert 40 <= central <= 50 and largest > 80
+
+    class Store:
+        def __len__(self):
+            return 1
+
+        def get(self, rows):
+            return img[None].repeat(len(rows), 0)
+
+    feats = nucleus_features(Store())
+    assert feats[0, 0] == central and feats[0, 4] == 1.0  # area and mean intensity of the central nucleus
+    with pytest.raises(ValueError, match="region must be"):
+        sp.metrics.morphology_features(img[None], region="middle")
