@@ -224,7 +224,8 @@ def annotate(
         ``["X_spatia_cell", "X_spatia_niche"]``.
     morphology
         Also read 12 nucleus measurements of each cell's crop (area, perimeter, shape, intensity, axis lengths
-        and GLCM texture of the largest Otsu region, standardised with the embedding), so that types that
+        and GLCM texture of the Otsu region at the crop's centre, the cell's own nucleus, standardised with the
+        embedding), so that types that
         differ in nuclear size, shape or chromatin texture more than in expression are told apart. ``None``
         (default): when ``model`` is given, reads images and the inputs are SpatialData; ``False``: the
         embedding alone. The crops are the model's (window, size, channels), reused from an earlier call when
