@@ -63,7 +63,8 @@ def test_save_load_embed_identical(fitted, tmp_path, sim):
 
     sd, model = fitted
     model.save(tmp_path / "m")
-    assert {p.name for p in (tmp_path / "m").iterdir()} == {"config.json", "model.safetensors", "spatia_model.json"}
+    assert {p.name for p in (tmp_path / "m").iterdir()} == {"config.json", "model.safetensors", "spatia_model.json",
+                                                               "readout.safetensors"}
     loaded = sp.SpatiaModel.load(tmp_path / "m", map_location="cpu")
     assert loaded.genes == model.genes and loaded.channels == model.channels
     other = copy.deepcopy(sim)
