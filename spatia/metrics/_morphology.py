@@ -60,8 +60,8 @@ def morphology_features(crops, *, channel: int | None = 0, pixel_size: float | N
         Size of a crop pixel (µm): areas are then in µm² and lengths in µm; ``None`` keeps pixels.
     region
         Which region is measured: ``"largest"`` (generated crops, one nucleus each) or ``"central"``, the one
-        at the crop's centre (:func:`central_region`): the cell's own nucleus in a crop of dense tissue,
-        where a neighbour's nucleus may be larger.
+        at the crop's centre (holding the centre pixel, else the nearest to it): the cell's own nucleus in a
+        crop of dense tissue, where a neighbour's nucleus may be larger.
 
     Returns
     -------
