@@ -152,8 +152,6 @@ def _prepare(
 
     # niche members (niche_graph's graph, built chunk by chunk into the (n, k) table) and tissue tiles
     nbr = niche_members(xy, niche_k, niche_radius)
-    if tile_um <= 0:
-        raise ValueError(f"tile_um must be positive, got {tile_um}.")
     tile = tile_index(xy, tile_um)
     arrays = CellArrays(counts=counts, crops=store, xy=xy.astype(np.float32), nbr=nbr, tile=np.asarray(tile))
     return Prepared(arrays, table, list(genes), missing, channels, crop_params, cs, units)

@@ -91,12 +91,7 @@ def niche_graph(
         import squidpy as sq
 
     table = get_table(data, table_key)
-    if radius is None and (n_neighs is None or n_neighs < 1):
-        raise ValueError("Give n_neighs >= 1 or a radius.")
-    if radius is not None and radius <= 0:
-        raise ValueError(f"radius must be positive, got {radius}.")
-    if table.n_obs < 2:
-        raise ValueError(f"The table has {table.n_obs} cell(s): a niche graph needs at least 2 cells.")
+    _check_niche(table.n_obs, n_neighs, radius)
     xy_um, units = obsm_um(table, spatial_key, um_per_unit)
     tmp = AnnData(obs=table.obs[[]].copy(), obsm={spatial_key: xy_um})
     if radius is not None:
@@ -127,6 +122,15 @@ def niche_graph(
 _MEMBER_CHUNK = 65_536  # cells queried at a time
 
 
+def _check_niche(n_cells: int, n_neighs: int | None, radius: float | None) -> None:
+    if radius is None and (n_neighs is None or n_neighs < 1):
+        raise ValueError("Give n_neighs >= 1 or a radius.")
+    if radius is not None and radius <= 0:
+        raise ValueError(f"radius must be positive, got {radius}.")
+    if n_cells < 2:
+        raise ValueError(f"The table has {n_cells} cell(s): a niche graph needs at least 2 cells.")
+
+
 def niche_members(xy_um: np.ndarray, n_neighs: int, radius: float | None = None) -> np.ndarray:
     """``(n, K)`` row indices of each cell's niche members, ``-1`` padded: the graph of :func:`niche_graph`
     (same members, each row in ascending row order) built straight into a table, a chunk of cells at a time.
@@ -139,10 +143,7 @@ def niche_members(xy_um: np.ndarray, n_neighs: int, radius: float | None = None)
 
     xy = np.asarray(xy_um, dtype=np.float64)
     n = len(xy)
-    if radius is not None and radius <= 0:
-        raise ValueError(f"radius must be positive, got {radius}.")
-    if n < 2:
-        raise ValueError(f"The table has {n} cell(s): a niche graph needs at least 2 cells.")
+    _check_niche(n, n_neighs, radius)
     tree = cKDTree(xy)
     if radius is None:
         k = int(min(n_neighs, max(1, n - 1)))
@@ -171,6 +172,8 @@ def niche_members(xy_um: np.ndarray, n_neighs: int, radius: float | None = None)
 
 def tile_index(xy_um: np.ndarray, tile_size: float) -> np.ndarray:
     """The tissue tile of each cell (positions in µm; tiles numbered row-major over the occupied grid)."""
+    if tile_size <= 0:
+        raise ValueError(f"tile_size must be positive, got {tile_size}.")
     cell = np.floor((xy_um - xy_um.min(axis=0)) / tile_size).astype(np.int64)
     key = cell[:, 1] * (cell[:, 0].max() + 1) + cell[:, 0]
     return np.unique(key, return_inverse=True)[1].ravel()
@@ -205,8 +208,6 @@ def tissue_tiles(
     import pandas as pd
 
     table = get_table(data, table_key)
-    if tile_size <= 0:
-        raise ValueError(f"tile_size must be positive, got {tile_size}.")
     xy, _ = obsm_um(table, spatial_key, um_per_unit)
     tile = tile_index(xy, tile_size)
     if not inplace:
