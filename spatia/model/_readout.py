@@ -131,12 +131,10 @@ def fit_readout(nucleus: np.ndarray, embedding: np.ndarray, target: np.ndarray) 
 
 
 def log_expression(counts) -> np.ndarray:
-    """log1p of counts per 10,000 (the readout's target), dense float64."""
-    import scipy.sparse as sp_sparse
+    """log1p of counts per 10,000 (the readout's target), dense."""
+    from ..tl._reference_mapping import _cp10k
 
-    x = counts.toarray() if sp_sparse.issparse(counts) else np.asarray(counts)
-    x = x.astype(np.float64)
-    return np.log1p(x / np.maximum(x.sum(1, keepdims=True), 1.0) * 1e4)
+    return np.log1p(_cp10k(counts))
 
 
 def image_only(arrays):
