@@ -26,13 +26,9 @@ in ``var["role"]``). Paired margins: per design, spatia (defaults) minus the bes
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import platform
 import sys
 import time
 import warnings
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -119,57 +115,13 @@ def run_design(name: str, kw: dict, res: dict) -> None:
     print(f"{name} (top-10 genes) {line}", flush=True)
 
 
-def report(res: dict, names: list[str], command: str, header: str) -> str:
-    lines = [f"# Image → expression on unseen cells ({', '.join(names)})", "", f"`{command}`", "", header, "",
-             "Mean per-gene Pearson on the bottom half of each slide (the model and every ridge fitted on the top "
-             "half). Higher is better.", ""]
-    for m in (*METRICS, "wall s", "info"):
-        rows = [(k[1], dict(v)) for k, v in res.items() if k[0] == m]
-        if not rows:
-            continue
-        lines += [f"**{m}**", "", "| method | mean | " + " | ".join(names) + " |",
-                  "|---|---:|" + "---:|" * len(names)]
-        for label, per in rows:
-            vals = [per[n] for n in names if n in per]
-            lines.append(f"| {label} | {np.mean(vals):.3f} | " + " | ".join(f"{per[n]:.3f}" for n in names) + " |")
-        lines.append("")
-        if m in METRICS:
-            ours = dict(res[m, "spatia, defaults"])
-            for peer in PEERS:
-                d = np.array([ours[n] - dict(res[m, peer])[n] for n in names])
-                lines.append(f"spatia (defaults) − {peer}: {d.mean():+.3f} ± {d.std(ddof=1) if len(d) > 1 else 0:.3f} "
-                             f"(paired by slide), ahead on {(d > 0).sum()}/{len(d)} slides.")
-                lines.append("")
-    return "\n".join(lines)
-
-
 def main() -> None:
-    import torch
+    from _designs import run
 
-    import spatia as sp
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--designs", choices=list(DESIGNS), default="report")
-    p.add_argument("--only", nargs="*", help="run only these design names")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=None)
-    a = p.parse_args()
-    torch.set_num_threads(a.threads)
-    sp.settings.progress_bar = False
-    sp.settings.verbosity = 1
-    designs = {k: v for k, v in DESIGNS[a.designs].items() if not a.only or k in a.only}
-    res = defaultdict(list)
-    t0 = time.time()
-    for name, kw in designs.items():
-        run_design(name, kw, res)
-    command = "python benchmarks/image_expression.py " + " ".join(sys.argv[1:])
-    header = (f"{platform.machine()}, {datetime.date.today()}, spatia {sp.__version__}, {a.threads} torch "
-              f"thread(s), total {time.time() - t0:.0f} s. Designs: " +
-              "; ".join(f"{k}: {v}" for k, v in designs.items()) + ".")
-    text = report(res, list(designs), command, header)
-    print(text)
-    if a.out:
-        Path(a.out).write_text(text + "\n")
+    run(__doc__, DESIGNS, run_design, title="Image → expression on unseen cells", metrics=METRICS,
+        ours="spatia, defaults", peers=PEERS,
+        intro="Mean per-gene Pearson on the bottom half of each slide (the model and every ridge fitted on the top "
+              "half). Higher is better.")
 
 
 if __name__ == "__main__":

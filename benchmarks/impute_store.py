@@ -40,7 +40,8 @@ def _peak_rss_sampler():
 
 
 def _inputs(n: int, n_panel: int, ref_cells: int, ref_genes: int, seed: int = 0):
-    """Panel profiles of ``n`` cells and a sparse reference (10 % non-zero) sharing the panel genes."""
+    """Panel profiles and counts (about 100 per cell) of ``n`` cells, and a sparse reference (10 % non-zero)
+    sharing the panel genes."""
     import scipy.sparse as sps
 
     rng = np.random.default_rng(seed)
@@ -54,7 +55,8 @@ def _inputs(n: int, n_panel: int, ref_cells: int, ref_genes: int, seed: int = 0)
     other.data = np.ceil(other.data * 5)
     counts = sps.hstack([sps.csr_matrix(np.round(panel)), other], format="csr")
     genes = [f"p{i}" for i in range(n_panel)] + [f"g{i}" for i in range(ref_genes)]
-    return rho, counts, genes
+    cells = sps.csr_matrix(rng.poisson(rho * 100).astype(np.float32))
+    return rho, cells, counts, genes
 
 
 def _run(n: int, args, mode: str, queue) -> None:
@@ -64,14 +66,14 @@ def _run(n: int, args, mode: str, queue) -> None:
     from spatia.tl._impute import _new_table_like
     from spatia.tl._reference_mapping import _lazy_log1p, _reference_map, _write_table_store
 
-    rho, counts, genes = _inputs(n, args.panel, args.ref_cells, args.ref_genes)
+    rho, cells, counts, genes = _inputs(n, args.panel, args.ref_cells, args.ref_genes)
     panel, targets = genes[: args.panel], genes[args.panel :]
     table = ad.AnnData(obs=pd.DataFrame(index=[f"c{i}" for i in range(n)]))
     proc, state = _peak_rss_sampler()
     start_rss = proc.memory_info().rss
     state["peak"] = start_rss
     t0 = time.perf_counter()
-    mapping = _reference_map(rho, panel, counts, genes, panel, targets, 50, 30, 0)
+    mapping = _reference_map(cells, rho, panel, counts, genes, panel, targets, 50, 30, 0)
     if mode == "store":
         store = args.workdir / f"imputed_{n}.zarr"
         shutil.rmtree(store, ignore_errors=True)

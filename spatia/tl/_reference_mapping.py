@@ -1,7 +1,8 @@
 """Genes from a scRNA-seq reference for :func:`spatia.tl.impute` and :func:`spatia.tl.validate_imputation`.
 
-Each spatial cell takes the similarity-weighted mean profile of its nearest reference cells in a PCA of the
-genes both measure; the reference's values are counts per 10,000 counts of the panel genes it measures.
+Each spatial cell takes the posterior mean profile of the reference neighbourhoods most likely to have produced
+its counts of the genes both measure (see :class:`_ReferenceMap`); the reference's values are counts per 10,000
+counts of the panel genes it measures.
 """
 
 from __future__ import annotations
@@ -37,87 +38,163 @@ def _reference_profiles(reference, reference_layer):
     return counts, reference.var_names.astype(str)
 
 
-class _ReferenceMap:
-    """kNN regression in a PCA of the shared genes fitted on the reference (each dataset z-scored on its own).
+# How the mapping weighs the evidence (chosen on development seeds of ``simulate_with_reference``; see
+# benchmarks/results/tasks.md): the model's expected profile counts as much as one measured library of the cell
+# (_MODEL_WEIGHT), the likelihood is tempered by _TEMPERATURE for over-dispersion (real counts vary more than
+# Poisson), and each reference component is a reference cell pooled with its _SMOOTHING nearest reference cells.
+_MODEL_WEIGHT = 1.0
+_TEMPERATURE = 3.0
+_SMOOTHING = 15
+_MAX_COMPONENTS = 5000  # reference neighbourhoods kept (a seeded sample beyond): the cost is cells × components
+_MAX_GENES = 1000  # shared genes scored (the most variable in the reference beyond)
+_NEIGHBOURHOOD_GENES = 2000  # reference genes (the most variable) of the PCA in which neighbourhoods are found
 
-    ``query`` and ``ref_shared`` are log-normalised expression over the same shared genes; each gene is
-    standardised within its dataset (removing platform-wide gene scale differences), PCA is fitted on the
-    reference, and each query cell takes the similarity-weighted mean of ``ref_target`` over its
-    ``n_neighbors`` nearest reference cells (cosine distance). :meth:`block` maps any rows of the query, so
-    that the cells × genes result can be written block by block (a whole transcriptome for a million cells
-    never sits in memory). ``ref_target`` may be sparse (CSR): it stays sparse.
+
+def _lognorm_variance(x, lib: np.ndarray) -> np.ndarray:
+    """Per-gene variance of ``log1p(x / lib * 10,000)`` over cells, without densifying a sparse ``x``."""
+    if sp_sparse.issparse(x):
+        y = sp_sparse.csr_matrix(sp_sparse.diags((1e4 / lib).astype(np.float32)) @ x)
+        np.log1p(y.data, out=y.data)
+        mean = np.asarray(y.mean(0), dtype=np.float64).ravel()
+        return np.asarray(y.multiply(y).mean(0), dtype=np.float64).ravel() - mean**2
+    return np.log1p(x / lib[:, None] * 1e4).var(0)
+
+
+def _lognorm_columns(x, lib: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Dense float32 ``log1p(x[:, cols] / lib * 10,000)``."""
+    c = x[:, cols]
+    c = c.toarray() if sp_sparse.issparse(c) else np.array(c, dtype=np.float32)
+    c *= (1e4 / lib).astype(np.float32)[:, None]
+    return np.log1p(c, out=c)
+
+
+class _ReferenceMap:
+    """Each spatial cell's expression of the reference's genes, as the posterior mean over reference neighbourhoods.
+
+    The reference is cut into neighbourhoods (each reference cell pooled with its ``_SMOOTHING`` nearest reference
+    cells in a PCA of the reference's most variable genes, at most ``_MAX_COMPONENTS`` of them); each has a profile over the shared
+    genes and a mean of the target genes. A spatial cell's counts of the shared genes are a multinomial draw from
+    the profile of the neighbourhood it belongs to, at the cell's own depth, so its log-likelihood under each
+    neighbourhood is ``counts @ log(profile)``. That is what makes the mapping depth-aware: a 40-count cell is
+    compared with deep reference profiles without first pretending its counts are a profile. The model's expected
+    proportions (``rho``) enter as pseudo-counts worth one library of the cell. The ``n_neighbors`` most likely
+    neighbourhoods are averaged with their tempered posterior weights.
+
+    :meth:`block` maps any rows of the query, so that the cells × genes result can be written block by block (a
+    whole transcriptome for a million cells never sits in memory). A sparse ``ref_target`` (CSR) stays sparse
+    while its pooled form is less than half filled.
     """
 
-    def __init__(self, query: np.ndarray, ref_shared: np.ndarray, ref_target, n_neighbors: int, n_comps: int,
-                 random_state: int) -> None:
-        import sklearn
+    def __init__(self, counts, rho: np.ndarray | None, query_cols: np.ndarray, ref_all, shared_cols: np.ndarray,
+                 ref_target, n_neighbors: int, n_comps: int, random_state: int) -> None:
         from sklearn.decomposition import PCA
         from sklearn.neighbors import NearestNeighbors
 
-        def z(a):
-            sd = a.std(0)
-            return (a - a.mean(0)) / np.where(sd > 0, sd, 1)
-
-        zr = z(ref_shared)
-        k = max(1, min(n_comps, zr.shape[1] - 1, zr.shape[0] - 1))
-        pca = PCA(k, random_state=random_state).fit(zr)
-        self.pq = pca.transform(z(query)).astype(np.float32)
-        self.nn = NearestNeighbors(n_neighbors=min(n_neighbors, len(zr)), metric="cosine").fit(pca.transform(zr))
-        self.target = sp_sparse.csr_matrix(ref_target) if sp_sparse.issparse(ref_target) else ref_target
+        self.counts = sp_sparse.csr_matrix(counts) if sp_sparse.issparse(counts) else np.asarray(counts)
+        self.rho, self.query_cols = rho, np.asarray(query_cols)
+        ref_all = sp_sparse.csr_matrix(ref_all, dtype=np.float32) if sp_sparse.issparse(ref_all) else \
+            np.asarray(ref_all, dtype=np.float32)
+        n_ref = ref_all.shape[0]
+        lib = np.maximum(np.asarray(ref_all.sum(1), dtype=np.float64).ravel(), 1e-12)
+        # neighbourhoods are found on everything the reference measures (its most variable genes), not only on
+        # the shared genes: pooled cells then agree on the genes to impute as well
+        var_all = _lognorm_variance(ref_all, lib)
+        hvg = np.sort(np.argsort(-var_all, kind="stable")[:_NEIGHBOURHOOD_GENES])
+        z = _lognorm_columns(ref_all, lib, hvg)
+        sd = z.std(0)
+        z -= z.mean(0)
+        z /= np.where(sd > 0, sd, 1)
+        k = max(1, min(n_comps, z.shape[1] - 1, n_ref - 1))
+        pc = PCA(k, random_state=random_state).fit_transform(z) if z.shape[1] > 1 else z
+        del z
+        # the scored genes: all shared genes, or the most variable in the reference on very wide panels
+        shared_cols = np.asarray(shared_cols)
+        self.genes = np.sort(np.argsort(-var_all[shared_cols], kind="stable")[:_MAX_GENES])
+        rc = ref_all[:, shared_cols[self.genes]]
+        members = NearestNeighbors(n_neighbors=min(_SMOOTHING, n_ref)).fit(pc).kneighbors(pc, return_distance=False)
+        if n_ref > _MAX_COMPONENTS:
+            keep = np.sort(np.random.default_rng(random_state).choice(n_ref, _MAX_COMPONENTS, replace=False))
+            members = members[keep]
+        m, s = members.shape
+        pool = sp_sparse.csr_matrix((np.full(m * s, 1.0 / s, dtype=np.float32), members.ravel(),
+                                     np.arange(0, m * s + 1, s)), shape=(m, n_ref))
+        prof = pool @ rc
+        prof = np.asarray(prof.toarray() if sp_sparse.issparse(prof) else prof, dtype=np.float64)
+        # half a count per gene over the pooled cells keeps a gene no pooled cell detected possible
+        prof += 0.5 / s
+        self.profile = prof / prof.sum(1, keepdims=True)
+        target = sp_sparse.csr_matrix(ref_target, dtype=np.float32) if sp_sparse.issparse(ref_target) else \
+            np.asarray(ref_target, dtype=np.float32)
+        # the neighbourhoods' mean targets: pooling fills in a sparse reference, so they stay sparse only where
+        # that takes less memory than a dense float32 array (8 bytes per stored value against 4 per cell)
+        self.target = pool @ target
+        if sp_sparse.issparse(self.target):
+            self.target = sp_sparse.csr_matrix(self.target, dtype=np.float32)
+            if 2 * self.target.nnz > np.prod(self.target.shape):
+                self.target = self.target.toarray()
         self.n_genes = ref_target.shape[1]
-        # the bandwidth: the median neighbour distance, over (at most ~20,000) query cells spread over the slide
-        with sklearn.config_context(working_memory=max(1, _MAP_CHUNK_BYTES // 2**20)):
-            probe = self.pq[:: max(1, len(self.pq) // 20_000)]
-            self.bandwidth = max(float(np.median(self.nn.kneighbors(probe)[0])), 1e-6)
+        self.n_cells = self.counts.shape[0]
+        self.k = min(n_neighbors, m)
+        self.log_profile = np.log(self.profile).astype(np.float32)
 
     @property
     def step(self) -> int:
-        """Query cells per block: the block's profiles stay ~64 MB."""
-        return max(1, _MAP_CHUNK_BYTES // (max(self.n_genes, 1) * 4))
+        """Query cells per block: the block's profiles and likelihoods stay ~64 MB."""
+        return max(1, _MAP_CHUNK_BYTES // (4 * max(self.n_genes, len(self.profile), 1)))
+
+    def _counts(self, rows) -> np.ndarray:
+        """Dense float32 counts of the scored genes for ``rows`` (a slice or row indices)."""
+        c = self.counts[rows][:, self.query_cols[self.genes]]
+        return np.asarray(c.toarray() if sp_sparse.issparse(c) else c, dtype=np.float32)
+
+    def _query(self, rows) -> np.ndarray:
+        """Pseudo-counts of the scored genes for ``rows``: the counts, plus the model's expectation."""
+        q = self._counts(rows)
+        if self.rho is not None:
+            r = np.asarray(self.rho[rows][:, self.query_cols[self.genes]], dtype=np.float32)
+            lib = q.sum(1, keepdims=True)
+            q += _MODEL_WEIGHT * lib * r / np.maximum(r.sum(1, keepdims=True), 1e-12)
+        return q
+
+    def _weights(self, rows, log_profile: np.ndarray) -> sp_sparse.csr_matrix:
+        """``(rows, neighbourhoods)`` sparse posterior weights over the ``k`` most likely neighbourhoods."""
+        q = self._query(rows)
+        loglik = q @ log_profile.T
+        loglik /= _TEMPERATURE
+        m, k = loglik.shape[0], self.k
+        idx = np.argpartition(-loglik, k - 1, axis=1)[:, :k] if k < loglik.shape[1] else \
+            np.broadcast_to(np.arange(loglik.shape[1]), loglik.shape).copy()
+        top = np.take_along_axis(loglik, idx, 1)
+        w = np.exp(top - top.max(1, keepdims=True))
+        w /= w.sum(1, keepdims=True)
+        return sp_sparse.csr_matrix((w.ravel().astype(np.float32), idx.ravel(), np.arange(0, m * k + 1, k)),
+                                    shape=(m, loglik.shape[1]))
 
     def block(self, start: int, stop: int) -> np.ndarray:
         """``(stop - start, genes)`` float32: the mapped profiles of query rows ``start:stop``."""
-        import sklearn
-
-        # sklearn's brute-force search holds (query chunk × reference cells) distances: at most ~64 MB of them
-        with sklearn.config_context(working_memory=max(1, _MAP_CHUNK_BYTES // 2**20)):
-            dist, idx = self.nn.kneighbors(self.pq[start:stop])
-        w = np.exp(-dist / self.bandwidth)
-        w /= w.sum(1, keepdims=True)
-        # the weighted mean as (block × reference cells, sparse) @ profiles: never (block × k × genes)
-        m, k = idx.shape
-        weights = sp_sparse.csr_matrix((w.ravel().astype(np.float32), idx.ravel(), np.arange(0, m * k + 1, k)),
-                                       shape=(m, self.target.shape[0]))
-        out = weights @ self.target
+        out = self._weights(slice(start, stop), self.log_profile) @ self.target
         return np.asarray(out.toarray() if sp_sparse.issparse(out) else out, dtype=np.float32)
 
     def all(self) -> np.ndarray:
         """Every query cell, block by block into one dense array."""
-        out = np.empty((len(self.pq), self.n_genes), dtype=np.float32)
-        for s in range(0, len(self.pq), self.step):
+        out = np.empty((self.n_cells, self.n_genes), dtype=np.float32)
+        for s in range(0, self.n_cells, self.step):
             out[s : s + self.step] = self.block(s, s + self.step)
         return out
-
-
-def _map_to_reference(query: np.ndarray, ref_shared: np.ndarray, ref_target, n_neighbors: int, n_comps: int,
-                      random_state: int) -> np.ndarray:
-    """Dense (query cells × target genes) profiles of :class:`_ReferenceMap`."""
-    return _ReferenceMap(query, ref_shared, ref_target, n_neighbors, n_comps, random_state).all()
 
 
 _MAP_CHUNK_BYTES = 64 * 2**20
 
 
-def _reference_map(rho, model_genes, ref_counts, ref_genes, shared, targets, n_neighbors, n_comps, seed):
-    """The :class:`_ReferenceMap` of each cell to the reference on the ``shared`` genes, for ``targets``.
+def _reference_map(counts, rho, model_genes, ref_counts, ref_genes, shared, targets, n_neighbors, n_comps, seed):
+    """The :class:`_ReferenceMap` of each cell (its ``counts`` and the model's ``rho``, both over ``model_genes``)
+    to the reference on the ``shared`` genes, for ``targets``.
 
     The reference's values are counts per 10,000 counts of the panel genes it measures, i.e. on the scale
     of the spatial cells' own normalised panel. A sparse reference stays sparse.
     """
     ridx = pd.Index(ref_genes)
     qi = pd.Index(model_genes).get_indexer(shared)
-    query = np.log1p(rho[:, qi] / np.maximum(rho[:, qi].sum(1, keepdims=True), 1e-12) * 1e4)
-    ref_shared = np.log1p(_cp10k(ref_counts[:, ridx.get_indexer(shared)]))
     panel_in_ref = ridx.get_indexer([g for g in model_genes if g in set(ref_genes)])
     lib = np.asarray(ref_counts[:, panel_in_ref].sum(1)).ravel()
     scale = (1e4 / np.maximum(lib, 1)).astype(np.float32)
@@ -126,12 +203,12 @@ def _reference_map(rho, model_genes, ref_counts, ref_genes, shared, targets, n_n
         tgt = sp_sparse.csr_matrix(sp_sparse.diags(scale) @ tgt, dtype=np.float32)
     else:
         tgt = (np.asarray(tgt) * scale[:, None]).astype(np.float32)
-    return _ReferenceMap(query, ref_shared, tgt, n_neighbors, n_comps, seed)
+    return _ReferenceMap(counts, rho, qi, ref_counts, ridx.get_indexer(shared), tgt, n_neighbors, n_comps, seed)
 
 
-def _reference_impute(rho, model_genes, ref_counts, ref_genes, shared, targets, n_neighbors, n_comps, seed):
-    """Dense expression of ``targets`` for each cell from its reference neighbours (see :func:`_reference_map`)."""
-    return _reference_map(rho, model_genes, ref_counts, ref_genes, shared, targets, n_neighbors, n_comps,
+def _reference_impute(counts, rho, model_genes, ref_counts, ref_genes, shared, targets, n_neighbors, n_comps, seed):
+    """Dense expression of ``targets`` for each cell from the reference (see :func:`_reference_map`)."""
+    return _reference_map(counts, rho, model_genes, ref_counts, ref_genes, shared, targets, n_neighbors, n_comps,
                           seed).all()
 
 
@@ -139,7 +216,7 @@ def _lazy_log1p(mapping: _ReferenceMap):
     """``log1p`` of every mapped profile as a dask array of blocks of cells, each computed when read."""
     import dask.array as da
 
-    n, step = len(mapping.pq), mapping.step
+    n, step = mapping.n_cells, mapping.step
     starts = da.arange(0, n, chunks=step)
 
     def block(rows: np.ndarray) -> np.ndarray:

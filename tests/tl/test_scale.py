@@ -123,9 +123,16 @@ def test_reference_mapping_in_chunks_equals_one_pass(monkeypatch):
     from spatia.tl import _reference_mapping
 
     rng = np.random.default_rng(0)
-    ref_shared, query = rng.normal(size=(200, 12)), rng.normal(size=(90, 12))
-    target = rng.gamma(1.0, size=(200, 6)).astype(np.float32)
-    one = _reference_mapping._map_to_reference(query, ref_shared, target, 10, 5, 0)
-    monkeypatch.setattr(_reference_mapping, "_MAP_CHUNK_BYTES", 10 * 6 * 8 * 8)  # 8 cells per chunk
-    np.testing.assert_allclose(_reference_mapping._map_to_reference(query, ref_shared, target, 10, 5, 0), one,
-                               rtol=1e-5)
+    ref = rng.poisson(rng.gamma(1.0, size=(200, 18)) * 5).astype(np.float32)
+    query = rng.poisson(rng.gamma(1.0, size=(90, 12))).astype(np.float32)
+    rho = rng.dirichlet(np.ones(12), size=90).astype(np.float32)
+    genes, ref_genes = [f"g{i}" for i in range(12)], [f"g{i}" for i in range(18)]
+
+    def mapped():
+        return _reference_mapping._reference_impute(query, rho, genes, ref, ref_genes, genes, ref_genes[12:], 10, 5, 0)
+
+    one = mapped()
+    monkeypatch.setattr(_reference_mapping, "_MAP_CHUNK_BYTES", 4 * 200 * 8)  # 8 cells per chunk
+    assert _reference_mapping._reference_map(query, rho, genes, ref, ref_genes, genes, ref_genes[12:], 10, 5,
+                                             0).step == 8
+    np.testing.assert_allclose(mapped(), one, rtol=1e-5)
