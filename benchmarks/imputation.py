@@ -4,8 +4,9 @@
 
 Each design is one simulated tissue split in two (``sp.datasets.simulate_with_reference``): the left half is a
 panel slide (a random fraction of the genes, thinned to ``mean_depth``), the right half a deeper
-whole-transcriptome reference. Designs differ in depth, panel size, gene count, cell types and spacing
-(``DESIGNS``). The genes left out of the panel are imputed for every slide cell; the truth is their simulated
+whole-transcriptome reference. Designs differ in depth, panel size, gene count, cell types, spacing and
+platform effect (``capture_sd``: each panel gene captured on the slide at its own efficiency relative to the
+reference) (``DESIGNS``). The genes left out of the panel are imputed for every slide cell; the truth is their simulated
 counts in those cells (per 10,000 counts of the panel, the scale of the imputed table). Methods, same run:
 
 - **spatia, defaults**: ``sp.tl.fit(sdata, image_key="morphology")`` then
@@ -36,6 +37,7 @@ DESIGNS = {
     "dev": {
         "dev_a": dict(n_cells=2000, n_genes=60, mean_depth=40.0, random_state=100),
         "dev_b": dict(n_cells=2000, n_genes=80, panel_fraction=0.4, mean_depth=80.0, random_state=101),
+        "dev_c": dict(n_cells=2000, n_genes=60, mean_depth=40.0, capture_sd=0.5, random_state=102),
     },
     "report": {
         "rep_a": dict(n_cells=2000, n_genes=60, mean_depth=40.0, random_state=10),
@@ -44,6 +46,7 @@ DESIGNS = {
         "rep_d": dict(n_cells=2000, n_genes=60, mean_depth=120.0, n_cell_types=7, random_state=13),
         "rep_e": dict(n_cells=2500, n_genes=60, panel_fraction=0.75, mean_depth=40.0, cell_spacing=12.0,
                       random_state=14),
+        "rep_f": dict(n_cells=2000, n_genes=60, mean_depth=40.0, capture_sd=0.7, random_state=15),
     },
 }
 OURS = "spatia, defaults"

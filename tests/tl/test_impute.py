@@ -27,6 +27,27 @@ def test_simulate_with_reference_splits_panel_and_cells(with_reference):
     assert np.asarray(ref.X.sum(1)).mean() > 3 * np.asarray(t.X.sum(1)).mean()
 
 
+def test_simulate_with_reference_capture_efficiency():
+    """capture_sd: each panel gene's share on the slide, relative to the reference, follows its efficiency; the
+    mean depth is kept; the held-out genes are untouched; a negative value is refused."""
+    kw = dict(n_cells=1200, n_genes=40, mean_depth=60.0, random_state=4)
+    sd0, ref = sp.datasets.simulate_with_reference(**kw)
+    sd1, _ = sp.datasets.simulate_with_reference(capture_sd=0.6, **kw)
+    t0, t1 = sd0["table"], sd1["table"]
+    eff = t1.uns["simulation"]["capture_efficiency"]
+    assert eff.shape == (t1.n_vars,) and eff.std() > 0.2
+    assert np.all(t0.uns["simulation"]["capture_efficiency"] == 1)
+    share0 = np.asarray(t0.X.sum(0)).ravel() / t0.X.sum()
+    share1 = np.asarray(t1.X.sum(0)).ravel() / t1.X.sum()
+    ok = share0 > 0.005
+    assert pearsonr(np.log(share1[ok] / share0[ok]), np.log(eff[ok])).statistic > 0.8
+    assert abs(t1.X.sum() / t0.X.sum() - 1) < 0.1
+    held0, held1 = (t.uns["simulation"]["held_out_counts"].sum(0) for t in (t0, t1))
+    assert abs(held1.sum() / held0.sum() - 1) < 0.05  # captured as before
+    with pytest.raises(ValueError, match="capture_sd"):
+        sp.datasets.simulate_with_reference(capture_sd=-1, **kw)
+
+
 def test_impute_panel_layer_and_validation_beat_mean(with_reference):
     sd, _, model = with_reference
     sd = copy.deepcopy(sd)
@@ -68,21 +89,23 @@ def test_impute_from_reference_recovers_unmeasured_genes(with_reference):
         sp.tl.impute(sd, model, reference=ref)
 
 
-def _types_and_targets(seed: int):
+def _types_and_targets(seed: int, capture: np.ndarray | None = None):
     """A deep reference and a shallow (10 counts) query of 10 cell types over 30 shared genes, plus 10 genes that
-    only the reference measures: ``(ref_counts, query_counts, query_types, type_profiles, type_target_means)``."""
+    only the reference measures: ``(ref_counts, query_counts, query_types, type_profiles, type_target_means)``.
+    ``capture``: the query's efficiency for each shared gene relative to the reference (a platform effect)."""
     rng = np.random.default_rng(seed)
     n_types, n_genes, n_targets = 10, 30, 10
     profile = rng.gamma(1.0, size=(n_types, n_genes))
     profile /= profile.sum(1, keepdims=True)
     target = rng.gamma(1.0, size=(n_types, n_targets)) * 5
 
-    def cells(n, depth):
+    def cells(n, depth, prof):
         y = rng.integers(n_types, size=n)
-        return y, np.stack([rng.multinomial(depth, profile[t]) for t in y]).astype(np.float32)
+        return y, np.stack([rng.multinomial(depth, prof[t]) for t in y]).astype(np.float32)
 
-    y_ref, ref = cells(600, 2000)
-    y_query, query = cells(600, 10)
+    captured = profile if capture is None else profile * capture / (profile * capture).sum(1, keepdims=True)
+    y_ref, ref = cells(600, 2000, profile)
+    y_query, query = cells(600, 10, captured)
     ref = np.hstack([ref, rng.poisson(target[y_ref] * 20).astype(np.float32)])
     return ref, query, y_query, profile, target
 
@@ -114,7 +137,7 @@ def test_reference_mapping_is_depth_aware_and_uses_the_model():
         ref, query, y, profile, target = _types_and_targets(seed)
         truth = target[y]
 
-        def score(pred):
+        def score(pred, truth=truth):
             return np.mean([pearsonr(pred[:, j], truth[:, j]).statistic for j in range(truth.shape[1])])
 
         ref_target = ref[:, 30:] / ref[:, :30].sum(1, keepdims=True) * 1e4
@@ -125,6 +148,27 @@ def test_reference_mapping_is_depth_aware_and_uses_the_model():
         with_rho.append(score(_reference_impute(query, rho, genes, ref, genes + targets, genes, targets, 50, 30, 0)))
     assert np.mean(ours) > np.mean(knn) + 0.02, (ours, knn)
     assert np.mean(with_rho) > np.mean(ours) + 0.02, (with_rho, ours)
+
+
+def test_reference_mapping_corrects_capture_efficiency(monkeypatch):
+    """Genes captured at different efficiencies on the slide than in the reference: the mapping estimates the
+    efficiencies and maps better with them than without."""
+    from spatia.tl import _reference_mapping
+
+    genes, targets = [f"g{i}" for i in range(30)], [f"t{i}" for i in range(10)]
+    capture = np.exp(np.random.default_rng(9).normal(0, 1.0, size=30))
+    ref, query, y, _, target = _types_and_targets(1, capture)
+
+    def score(pred):
+        return np.mean([pearsonr(pred[:, j], target[y][:, j]).statistic for j in range(len(targets))])
+
+    mapping = _reference_mapping._reference_map(query, None, genes, ref, genes + targets, genes, targets, 50, 30, 0)
+    assert pearsonr(np.log(mapping.efficiency), np.log(capture)).statistic > 0.8
+    corrected = score(mapping.all())
+    monkeypatch.setattr(_reference_mapping._ReferenceMap, "_efficiency", lambda self: np.ones(len(self.genes)))
+    plain = score(_reference_mapping._reference_impute(query, None, genes, ref, genes + targets, genes, targets, 50,
+                                                       30, 0))
+    assert corrected > plain + 0.02, (corrected, plain)
 
 
 def test_reference_mapping_caps_genes_and_neighbourhoods(monkeypatch):
