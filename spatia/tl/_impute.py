@@ -127,13 +127,14 @@ def impute(
     (a) **Panel genes**: the model's expected counts given the cell's (partly dropped-out) expression, its
     image and its niche; zeros that are technical dropouts get their expected value.
     (b) **Genes the panel did not measure** (``reference=`` a scRNA-seq AnnData of raw counts): the reference
-    is cut into neighbourhoods (each reference cell pooled with its 15 nearest, in a PCA of the shared genes).
-    Each cell takes the posterior-weighted mean of the other genes over the ``n_neighbors`` neighbourhoods
-    most likely to have produced its counts of the shared genes (a multinomial likelihood at the cell's own
-    depth, tempered for over-dispersion), with the model's denoised profile added as pseudo-counts worth one
-    library of the cell. Unlike kNN in a PCA of normalised profiles, this weighs a 40-count cell's evidence
-    as what it is, which is where shallow panels lose most (``benchmarks/results/tasks.md``). It assumes the
-    two platforms capture the shared genes in similar proportions; check with :func:`validate_imputation`.
+    is cut into neighbourhoods (each reference cell pooled with its 15 nearest, in a PCA of the reference's
+    most variable genes). Each cell takes the posterior-weighted mean of the other genes over the
+    ``n_neighbors`` neighbourhoods most likely to have produced its counts of the shared genes (a multinomial
+    likelihood at the cell's own depth, tempered for over-dispersion), with the model's denoised profile added
+    as pseudo-counts worth one library of the cell. Unlike kNN in a PCA of normalised profiles, this weighs a
+    40-count cell's evidence as what it is, which is where shallow panels lose most
+    (``benchmarks/results/imputation.md``). Each shared gene's capture efficiency on the slide relative to the
+    reference is estimated and corrected for; check the result with :func:`validate_imputation`.
 
     Parameters
     ----------
