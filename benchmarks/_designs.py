@@ -42,10 +42,9 @@ def tables(res: dict, names: list[str], metrics: tuple[str, ...], ours: str, pee
     return lines
 
 
-def run(doc: str, designs: dict, run_design, *, title: str, intro: str, metrics: tuple[str, ...], ours: str,
-        peers: tuple[str, ...]) -> None:
-    """The command line of a held-out-design benchmark: ``--designs dev|report``, ``--only``, ``--threads``,
-    ``--out``."""
+def run_designs(doc: str, designs: dict, run_design, *, extra=None):
+    """Parse ``--designs dev|report``, ``--only``, ``--threads``, ``--out`` (and what ``extra(parser)`` adds), run
+    ``run_design(name, kwargs, res, args)`` on each chosen design; return ``(args, names, res, seconds)``."""
     import torch
 
     import spatia as sp
@@ -55,6 +54,8 @@ def run(doc: str, designs: dict, run_design, *, title: str, intro: str, metrics:
     p.add_argument("--only", nargs="*", help="run only these design names")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
+    if extra is not None:
+        extra(p)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     sp.settings.progress_bar = False
@@ -63,12 +64,21 @@ def run(doc: str, designs: dict, run_design, *, title: str, intro: str, metrics:
     res = defaultdict(list)
     t0 = time.time()
     for name, kw in chosen.items():
-        run_design(name, kw, res)
-    names = list(chosen)
+        run_design(name, kw, res, a)
+    return a, list(chosen), res, time.time() - t0
+
+
+def run(doc: str, designs: dict, run_design, *, title: str, intro: str, metrics: tuple[str, ...], ours: str,
+        peers: tuple[str, ...]) -> None:
+    """The command line of a held-out-design benchmark (:func:`run_designs`) and its report: one table per metric
+    with the paired margins of ``ours`` over each peer."""
+    import spatia as sp
+
+    a, names, res, seconds = run_designs(doc, designs, lambda name, kw, res, _: run_design(name, kw, res))
     command = f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
     header = (f"{platform.machine()}, {datetime.date.today()}, spatia {sp.__version__}, {a.threads} torch "
-              f"thread(s), total {time.time() - t0:.0f} s. Designs: " +
-              "; ".join(f"{k}: {v}" for k, v in chosen.items()) + ".")
+              f"thread(s), total {seconds:.0f} s. Designs: " +
+              "; ".join(f"{k}: {designs[a.designs][k]}" for k in names) + ".")
     lines = [f"# {title} ({', '.join(names)})", "", f"`{command.strip()}`", "", header, "", intro, ""]
     text = "\n".join(lines + tables(res, names, metrics, ours, peers))
     print(text)

@@ -27,7 +27,6 @@ it to ``--out``. Time things alone: it runs one fit at a time with one torch thr
 
 from __future__ import annotations
 
-import argparse
 import platform
 import time
 import warnings
@@ -159,31 +158,17 @@ def report(res: dict, names: list[str], header: str) -> str:
 
 
 def main() -> None:
-    from collections import defaultdict
+    from _designs import run_designs
 
-    import torch
-
-    import spatia as sp
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--designs", choices=list(DESIGNS), default="report")
-    p.add_argument("--only", nargs="*", help="run only these design names")
-    p.add_argument("--cross-cells", type=int, default=4000, help="cells of the second slide of each design")
-    p.add_argument("--out", default=None)
-    a = p.parse_args()
-    torch.set_num_threads(1)
-    sp.settings.progress_bar = False
-    sp.settings.verbosity = 1
-    designs = {k: v for k, v in DESIGNS[a.designs].items() if not a.only or k in a.only}
-    res = defaultdict(list)
-    t0 = time.time()
-    for name, kw in designs.items():
-        run_design(name, kw, res, a.cross_cells)
+    a, names, res, seconds = run_designs(
+        __doc__, DESIGNS, lambda name, kw, res, args: run_design(name, kw, res, args.cross_cells),
+        extra=lambda p: p.add_argument("--cross-cells", type=int, default=4000,
+                                       help="cells of the second slide of each design"))
     header = (f"# Tissue domains: spatia vs baselines ({a.designs} designs)\n\nCommand: `python benchmarks/domains.py "
-              f"--designs {a.designs}` ({platform.machine()}, {time.strftime('%Y-%m-%d')}, one torch thread, total "
-              f"{time.time() - t0:.0f} s). ARI against the simulated domains; each column is one slide (design in "
-              f"the script's DESIGNS). Higher is better.")
-    text = report(res, list(designs), header)
+              f"--designs {a.designs}` ({platform.machine()}, {time.strftime('%Y-%m-%d')}, {a.threads} torch "
+              f"thread(s), total {seconds:.0f} s). ARI against the simulated domains; each column is one slide (design "
+              f"in the script's DESIGNS). Higher is better.")
+    text = report(res, names, header)
     print(text)
     if a.out:
         with open(a.out, "w") as f:
