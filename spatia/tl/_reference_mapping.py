@@ -145,8 +145,9 @@ class _ReferenceMap:
 
     @property
     def step(self) -> int:
-        """Query cells per block: the block's profiles and likelihoods stay ~64 MB."""
-        return max(1, _MAP_CHUNK_BYTES // (4 * max(self.n_genes, len(self.profile), 1)))
+        """Query cells per block: the block's output (4 bytes a value) and its likelihoods (float32, with their
+        negation and int64 ranking: 16 bytes a value) stay within ~64 MB each."""
+        return max(1, _MAP_CHUNK_BYTES // max(4 * self.n_genes, 16 * len(self.profile), 1))
 
     def _counts(self, rows) -> np.ndarray:
         """Dense float32 counts of the scored genes for ``rows`` (a slice or row indices)."""

@@ -132,7 +132,7 @@ def test_reference_mapping_in_chunks_equals_one_pass(monkeypatch):
         return _reference_mapping._reference_impute(query, rho, genes, ref, ref_genes, genes, ref_genes[12:], 10, 5, 0)
 
     one = mapped()
-    monkeypatch.setattr(_reference_mapping, "_MAP_CHUNK_BYTES", 4 * 200 * 8)  # 8 cells per chunk
+    monkeypatch.setattr(_reference_mapping, "_MAP_CHUNK_BYTES", 16 * 200 * 8)  # 8 cells per chunk
     assert _reference_mapping._reference_map(query, rho, genes, ref, ref_genes, genes, ref_genes[12:], 10, 5,
                                              0).step == 8
     np.testing.assert_allclose(mapped(), one, rtol=1e-5)
