@@ -46,6 +46,7 @@ _MODEL_WEIGHT = 1.0
 _TEMPERATURE = 3.0
 _SMOOTHING = 15
 _MAX_COMPONENTS = 5000  # reference neighbourhoods kept (a seeded sample beyond): the cost is cells × components
+_MAX_REFERENCE_CELLS = 50_000  # reference cells read (a seeded sample of an atlas): bounds the set-up's memory
 _MAX_GENES = 1000  # shared genes scored (the most variable in the reference beyond)
 _EFFICIENCY_CELLS = 20_000  # slide cells that estimate each gene's capture relative to the reference
 _NEIGHBOURHOOD_GENES = 2000  # reference genes (the most variable) of the PCA in which neighbourhoods are found
@@ -94,6 +95,10 @@ class _ReferenceMap:
 
         self.counts = sp_sparse.csr_matrix(counts) if sp_sparse.issparse(counts) else np.asarray(counts)
         self.rho, self.query_cols = rho, np.asarray(query_cols)
+        if ref_all.shape[0] > _MAX_REFERENCE_CELLS:  # an atlas: a seeded sample of its cells
+            rows = np.sort(np.random.default_rng(random_state).choice(ref_all.shape[0], _MAX_REFERENCE_CELLS,
+                                                                     replace=False))
+            ref_all, ref_target = ref_all[rows], ref_target[rows]
         ref_all = sp_sparse.csr_matrix(ref_all, dtype=np.float32) if sp_sparse.issparse(ref_all) else \
             np.asarray(ref_all, dtype=np.float32)
         n_ref = ref_all.shape[0]

@@ -172,8 +172,8 @@ def test_reference_mapping_corrects_capture_efficiency(monkeypatch):
 
 
 def test_reference_mapping_caps_genes_and_neighbourhoods(monkeypatch):
-    """A wide panel scores its most variable genes and a large reference a sample of neighbourhoods: the result
-    stays nearly as good as the uncapped one; rarely detected targets stay sparse."""
+    """A wide panel scores its most variable genes, and a large reference a sample of its cells and of their
+    neighbourhoods: the result stays nearly as good as the uncapped one; rarely detected targets stay sparse."""
     import scipy.sparse as sps
 
     from spatia.tl import _reference_mapping
@@ -183,6 +183,7 @@ def test_reference_mapping_caps_genes_and_neighbourhoods(monkeypatch):
     full = _reference_mapping._reference_impute(query, None, genes, ref, genes + targets, genes, targets, 50, 30, 0)
     monkeypatch.setattr(_reference_mapping, "_MAX_GENES", 20)
     monkeypatch.setattr(_reference_mapping, "_MAX_COMPONENTS", 300)
+    monkeypatch.setattr(_reference_mapping, "_MAX_REFERENCE_CELLS", 450)
     mapping = _reference_mapping._reference_map(sps.csr_matrix(query), None, genes, sps.csr_matrix(ref),
                                                 genes + targets, genes, targets, 50, 30, 0)
     assert len(mapping.genes) == 20 and mapping.profile.shape == (300, 20)
@@ -197,7 +198,7 @@ def test_reference_mapping_caps_genes_and_neighbourhoods(monkeypatch):
     def score(pred):
         return np.mean([pearsonr(pred[:, j], target[y][:, j]).statistic for j in range(len(targets))])
 
-    assert score(capped) > score(full) - 0.1 and score(capped) > 0.6, (score(capped), score(full))
+    assert score(capped) > score(full) - 0.15 and score(capped) > 0.6, (score(capped), score(full))
 
 
 def test_impute_from_reference_into_a_store(with_reference, tmp_path, monkeypatch):
