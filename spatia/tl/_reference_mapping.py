@@ -38,8 +38,8 @@ def _reference_profiles(reference, reference_layer):
     return counts, reference.var_names.astype(str)
 
 
-# How the mapping weighs the evidence (chosen on development seeds of ``simulate_with_reference``; see
-# benchmarks/results/tasks.md): the model's expected profile counts as much as one measured library of the cell
+# How the mapping weighs the evidence (chosen on development seeds of ``simulate_with_reference``; see the
+# notes of benchmarks/results/imputation.md): the model's expected profile counts as much as one measured library of the cell
 # (_MODEL_WEIGHT), the likelihood is tempered by _TEMPERATURE for over-dispersion (real counts vary more than
 # Poisson), and each reference component is a reference cell pooled with its _SMOOTHING nearest reference cells.
 _MODEL_WEIGHT = 1.0
@@ -59,7 +59,15 @@ def _lognorm_variance(x, lib: np.ndarray) -> np.ndarray:
         np.log1p(y.data, out=y.data)
         mean = np.asarray(y.mean(0), dtype=np.float64).ravel()
         return np.asarray(y.multiply(y).mean(0), dtype=np.float64).ravel() - mean**2
-    return np.log1p(x / lib[:, None] * 1e4).var(0)
+    total = np.zeros(x.shape[1])
+    squares = np.zeros(x.shape[1])
+    step = max(1, 2**22 // max(x.shape[1], 1))  # rows of ~32 MB of float64 at a time
+    for s in range(0, x.shape[0], step):
+        y = np.log1p(x[s : s + step] / lib[s : s + step, None] * 1e4)
+        total += y.sum(0)
+        squares += (y * y).sum(0)
+    mean = total / max(x.shape[0], 1)
+    return squares / max(x.shape[0], 1) - mean**2
 
 
 def _lognorm_columns(x, lib: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -74,8 +82,8 @@ class _ReferenceMap:
     """Each spatial cell's expression of the reference's genes, as the posterior mean over reference neighbourhoods.
 
     The reference is cut into neighbourhoods (each reference cell pooled with its ``_SMOOTHING`` nearest reference
-    cells in a PCA of the reference's most variable genes, at most ``_MAX_COMPONENTS`` of them); each has a profile over the shared
-    genes and a mean of the target genes. A spatial cell's counts of the shared genes are a multinomial draw from
+    cells in a PCA of the reference's most variable genes, at most ``_MAX_COMPONENTS`` of them); each has a
+    profile over the shared genes and a mean of the target genes. A spatial cell's counts of the shared genes are a multinomial draw from
     the profile of the neighbourhood it belongs to, at the cell's own depth, so its log-likelihood under each
     neighbourhood is ``counts @ log(profile)``. That is what makes the mapping depth-aware: a 40-count cell is
     compared with deep reference profiles without first pretending its counts are a profile. The model's expected
@@ -190,9 +198,8 @@ class _ReferenceMap:
 
         Platforms capture genes at different efficiencies (imaging panels and droplet scRNA-seq differ by several
         fold for some genes); uncorrected, a gene the slide captures twice as well pulls every cell towards the
-        neighbourhoods that express it most. On simulated slides with per-gene efficiencies spread log-normally
-        (sd 0.5 and 1.0) the correction raised the held-out-gene Pearson by about 0.006 and 0.03, and cost about
-        0.004 where the platforms agree (development designs, ``benchmarks/imputation.py``).
+        neighbourhoods that express it most. What it gains where platforms differ and costs where they agree is
+        in the notes of ``benchmarks/results/imputation.md``.
         """
         rows = np.arange(0, self.n_cells, max(1, self.n_cells // _EFFICIENCY_CELLS))
         observed = np.zeros(len(self.genes))
