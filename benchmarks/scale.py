@@ -4,7 +4,8 @@ For each slide size, ``sp.datasets.simulate(n, lazy=True)`` is written once to a
 (``--workdir``) and read back lazily, as a real slide would be. The pipeline then runs in a fresh process per
 size: ``extract_crops`` (to a zarr store), ``fit`` (on a seeded sample of ``--train-cells`` cells, embedding
 every cell), ``embed``, ``cluster(level="niche")``, ``annotate`` (10 % of the cells labelled), ``impute``
-(panel genes) and ``impute`` from a reference (``--ref-genes`` genes outside the panel), with the peer
+(panel genes) and ``impute`` from a reference (``--ref-genes`` genes outside the panel), with the peers
+scvi-tools' SCVI (trained on the same sample for the same epochs, then the latent of every cell) and
 ``scanpy.pp.neighbors`` + ``scanpy.tl.leiden`` on the same embedding. A thread samples the process's RSS every
 20 ms: each step's peak RSS, and its peak above the RSS at its start, are reported.
 
@@ -98,7 +99,8 @@ class RssSampler:
 
 # ------------------------------------------------------------------------------------------------ pipeline
 def _warm_up(preset: str) -> None:
-    """Compile what is compiled on first use (numba crop kernels, pynndescent, torch) outside the timings."""
+    """Compile and import what is on first use (numba crop kernels, pynndescent, torch, scvi-tools) outside the
+    timings."""
     from anndata import AnnData
 
     import spatia as sp
@@ -110,6 +112,7 @@ def _warm_up(preset: str) -> None:
     sp.tl.cluster(sd, level="niche")
     x = np.random.default_rng(0).normal(size=(5000, 16)).astype(np.float32)
     scanpy_neighbors(AnnData(obsm={"X": x}), use_rep="X", random_state=0)  # pynndescent above 4,096 cells
+    _scvi_peer(sd["table"], 300, 1)  # scvi-tools' imports and its first Lightning run
     del model
 
 
@@ -129,6 +132,28 @@ def _reference(table, n_ref: int, n_extra: int, seed: int = 0):
     x = sp_sparse.hstack([panel.astype(np.float32), extra]).tocsr()
     genes = list(table.var_names) + [f"ref_gene_{i}" for i in range(n_extra)]
     return ad.AnnData(X=x, var=pd.DataFrame(index=pd.Index(genes, dtype=str)))
+
+
+def _scvi_peer(table, train_cells: int, epochs: int):
+    """scvi-tools' SCVI as its users call it (defaults: 10 latent dimensions, batches of 128), trained on the same
+    number of sampled cells for the same epochs as spatia's ``fit``, then the latent representation of every cell:
+    the expression-only peer of ``fit`` + ``embed``."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp_sparse
+    import scvi
+
+    scvi.settings.seed = 0
+    counts = sp_sparse.csr_matrix(table.X, dtype=np.float32)
+    adata = ad.AnnData(X=counts, obs=pd.DataFrame(index=table.obs_names.astype(str)),
+                       var=pd.DataFrame(index=table.var_names.astype(str)))
+    rows = np.sort(np.random.default_rng(0).choice(adata.n_obs, size=min(train_cells, adata.n_obs), replace=False))
+    train = adata[rows].copy()
+    scvi.model.SCVI.setup_anndata(train)
+    model = scvi.model.SCVI(train)
+    model.train(max_epochs=epochs, enable_progress_bar=False)
+    scvi.model.SCVI.setup_anndata(adata)
+    return model.get_latent_representation(adata)
 
 
 def pipeline(path: str, n: int, workdir: str, preset: str, train_cells: int, epochs: int, ref_cells: int,
@@ -168,6 +193,8 @@ def pipeline(path: str, n: int, workdir: str, preset: str, train_cells: int, epo
                 random_state=0, output_bytes=emb_bytes)
     info["epochs_run"] = int(model.train_info["epochs"])
     run("embed", sp.tl.embed, sdata, model, image_key=IMAGE, crops=crops, overwrite=True, output_bytes=emb_bytes)
+    run(f"peer: scVI (fit on the same {train_cells:,}-cell sample, {epochs} epochs; latent of every cell)",
+        _scvi_peer, table, train_cells, epochs, output_bytes=n * 10 * 4)
     run("cluster(level='niche')", sp.tl.cluster, sdata, level="niche", output_bytes=n * 8)
     from sklearn.metrics import adjusted_rand_score
 
