@@ -151,10 +151,10 @@ def impute(
     table_key, layer
         Table and counts layer of ``data``.
     n_neighbors, n_comps
-        Reference neighbourhoods averaged per cell (the most likely ones), and PCA components of the shared
-        genes in which the reference's neighbourhoods are found. The defaults suit references of hundreds to
-        hundreds of thousands of cells: an atlas beyond 50,000 cells is read through a seeded sample of 50,000,
-        and beyond 5,000 neighbourhoods a seeded sample of them is scored.
+        Reference neighbourhoods averaged per cell (the most likely ones), and PCA components of the
+        reference's most variable genes in which its neighbourhoods are found. The defaults suit references of
+        hundreds to hundreds of thousands of cells: an atlas beyond 50,000 cells is read through a seeded
+        sample of 50,000, and beyond 5,000 neighbourhoods a seeded sample of them is scored.
     store
         A ``.zarr`` path for the table of reference genes: it is computed and written there block by block
         (about 64 MB at a time), and the table added to the SpatialData reads it lazily (its ``X`` is a dask
