@@ -177,10 +177,10 @@ class _ReferenceMap:
             q += _MODEL_WEIGHT * lib * r / np.maximum(r.sum(1, keepdims=True), 1e-12)
         return q
 
-    def _weights(self, rows, log_profile: np.ndarray) -> sp_sparse.csr_matrix:
+    def _weights(self, rows) -> sp_sparse.csr_matrix:
         """``(rows, neighbourhoods)`` sparse posterior weights over the ``k`` most likely neighbourhoods."""
         q = self._query(rows)
-        loglik = q @ log_profile.T
+        loglik = q @ self.log_profile.T
         loglik /= _TEMPERATURE
         m, k = loglik.shape[0], self.k
         idx = np.argpartition(-loglik, k - 1, axis=1)[:, :k] if k < loglik.shape[1] else \
@@ -208,13 +208,13 @@ class _ReferenceMap:
             r = rows[s : s + self.step]
             c = self._counts(r).astype(np.float64)
             observed += c.sum(0)
-            expected += np.asarray(self._weights(r, self.log_profile) @ self.profile).T @ c.sum(1)
+            expected += np.asarray(self._weights(r) @ self.profile).T @ c.sum(1)
         ratio = np.where(expected > 0, observed / np.maximum(expected, 1e-12), 1.0)
         return np.clip(ratio, 1 / 20, 20)
 
     def block(self, start: int, stop: int) -> np.ndarray:
         """``(stop - start, genes)`` float32: the mapped profiles of query rows ``start:stop``."""
-        out = self._weights(slice(start, stop), self.log_profile) @ self.target
+        out = self._weights(slice(start, stop)) @ self.target
         return np.asarray(out.toarray() if sp_sparse.issparse(out) else out, dtype=np.float32)
 
     def all(self) -> np.ndarray:
