@@ -132,9 +132,9 @@ def fit_readout(nucleus: np.ndarray, embedding: np.ndarray, target: np.ndarray) 
 
 def log_expression(counts) -> np.ndarray:
     """log1p of counts per 10,000 (the readout's target), dense."""
-    from ..tl._reference_mapping import _cp10k
+    from ..pp._expression import cp10k
 
-    return np.log1p(_cp10k(counts))
+    return np.log1p(cp10k(counts))
 
 
 def image_only(arrays):

@@ -105,6 +105,13 @@ def get_counts(
 _CHUNK = 1 << 22  # values checked at a time (bounded temporaries on a million-cell slide)
 
 
+def cp10k(x, target: float = 1e4) -> np.ndarray:
+    """Counts scaled to ``target`` per cell (dense float32)."""
+    x = x.toarray() if sp_sparse.issparse(x) else np.asarray(x)
+    lib = x.sum(1, keepdims=True)
+    return (x / np.maximum(lib, 1e-12) * target).astype(np.float32)
+
+
 def _all_chunks(a: np.ndarray, test) -> bool:
     return all(bool(test(a[i:i + _CHUNK]).all()) for i in range(0, len(a), _CHUNK))
 

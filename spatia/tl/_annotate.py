@@ -226,8 +226,8 @@ def annotate(
         Also read 12 nucleus measurements of each cell's crop (area, perimeter, shape, intensity, axis lengths
         and GLCM texture of the Otsu region at the crop's centre, the cell's own nucleus, standardised with the
         embedding), so that types that differ in nuclear size, shape or chromatin texture more than in
-        expression are told apart. ``None`` (default): when ``model`` is given, reads images and the inputs are SpatialData; ``False``: the
-        embedding alone. The crops are the model's (window, size, channels), reused from an earlier call when
+        expression are told apart. ``None`` (default): when ``model`` is given, reads images and the inputs
+        are SpatialData; ``False``: the embedding alone. The crops are the model's (window, size, channels), reused from an earlier call when
         possible. Measuring takes about 1 ms per cell on one CPU core (some 15 minutes for a million
         cells), in chunks of bounded memory.
     table_key, reference_table_key

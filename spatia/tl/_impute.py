@@ -14,8 +14,8 @@ from .. import _results
 from .._constants import Defaults, Keys
 from .._utils import seed_from
 from ..pp._elements import table_annotation
+from ..pp._expression import cp10k
 from ._reference_mapping import (
-    _cp10k,
     _dense_limit_bytes,
     _lazy_log1p,
     _reference_impute,
@@ -357,7 +357,7 @@ def validate_imputation(
     rng = np.random.default_rng(seed_from(random_state))
     groups = np.array_split(rng.permutation(len(genes)), max(1, min(n_folds, len(genes))))
     gidx = pd.Index(model.genes).get_indexer(genes)
-    truth = _cp10k(arrays.counts)[:, gidx]
+    truth = cp10k(arrays.counts)[:, gidx]
     pred = np.zeros_like(truth)
     if reference is not None:
         shared_all = [g for g in model.genes if g in set(ref_genes) and g in set(present)]

@@ -21,13 +21,6 @@ from .._logging import quiet_dependencies
 from ..pp._expression import get_counts
 
 
-def _cp10k(x, target: float = 1e4) -> np.ndarray:
-    """Counts scaled to ``target`` per cell (dense float32)."""
-    x = x.toarray() if sp_sparse.issparse(x) else np.asarray(x)
-    lib = x.sum(1, keepdims=True)
-    return (x / np.maximum(lib, 1e-12) * target).astype(np.float32)
-
-
 def _reference_profiles(reference, reference_layer):
     """The reference's counts (``reference_layer``, or ``X``) and its gene names; the reference must be an AnnData."""
     from anndata import AnnData
