@@ -118,8 +118,8 @@ def read_model(cls, path: str | Path, map_location: str = "cpu"):
 
         file = path / _READOUT_WEIGHTS
         model.readout = _in_file(file, lambda: ImageReadout.from_tensors(_read_weights(file, "cpu"), meta["readout"]))
-        if model.readout.coef.shape[1] != len(model.genes):
-            raise ValueError(f"{file}: the readout predicts {model.readout.coef.shape[1]} genes, the model has "
+        if model.readout.n_genes != len(model.genes):
+            raise ValueError(f"{file}: the readout predicts {model.readout.n_genes} genes, the model has "
                              f"{len(model.genes)}.")
     if flow_info is not None:
         from ..module._flow import build_flow

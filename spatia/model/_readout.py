@@ -2,9 +2,18 @@
 
 ``sp.tl.predict_expression`` reads it. Its inputs are the measured nucleus features of each crop (size, shape,
 intensity, chromatin texture) and the model's image-only cell embedding; its output is log1p expression per
-10,000 counts. A ridge regression: it cannot fit the training slide's noise, and the weight of the learned
-embedding beside the measured features is chosen on the training cells (leave-one-out error, one-standard-
-error rule), so an embedding that adds nothing is given none.
+10,000 counts. It has two parts, blended gene by gene:
+
+- **a ridge regression** on a piecewise-linear basis of the nucleus features (each feature bent at its
+  quintiles) and the embedding: smooth trends, such as a gene that follows nuclear size;
+- **a mixture of cell states**: the training cells' expression is cut into states (KMeans), a logistic
+  regression gives each cell's probability of each state from the same inputs, and the prediction is the
+  probability-weighted mean of the states plus a ridge on what the states leave. Markers of a cell type are
+  a step, not a trend: a ridge blurs them, the mixture does not.
+
+Everything is chosen on the training cells: the ridge penalties by exact leave-one-out error, the weight of the
+learned embedding beside the measured features by the one-standard-error rule (an embedding that adds nothing
+is given none), and each gene's blend of the two parts by cross-validation.
 """
 
 from __future__ import annotations
@@ -20,53 +29,125 @@ EMBEDDING_WEIGHTS = (0.0, 0.25, 0.5, 1.0)
 ALPHAS = tuple(np.logspace(-2, 4, 13).tolist())
 #: Training cells the readout is fitted on at most (a seeded sample beyond that).
 MAX_CELLS = 10_000
+#: Quantiles of each standardised nucleus feature where its piecewise-linear basis bends.
+KNOT_QUANTILES = (0.2, 0.4, 0.6, 0.8)
+#: Cell states of the mixture (fewer on small training sets: at least :data:`CELLS_PER_STATE` cells each).
+N_STATES = 10
+CELLS_PER_STATE = 20
+#: Folds of the cross-validation that sets each gene's blend of the ridge and the mixture.
+N_FOLDS = 5
+
+_ARRAYS = ("nucleus_mean", "nucleus_scale", "knots", "basis_mean", "basis_scale", "embedding_mean",
+           "embedding_scale", "coef", "intercept", "state_coef", "state_intercept", "state_means")
 
 
 @dataclass
 class ImageReadout:
-    """Ridge map ``[nucleus features, weight × cell embedding]`` → log1p expression per 10,000 counts.
+    """Nucleus features and cell embedding → log1p expression per 10,000 counts (see the module's docstring).
+
+    With ``z`` the standardised nucleus features, the inputs are ``x = [basis(z), embedding]``, each column
+    standardised (the embedding's scale includes its weight). The prediction is
+    ``x @ coef + intercept + softmax(x @ state_coef + state_intercept) @ state_means``, clipped at 0: the two
+    parts are already blended into ``coef``, ``intercept`` and ``state_means``.
 
     Attributes
     ----------
-    mean, scale
-        ``(F,)`` standardisation of the features (the embedding's scale includes its weight).
+    nucleus_mean, nucleus_scale
+        ``(F,)`` standardisation of the nucleus features.
+    knots
+        ``(K, F)`` where each standardised nucleus feature's basis bends.
+    basis_mean, basis_scale, embedding_mean, embedding_scale
+        Standardisation of the basis ``(F (K + 1),)`` and of the embedding ``(d,)``.
     coef, intercept
-        ``(F, n_genes)`` and ``(n_genes,)`` in the model's gene order.
+        ``(F (K + 1) + d, n_genes)`` and ``(n_genes,)`` in the model's gene order.
+    state_coef, state_intercept, state_means
+        ``(F (K + 1) + d, S)``, ``(S,)`` and ``(S, n_genes)``: the state classifier and the states' mean
+        expression, weighted by each gene's blend (``S = 0``: no mixture).
     info
-        ``alpha``, ``embedding_weight``, ``n_cells``, ``n_nucleus_features``, ``loo_mse`` (per gene, mean).
+        ``alpha``, ``embedding_weight``, ``n_cells``, ``n_nucleus_features``, ``loo_mse`` (the ridge's, per gene,
+        mean), ``n_states`` and ``mixture_weight`` (the genes' mean blend: 0 ridge only, 1 mixture only).
     """
 
-    mean: np.ndarray
-    scale: np.ndarray
+    nucleus_mean: np.ndarray
+    nucleus_scale: np.ndarray
+    knots: np.ndarray
+    basis_mean: np.ndarray
+    basis_scale: np.ndarray
+    embedding_mean: np.ndarray
+    embedding_scale: np.ndarray
     coef: np.ndarray
     intercept: np.ndarray
+    state_coef: np.ndarray
+    state_intercept: np.ndarray
+    state_means: np.ndarray
     info: dict = field(default_factory=dict)
 
+    def inputs(self, nucleus: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+        """The standardised inputs ``x`` of ``(n, F)`` nucleus features and ``(n, d)`` embeddings."""
+        nucleus, embedding = np.asarray(nucleus, dtype=np.float64), np.asarray(embedding, dtype=np.float64)
+        f, d = len(self.nucleus_mean), len(self.embedding_mean)
+        if nucleus.ndim != 2 or embedding.ndim != 2 or nucleus.shape[1] != f or embedding.shape[1] != d:
+            raise ValueError(f"The readout reads {f} nucleus features and a {d}-dimensional embedding, got "
+                             f"{nucleus.shape[1:]} and {embedding.shape[1:]}: the model and its readout do not match.")
+        basis = _basis((nucleus - self.nucleus_mean) / self.nucleus_scale, self.knots)
+        return np.hstack([(basis - self.basis_mean) / self.basis_scale,
+                          (embedding - self.embedding_mean) / self.embedding_scale])
+
     def predict(self, nucleus: np.ndarray, embedding: np.ndarray) -> np.ndarray:
-        """``(n, n_genes)`` float32 predictions (log1p per 10,000, clipped at 0) from ``(n, 12)`` nucleus
+        """``(n, n_genes)`` float32 predictions (log1p per 10,000, clipped at 0) from ``(n, F)`` nucleus
         features and ``(n, d)`` embeddings."""
-        x = np.hstack([nucleus, embedding]).astype(np.float64)
-        if x.shape[1] != len(self.mean):
-            raise ValueError(f"The readout reads {len(self.mean)} features, got {x.shape[1]}: the model and "
-                             "its readout do not match.")
-        y = ((x - self.mean) / self.scale) @ self.coef + self.intercept
+        x = self.inputs(nucleus, embedding)
+        y = x @ self.coef + self.intercept
+        if self.state_means.shape[0]:
+            y += _softmax(x @ self.state_coef + self.state_intercept) @ self.state_means
         return np.maximum(y, 0.0).astype(np.float32)
 
     def tensors(self) -> dict:
         import torch
 
-        return {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k), dtype=np.float32))
-                for k in ("mean", "scale", "coef", "intercept")}
+        return {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k), dtype=np.float32)) for k in _ARRAYS}
 
     @classmethod
     def from_tensors(cls, tensors: dict, info: dict) -> ImageReadout:
-        arrays = {k: tensors[k].numpy().astype(np.float64) for k in ("mean", "scale", "coef", "intercept")}
-        f, g = arrays["coef"].shape
-        if arrays["mean"].shape != (f,) or arrays["scale"].shape != (f,) or arrays["intercept"].shape != (g,):
+        missing = [k for k in _ARRAYS if k not in tensors]
+        if missing:
+            raise ValueError(f"The readout lacks {', '.join(missing)}: it was saved by an earlier development "
+                             "version of spatia. Refit the model (sp.tl.fit), or delete readout.safetensors and "
+                             "the 'readout' entry of spatia_model.json to predict with the decoder.")
+        a = {k: tensors[k].numpy().astype(np.float64) for k in _ARRAYS}
+        f, d = len(a["nucleus_mean"]), len(a["embedding_mean"])
+        k = a["knots"].shape[0] if a["knots"].ndim == 2 else -1
+        width = f * (k + 1) + d
+        g = a["intercept"].shape[0] if a["intercept"].ndim == 1 else -1
+        s = a["state_intercept"].shape[0] if a["state_intercept"].ndim == 1 else -1
+        shapes = {"nucleus_scale": (f,), "knots": (k, f), "basis_mean": (f * (k + 1),),
+                  "basis_scale": (f * (k + 1),), "embedding_scale": (d,), "coef": (width, g),
+                  "state_coef": (width, s), "state_means": (s, g)}
+        if min(k, g, s) < 0 or any(a[name].shape != shape for name, shape in shapes.items()):
             raise ValueError("The readout's arrays have inconsistent shapes.")
-        if not all(np.isfinite(a).all() for a in arrays.values()) or (arrays["scale"] <= 0).any():
+        scales = ("nucleus_scale", "basis_scale", "embedding_scale")
+        if not all(np.isfinite(v).all() for v in a.values()) or any((a[n] <= 0).any() for n in scales):
             raise ValueError("The readout's arrays hold NaN, infinite or non-positive scale values.")
-        return cls(**arrays, info=dict(info))
+        return cls(**a, info=dict(info))
+
+    @property
+    def n_genes(self) -> int:
+        return self.coef.shape[1]
+
+
+def _basis(z: np.ndarray, knots: np.ndarray) -> np.ndarray:
+    """Piecewise-linear basis of standardised features: each feature, then ``max(feature − knot, 0)`` per knot."""
+    return np.hstack([z] + [np.maximum(z - q, 0.0) for q in knots])
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    sd = x.std(0)
+    return x.mean(0), np.where(sd > 1e-12, sd, 1.0)
 
 
 def _loo_errors(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, tuple]:
@@ -91,26 +172,81 @@ def _loo_errors(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, tuple]:
     return out, (u, sv, vt, p)
 
 
-def fit_readout(nucleus: np.ndarray, embedding: np.ndarray, target: np.ndarray) -> ImageReadout:
-    """Fit the readout on standardised features: for each weight of :data:`EMBEDDING_WEIGHTS`, the ridge penalty of
-    :data:`ALPHAS` with the lowest exact leave-one-out error; then the smallest weight whose error is within one
-    standard error (paired over cells) of the best (the one-standard-error rule: the embedding has to earn its
-    place)."""
-    n_nuc = nucleus.shape[1]
-    x = np.hstack([nucleus, embedding]).astype(np.float64)
-    mean = x.mean(0)
-    sd = x.std(0)
-    sd = np.where(sd > 1e-12, sd, 1.0)
-    z = (x - mean) / sd
-    y = np.asarray(target, dtype=np.float64)
-    y_mean = y.mean(0)
-    yc = y - y_mean
+def _ridge(x: np.ndarray, y: np.ndarray, alpha: float | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(coef, intercept, alpha)`` of a ridge of ``y`` on ``x``; ``alpha=None``: the penalty of :data:`ALPHAS`
+    with the lowest leave-one-out error."""
+    xm, ym = x.mean(0), y.mean(0)
+    xc, yc = x - xm, y - ym
+    if alpha is None:
+        errors, (u, sv, vt, p) = _loo_errors(xc, yc)
+        alpha = ALPHAS[int(np.argmin(errors.mean(1)))]
+    else:
+        u, sv, vt = np.linalg.svd(xc, full_matrices=False)
+        p = u.T @ yc
+    coef = vt.T @ ((sv / (sv**2 + alpha))[:, None] * p)
+    return coef, ym - xm @ coef, float(alpha)
+
+
+def _states(y: np.ndarray, random_state: int) -> np.ndarray:
+    """Cell states of the training cells: KMeans on a PCA of their standardised log-expression (``-1``: too
+    few cells for a mixture)."""
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    n_states = min(N_STATES, len(y) // CELLS_PER_STATE)
+    if n_states < 2:
+        return np.full(len(y), -1)
+    mean, sd = _standardise(y)
+    n_comps = max(1, min(15, y.shape[1] - 1, len(y) - 1))
+    pcs = PCA(n_comps, random_state=random_state).fit_transform((y - mean) / sd) if y.shape[1] > 1 else y - mean
+    return KMeans(n_states, n_init=4, random_state=random_state).fit_predict(pcs)
+
+
+def _fit_mixture(x: np.ndarray, y: np.ndarray, states: np.ndarray, n_states: int, random_state: int):
+    """State classifier, state means and the ridge of what the states leave: ``(state_coef, state_intercept,
+    state_means, coef, intercept)``. States absent from ``states`` get no probability."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    state_coef = np.zeros((x.shape[1], n_states))
+    state_intercept = np.full(n_states, -np.inf)
+    present = np.unique(states)
+    means = np.tile(y.mean(0), (n_states, 1))
+    for s in present:
+        means[s] = y[states == s].mean(0)
+    if len(present) == 1:
+        state_intercept[present] = 0.0
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf = LogisticRegression(C=1.0, max_iter=500, random_state=random_state).fit(x, states)
+        if len(present) == 2:  # sklearn's binary case: one logit for the second class
+            state_coef[:, present[1]], state_intercept[present] = clf.coef_[0], (0.0, clf.intercept_[0])
+        else:
+            state_coef[:, present], state_intercept[present] = clf.coef_.T, clf.intercept_
+    coef, intercept, _ = _ridge(x, y - means[states])
+    return state_coef, state_intercept, means, coef, intercept
+
+
+def _mixture_predict(x, state_coef, state_intercept, means, coef, intercept) -> np.ndarray:
+    with np.errstate(invalid="ignore"):  # -inf logits of absent states → probability 0
+        logits = x @ state_coef + state_intercept
+    return _softmax(logits) @ means + x @ coef + intercept
+
+
+def _choose_embedding_weight(basis: np.ndarray, emb: np.ndarray, yc: np.ndarray) -> tuple[float, float, float]:
+    """``(weight, alpha, loo_mse)``: for each weight of :data:`EMBEDDING_WEIGHTS` the penalty with the lowest
+    leave-one-out error of the ridge, then the smallest weight within one standard error (paired over cells) of
+    the best (the one-standard-error rule: the embedding has to earn its place)."""
     fits = []
     for w in EMBEDDING_WEIGHTS:
-        zw = z[:, :n_nuc] if w == 0 else np.hstack([z[:, :n_nuc], w * z[:, n_nuc:]])
-        errors, svd = _loo_errors(zw, yc)
+        zw = basis if w == 0 or emb.shape[1] == 0 else np.hstack([basis, w * emb])
+        zw = zw - zw.mean(0)
+        errors, _ = _loo_errors(zw, yc)
         a = int(np.argmin(errors.mean(1)))
-        fits.append((w, a, errors[a], svd))
+        fits.append((w, a, errors[a]))
     best = min(range(len(fits)), key=lambda i: fits[i][2].mean())
     chosen = best
     for i, fit in enumerate(fits[:best]):  # ascending weights: the first within one SE of the best wins
@@ -118,16 +254,65 @@ def fit_readout(nucleus: np.ndarray, embedding: np.ndarray, target: np.ndarray) 
         if diff.mean() <= diff.std(ddof=1) / np.sqrt(len(diff)):
             chosen = i
             break
-    w, a, err, (u, sv, vt, p) = fits[chosen]
-    coef = np.zeros((x.shape[1], y.shape[1]))
-    width = n_nuc if w == 0 else x.shape[1]
-    coef[:width] = vt.T @ ((sv / (sv**2 + ALPHAS[a]))[:, None] * p)
-    scale = sd.copy()
+    w, a, err = fits[chosen]
+    return float(w), float(ALPHAS[a]), float(err.mean())
+
+
+def fit_readout(nucleus: np.ndarray, embedding: np.ndarray, target: np.ndarray, random_state: int = 0) -> ImageReadout:
+    """Fit the readout (see the module's docstring) on ``(n, F)`` nucleus features, ``(n, d)`` embeddings and
+    ``(n, n_genes)`` log-expression targets."""
+    nucleus = np.asarray(nucleus, dtype=np.float64)
+    embedding = np.asarray(embedding, dtype=np.float64)
+    y = np.asarray(target, dtype=np.float64)
+    n, f = nucleus.shape
+    nuc_mean, nuc_scale = _standardise(nucleus)
+    z = (nucleus - nuc_mean) / nuc_scale
+    knots = np.quantile(z, KNOT_QUANTILES, axis=0) if n else np.zeros((len(KNOT_QUANTILES), f))
+    basis = _basis(z, knots)
+    basis_mean, basis_scale = _standardise(basis)
+    emb_mean, emb_scale = _standardise(embedding)
+    basis = (basis - basis_mean) / basis_scale
+    emb = (embedding - emb_mean) / emb_scale
+    w, alpha, loo_mse = _choose_embedding_weight(basis, emb, y - y.mean(0))
     if w > 0:
-        scale[n_nuc:] /= w
-    info = {"alpha": float(ALPHAS[a]), "embedding_weight": float(w), "n_cells": int(len(x)),
-            "n_nucleus_features": int(n_nuc), "loo_mse": float(err.mean())}
-    return ImageReadout(mean, scale, coef, y_mean, info)
+        x, emb_scale = np.hstack([basis, w * emb]), emb_scale / w
+    else:  # the embedding gets no weight: fitted on zeros, its coefficients are zero (and set so below)
+        x = np.hstack([basis, np.zeros_like(emb)])
+    ridge_coef, ridge_intercept, _ = _ridge(x, y, alpha)
+
+    states = _states(y, random_state)
+    n_states = int(states.max()) + 1
+    g = y.shape[1]
+    blend = np.zeros(g)
+    state_coef, state_intercept, means = np.zeros((x.shape[1], 0)), np.zeros(0), np.zeros((0, g))
+    coef, intercept = ridge_coef, ridge_intercept
+    if n_states >= 2:
+        # each gene's blend b minimises the cross-validated error of (1 − b) ridge + b mixture:
+        # b = −Σ (r − y)(m − r) / Σ (m − r)², clipped to [0, 1]
+        cross, square = np.zeros(g), np.zeros(g)
+        folds = np.random.default_rng(random_state).permutation(n) % N_FOLDS
+        for k in range(N_FOLDS):
+            tr, te = folds != k, folds == k
+            if not te.any() or len(np.unique(states[tr])) < 2:
+                continue
+            rc, ri, _ = _ridge(x[tr], y[tr], alpha)
+            r = x[te] @ rc + ri
+            m = _mixture_predict(x[te], *_fit_mixture(x[tr], y[tr], states[tr], n_states, random_state))
+            cross += np.einsum("ig,ig->g", r - y[te], m - r)
+            square += np.einsum("ig,ig->g", m - r, m - r)
+        blend = np.clip(-cross / np.where(square > 0, square, np.inf), 0.0, 1.0)
+        state_coef, state_intercept, means, mix_coef, mix_intercept = _fit_mixture(x, y, states, n_states, random_state)
+        coef = (1 - blend) * ridge_coef + blend * mix_coef
+        intercept = (1 - blend) * ridge_intercept + blend * mix_intercept
+        means = means * blend
+        state_intercept = np.where(np.isfinite(state_intercept), state_intercept, -1e4)
+    if w == 0:
+        coef[basis.shape[1]:] = 0.0
+        state_coef[basis.shape[1]:] = 0.0
+    info = {"alpha": alpha, "embedding_weight": w, "n_cells": int(n), "n_nucleus_features": int(f),
+            "loo_mse": loo_mse, "n_states": int(means.shape[0]), "mixture_weight": float(blend.mean())}
+    return ImageReadout(nuc_mean, nuc_scale, knots, basis_mean, basis_scale, emb_mean, emb_scale, coef, intercept,
+                        state_coef, state_intercept, means, info)
 
 
 def log_expression(counts) -> np.ndarray:
@@ -160,4 +345,4 @@ def train_readout(model, arrays, cells: np.ndarray, random_state: int = 0) -> Im
     if len(cells) > MAX_CELLS:
         cells = np.sort(np.random.default_rng(random_state).choice(cells, MAX_CELLS, replace=False))
     nucleus, emb = readout_features(model, arrays, cells)
-    return fit_readout(nucleus, emb, log_expression(arrays.counts[cells]))
+    return fit_readout(nucleus, emb, log_expression(arrays.counts[cells]), random_state)

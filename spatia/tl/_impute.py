@@ -417,11 +417,14 @@ def predict_expression(
     Every cell's expression is hidden; the model reads each cell's crop. Works on an H&E- or DAPI-only
     section whose table has no counts at all (only the cells). Two ways to read the crops:
 
-    - ``"readout"`` (default when the model has one, which :func:`~spatia.tl.fit` trains): a ridge map from
-      the measured nucleus features of the crop (size, shape, intensity, chromatin texture) and the model's
-      image-only cell embedding, fitted on the training cells. The weight of the embedding beside the
-      measured features was chosen on those cells; ``model.readout.info`` says which it got. Measuring the
-      nuclei costs about 1 ms per cell on one CPU core (some 15 minutes for a million cells).
+    - ``"readout"`` (default when the model has one, which :func:`~spatia.tl.fit` trains): a map from the
+      measured nucleus features of the crop (size, shape, intensity, chromatin texture) and the model's
+      image-only cell embedding, fitted on the training cells. Per gene, it blends a ridge regression (trends,
+      e.g. a gene that follows nuclear size) and a mixture of cell states (the probability of each state
+      given the image times the state's mean expression: a marker that is on in one type and off in the
+      others). The embedding's weight and each gene's blend were chosen on the training cells;
+      ``model.readout.info`` says which it got. Measuring the nuclei costs about 1 ms per cell on one CPU core
+      (some 15 minutes for a million cells).
     - ``"decoder"``: the model's own expression decoder, from the image tokens and the neighbours' images
       (its image-only training passes, modality dropout). The generative path, and the only one for a model
       saved without a readout; on simulated slides it predicts held-out cells less well

@@ -78,6 +78,36 @@ def test_embedding_weight_is_chosen_on_the_training_cells():
     assert r_noise > r_alone - 0.01, (r_noise, r_alone)
 
 
+def test_marker_steps_are_read_by_the_mixture_and_trends_keep_the_ridge():
+    """A cell type's markers are a step in what the image shows (here: a type that a threshold of one nucleus
+    feature tells apart); a programme gene is a trend. The readout beats a ridge on the same features (the peer
+    of the benchmark) on the step, at least ties it on the trend, and says how much of each part it used."""
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(3)
+
+    def cells(n):
+        nucleus = rng.normal(size=(n, 12))
+        kind = np.digitize(nucleus[:, 0], [-0.5, 0.7])  # three types, told apart by feature 0 only
+        marker = np.log1p(rng.poisson(np.array([0.2, 3.0, 0.5])[kind] * 4))
+        trend = np.log1p(rng.poisson(np.exp(0.5 * nucleus[:, 1] + 1.0)))
+        noise = np.log1p(rng.poisson(2.0, size=(n, 3)))
+        return nucleus, np.column_stack([marker, trend, noise])
+
+    nucleus, y = cells(1500)
+    new_nucleus, new_y = cells(3000)
+    readout = fit_readout(nucleus, np.zeros((len(nucleus), 0)), y, random_state=0)
+    pred = readout.predict(new_nucleus, np.zeros((len(new_nucleus), 0)))
+    peer = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13))).fit(nucleus, y).predict(new_nucleus)
+    r = [pearsonr(pred[:, j], new_y[:, j]).statistic for j in (0, 1)]
+    r_peer = [pearsonr(peer[:, j], new_y[:, j]).statistic for j in (0, 1)]
+    assert r[0] > r_peer[0] + 0.1, (r, r_peer)
+    assert r[1] > r_peer[1] - 0.02, (r, r_peer)
+    assert readout.info["n_states"] == 10 and 0 < readout.info["mixture_weight"] <= 1
+
+
 def test_leave_one_out_errors_are_exact():
     """The closed-form leave-one-out errors equal refitting the ridge without each cell."""
     from sklearn.linear_model import Ridge
@@ -141,6 +171,11 @@ def test_model_without_readout_decodes_and_damaged_readout_refused(inductive, tm
     tensors["intercept"] = torch.zeros(3)
     save_file(tensors, str(path / "readout.safetensors"))
     with pytest.raises(ValueError, match="inconsistent shapes"):
+        sp.SpatiaModel.load(path)
+    # a readout of an earlier layout (a plain ridge) is refused with what to do
+    tensors = {k: v for k, v in load_file(str(tmp_path / "kept.safetensors")).items() if k in ("coef", "intercept")}
+    save_file(tensors, str(path / "readout.safetensors"))
+    with pytest.raises(ValueError, match="earlier development version.*Refit"):
         sp.SpatiaModel.load(path)
     with pytest.raises(ValueError, match="method must be"):
         sp.tl.predict_expression(test, model, method="ridge", inplace=False)
