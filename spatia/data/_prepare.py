@@ -34,6 +34,9 @@ class Prepared:
     crop_params: dict
     coordinate_system: str | None
     units: Units
+    #: what the crops were extracted with (``extract_crops`` keywords, the cells' geometry included); ``None``
+    #: without an image (an AnnData, or the image branch off)
+    crop_kwargs: dict | None = None
 
 
 def prepare(*args, **kwargs) -> Prepared:
@@ -110,6 +113,7 @@ def _prepare(
     # positions (µm) and crops
     cs = None
     store = None
+    used_kwargs = None
     crop_params: dict = {}
     channels: list[str] = []
     if _is_sdata(data):
@@ -134,6 +138,7 @@ def _prepare(
             else:
                 store = crops_for(data, crops, **kw)
             crop_params, channels = store.params, list(store.channels)
+            used_kwargs = kw
     else:
         if use_image and crops is None:
             raise ValueError("An AnnData has no image: pass a SpatialData, crops=, or disable the image branch.")
@@ -154,7 +159,7 @@ def _prepare(
     nbr = niche_members(xy, niche_k, niche_radius)
     tile = tile_index(xy, tile_um)
     arrays = CellArrays(counts=counts, crops=store, xy=xy.astype(np.float32), nbr=nbr, tile=np.asarray(tile))
-    return Prepared(arrays, table, list(genes), missing, channels, crop_params, cs, units)
+    return Prepared(arrays, table, list(genes), missing, channels, crop_params, cs, units, used_kwargs)
 
 
 def _reorder(counts: sp_sparse.csr_matrix, idx: np.ndarray) -> sp_sparse.csr_matrix:

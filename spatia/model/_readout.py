@@ -36,6 +36,10 @@ N_STATES = 10
 CELLS_PER_STATE = 20
 #: Folds of the cross-validation that sets each gene's blend of the ridge and the mixture.
 N_FOLDS = 5
+#: Crops the nucleus features are measured on when the model's crops sample the image too coarsely: a window
+#: of NUCLEUS_CROP_UM around the cell, at the image's own pixel size but no finer than NUCLEUS_UM_PER_PX.
+NUCLEUS_CROP_UM = 12.0
+NUCLEUS_UM_PER_PX = 0.25
 
 _ARRAYS = ("nucleus_mean", "nucleus_scale", "knots", "basis_mean", "basis_scale", "embedding_mean",
            "embedding_scale", "coef", "intercept", "state_coef", "state_intercept", "state_means")
@@ -315,6 +319,41 @@ def fit_readout(nucleus: np.ndarray, embedding: np.ndarray, target: np.ndarray, 
                         state_coef, state_intercept, means, info)
 
 
+def nucleus_crop(crop_params: dict) -> dict | None:
+    """The crops the readout measures nuclei on, for a model whose crops were cut with ``crop_params``:
+    ``{"size", "crop_um"}``, or ``None`` for the model's own crops.
+
+    The model's default crop (32 px over 16 µm: 0.5 µm per pixel) samples a Xenium image (0.2125 µm/px) at less
+    than half its resolution, and chromatin texture and the nuclear outline are lost. When the model's crops are
+    more than 1.25× coarser than the image (or than 0.25 µm/px, for finer images), the nuclei are measured on
+    crops of 12 µm around each cell at max(image pixel, 0.25 µm); otherwise on the model's crops."""
+    px, size, crop_um = crop_params.get("pixel_size_um"), crop_params.get("size"), crop_params.get("crop_um")
+    if px is None or crop_um is None or not size:
+        return None
+    target = max(float(np.min(px)), NUCLEUS_UM_PER_PX)
+    if float(crop_um) / float(size) <= 1.25 * target:
+        return None
+    return {"size": int(round(NUCLEUS_CROP_UM / target)), "crop_um": NUCLEUS_CROP_UM}
+
+
+def nucleus_store(data, prepared, geometry: dict, rows: np.ndarray | None = None):
+    """Crops of ``geometry`` (:func:`nucleus_crop`) for the cells ``rows`` of ``prepared``'s table (default
+    all, in table order), cut from the same image(s) as the model's crops; large sets go to a temporary store."""
+    from ..pp._crops import crops_for
+
+    kw = dict(prepared.crop_kwargs, size=int(geometry["size"]), crop_um=float(geometry["crop_um"]), store=None)
+    if rows is not None:
+        import spatialdata as sd
+
+        key = next(k for k, t in data.tables.items() if t is prepared.table)
+        data = sd.SpatialData(images=dict(data.images), labels=dict(data.labels), shapes=dict(data.shapes),
+                              tables={key: prepared.table[np.asarray(rows)].copy()})
+        kw["table_key"] = key
+        if kw.get("geometry") is not None:
+            kw["geometry"] = kw["geometry"].subset(np.asarray(rows))
+    return crops_for(data, None, **kw)
+
+
 def log_expression(counts) -> np.ndarray:
     """log1p of counts per 10,000 (the readout's target), dense."""
     from ..pp._expression import cp10k
@@ -328,21 +367,28 @@ def image_only(arrays):
 
 
 def readout_features(model, arrays, cells: np.ndarray | None = None, batch_size: int | None = None,
-                     device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     device: str | None = None, nuclei=None) -> tuple[np.ndarray, np.ndarray]:
     """The readout's inputs for ``cells`` (default all): nucleus features of their crops and their image-only
-    cell embeddings (expression hidden from every cell, as on a slide without it)."""
+    cell embeddings (expression hidden from every cell, as on a slide without it). ``nuclei``: a crop store
+    of exactly ``cells`` (in that order) to measure the nuclei on, instead of the model's crops."""
     from ..tl._nucleus import nucleus_features
 
     emb = model.infer(image_only(arrays), outputs=("cell",), cells=cells, batch_size=batch_size,
                       device=device)["cell"]
-    return nucleus_features(arrays.crops, cells), emb
+    nucleus = nucleus_features(arrays.crops, cells) if nuclei is None else nucleus_features(nuclei)
+    return nucleus, emb
 
 
-def train_readout(model, arrays, cells: np.ndarray, random_state: int = 0) -> ImageReadout:
+def train_readout(model, arrays, cells: np.ndarray, random_state: int = 0, nuclei_for=None,
+                  geometry: dict | None = None) -> ImageReadout:
     """Fit ``model``'s readout on ``cells`` of ``arrays`` (their counts are the target; at most
-    :data:`MAX_CELLS` of them, a seeded sample beyond that)."""
+    :data:`MAX_CELLS` of them, a seeded sample beyond that). ``nuclei_for(rows)``: the crop store of those rows
+    that the nuclei are measured on, cut with ``geometry`` (:func:`nucleus_crop`); ``None``: the model's crops."""
     cells = np.unique(np.asarray(cells, dtype=np.int64))
     if len(cells) > MAX_CELLS:
         cells = np.sort(np.random.default_rng(random_state).choice(cells, MAX_CELLS, replace=False))
-    nucleus, emb = readout_features(model, arrays, cells)
-    return fit_readout(nucleus, emb, log_expression(arrays.counts[cells]), random_state)
+    nuclei = None if nuclei_for is None else nuclei_for(cells)
+    nucleus, emb = readout_features(model, arrays, cells, nuclei=nuclei)
+    readout = fit_readout(nucleus, emb, log_expression(arrays.counts[cells]), random_state)
+    readout.info["nucleus_crop"] = None if nuclei is None else dict(geometry)
+    return readout

@@ -182,9 +182,10 @@ def fit(
     Returns
     -------
     The trained :class:`~spatia.SpatiaModel`. With the image branch, it also carries ``model.readout``, the map
-    from what a crop shows to expression that :func:`predict_expression` reads: a ridge regression from the
-    nucleus features of each crop and its image-only cell embedding, fitted after training on the training
-    cells (at most 10,000, a seeded sample; one image-only inference pass over them). Writes into the table:
+    from what a crop shows to expression that :func:`predict_expression` reads: per gene, a blend of a ridge
+    regression and a mixture of cell states on the nucleus features of each crop and its image-only cell
+    embedding, fitted after training on the training cells (at most 10,000, a seeded sample; one image-only
+    inference pass over them). Writes into the table:
 
     - ``obsm['X_spatia_cell']``, ``obsm['X_spatia_niche']``, ``obsm['X_spatia_tissue']`` (or the
       ``key_added`` keys): one row per cell;
@@ -236,10 +237,14 @@ def fit(
         **trainer_kwargs,
     )
     if config.image.enabled:  # what sp.tl.predict_expression reads: fitted on the training cells
-        from ..model._readout import train_readout
+        from ..model._readout import nucleus_crop, nucleus_store, train_readout
 
         centres = train_arrays.centres if train_arrays.centres is not None else np.arange(prepared.arrays.n)
-        model.readout = train_readout(model, prepared.arrays, centres, seed_from(random_state))
+        # nuclei on finer crops than the model's when the image allows it and can be read (its key known)
+        can_cut = prepared.crop_kwargs is not None and prepared.crop_kwargs.get("image_key") is not None
+        geometry = nucleus_crop(prepared.crop_params) if can_cut else None
+        nuclei_for = None if geometry is None else (lambda rows: nucleus_store(data, prepared, geometry, rows))
+        model.readout = train_readout(model, prepared.arrays, centres, seed_from(random_state), nuclei_for, geometry)
     emb = model.infer(prepared.arrays)
     results = _embedding_results(emb, keys)
     n_sampled = prepared.arrays.n if train_arrays.centres is None else len(train_arrays.centres)

@@ -488,9 +488,17 @@ def predict_expression(
     arrays = prepared.arrays
     arrays.drop_expression = np.ones(arrays.n, dtype=bool)
     if method == "readout":
-        from ..model._readout import readout_features
+        from ..model._readout import nucleus_store, readout_features
 
-        nucleus, emb = readout_features(model, arrays, batch_size=batch_size, device=device)
+        nuclei, geometry = None, model.readout.info.get("nucleus_crop")
+        if geometry is not None:  # the readout measures nuclei on its own crops, cut as when it was fitted
+            if prepared.crop_kwargs is None or prepared.crop_kwargs.get("image_key") is None:
+                raise ValueError(
+                    f"This model's image readout measures nuclei on {geometry['size']}-px crops over "
+                    f"{geometry['crop_um']:g} µm cut from the image: pass the SpatialData with its image and "
+                    "image_key= (not only crops=), or method='decoder'.")
+            nuclei = nucleus_store(data, prepared, geometry)
+        nucleus, emb = readout_features(model, arrays, batch_size=batch_size, device=device, nuclei=nuclei)
         pred = model.readout.predict(nucleus, emb)
     else:
         if not use_niche:

@@ -179,3 +179,27 @@ def test_model_without_readout_decodes_and_damaged_readout_refused(inductive, tm
         sp.SpatiaModel.load(path)
     with pytest.raises(ValueError, match="method must be"):
         sp.tl.predict_expression(test, model, method="ridge", inplace=False)
+
+
+def test_nuclei_measured_on_finer_crops_when_the_image_allows():
+    """The model's 0.5 µm/px crops undersample a Xenium-like image (0.2125 µm/px): the readout measures nuclei on
+    its own 12 µm crops at 0.25 µm/px, fitted and predicted alike; a coarse image keeps the model's crops."""
+    from spatia.model._readout import nucleus_crop
+
+    assert nucleus_crop({"pixel_size_um": 0.2125, "size": 32, "crop_um": 16.0}) == {"size": 48, "crop_um": 12.0}
+    assert nucleus_crop({"pixel_size_um": 0.108, "size": 32, "crop_um": 16.0}) == {"size": 48, "crop_um": 12.0}
+    assert nucleus_crop({"pixel_size_um": 0.5, "size": 32, "crop_um": 16.0}) is None
+    assert nucleus_crop({"pixel_size_um": 0.2125, "size": 64, "crop_um": 16.0}) is None  # already fine enough
+    assert nucleus_crop({"pixel_size_um": 0.2125, "size": 32, "crop_um": None}) is None  # per-cell windows
+
+    sdata = sp.datasets.simulate(300, pixel_size=0.2125, random_state=2)
+    model = sp.tl.fit(sdata, image_key="morphology", config=sp.SpatiaConfig.tiny(), max_epochs=1, random_state=0)
+    assert model.readout.info["nucleus_crop"] == {"size": 48, "crop_um": 12.0}
+    pred = sp.tl.predict_expression(sdata, model, inplace=False)["layers/spatia_predicted"]
+    assert pred.shape == (300, sdata["table"].n_vars) and np.isfinite(pred).all()
+    # only the model's crops, not the image they came from: the readout cannot measure its nuclei
+    crops = sp.pp.extract_crops(sdata, image_key="morphology", size=model.config.image.size,
+                                crop_um=model.config.image.crop_um)
+    with pytest.raises(ValueError, match="48-px crops over 12 µm.*method='decoder'"):
+        sp.tl.predict_expression(sdata, model, crops=crops, inplace=False)
+    assert sp.tl.predict_expression(sdata, model, crops=crops, method="decoder", inplace=False)
