@@ -41,6 +41,9 @@ N_FOLDS = 5
 NUCLEUS_CROP_UM = 12.0
 NUCLEUS_UM_PER_PX = 0.25
 
+#: Cells per block of :meth:`ImageReadout.predict`.
+_PREDICT_BLOCK = 16_384
+
 _ARRAYS = ("nucleus_mean", "nucleus_scale", "knots", "basis_mean", "basis_scale", "embedding_mean",
            "embedding_scale", "coef", "intercept", "state_coef", "state_intercept", "state_means")
 
@@ -99,12 +102,15 @@ class ImageReadout:
 
     def predict(self, nucleus: np.ndarray, embedding: np.ndarray) -> np.ndarray:
         """``(n, n_genes)`` float32 predictions (log1p per 10,000, clipped at 0) from ``(n, F)`` nucleus
-        features and ``(n, d)`` embeddings."""
-        x = self.inputs(nucleus, embedding)
-        y = x @ self.coef + self.intercept
-        if self.state_means.shape[0]:
-            y += _softmax(x @ self.state_coef + self.state_intercept) @ self.state_means
-        return np.maximum(y, 0.0).astype(np.float32)
+        features and ``(n, d)`` embeddings; computed in blocks of cells, so the float64 temporaries stay small."""
+        out = np.empty((len(nucleus), self.n_genes), dtype=np.float32)
+        for start in range(0, len(nucleus), _PREDICT_BLOCK):
+            x = self.inputs(nucleus[start:start + _PREDICT_BLOCK], embedding[start:start + _PREDICT_BLOCK])
+            y = x @ self.coef + self.intercept
+            if self.state_means.shape[0]:
+                y += _softmax(x @ self.state_coef + self.state_intercept) @ self.state_means
+            out[start:start + len(y)] = np.maximum(y, 0.0)
+        return out
 
     def tensors(self) -> dict:
         import torch
