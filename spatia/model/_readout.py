@@ -1,8 +1,9 @@
 """The image readout: expression from what a cell's image shows, fitted on the cells a model was trained on.
 
-``sp.tl.predict_expression`` reads it. Its inputs are the measured nucleus features of each crop (size, shape,
-intensity, chromatin texture) and the model's image-only cell embedding; its output is log1p expression per
-10,000 counts. It has two parts, blended gene by gene:
+``sp.tl.predict_expression`` reads it. Its inputs are the measured features of each crop (the nucleus's size,
+shape, intensity and chromatin texture; each channel's intensities around the centre, where the stains of a
+multiplexed image tell cell types apart) and the model's image-only cell embedding; its output is log1p
+expression per 10,000 counts. It has two parts, blended gene by gene:
 
 - **a ridge regression** on a piecewise-linear basis of the nucleus features (each feature bent at its
   quintiles) and the embedding: smooth trends, such as a gene that follows nuclear size;
@@ -381,7 +382,8 @@ def readout_features(model, arrays, cells: np.ndarray | None = None, batch_size:
 
     emb = model.infer(image_only(arrays), outputs=("cell",), cells=cells, batch_size=batch_size,
                       device=device)["cell"]
-    nucleus = nucleus_features(arrays.crops, cells) if nuclei is None else nucleus_features(nuclei)
+    nucleus = (nucleus_features(arrays.crops, cells, channels=True) if nuclei is None
+               else nucleus_features(nuclei, channels=True))
     return nucleus, emb
 
 

@@ -418,8 +418,9 @@ def predict_expression(
     section whose table has no counts at all (only the cells). Two ways to read the crops:
 
     - ``"readout"`` (default when the model has one, which :func:`~spatia.tl.fit` trains): a map from the
-      measured nucleus features of the crop (size, shape, intensity, chromatin texture) and the model's
-      image-only cell embedding, fitted on the training cells. Per gene, it blends a ridge regression (trends,
+      measured features of the crop (the nucleus's size, shape, intensity and chromatin texture; each
+      channel's intensities around the centre) and the model's image-only cell embedding, fitted on the
+      training cells. Per gene, it blends a ridge regression (trends,
       e.g. a gene that follows nuclear size) and a mixture of cell states (the probability of each state
       given the image times the state's mean expression: a marker that is on in one type and off in the
       others). The embedding's weight and each gene's blend were chosen on the training cells;

@@ -35,19 +35,27 @@ def _texture(img: np.ndarray) -> tuple[float, float]:
     return float(graycoprops(glcm, "contrast").mean()), float(graycoprops(glcm, "homogeneity").mean())
 
 
-def nucleus_features(store, rows: np.ndarray | None = None) -> np.ndarray:
+def nucleus_features(store, rows: np.ndarray | None = None, channels: bool = False) -> np.ndarray:
     """``(n_cells, 12)`` measurements of each cell's own nucleus (the Otsu region at the centre of the first
     channel of its crop, not a larger neighbour's): area, perimeter, eccentricity, solidity, intensity
-    mean / max / min / std, axis lengths (``morphology_features``) and GLCM contrast / homogeneity. Crops are read ``_CHUNK`` cells at a time; a crop without foreground gets zeros.
+    mean / max / min / std, axis lengths (``morphology_features``) and GLCM contrast / homogeneity. Crops are read
+    ``_CHUNK`` cells at a time; a crop without foreground gets zeros.
 
     Measured in crop pixels: comparable between cells of crops cut with the same window and size.
+
+    ``channels=True`` adds :func:`channel_intensities` of every channel (``10 × n_channels`` columns): where
+    the cell-type stains of a multiplexed image are (membrane, immunofluorescence markers), which the nucleus
+    channel alone does not show.
     """
     from .._settings import settings
     from .._utils import progress
     from ..metrics import morphology_features
 
     rows = np.arange(len(store)) if rows is None else np.asarray(rows)
-    out = np.empty((len(rows), 10 + len(TEXTURE_FEATURES)), dtype=np.float64)
+    n_extra = len(CHANNEL_STATS) * len(CHANNEL_RADII_UM) * len(store.channels) if channels else 0
+    um_per_px = _um_per_px(store) if channels else None
+    out = np.empty((len(rows), 10 + len(TEXTURE_FEATURES) + n_extra), dtype=np.float64)
+    n_base = 10 + len(TEXTURE_FEATURES)
     with progress(total=len(rows), desc="nucleus features", unit="cell") as bar:
         for start in range(0, len(rows), _CHUNK):
             part = rows[start:start + _CHUNK]
@@ -55,6 +63,36 @@ def nucleus_features(store, rows: np.ndarray | None = None) -> np.ndarray:
             with settings.override(progress_bar=False):  # one bar for the whole slide, not one per chunk
                 out[start:start + len(part), :10] = morphology_features(crops, region="central").to_numpy(np.float64)
             gray = crops[:, 0].astype(np.float64)
-            out[start:start + len(part), 10:] = [_texture(img) for img in gray]
+            out[start:start + len(part), 10:n_base] = [_texture(img) for img in gray]
+            if channels:
+                out[start:start + len(part), n_base:] = channel_intensities(crops, um_per_px)
             bar.update(len(part))
     return np.nan_to_num(out, nan=0.0)
+
+
+#: Discs around the crop's centre (radius, µm) whose intensities :func:`channel_intensities` summarises: about
+#: the nucleus, and about the cell body.
+CHANNEL_RADII_UM = (3.0, 5.0)
+#: Summaries of each channel in each disc.
+CHANNEL_STATS = ("mean", "std", "q10", "q50", "q90")
+
+
+def _um_per_px(store) -> float:
+    """µm per crop pixel of a store cut with a fixed window (``crop_um``); else 0.5 (the default crop's)."""
+    crop_um, size = store.params.get("crop_um"), store.params.get("size", store.size)
+    return float(crop_um) / float(size) if crop_um else 0.5
+
+
+def channel_intensities(crops: np.ndarray, um_per_px: float) -> np.ndarray:
+    """``(n, len(CHANNEL_STATS) × len(CHANNEL_RADII_UM) × C)`` intensity summaries (0–1) of each channel of
+    ``(n, C, S, S)`` uint8 crops in discs of :data:`CHANNEL_RADII_UM` around their centre, disc by disc."""
+    n, c, size = crops.shape[0], crops.shape[1], crops.shape[-1]
+    yy, xx = np.mgrid[:size, :size]
+    r_px = np.hypot(yy - (size - 1) / 2, xx - (size - 1) / 2)
+    blocks = []
+    for radius in CHANNEL_RADII_UM:
+        mask = r_px <= max(radius / um_per_px, 1.0)
+        v = crops[:, :, mask].astype(np.float32) / 255.0  # (n, C, pixels)
+        q = np.quantile(v, (0.1, 0.5, 0.9), axis=-1)
+        blocks += [v.mean(-1), v.std(-1), q[0], q[1], q[2]]
+    return np.concatenate(blocks, axis=1).reshape(n, -1) if n else np.zeros((0, len(blocks) * c))

@@ -203,3 +203,34 @@ def test_nuclei_measured_on_finer_crops_when_the_image_allows():
     with pytest.raises(ValueError, match="48-px crops over 12 µm.*method='decoder'"):
         sp.tl.predict_expression(sdata, model, crops=crops, inplace=False)
     assert sp.tl.predict_expression(sdata, model, crops=crops, method="decoder", inplace=False)
+
+
+def test_channel_intensities_tell_types_that_the_nucleus_does_not():
+    """A type seen only through a marker stain in the second channel: the channel summaries read it (the nucleus
+    channel alone cannot), within the disc radii given in µm whatever the crop's pixel size."""
+    from spatia.tl._nucleus import CHANNEL_RADII_UM, CHANNEL_STATS, channel_intensities
+
+    rng = np.random.default_rng(4)
+    n, size = 600, 24
+    kind = rng.integers(0, 2, n)
+    yy, xx = np.mgrid[:size, :size]
+    disc = np.hypot(yy - (size - 1) / 2, xx - (size - 1) / 2) <= 3.0 / 0.5  # the 3 µm disc at 0.5 µm/px
+    crops = rng.integers(0, 40, size=(n, 2, size, size)).astype(np.uint8)
+    crops[:, 0][:, disc] += 120  # the same nucleus for both types
+    crops[kind == 1, 1] = np.where(disc, 200, crops[kind == 1, 1]).astype(np.uint8)  # a stain inside the cell
+    feats = channel_intensities(crops, um_per_px=0.5)
+    assert feats.shape == (n, len(CHANNEL_STATS) * len(CHANNEL_RADII_UM) * 2)
+    mean_ch1_small = feats[:, 1]  # layout: disc by disc, statistic by statistic, channel by channel
+    assert mean_ch1_small[kind == 1].min() > mean_ch1_small[kind == 0].max()
+    # the same crops at twice the pixel size: the 3 µm disc holds 4× fewer pixels, the stain still fills it
+    assert channel_intensities(crops, um_per_px=1.0)[kind == 1, 1].min() > 0.7
+
+    marker = np.log1p(rng.poisson(np.where(kind == 1, 6.0, 0.3)))
+    y = np.column_stack([marker, np.log1p(rng.poisson(2.0, size=(n, 2)))])
+    nucleus_like = feats[:, 0::2]  # channel 0's columns only
+    train, test = np.arange(n) < 400, np.arange(n) >= 400
+    r_both = pearsonr(fit_readout(feats[train], np.zeros((400, 0)), y[train]).predict(
+        feats[test], np.zeros((200, 0)))[:, 0], y[test, 0]).statistic
+    r_dapi = pearsonr(fit_readout(nucleus_like[train], np.zeros((400, 0)), y[train]).predict(
+        nucleus_like[test], np.zeros((200, 0)))[:, 0], y[test, 0]).statistic
+    assert r_both > 0.6 and r_both > r_dapi + 0.3, (r_both, r_dapi)
