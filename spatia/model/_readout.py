@@ -51,9 +51,10 @@ _ARRAYS = ("nucleus_mean", "nucleus_scale", "knots", "basis_mean", "basis_scale"
 
 @dataclass
 class ImageReadout:
-    """Nucleus features and cell embedding → log1p expression per 10,000 counts (see the module's docstring).
+    """Measured crop features and cell embedding → log1p expression per 10,000 counts (see the module's docstring).
 
-    With ``z`` the standardised nucleus features, the inputs are ``x = [basis(z), embedding]``, each column
+    The "nucleus features" here are what :func:`~spatia.tl._nucleus.nucleus_features` measures with
+    ``channels=True``: the nucleus and each channel's intensities. With ``z`` the standardised features, the inputs are ``x = [basis(z), embedding]``, each column
     standardised (the embedding's scale includes its weight). The prediction is
     ``x @ coef + intercept + softmax(x @ state_coef + state_intercept) @ state_means``, clipped at 0: the two
     parts are already blended into ``coef``, ``intercept`` and ``state_means``.

@@ -183,9 +183,9 @@ def fit(
     -------
     The trained :class:`~spatia.SpatiaModel`. With the image branch, it also carries ``model.readout``, the map
     from what a crop shows to expression that :func:`predict_expression` reads: per gene, a blend of a ridge
-    regression and a mixture of cell states on the nucleus features of each crop and its image-only cell
-    embedding, fitted after training on the training cells (at most 10,000, a seeded sample; one image-only
-    inference pass over them). Writes into the table:
+    regression and a mixture of cell states on the measured nucleus and channel features of each crop and its
+    image-only cell embedding, fitted after training on the training cells (at most 10,000, a seeded sample;
+    one image-only inference pass over them). Writes into the table:
 
     - ``obsm['X_spatia_cell']``, ``obsm['X_spatia_niche']``, ``obsm['X_spatia_tissue']`` (or the
       ``key_added`` keys): one row per cell;

@@ -420,12 +420,13 @@ def predict_expression(
     - ``"readout"`` (default when the model has one, which :func:`~spatia.tl.fit` trains): a map from the
       measured features of the crop (the nucleus's size, shape, intensity and chromatin texture; each
       channel's intensities around the centre) and the model's image-only cell embedding, fitted on the
-      training cells. Per gene, it blends a ridge regression (trends,
-      e.g. a gene that follows nuclear size) and a mixture of cell states (the probability of each state
-      given the image times the state's mean expression: a marker that is on in one type and off in the
-      others). The embedding's weight and each gene's blend were chosen on the training cells;
-      ``model.readout.info`` says which it got. Measuring the nuclei costs about 1 ms per cell on one CPU core
-      (some 15 minutes for a million cells).
+      training cells. Per gene, it blends a ridge regression (trends, e.g. a gene that follows nuclear size)
+      and a mixture of cell states (the probability of each state given the image times the state's mean
+      expression: a marker that is on in one type and off in the others). The embedding's weight and each
+      gene's blend were chosen on the training cells; ``model.readout.info`` says which it got. When the
+      model's crops undersample the image, the nuclei are measured on finer crops cut from the image
+      (``info["nucleus_crop"]``), so pass the SpatialData with its image. Measuring the nuclei costs about
+      1 ms per cell on one CPU core (some 15 minutes for a million cells).
     - ``"decoder"``: the model's own expression decoder, from the image tokens and the neighbours' images
       (its image-only training passes, modality dropout). The generative path, and the only one for a model
       saved without a readout; on simulated slides it predicts held-out cells less well
