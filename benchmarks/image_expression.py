@@ -92,6 +92,8 @@ def run_design(name: str, kw: dict, res: dict) -> None:
         for m, v in scores(pred, y_te, genes).items():
             res[m, label].append((name, v))
     res["info", "readout embedding weight"].append((name, model.readout.info["embedding_weight"]))
+    res["info", "readout mixture weight"].append((name, model.readout.info["mixture_weight"]))
+    res["info", "readout channel features used (1 = yes)"].append((name, float(model.readout.info["channel_features"])))
 
     t0 = time.perf_counter()
     nuc = nucleus_features(sdata, kw.get("pixel_size", 0.5))

@@ -105,6 +105,7 @@ def image_expression(name: str, res: dict) -> None:
     pred = sp.tl.predict_expression(test, model, image_key=image_key, inplace=False)["layers/spatia_predicted"]
     record(OURS, pred, fit_s + time.perf_counter() - t0)
     res[task, "info", "readout: mixture weight"][name] = model.readout.info["mixture_weight"]
+    res[task, "info", "readout: channel features used"][name] = str(model.readout.info["channel_features"])
     res[task, "info", "training cells"][name] = float(top.sum())
     cfg = model.config.image
     crops = {part: sp.pp.extract_crops(sd, image_key=image_key, size=cfg.size, crop_um=cfg.crop_um,

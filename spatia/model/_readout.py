@@ -248,10 +248,10 @@ def _mixture_predict(x, state_coef, state_intercept, means, coef, intercept) -> 
     return _softmax(logits) @ means + x @ coef + intercept
 
 
-def _choose_embedding_weight(basis: np.ndarray, emb: np.ndarray, yc: np.ndarray) -> tuple[float, float, float]:
-    """``(weight, alpha, loo_mse)``: for each weight of :data:`EMBEDDING_WEIGHTS` the penalty with the lowest
-    leave-one-out error of the ridge, then the smallest weight within one standard error (paired over cells) of
-    the best (the one-standard-error rule: the embedding has to earn its place)."""
+def _choose_embedding_weight(basis: np.ndarray, emb: np.ndarray, yc: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """``(weight, alpha, per-cell loo error)``: for each weight of :data:`EMBEDDING_WEIGHTS` the penalty with the
+    lowest leave-one-out error of the ridge, then the smallest weight within one standard error (paired over
+    cells) of the best (the one-standard-error rule: the embedding has to earn its place)."""
     fits = []
     for w in EMBEDDING_WEIGHTS:
         zw = basis if w == 0 or emb.shape[1] == 0 else np.hstack([basis, w * emb])
@@ -259,20 +259,28 @@ def _choose_embedding_weight(basis: np.ndarray, emb: np.ndarray, yc: np.ndarray)
         errors, _ = _loo_errors(zw, yc)
         a = int(np.argmin(errors.mean(1)))
         fits.append((w, a, errors[a]))
-    best = min(range(len(fits)), key=lambda i: fits[i][2].mean())
-    chosen = best
-    for i, fit in enumerate(fits[:best]):  # ascending weights: the first within one SE of the best wins
-        diff = fit[2] - fits[best][2]
-        if diff.mean() <= diff.std(ddof=1) / np.sqrt(len(diff)):
-            chosen = i
-            break
+    chosen = _one_se(fits, lambda fit: fit[2])
     w, a, err = fits[chosen]
-    return float(w), float(ALPHAS[a]), float(err.mean())
+    return float(w), float(ALPHAS[a]), err
 
 
-def fit_readout(nucleus: np.ndarray, embedding: np.ndarray, target: np.ndarray, random_state: int = 0) -> ImageReadout:
+def _one_se(options: list, errors) -> int:
+    """Index of the first of ``options`` (simplest first) whose per-cell errors are within one standard error
+    (paired over cells) of the best option's."""
+    best = min(range(len(options)), key=lambda i: errors(options[i]).mean())
+    for i in range(best):
+        diff = errors(options[i]) - errors(options[best])
+        if diff.mean() <= diff.std(ddof=1) / np.sqrt(len(diff)):
+            return i
+    return best
+
+
+def fit_readout(nucleus: np.ndarray, embedding: np.ndarray, target: np.ndarray, random_state: int = 0,
+                optional: int = 0) -> ImageReadout:
     """Fit the readout (see the module's docstring) on ``(n, F)`` nucleus features, ``(n, d)`` embeddings and
-    ``(n, n_genes)`` log-expression targets."""
+    ``(n, n_genes)`` log-expression targets. The last ``optional`` columns of ``nucleus`` (the channel
+    intensities) are used only when they earn their place on the training cells: when the ridge's leave-one-out
+    error with them is lower by more than one standard error (``info["channel_features"]``)."""
     nucleus = np.asarray(nucleus, dtype=np.float64)
     embedding = np.asarray(embedding, dtype=np.float64)
     y = np.asarray(target, dtype=np.float64)
@@ -285,7 +293,16 @@ def fit_readout(nucleus: np.ndarray, embedding: np.ndarray, target: np.ndarray, 
     emb_mean, emb_scale = _standardise(embedding)
     basis = (basis - basis_mean) / basis_scale
     emb = (embedding - emb_mean) / emb_scale
-    w, alpha, loo_mse = _choose_embedding_weight(basis, emb, y - y.mean(0))
+    # which basis columns come from the optional block (the basis repeats the F features once per knot + 1)
+    in_block = np.tile(np.arange(f) >= f - optional, len(KNOT_QUANTILES) + 1)
+    yc = y - y.mean(0)
+    candidates = [(False, *_choose_embedding_weight(basis[:, ~in_block], emb, yc))]
+    if optional:
+        candidates.append((True, *_choose_embedding_weight(basis, emb, yc)))
+    use_block, w, alpha, loo_err = candidates[_one_se(candidates, lambda c: c[3])]
+    loo_mse = float(loo_err.mean())
+    if optional and not use_block:  # fitted on zeros, their coefficients are zero (and set so below)
+        basis = np.where(in_block, 0.0, basis)
     if w > 0:
         x, emb_scale = np.hstack([basis, w * emb]), emb_scale / w
     else:  # the embedding gets no weight: fitted on zeros, its coefficients are zero (and set so below)
@@ -321,8 +338,12 @@ def fit_readout(nucleus: np.ndarray, embedding: np.ndarray, target: np.ndarray, 
     if w == 0:
         coef[basis.shape[1]:] = 0.0
         state_coef[basis.shape[1]:] = 0.0
+    if optional and not use_block:
+        coef[:basis.shape[1]][in_block] = 0.0
+        state_coef[:basis.shape[1]][in_block] = 0.0
     info = {"alpha": alpha, "embedding_weight": w, "n_cells": int(n), "n_nucleus_features": int(f),
-            "loo_mse": loo_mse, "n_states": int(means.shape[0]), "mixture_weight": float(blend.mean())}
+            "loo_mse": loo_mse, "n_states": int(means.shape[0]), "mixture_weight": float(blend.mean()),
+            "channel_features": bool(use_block)}
     return ImageReadout(nuc_mean, nuc_scale, knots, basis_mean, basis_scale, emb_mean, emb_scale, coef, intercept,
                         state_coef, state_intercept, means, info)
 
@@ -398,6 +419,9 @@ def train_readout(model, arrays, cells: np.ndarray, random_state: int = 0, nucle
         cells = np.sort(np.random.default_rng(random_state).choice(cells, MAX_CELLS, replace=False))
     nuclei = None if nuclei_for is None else nuclei_for(cells)
     nucleus, emb = readout_features(model, arrays, cells, nuclei=nuclei)
-    readout = fit_readout(nucleus, emb, log_expression(arrays.counts[cells]), random_state)
+    from ..tl._nucleus import N_NUCLEUS_FEATURES
+
+    readout = fit_readout(nucleus, emb, log_expression(arrays.counts[cells]), random_state,
+                          optional=nucleus.shape[1] - N_NUCLEUS_FEATURES)
     readout.info["nucleus_crop"] = None if nuclei is None else dict(geometry)
     return readout

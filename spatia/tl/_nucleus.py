@@ -8,6 +8,9 @@ import numpy as np
 #: and two grey-level co-occurrence (GLCM) texture statistics of the nucleus.
 TEXTURE_FEATURES = ("glcm_contrast", "glcm_homogeneity")
 
+#: Columns of :func:`nucleus_features` without ``channels``.
+N_NUCLEUS_FEATURES = 10 + len(TEXTURE_FEATURES)
+
 _LEVELS = 32  # grey levels of the co-occurrence matrices (level 0 = outside the nucleus)
 _CHUNK = 2048  # cells read from the crop store at a time
 
@@ -55,7 +58,7 @@ def nucleus_features(store, rows: np.ndarray | None = None, channels: bool = Fal
     n_extra = len(CHANNEL_STATS) * len(CHANNEL_RADII_UM) * len(store.channels) if channels else 0
     um_per_px = _um_per_px(store) if channels else None
     out = np.empty((len(rows), 10 + len(TEXTURE_FEATURES) + n_extra), dtype=np.float64)
-    n_base = 10 + len(TEXTURE_FEATURES)
+    n_base = N_NUCLEUS_FEATURES
     with progress(total=len(rows), desc="nucleus features", unit="cell") as bar:
         for start in range(0, len(rows), _CHUNK):
             part = rows[start:start + _CHUNK]

@@ -234,3 +234,23 @@ def test_channel_intensities_tell_types_that_the_nucleus_does_not():
     r_dapi = pearsonr(fit_readout(nucleus_like[train], np.zeros((400, 0)), y[train]).predict(
         nucleus_like[test], np.zeros((200, 0)))[:, 0], y[test, 0]).statistic
     assert r_both > 0.6 and r_both > r_dapi + 0.3, (r_both, r_dapi)
+
+
+def test_channel_block_is_used_only_when_it_earns_its_place():
+    """The channel intensities are an optional block: chosen when they carry a type the nucleus does not show,
+    dropped (coefficients zero) when they are noise."""
+    rng = np.random.default_rng(6)
+    n = 800
+    nucleus = rng.normal(size=(n, 12))
+    kind = rng.integers(0, 2, n)
+    stain = np.column_stack([kind + 0.2 * rng.normal(size=n), rng.normal(size=(n, 9))])
+    y = np.column_stack([np.log1p(rng.poisson(np.where(kind == 1, 6.0, 0.3))), np.log1p(rng.poisson(
+        np.exp(0.4 * nucleus[:, 0] + 1.0))), np.log1p(rng.poisson(2.0, size=(n, 2)))])
+    useful = fit_readout(np.hstack([nucleus, stain]), np.zeros((n, 0)), y, optional=10)
+    assert useful.info["channel_features"]
+    noise = fit_readout(np.hstack([nucleus, rng.normal(size=(n, 10))]), np.zeros((n, 0)), y, optional=10)
+    assert not noise.info["channel_features"]
+    new = rng.normal(size=(5, 22))
+    moved = new.copy()
+    moved[:, 12:] += 5.0  # the dropped block cannot move a prediction
+    np.testing.assert_allclose(noise.predict(new, np.zeros((5, 0))), noise.predict(moved, np.zeros((5, 0))))
