@@ -12,9 +12,10 @@ expression per 10,000 counts. It has two parts, blended gene by gene:
   probability-weighted mean of the states plus a ridge on what the states leave. Markers of a cell type are
   a step, not a trend: a ridge blurs them, the mixture does not.
 
-Everything is chosen on the training cells: the ridge penalties by exact leave-one-out error, the weight of the
-learned embedding beside the measured features by the one-standard-error rule (an embedding that adds nothing
-is given none), and each gene's blend of the two parts by cross-validation.
+Everything is chosen on the training cells: the ridge penalties by exact leave-one-out error; whether the channel
+intensities are used, and the weight of the learned embedding beside the measured features, by the
+one-standard-error rule (a block that adds nothing is given no weight); and each gene's blend of the two parts
+by cross-validation.
 """
 
 from __future__ import annotations
