@@ -371,7 +371,8 @@ def nucleus_store(data, prepared, geometry: dict, rows: np.ndarray | None = None
     all, in table order), cut from the same image(s) as the model's crops; large sets go to a temporary store."""
     from ..pp._crops import crops_for
 
-    kw = dict(prepared.crop_kwargs, size=int(geometry["size"]), crop_um=float(geometry["crop_um"]), store=None)
+    kw = dict(prepared.crop_kwargs, size=int(geometry["size"]), crop_um=float(geometry["crop_um"]))
+    kw.pop("store", None)  # never the model's store: crops_for keeps them in memory or in a temporary store
     if rows is not None:
         import spatialdata as sd
 

@@ -181,7 +181,7 @@ def test_model_without_readout_decodes_and_damaged_readout_refused(inductive, tm
         sp.tl.predict_expression(test, model, method="ridge", inplace=False)
 
 
-def test_nuclei_measured_on_finer_crops_when_the_image_allows():
+def test_nuclei_measured_on_finer_crops_when_the_image_allows(monkeypatch):
     """The model's 0.5 µm/px crops undersample a Xenium-like image (0.2125 µm/px): the readout measures nuclei on
     its own 12 µm crops at 0.25 µm/px, fitted and predicted alike; a coarse image keeps the model's crops."""
     from spatia.model._readout import nucleus_crop
@@ -197,6 +197,14 @@ def test_nuclei_measured_on_finer_crops_when_the_image_allows():
     assert model.readout.info["nucleus_crop"] == {"size": 48, "crop_um": 12.0}
     pred = sp.tl.predict_expression(sdata, model, inplace=False)["layers/spatia_predicted"]
     assert pred.shape == (300, sdata["table"].n_vars) and np.isfinite(pred).all()
+    # a slide whose nucleus crops exceed the in-memory limit: they go to a temporary store, same result
+    from spatia.pp import _crops
+
+    monkeypatch.setattr(_crops, "MEMORY_CROPS_BYTES", 0)
+    with sp.settings.override(cache_crops=False):
+        on_disk = sp.tl.predict_expression(sdata, model, inplace=False)["layers/spatia_predicted"]
+    np.testing.assert_allclose(on_disk, pred, atol=1e-5)
+    monkeypatch.undo()
     # only the model's crops, not the image they came from: the readout cannot measure its nuclei
     crops = sp.pp.extract_crops(sdata, image_key="morphology", size=model.config.image.size,
                                 crop_um=model.config.image.crop_um)
