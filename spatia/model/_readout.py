@@ -177,8 +177,8 @@ def _loo_errors(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, tuple]:
     for a, alpha in enumerate(ALPHAS):
         d = sv**2 / (sv**2 + alpha)  # shrinkage of each direction: fitted = U diag(d) U^T y
         ud = u * d
-        fit_dot_y = np.einsum("if,if->i", ud, m)
-        fit_sq = np.einsum("if,fk,ik->i", ud, ppt, ud)
+        fit_dot_y = (ud * m).sum(1)
+        fit_sq = ((ud @ ppt) * ud).sum(1)  # a matrix product: a 3-operand einsum runs as slow loops
         resid_sq = np.maximum(yy - 2 * fit_dot_y + fit_sq, 0.0)
         h = (u**2) @ d + 1.0 / n  # leverage, the intercept's 1/n included
         out[a] = resid_sq / np.maximum(1.0 - h, 1e-6) ** 2 / y.shape[1]
