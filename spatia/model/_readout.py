@@ -378,7 +378,7 @@ def nucleus_store(data, prepared, geometry: dict, rows: np.ndarray | None = None
 
         key = next(k for k, t in data.tables.items() if t is prepared.table)
         data = sd.SpatialData(images=dict(data.images), labels=dict(data.labels), shapes=dict(data.shapes),
-                              tables={key: prepared.table[np.asarray(rows)].copy()})
+                              points=dict(data.points), tables={key: prepared.table[np.asarray(rows)].copy()})
         kw["table_key"] = key
         if kw.get("geometry") is not None:
             kw["geometry"] = kw["geometry"].subset(np.asarray(rows))
