@@ -43,6 +43,9 @@ N_FOLDS = 5
 NUCLEUS_CROP_UM = 12.0
 NUCLEUS_UM_PER_PX = 0.25
 
+#: The state classifier: an L2 logistic regression (lbfgs). It is most of the readout's cost on small slides
+#: (some 10 s for 1,000 cells): the piecewise-linear basis is ill-conditioned and lbfgs takes ~200 iterations.
+_CLASSIFIER = {"C": 1.0, "max_iter": 500, "tol": 1e-4}
 #: Cells per block of :meth:`ImageReadout.predict`.
 _PREDICT_BLOCK = 16_384
 
@@ -234,7 +237,7 @@ def _fit_mixture(x: np.ndarray, y: np.ndarray, states: np.ndarray, n_states: int
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            clf = LogisticRegression(C=1.0, max_iter=500, random_state=random_state).fit(x, states)
+            clf = LogisticRegression(**_CLASSIFIER, random_state=random_state).fit(x, states)
         if len(present) == 2:  # sklearn's binary case: one logit for the second class
             state_coef[:, present[1]], state_intercept[present] = clf.coef_[0], (0.0, clf.intercept_[0])
         else:
