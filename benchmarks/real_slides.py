@@ -62,23 +62,9 @@ def _subset(sdata, cells: np.ndarray, genes: np.ndarray | None = None):
                           tables={"table": t})
 
 
-def _ridge(train_x, train_y, test_x):
-    from sklearn.linear_model import RidgeCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13))).fit(train_x, train_y).predict(test_x)
-
-
-def _pearsons(pred, truth) -> np.ndarray:
-    from scipy.stats import pearsonr
-
-    pred = np.asarray(pred)
-    return np.array([pearsonr(pred[:, j], truth[:, j]).statistic for j in range(truth.shape[1])
-                     if truth[:, j].std() > 0 and pred[:, j].std() > 0])
-
-
 def image_expression(name: str, res: dict) -> None:
+    from image_expression import ridge as _ridge
+    from imputation import _pearsons
     from tasks import _lognorm, _squidpy_features
 
     import spatia as sp
@@ -122,6 +108,7 @@ def image_expression(name: str, res: dict) -> None:
 def held_out_genes(name: str, res: dict) -> None:
     import anndata as ad
     import pandas as pd
+    from imputation import _pearsons
     from tasks import _gimvi, _knn_pca_map, _lognorm, _tangram
 
     import spatia as sp
