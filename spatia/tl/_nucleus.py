@@ -57,8 +57,8 @@ def nucleus_features(store, rows: np.ndarray | None = None, channels: bool = Fal
     rows = np.arange(len(store)) if rows is None else np.asarray(rows)
     n_extra = len(CHANNEL_STATS) * len(CHANNEL_RADII_UM) * len(store.channels) if channels else 0
     um_per_px = _um_per_px(store) if channels else None
-    out = np.empty((len(rows), 10 + len(TEXTURE_FEATURES) + n_extra), dtype=np.float64)
     n_base = N_NUCLEUS_FEATURES
+    out = np.empty((len(rows), n_base + n_extra), dtype=np.float64)
     with progress(total=len(rows), desc="nucleus features", unit="cell") as bar:
         for start in range(0, len(rows), _CHUNK):
             part = rows[start:start + _CHUNK]
