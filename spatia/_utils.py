@@ -39,6 +39,12 @@ def seed_from(random_state: RandomState = None) -> int:
     return int(get_rng(random_state).integers(0, 2**31 - 1))
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of ``(n, k)`` logits (shifted by each row's maximum; ``-inf`` gives probability 0)."""
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
 def resolve_device(device: str | None = None) -> str:
     """``"auto"`` → ``"cuda"`` if available, else ``"cpu"``; anything else is returned as given."""
     import torch

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._utils import softmax
+
 #: Weights tried for the embedding block against the (standardised) nucleus features; 0 drops it.
 EMBEDDING_WEIGHTS = (0.0, 0.25, 0.5, 1.0)
 #: Ridge penalties tried (on standardised features).
@@ -114,7 +116,7 @@ class ImageReadout:
             x = self.inputs(nucleus[start:start + _PREDICT_BLOCK], embedding[start:start + _PREDICT_BLOCK])
             y = x @ self.coef + self.intercept
             if self.state_means.shape[0]:
-                y += _softmax(x @ self.state_coef + self.state_intercept) @ self.state_means
+                y += softmax(x @ self.state_coef + self.state_intercept) @ self.state_means
             out[start:start + len(y)] = np.maximum(y, 0.0)
         return out
 
@@ -154,11 +156,6 @@ class ImageReadout:
 def _basis(z: np.ndarray, knots: np.ndarray) -> np.ndarray:
     """Piecewise-linear basis of standardised features: each feature, then ``max(feature − knot, 0)`` per knot."""
     return np.hstack([z] + [np.maximum(z - q, 0.0) for q in knots])
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    e = np.exp(logits - logits.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
 
 
 def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -249,7 +246,7 @@ def _fit_mixture(x: np.ndarray, y: np.ndarray, states: np.ndarray, n_states: int
 def _mixture_predict(x, state_coef, state_intercept, means, coef, intercept) -> np.ndarray:
     with np.errstate(invalid="ignore"):  # -inf logits of absent states → probability 0
         logits = x @ state_coef + state_intercept
-    return _softmax(logits) @ means + x @ coef + intercept
+    return softmax(logits) @ means + x @ coef + intercept
 
 
 def _choose_embedding_weight(basis: np.ndarray, emb: np.ndarray, yc: np.ndarray) -> tuple[float, float, np.ndarray]:

@@ -10,7 +10,7 @@ import pandas as pd
 
 from .. import _results
 from .._constants import Defaults, Keys
-from .._utils import seed_from
+from .._utils import seed_from, softmax
 from ..pp._elements import get_table
 
 logger = logging.getLogger(__name__)
@@ -84,12 +84,6 @@ def _use_morphology(morphology: bool | None, model, datas) -> bool:
     return why is None and morphology is not False
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
-
-
 def _logits(clf, x: np.ndarray) -> np.ndarray:
     d = clf.decision_function(x)
     return np.stack([np.zeros_like(d), d], 1) if d.ndim == 1 else d
@@ -113,7 +107,7 @@ def _fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     from scipy.optimize import minimize_scalar
 
     def nll(log_t: float) -> float:
-        p = _softmax(logits / np.exp(log_t))
+        p = softmax(logits / np.exp(log_t))
         return -np.mean(np.log(p[np.arange(len(y)), y] + 1e-12))
 
     return float(np.exp(minimize_scalar(nll, bounds=(-3, 3), method="bounded").x))
@@ -169,7 +163,7 @@ def _calibrate(
         part[:, clf.classes_] = _logits(clf, xs[te])
         oof[te] = part
     temp = _fit_temperature(oof, y)
-    p_raw, p_cal = _softmax(oof), _softmax(oof / temp)
+    p_raw, p_cal = softmax(oof), softmax(oof / temp)
     return temp, {
         "cv_accuracy": float(accuracy_score(y, p_cal.argmax(1))),
         "cv_macro_f1": float(f1_score(y, p_cal.argmax(1), average="macro")),
@@ -319,7 +313,7 @@ def annotate(
     folds = int(min(n_folds, counts.min()))
     temp, stats = _calibrate(xs, y, len(classes), folds=folds, C=C, random_state=random_state)
     clf = _probe(C).fit(xs, y)
-    proba = _softmax(_logits(clf, scaler.transform(x_all)) / temp)
+    proba = softmax(_logits(clf, scaler.transform(x_all)) / temp)
     conf = proba.max(1)
     labels = classes[proba.argmax(1)].astype(object)
     labels[conf < unknown_threshold] = unknown_label
