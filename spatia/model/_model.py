@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -162,13 +163,29 @@ class SpatiaModel(DecoderMixin, TransitionMixin):
                                         num_workers=settings.num_workers)
             if val_batches else None
         )
+        # without checkpoint_dir, checkpoints go to a temporary folder that is removed once training ends; a run
+        # that stops with an error keeps its last checkpoint there, and the warning says where
+        own_dir = checkpoint_dir is None
         ckdir = Path(checkpoint_dir) if checkpoint_dir is not None else Path(tempfile.mkdtemp(prefix="spatia_ckpt_"))
-        trainer, history = run_trainer(
-            plan, loader, val_loader=val_loader, name="training", max_epochs=max_epochs, accelerator=accelerator,
-            devices=devices, strategy=strategy, precision=precision, seed=seed, callbacks=callbacks,
-            checkpoint_dir=ckdir, monitor="val_loss" if val_batches else "train_loss", ckpt_path=ckpt_path,
-            trainer_kwargs=trainer_kwargs, deterministic=True, num_sanity_val_steps=0, use_distributed_sampler=True,
-        )
+        try:
+            trainer, history = run_trainer(
+                plan, loader, val_loader=val_loader, name="training", max_epochs=max_epochs, accelerator=accelerator,
+                devices=devices, strategy=strategy, precision=precision, seed=seed, callbacks=callbacks,
+                checkpoint_dir=ckdir, monitor="val_loss" if val_batches else "train_loss", ckpt_path=ckpt_path,
+                trainer_kwargs=trainer_kwargs, deterministic=True, num_sanity_val_steps=0,
+                use_distributed_sampler=True,
+            )
+        except BaseException:
+            if own_dir:
+                if (ckdir / "last.ckpt").is_file():
+                    logger.warning("Training stopped early. Its last checkpoint is kept at %s: pass "
+                                   "ckpt_path='%s' to resume (same data and configuration), or delete the folder.",
+                                   ckdir, ckdir / "last.ckpt")
+                else:
+                    shutil.rmtree(ckdir, ignore_errors=True)
+            raise
+        if own_dir:
+            shutil.rmtree(ckdir, ignore_errors=True)
         trained = plan.module
         self.module = getattr(trained, "_orig_mod", trained).cpu()  # unwrap torch.compile
         if not history.history and trainer.callback_metrics:
@@ -181,7 +198,7 @@ class SpatiaModel(DecoderMixin, TransitionMixin):
         self.train_info = {
             "epochs": int(trainer.current_epoch), "n_train_cells": int((~is_val).sum()),
             "n_val_cells": int(is_val.sum()), "batch_size": batch_size, "random_state": seed,
-            "checkpoint_dir": str(ckdir), "world_size": int(trainer.world_size), "precision": str(precision),
+            "checkpoint_dir": None if own_dir else str(ckdir), "world_size": int(trainer.world_size), "precision": str(precision),
             "library_target": float(self.module.library_target),
         }
         self._trainer = trainer

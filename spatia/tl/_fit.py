@@ -146,7 +146,8 @@ def fit(
     random_state
         Seed: the same seed gives the same embeddings on CPU.
     checkpoint_dir
-        Where Lightning writes checkpoints during training (default: a temporary folder).
+        Where Lightning writes checkpoints during training, kept afterwards for resuming. Default: a temporary
+        folder, removed when training ends (kept, with a warning naming it, when training stops with an error).
     ckpt_path
         Resume an interrupted run from this checkpoint (``checkpoint_dir/last.ckpt``). Checkpoints are
         Lightning (pickle-based) files: resume only from checkpoints you wrote yourself.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,6 +88,7 @@ def run_trainer(
         from lightning.pytorch.callbacks import ModelCheckpoint
 
         every.append(ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, save_top_k=1, monitor=monitor))
+    # Lightning needs a root folder even when it writes nothing there: a temporary one is removed afterwards
     root = str(checkpoint_dir) if checkpoint_dir is not None else tempfile.mkdtemp(prefix="spatia_")
     kw = dict(max_epochs=max_epochs, accelerator=accelerator, devices=devices, strategy=strategy,
               precision=default_precision(precision, accelerator), callbacks=every + shown["callbacks"],
@@ -98,9 +100,13 @@ def run_trainer(
         fit_kw["ckpt_path"] = str(check_checkpoint(ckpt_path))
         if "weights_only" in inspect.signature(pl.Trainer.fit).parameters:  # lightning >= 2.5
             fit_kw["weights_only"] = True
-    with keep_torch_threads(), quiet_dependencies():
-        trainer = pl.Trainer(**kw)
-        trainer.fit(plan, train_dataloaders=loader, val_dataloaders=val_loader, **fit_kw)
+    try:
+        with keep_torch_threads(), quiet_dependencies():
+            trainer = pl.Trainer(**kw)
+            trainer.fit(plan, train_dataloaders=loader, val_dataloaders=val_loader, **fit_kw)
+    finally:
+        if checkpoint_dir is None:
+            shutil.rmtree(root, ignore_errors=True)
     return trainer, history
 
 

@@ -124,6 +124,31 @@ def test_fit_under_bf16_mixed_precision(sdata):
     assert np.isfinite(res["obsm/X_spatia_cell"]).all() and np.isfinite(res["obsm/X_spatia_niche"]).all()
 
 
+
+def test_default_checkpoints_removed_after_fit_and_kept_when_it_fails(sdata, tmp_path, monkeypatch, caplog):
+    import tempfile
+
+    from spatia.train._plan import SpatiaTrainingPlan
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    res = sp.tl.fit(sdata, config=sp.SpatiaConfig.tiny(), max_epochs=2, inplace=False)
+    assert list(tmp_path.iterdir()) == []  # no temporary checkpoints or Lightning folders left behind
+    assert res["model"].train_info["checkpoint_dir"] is None
+
+    step = SpatiaTrainingPlan.training_step
+
+    def fails_in_second_epoch(self, batch, batch_idx):
+        if self.current_epoch == 1:
+            raise RuntimeError("out of memory (simulated)")
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(SpatiaTrainingPlan, "training_step", fails_in_second_epoch)
+    with pytest.raises(RuntimeError, match="simulated"):
+        sp.tl.fit(sdata, config=sp.SpatiaConfig.tiny(), max_epochs=3, inplace=False)
+    kept = [p for p in tmp_path.iterdir() if (p / "last.ckpt").is_file()]
+    assert len(kept) == 1 and str(kept[0] / "last.ckpt") in caplog.text  # the warning says how to resume
+
+
 _KILLED_FIT = """
 import sys
 import spatia as sp
