@@ -279,3 +279,31 @@ def test_fit_with_annotation_and_generation(tmp_path):
     assert "spatia_imputed" in t.layers and "spatia_generated" in res.images
     loaded = sp.SpatiaModel.load(out / "model")
     assert loaded.decoder is not None
+
+
+def test_results_store_replaced_whole_or_not_at_all(tmp_path, capsys):
+    from spatia._cli_steps import write_results
+
+    first = sp.datasets.simulate(60, random_state=0)
+    out = tmp_path / "out"
+    out.mkdir()
+    write_results(first, out, out, 0.0)
+    assert sd.read_zarr(out / "spatia.zarr")["table"].n_obs == 60
+
+    second = sp.datasets.simulate(80, random_state=1)
+    write = second.write
+
+    def dies_half_way(path, **kw):
+        write(path, **kw)  # everything on disk, then the process "dies" before the swap
+        raise KeyboardInterrupt
+
+    second.write = dies_half_way
+    with pytest.raises(KeyboardInterrupt):
+        write_results(second, out, out, 0.0)
+    assert [p.name for p in out.iterdir()] == ["spatia.zarr"]  # no half-written store left beside it
+    assert sd.read_zarr(out / "spatia.zarr")["table"].n_obs == 60  # the earlier results, untouched
+
+    del second.write
+    write_results(second, out, out, 0.0)
+    assert sd.read_zarr(out / "spatia.zarr")["table"].n_obs == 80
+    assert [p.name for p in out.iterdir()] == ["spatia.zarr"]
