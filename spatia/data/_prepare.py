@@ -95,7 +95,8 @@ def _prepare(
             raise ValueError("use_expression=False needs the model's genes.")
         counts = sp_sparse.csr_matrix((table.n_obs, len(genes)), dtype=np.float32)
     else:
-        counts = get_counts(table, layer, allow_empty=allow_empty)
+        # the table's own CSR where it can be (integer counts too): batches are converted as they are read
+        counts = get_counts(table, layer, allow_empty=allow_empty, keep_integers=True)
     if genes is not None and use_expression:
         idx, missing = align_genes(table.var_names, genes)
         if (idx < 0).all():
@@ -171,7 +172,7 @@ def _reorder(counts: sp_sparse.csr_matrix, idx: np.ndarray) -> sp_sparse.csr_mat
     sel = np.where(idx >= 0, idx, 0)
     out = counts[:, sel].tocsc()
     if (idx < 0).any():
-        keep = sp_sparse.diags((idx >= 0).astype(np.float32))
+        keep = sp_sparse.diags((idx >= 0).astype(counts.dtype))  # integer counts stay integers
         out = out @ keep
     out = sp_sparse.csr_matrix(out)
     out.eliminate_zeros()

@@ -12,9 +12,10 @@ logger = logging.getLogger(__name__)
 
 
 def get_counts(
-    table: AnnData, layer: str | None = None, *, allow_empty: bool = False, name: str = "table"
+    table: AnnData, layer: str | None = None, *, allow_empty: bool = False, name: str = "table",
+    keep_integers: bool = False,
 ) -> sp_sparse.csr_matrix:
-    """Validated raw counts of ``table`` as a float32 CSR matrix.
+    """Validated raw counts of ``table`` as a float32 CSR matrix (or, with ``keep_integers``, an integer one).
 
     The table's own matrix is returned, not a copy, when it already is a float32 CSR without explicit zeros
     (what scanpy's ``read_10x_h5`` and spatialdata-io's readers give): treat the result as read-only. Checks
@@ -30,6 +31,9 @@ def get_counts(
         Accept cells with zero total counts (they are kept; their expression tokens are empty).
     name
         What the table is, in error messages (e.g. ``"reference"``).
+    keep_integers
+        Return an integer CSR without explicit zeros as it is (int32 counts are not copied to float32: on a
+        large slide the copy would double the counts' memory). Callers then convert what they read.
 
     Returns
     -------
@@ -95,7 +99,8 @@ def get_counts(
             "(`sc.pp.filter_cells(table, min_counts=1)`, or subset the SpatialData with its table) "
             "or pass allow_empty=True to keep them."
         )
-    if data.dtype == np.float32 and x.has_canonical_format and not _any_chunks(data, lambda d: d == 0):
+    usable = data.dtype == np.float32 or (keep_integers and data.dtype.kind in "iu")
+    if usable and x.has_canonical_format and not _any_chunks(data, lambda d: d == 0):
         return x  # already what the model reads: shared with the table, not copied
     out = x.astype(np.float32, copy=True)
     out.eliminate_zeros()

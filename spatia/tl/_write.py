@@ -1,0 +1,126 @@
+"""Write the results of the ``tl`` functions into the zarr store a SpatialData was read from, key by key."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+from .._constants import Keys
+from .._fs import swap_in
+from .._logging import quiet_dependencies
+from ..pp._elements import get_table
+
+logger = logging.getLogger("spatia")
+
+_TMP = ".spatia-tmp-"  # a key being written: <parent>/.spatia-tmp-<id>, renamed into place once complete
+
+
+def write_results(sdata, *, table_key: str = "table", path: str | Path | None = None) -> list[str]:
+    """Write spatia's results into the SpatialData's zarr store, without rewriting the slide.
+
+    On a large slide, ``sdata.write`` rewrites every image and the counts, and spatialdata refuses
+    ``sdata.write_element("table", overwrite=True)`` on the store the table was read from. This writes only
+    what the ``tl`` functions added, as recorded in ``table.uns["spatia"][function]["keys"]``:
+
+    - ``obsm``, ``layers`` and ``obsp`` entries, each as its own array in the table's group;
+    - the table's ``obs`` (when a function added columns to it) and ``uns["spatia"]``;
+    - new elements (an imputed table, generated images) with :meth:`~spatialdata.SpatialData.write_element`.
+      An element already in the store is left as it is, with a warning (spatialdata cannot overwrite an element
+      in the store it reads from).
+
+    Each key is written beside its place and renamed in (:func:`spatia._fs.swap_in`): an interrupted write
+    leaves the store as it was for that key, never half-written. Call it after each step (``fit``,
+    ``cluster``, ...) to keep the results of a long session on disk as they come.
+
+    Parameters
+    ----------
+    sdata
+        A SpatialData read from (or written to) a local zarr store.
+    table_key
+        The table the results are in.
+    path
+        The zarr store; default ``sdata.path``. It must already hold the table (``sdata.write(path)`` first).
+
+    Returns
+    -------
+    The result paths written (``"obsm/X_spatia_cell"``, ...).
+
+    Examples
+    --------
+    >>> sdata = sd.read_zarr("slide.zarr")
+    >>> model = sp.tl.fit(sdata, image_key="morphology_focus")
+    >>> sp.tl.write_results(sdata)  # the embeddings go into slide.zarr/tables/table/obsm
+    """
+    import anndata
+    import zarr
+
+    table = get_table(sdata, table_key)
+    store = Path(path) if path is not None else (Path(sdata.path) if getattr(sdata, "path", None) else None)
+    if store is None:
+        raise ValueError("This SpatialData has no zarr store: write it once with sdata.write('slide.zarr'), or "
+                         "pass path=.")
+    group_dir = store / "tables" / table_key
+    if not group_dir.is_dir():
+        raise FileNotFoundError(f"{store} holds no table {table_key!r} (no folder {group_dir}): write the whole "
+                                f"object once with sdata.write(path), then write_results after each step.")
+    runs = table.uns.get(Keys.UNS, {})
+    paths = sorted({p for run in runs.values() if isinstance(run, Mapping) for p in _keys(run)})
+    group = zarr.open_group(str(group_dir), mode="r+")
+    fmt = group.metadata.zarr_format
+    written: list[str] = []
+    with anndata.settings.override(zarr_write_format=fmt), quiet_dependencies():
+        for attr in ("obsm", "layers", "obsp"):
+            for p in paths:
+                a, _, key = p.partition("/")
+                if a == attr and key in getattr(table, attr):
+                    _write_key(group, attr, key, getattr(table, attr)[key])
+                    written.append(p)
+        obs = [p for p in paths if p.startswith("obs/") and p.split("/", 1)[1] in table.obs]
+        if obs:
+            _write_key(group, None, "obs", table.obs)
+            written += obs
+        if Keys.UNS in table.uns:
+            _write_key(group, "uns", Keys.UNS, dict(table.uns[Keys.UNS]))
+            written.append(f"uns/{Keys.UNS}")
+        for p in paths:
+            kind, _, name = p.partition("/")
+            if kind not in ("tables", "images", "labels", "shapes", "points") or name not in sdata:
+                continue
+            if (store / kind / name).exists():
+                logger.warning("%s is already in %s and was left as it is (spatialdata cannot overwrite an element "
+                               "in the store it reads from): delete it there first to write the new one.", p, store)
+                continue
+            if Path(sdata.path or "") != store:
+                raise ValueError(f"Writing the element {p} needs path to be the store sdata was read from "
+                                 f"({sdata.path}).")
+            sdata.write_element(name)
+            written.append(p)
+    if Path(sdata.path or "") == store:
+        with quiet_dependencies():
+            sdata.write_consolidated_metadata()
+    logger.info("Wrote %d result(s) to %s: %s", len(written), store, ", ".join(written))
+    return written
+
+
+def _keys(run: Mapping) -> list[str]:
+    keys = run.get("keys", [])
+    return [str(k) for k in (keys.tolist() if hasattr(keys, "tolist") else keys)]
+
+
+def _write_key(group, attr: str | None, key: str, value) -> None:
+    """Write ``value`` as ``<attr>/<key>`` of the anndata zarr ``group``: beside it first, then renamed in."""
+    import anndata
+    import zarr
+
+    parent = group if attr is None else (group[attr] if attr in group else group.create_group(attr))
+    tmp_name = f"{_TMP}{uuid.uuid4().hex[:12]}"
+    parent_dir = Path(str(group.store.root)) / (group.path or "") / (attr or "")
+    try:
+        anndata.io.write_elem(parent, tmp_name, value)
+        swap_in(parent_dir / tmp_name, parent_dir / key, what=f"{attr + '/' if attr else ''}{key}")
+    finally:
+        shutil.rmtree(parent_dir / tmp_name, ignore_errors=True)
+    zarr.open_group(str(parent_dir), mode="r")  # the group still opens (fails loudly on a broken layout)

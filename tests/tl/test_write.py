@@ -1,0 +1,70 @@
+"""sp.tl.write_results: the tl results written into the zarr store the slide was read from, key by key."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import spatialdata as sd
+
+import spatia as sp
+
+
+@pytest.fixture
+def backed(tmp_path):
+    sdata = sp.datasets.simulate(150, mean_depth=25.0, random_state=2)
+    sdata.write(tmp_path / "slide.zarr")
+    return sd.read_zarr(tmp_path / "slide.zarr")
+
+
+def _mtimes(folder):
+    return {p: os.stat(p).st_mtime_ns for p in folder.rglob("*")}
+
+
+def test_results_land_in_the_store_and_the_slide_is_not_rewritten(backed):
+    store = backed.path
+    counts_before = _mtimes(store / "tables" / "table" / "X")
+    images_before = _mtimes(store / "images")
+    sp.tl.fit(backed, image_key="morphology", config=sp.SpatiaConfig.tiny(), max_epochs=1, random_state=0)
+    sp.tl.cluster(backed, level="niche", n_clusters=3)
+    written = sp.tl.write_results(backed)
+    assert {"obsm/X_spatia_cell", "obsm/X_spatia_niche", "obs/spatia_niche", "uns/spatia"} <= set(written)
+
+    back = sd.read_zarr(store)["table"]
+    np.testing.assert_array_equal(back.obsm["X_spatia_cell"], backed["table"].obsm["X_spatia_cell"])
+    assert (back.obs["spatia_niche"].astype(str) == backed["table"].obs["spatia_niche"].astype(str)).all()
+    assert back.uns["spatia"]["cluster"]["function"] == "cluster"
+    np.testing.assert_array_equal(back.X.toarray(), backed["table"].X.toarray())
+    assert _mtimes(store / "tables" / "table" / "X") == counts_before  # the counts were not rewritten
+    assert _mtimes(store / "images") == images_before
+    assert not [p for p in store.rglob("*") if ".spatia-tmp-" in p.name or ".old-" in p.name]
+
+
+def test_an_interrupted_write_leaves_the_stored_key_as_it_was(backed, monkeypatch):
+    import spatia.tl._write as w
+
+    sp.tl.fit(backed, image_key="morphology", config=sp.SpatiaConfig.tiny(), max_epochs=1, random_state=0)
+    sp.tl.write_results(backed)
+    first = sd.read_zarr(backed.path)["table"].obsm["X_spatia_cell"].copy()
+
+    sp.tl.fit(backed, image_key="morphology", config=sp.SpatiaConfig.tiny(), max_epochs=1, random_state=1,
+              overwrite=True)
+    assert not np.allclose(backed["table"].obsm["X_spatia_cell"], first)
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt  # written beside its place, killed before the rename
+
+    monkeypatch.setattr(w, "swap_in", dies)
+    with pytest.raises(KeyboardInterrupt):
+        sp.tl.write_results(backed)
+    np.testing.assert_array_equal(sd.read_zarr(backed.path)["table"].obsm["X_spatia_cell"], first)
+    assert not [p for p in backed.path.rglob("*") if ".spatia-tmp-" in p.name]
+
+
+def test_clear_errors_without_a_store(tmp_path):
+    sdata = sp.datasets.simulate(60, random_state=0)
+    with pytest.raises(ValueError, match="sdata.write"):
+        sp.tl.write_results(sdata)
+    with pytest.raises(FileNotFoundError, match="no table 'table'"):
+        sp.tl.write_results(sdata, path=tmp_path / "empty.zarr")
