@@ -31,7 +31,7 @@ def write_results(sdata, *, table_key: str = "table", path: str | Path | None = 
       An element already in the store is left as it is, with a warning (spatialdata cannot overwrite an element
       in the store it reads from).
 
-    Each key is written beside its place and renamed in (:func:`spatia._fs.swap_in`): an interrupted write
+    Each key is written beside its place and then renamed into it: an interrupted write
     leaves the store as it was for that key, never half-written. Call it after each step (``fit``,
     ``cluster``, ...) to keep the results of a long session on disk as they come.
 
