@@ -69,6 +69,7 @@ def write_results(sdata, *, table_key: str = "table", path: str | Path | None = 
     runs = table.uns.get(Keys.UNS, {})
     paths = sorted({p for run in runs.values() if isinstance(run, Mapping) for p in _keys(run)})
     group = zarr.open_group(str(group_dir), mode="r+")
+    _check_same_cells(group, table, group_dir)
     fmt = group.metadata.zarr_format
     written: list[str] = []
     with anndata.settings.override(zarr_write_format=fmt), quiet_dependencies():
@@ -103,6 +104,19 @@ def write_results(sdata, *, table_key: str = "table", path: str | Path | None = 
             sdata.write_consolidated_metadata()
     logger.info("Wrote %d result(s) to %s: %s", len(written), store, ", ".join(written))
     return written
+
+
+def _check_same_cells(group, table, group_dir: Path) -> None:
+    """The stored table must hold the same cells in the same order: per-cell results written next to another
+    table's counts would misalign them."""
+    import numpy as np
+
+    obs = group["obs"]
+    stored = np.asarray(obs[obs.attrs.get("_index", "_index")][:]).astype(object)  # zarr v3: numpy StringDType
+    if len(stored) != table.n_obs or not np.array_equal(stored, table.obs_names.to_numpy().astype(object)):
+        raise ValueError(f"The table in {group_dir} holds {len(stored):,} cells, not the {table.n_obs:,} cells of "
+                         "this table in the same order (was it subset or reordered after reading?). Write it to a "
+                         "new store with sdata.write(path) instead.")
 
 
 def _keys(run: Mapping) -> list[str]:

@@ -68,3 +68,14 @@ def test_clear_errors_without_a_store(tmp_path):
         sp.tl.write_results(sdata)
     with pytest.raises(FileNotFoundError, match="no table 'table'"):
         sp.tl.write_results(sdata, path=tmp_path / "empty.zarr")
+
+
+def test_refuses_a_table_whose_cells_differ_from_the_stored_ones(backed):
+    stored = _mtimes(backed.path / "tables" / "table")
+    sub = sd.SpatialData(images=dict(backed.images), tables={"table": backed["table"][::2].copy()})
+    sub.path = backed.path
+    sub["table"].obsm["X_spatia_cell"] = np.zeros((sub["table"].n_obs, 4), dtype=np.float32)
+    sp._results.save_params(sub["table"], "fit", {}, ["obsm/X_spatia_cell"])
+    with pytest.raises(ValueError, match="subset or reordered"):
+        sp.tl.write_results(sub)
+    assert _mtimes(backed.path / "tables" / "table") == stored  # nothing written
