@@ -68,6 +68,11 @@ def write_results(sdata, *, table_key: str = "table", path: str | Path | None = 
                                 f"object once with sdata.write(path), then write_results after each step.")
     runs = table.uns.get(Keys.UNS, {})
     paths = sorted({p for run in runs.values() if isinstance(run, Mapping) for p in _keys(run)})
+    elements = [p for p in paths if p.partition("/")[0] in ("tables", "images", "labels", "shapes", "points")
+                and p.partition("/")[2] in sdata]
+    if elements and Path(sdata.path or "") != store:
+        raise ValueError(f"Writing the elements {elements} needs path to be the store sdata was read from "
+                         f"({sdata.path}): pass no path, or write them with sdata.write_element.")
     group = zarr.open_group(str(group_dir), mode="r+")
     _check_same_cells(group, table, group_dir)
     fmt = group.metadata.zarr_format
@@ -86,17 +91,12 @@ def write_results(sdata, *, table_key: str = "table", path: str | Path | None = 
         if Keys.UNS in table.uns:
             _write_key(group, "uns", Keys.UNS, dict(table.uns[Keys.UNS]))
             written.append(f"uns/{Keys.UNS}")
-        for p in paths:
+        for p in elements:
             kind, _, name = p.partition("/")
-            if kind not in ("tables", "images", "labels", "shapes", "points") or name not in sdata:
-                continue
             if (store / kind / name).exists():
                 logger.warning("%s is already in %s and was left as it is (spatialdata cannot overwrite an element "
                                "in the store it reads from): delete it there first to write the new one.", p, store)
                 continue
-            if Path(sdata.path or "") != store:
-                raise ValueError(f"Writing the element {p} needs path to be the store sdata was read from "
-                                 f"({sdata.path}).")
             sdata.write_element(name)
             written.append(p)
     if Path(sdata.path or "") == store:

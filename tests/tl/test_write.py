@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
 import spatialdata as sd
 
 import spatia as sp
+from spatia._results import save_params
 
 
 @pytest.fixture
@@ -75,7 +77,25 @@ def test_refuses_a_table_whose_cells_differ_from_the_stored_ones(backed):
     sub = sd.SpatialData(images=dict(backed.images), tables={"table": backed["table"][::2].copy()})
     sub.path = backed.path
     sub["table"].obsm["X_spatia_cell"] = np.zeros((sub["table"].n_obs, 4), dtype=np.float32)
-    sp._results.save_params(sub["table"], "fit", {}, ["obsm/X_spatia_cell"])
+    save_params(sub["table"], "fit", {}, ["obsm/X_spatia_cell"])
     with pytest.raises(ValueError, match="subset or reordered"):
         sp.tl.write_results(sub)
     assert _mtimes(backed.path / "tables" / "table") == stored  # nothing written
+
+
+def test_new_elements_are_written_once_and_left_alone_after(backed, caplog):
+    from spatialdata.models import Image2DModel
+
+    img = Image2DModel.parse(np.zeros((1, 8, 8), dtype=np.uint8), dims=("c", "y", "x"))
+    backed.images["spatia_generated"] = img
+    save_params(backed["table"], "generate", {}, ["images/spatia_generated"])
+    assert "images/spatia_generated" in sp.tl.write_results(backed)
+    assert "spatia_generated" in sd.read_zarr(backed.path).images
+    other = backed.path.with_name("other.zarr")
+    shutil.copytree(backed.path, other)
+    stored = _mtimes(other)
+    with pytest.raises(ValueError, match="pass no path"):  # elements only into the store sdata was read from
+        sp.tl.write_results(backed, path=other)
+    assert _mtimes(other) == stored  # checked before anything is written
+    assert "images/spatia_generated" not in sp.tl.write_results(backed)
+    assert "already in" in caplog.text
