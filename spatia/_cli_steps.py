@@ -102,22 +102,14 @@ def generate_crops(sdata, model, out: Path, *, elements: dict, decoder_epochs: i
 
 def write_results(sdata, out: Path, figs: Path, t0: float) -> None:
     """Write ``out/spatia.zarr`` and print the paths written and the total time. The store is written beside its
-    path and swapped in by renames (:func:`spatia._fs.swap_in`): an interrupted write leaves an earlier
+    path and swapped in by renames (:func:`spatia._fs.written_beside`): an interrupted write leaves an earlier
     ``spatia.zarr`` as it was, and the slide's own elements can be read from that earlier store while writing."""
-    import shutil
-    import uuid
-
-    from spatia._fs import swap_in
+    from spatia._fs import written_beside
     from spatia._logging import quiet_dependencies
 
     zarr_path = out / "spatia.zarr"
-    tmp = out / f".spatia.zarr.tmp-{uuid.uuid4().hex[:12]}"
-    try:
-        with quiet_dependencies():
-            sdata.write(tmp)
-        swap_in(tmp, zarr_path, what="results store")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with written_beside(zarr_path, what="results store") as tmp, quiet_dependencies():
+        sdata.write(tmp)
     sdata.path = zarr_path
     print(f"SpatialData with embeddings, niches, labels and imputed expression: {zarr_path}")
     print(f"Per-gene imputation scores (held-out genes): {out / 'imputation_scores.csv'}")

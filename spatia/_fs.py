@@ -6,6 +6,8 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 logger = logging.getLogger("spatia")
@@ -51,3 +53,16 @@ def swap_in(tmp: Path, path: Path, *, what: str = "folder") -> None:
             shutil.rmtree(old)
         except OSError as e:  # the new one is in place; the next write removes the old one
             logger.warning("Wrote the %s to %s but could not delete the previous one in %s: %s", what, path, old, e)
+
+
+@contextmanager
+def written_beside(path: Path, *, what: str, tmp_name: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (``tmp_name``, default ``.<name>.tmp-<id>``) to write into; when the
+    block completes, :func:`swap_in` moves it to ``path``. The temporary path is removed whatever happens, so an
+    interrupted write leaves ``path`` as it was."""
+    tmp = path.with_name(tmp_name or f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        yield tmp
+        swap_in(tmp, path, what=what)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -8,15 +8,13 @@ counts of the panel genes it measures.
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp_sparse
 
-from .._fs import swap_in
+from .._fs import written_beside
 from .._logging import quiet_dependencies
 from ..pp._expression import get_counts
 
@@ -283,18 +281,13 @@ def _write_table_store(new, store, *, overwrite: bool):
             raise FileExistsError(f"{path} is not an AnnData zarr store: overwrite=True replaces only those. "
                                   "Choose another store=.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        import anndata
+    import anndata
 
-        # zarr chunks: whole blocks of cells (each written once, by one thread) cut into ≤ 2,048 genes
-        chunks = (new.X.chunks[0][0], min(new.n_vars, 2048)) if new.n_obs else None
-        with (dask.config.set(scheduler="threads"), anndata.settings.override(zarr_write_format=3),
-              quiet_dependencies()):
-            new.write_zarr(tmp, chunks=chunks)
-        swap_in(tmp, path, what="imputed table")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # zarr chunks: whole blocks of cells (each written once, by one thread) cut into ≤ 2,048 genes
+    chunks = (new.X.chunks[0][0], min(new.n_vars, 2048)) if new.n_obs else None
+    with (written_beside(path, what="imputed table") as tmp, dask.config.set(scheduler="threads"),
+          anndata.settings.override(zarr_write_format=3), quiet_dependencies()):
+        new.write_zarr(tmp, chunks=chunks)
     new.X = da.from_zarr(str(path), component="X")
     return new
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
 from .._constants import Keys
-from .._fs import swap_in
+from .._fs import written_beside
 from .._logging import quiet_dependencies
 from ..pp._elements import get_table
 
@@ -130,11 +129,8 @@ def _write_key(group, attr: str | None, key: str, value) -> None:
     import zarr
 
     parent = group if attr is None else (group[attr] if attr in group else group.create_group(attr))
-    tmp_name = f"{_TMP}{uuid.uuid4().hex[:12]}"
     parent_dir = Path(str(group.store.root)) / (group.path or "") / (attr or "")
-    try:
-        anndata.io.write_elem(parent, tmp_name, value)
-        swap_in(parent_dir / tmp_name, parent_dir / key, what=f"{attr + '/' if attr else ''}{key}")
-    finally:
-        shutil.rmtree(parent_dir / tmp_name, ignore_errors=True)
+    with written_beside(parent_dir / key, what=f"{attr + '/' if attr else ''}{key}",
+                        tmp_name=f"{_TMP}{uuid.uuid4().hex[:12]}") as tmp:
+        anndata.io.write_elem(parent, tmp.name, value)
     zarr.open_group(str(parent_dir), mode="r")  # the group still opens (fails loudly on a broken layout)

@@ -44,7 +44,7 @@ def test_results_land_in_the_store_and_the_slide_is_not_rewritten(backed):
 
 
 def test_an_interrupted_write_leaves_the_stored_key_as_it_was(backed, monkeypatch):
-    import spatia.tl._write as w
+    import spatia._fs as fs
 
     sp.tl.fit(backed, image_key="morphology", config=sp.SpatiaConfig.tiny(), max_epochs=1, random_state=0)
     sp.tl.write_results(backed)
@@ -57,7 +57,7 @@ def test_an_interrupted_write_leaves_the_stored_key_as_it_was(backed, monkeypatc
     def dies(*args, **kwargs):
         raise KeyboardInterrupt  # written beside its place, killed before the rename
 
-    monkeypatch.setattr(w, "swap_in", dies)
+    monkeypatch.setattr(fs, "swap_in", dies)
     with pytest.raises(KeyboardInterrupt):
         sp.tl.write_results(backed)
     np.testing.assert_array_equal(sd.read_zarr(backed.path)["table"].obsm["X_spatia_cell"], first)
