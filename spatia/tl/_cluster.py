@@ -26,6 +26,12 @@ LEVEL_DEFAULTS = {
 }
 #: Resolutions searched for the niche level's most stable partition.
 NICHE_RESOLUTIONS = (0.08, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3)
+#: Cells in the kNN graph and Leiden when ``max_cells`` is not given; the others are assigned by a kNN vote.
+MAX_GRAPH_CELLS = 200_000
+#: Reference sizes up to which the kNN vote searches exactly (scikit-learn); above it, a pynndescent index.
+_EXACT_VOTE_MAX = 20_000
+#: Query cells per chunk of the kNN vote (their neighbour indices: chunk × k int64).
+_VOTE_CHUNK = 65_536
 
 
 def cluster(
@@ -37,6 +43,7 @@ def cluster(
     use_rep: str | None = None,
     smooth_k: int | None = None,
     n_neighbors: int = 15,
+    max_cells: int | None = MAX_GRAPH_CELLS,
     table_key: str | None = Defaults.TABLE,
     key_added: str | None = None,
     random_state: int | None = 0,
@@ -52,7 +59,8 @@ def cluster(
         AnnData or SpatialData holding the embeddings (from :func:`spatia.tl.fit` / :func:`~spatia.tl.embed`).
     level
         ``"cell"``: ``X_spatia_cell``, resolution 0.5. ``"niche"``: ``X_spatia_cell`` averaged over each cell's
-        30 nearest cells in space, resolution 0.2: clusters of surroundings, i.e. tissue domains.
+        30 nearest cells in space, at a resolution chosen from the data (``resolution``): clusters of
+        surroundings, i.e. tissue domains.
         ``"tissue"``: ``X_spatia_tissue``, one graph node per tissue tile, so regions are made of whole tiles.
     resolution
         Leiden resolution (higher → more clusters). Default: 0.5 at the cell and tissue levels; at the niche level
@@ -70,6 +78,15 @@ def cluster(
         Default per ``level`` (above). Larger values give larger, smoother domains.
     n_neighbors
         Neighbours of the kNN graph on the embedding (:func:`scanpy.pp.neighbors`).
+    max_cells
+        Most cells (graph nodes) that go into the kNN graph and Leiden. Above it, the graph is built on a seeded
+        random sample of ``max_cells`` cells, and every other cell takes the cluster most common among its
+        ``n_neighbors`` nearest sampled cells in the (smoothed) embedding, found in chunks. The graph and
+        Leiden grow faster than linearly in time and memory (gigabytes at a million cells); with a sample
+        they stop growing, and the vote is linear. A sample of 200,000 cells keeps clusters down to a few
+        hundred cells in the graph; raise it to keep rarer ones, or pass ``None`` to put every cell in the
+        graph (what :func:`scanpy.pp.neighbors` + :func:`scanpy.tl.leiden` do). Slides at or below
+        ``max_cells`` are clustered whole either way.
     table_key
         Table when ``data`` is a SpatialData.
     key_added
@@ -110,6 +127,9 @@ def cluster(
     smooth_k = default_smooth if smooth_k is None else smooth_k
     if isinstance(smooth_k, bool) or not isinstance(smooth_k, int | np.integer) or smooth_k < 0:
         raise ValueError(f"smooth_k must be an integer >= 0, got {smooth_k!r}.")
+    if max_cells is not None and (isinstance(max_cells, bool) or not isinstance(max_cells, int | np.integer)
+                                  or max_cells < 3):
+        raise ValueError(f"max_cells must be an integer >= 3 (cells in the kNN graph) or None, got {max_cells!r}.")
     table = get_table(data, table_key)
     use_rep = rep if use_rep is None else use_rep
     if use_rep not in table.obsm:
@@ -131,20 +151,32 @@ def cluster(
     else:
         uniq, inverse = np.asarray(emb), np.arange(table.n_obs)
     seed = seed_from(random_state)
-    if len(uniq) < 3:
-        codes = inverse
+    sample = None
+    if max_cells is not None and len(uniq) > max_cells:
+        sample = np.sort(np.random.default_rng(seed).choice(len(uniq), size=int(max_cells), replace=False))
+    nodes = uniq if sample is None else uniq[sample]
+    if len(nodes) < 3:
+        codes = np.arange(len(nodes))
     elif n_clusters is not None:
-        codes, resolution = leiden_n_clusters(uniq, n_clusters, n_neighbors=n_neighbors, seed=seed)
-        codes = codes[inverse]
+        codes, resolution = leiden_n_clusters(nodes, n_clusters, n_neighbors=n_neighbors, seed=seed)
     elif resolution is None:
-        codes, resolution = leiden_most_stable(uniq, NICHE_RESOLUTIONS, n_neighbors=n_neighbors, seed=seed)
-        codes = codes[inverse]
+        codes, resolution = leiden_most_stable(nodes, NICHE_RESOLUTIONS, n_neighbors=n_neighbors, seed=seed)
     else:
-        codes = leiden_codes(uniq, n_neighbors=n_neighbors, resolution=resolution, seed=seed)[inverse]
+        codes = leiden_codes(nodes, n_neighbors=n_neighbors, resolution=resolution, seed=seed)
+    if sample is not None:
+        full = np.empty(len(uniq), dtype=codes.dtype)
+        full[sample] = codes
+        rest = np.setdiff1d(np.arange(len(uniq)), sample, assume_unique=True)
+        full[rest] = knn_vote(nodes, codes, uniq[rest], n_neighbors=n_neighbors, seed=seed)
+        codes = full
+    codes = codes[inverse]
     labels = pd.Categorical(codes.astype(str), categories=[str(c) for c in np.unique(codes)])
     params = {"level": level, "use_rep": use_rep, "smooth_k": int(smooth_k),
               "resolution": float(resolution) if resolution is not None else float("nan"),
               "n_clusters": int(len(labels.categories)), "n_neighbors": int(n_neighbors),
+              "max_cells": None if max_cells is None else int(max_cells),
+              "n_graph_cells": int(len(nodes)),
+              "assignment": "graph" if sample is None else f"kNN vote ({n_neighbors} nearest sampled cells)",
               "random_state": random_state}
     if not inplace:
         return _results.returned("cluster", {path: labels}, params)
@@ -213,6 +245,41 @@ def leiden_codes(x: np.ndarray, *, n_neighbors: int, resolution: float, seed: in
     return tmp.obs["leiden"].astype(int).to_numpy()
 
 
+def knn_vote(x_ref: np.ndarray, codes_ref: np.ndarray, x_query: np.ndarray, *, n_neighbors: int,
+             seed: int = 0) -> np.ndarray:
+    """Cluster of each row of ``x_query``: the code most common among its ``n_neighbors`` nearest rows of
+    ``x_ref`` (ties go to the code of the nearest row). Exact search up to ``_EXACT_VOTE_MAX`` reference rows,
+    a pynndescent index above; queries run in chunks of ``_VOTE_CHUNK`` rows."""
+    k = int(min(n_neighbors, len(x_ref)))
+    codes_ref = np.asarray(codes_ref)
+    n_codes = int(codes_ref.max()) + 1
+    if len(x_ref) <= _EXACT_VOTE_MAX:
+        from sklearn.neighbors import NearestNeighbors
+
+        index = NearestNeighbors(n_neighbors=k).fit(x_ref)
+
+        def search(q):
+            return index.kneighbors(q, return_distance=False)
+    else:
+        from pynndescent import NNDescent
+
+        index = NNDescent(np.asarray(x_ref, dtype=np.float32), n_neighbors=max(k, 15), random_state=seed,
+                          low_memory=True)
+        index.prepare()
+
+        def search(q):
+            return index.query(np.asarray(q, dtype=np.float32), k=k)[0]
+    out = np.empty(len(x_query), dtype=codes_ref.dtype)
+    for s in range(0, len(x_query), _VOTE_CHUNK):
+        votes = codes_ref[search(x_query[s : s + _VOTE_CHUNK])]  # (m, k), nearest first
+        m = len(votes)
+        counts = np.bincount((votes + n_codes * np.arange(m)[:, None]).ravel(), minlength=m * n_codes)
+        score = counts.reshape(m, n_codes) * 2
+        score[np.arange(m), votes[:, 0]] += 1  # ties: the nearest cell's cluster
+        out[s : s + m] = score.argmax(1)
+    return out
+
+
 def spatial_smooth(emb: np.ndarray, table, k: int, data=None) -> np.ndarray:
     """Mean of ``emb`` over each cell and its ``k`` nearest cells in space.
 
@@ -233,13 +300,13 @@ def spatial_smooth(emb: np.ndarray, table, k: int, data=None) -> np.ndarray:
     if k < 1:
         return emb
     index = NearestNeighbors(n_neighbors=k + 1).fit(xy)
-    emb = np.asarray(emb, dtype=np.float64)
+    emb = np.asarray(emb)  # no float64 copy of the whole embedding: each chunk's mean is taken in float64
     out = np.empty(emb.shape, dtype=np.float32)
     # in chunks of cells: the gathered neighbours' embeddings (chunk × (k + 1) × dim) stay ~64 MB
     step = max(1, _SMOOTH_CHUNK_BYTES // ((k + 1) * max(emb.shape[1], 1) * 8))
     for s in range(0, len(xy), step):
         nb = index.kneighbors(xy[s : s + step], return_distance=False)
-        out[s : s + step] = emb[nb].mean(1)
+        out[s : s + step] = emb[nb].mean(1, dtype=np.float64)
     return out
 
 

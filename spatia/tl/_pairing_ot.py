@@ -36,21 +36,17 @@ def _composition_labels(zs: np.ndarray, zt: np.ndarray, n_neighbors: int, seed: 
     """Expression clusters of the source cells and the cluster each target cell falls in.
 
     The source cells are clustered by Leiden (resolution 1) on their ``n_neighbors``-nearest-neighbour graph
-    in ``zs``; each target cell joins the cluster most common among its ``n_neighbors`` nearest source cells.
+    in ``zs``; each target cell joins the cluster most common among its ``n_neighbors`` nearest source cells
+    (ties: the nearest one's).
     """
-    from sklearn.neighbors import NearestNeighbors
-
-    from ._cluster import leiden_codes
+    from ._cluster import knn_vote, leiden_codes
 
     ns = len(zs)
     k = int(min(n_neighbors, ns - 1))
     if k < 2:  # too few cells to cluster: one cluster
         return np.zeros(ns, int), np.zeros(len(zt), int)
     lab_s = leiden_codes(zs, n_neighbors=k, resolution=1.0, seed=seed)
-    idx = NearestNeighbors(n_neighbors=k).fit(zs).kneighbors(zt, return_distance=False)
-    votes = np.zeros((len(zt), lab_s.max() + 1))
-    np.add.at(votes, (np.repeat(np.arange(len(zt)), k), lab_s[idx].ravel()), 1.0)
-    return lab_s, votes.argmax(1)
+    return lab_s, knn_vote(zs, lab_s, zt, n_neighbors=k, seed=seed)
 
 
 def _cluster_masses(lab_s: np.ndarray, lab_t: np.ndarray) -> np.ndarray:

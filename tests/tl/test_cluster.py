@@ -173,3 +173,72 @@ def test_cluster_on_more_cells_than_scanpys_exact_knn():
     a, dom = _two_halves(4500, side=800.0, shift=1.5)
     sp.tl.cluster(a, level="niche", n_clusters=2)
     assert adjusted_rand_score(dom, a.obs["spatia_niche"]) > 0.8
+
+
+def _stripes(n: int, n_domains: int, *, shift: float, seed: int = 0):
+    """``n`` cells on a square of vertical stripes (domains); each domain shifts its own embedding axis by
+    ``shift`` (per-cell spread 1)."""
+    import numpy as np
+    from anndata import AnnData
+
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, 1000.0, (n, 2))
+    dom = np.minimum((xy[:, 0] / (1000.0 / n_domains)).astype(int), n_domains - 1)
+    emb = rng.normal(size=(n, 8)).astype(np.float32)
+    emb[np.arange(n), dom] += shift
+    return AnnData(obs={"domain": dom.astype(str)}, obsm={"X_spatia_cell": emb, "spatial": xy}), dom
+
+
+def test_cluster_on_a_sample_labels_every_cell_as_the_whole_graph_does():
+    """max_cells below the slide: Leiden on a sample, the other cells by a kNN vote. Every cell is labelled,
+    the unsampled cells as well as the sampled ones, and the domains come out as with every cell in the graph;
+    a vote that ignores the neighbours (each unsampled cell given a random sampled cell's cluster) does not."""
+    import numpy as np
+
+    a, dom = _stripes(3000, 4, shift=1.0)
+    whole = sp.tl.cluster(a, level="niche", n_clusters=4, max_cells=None, inplace=False)
+    out = sp.tl.cluster(a, level="niche", n_clusters=4, max_cells=600, inplace=False)
+    p = out["params"]
+    assert p["max_cells"] == 600 and p["n_graph_cells"] == 600 and p["assignment"].startswith("kNN vote")
+    assert whole["params"]["n_graph_cells"] == 3000 and whole["params"]["assignment"] == "graph"
+    lab = np.asarray(out["obs/spatia_niche"]).astype(int)
+    ari_whole = adjusted_rand_score(dom, np.asarray(whole["obs/spatia_niche"]))
+    ari_sample = adjusted_rand_score(dom, lab)
+    assert ari_whole > 0.8 and ari_sample > ari_whole - 0.05, (ari_sample, ari_whole)
+    # the same seed draws the same sample: which cells were in the graph is recoverable
+    in_graph = np.sort(np.random.default_rng(0).choice(3000, 600, replace=False))
+    rest = np.setdiff1d(np.arange(3000), in_graph)
+    ari_rest = adjusted_rand_score(dom[rest], lab[rest])
+    assert ari_rest > adjusted_rand_score(dom[in_graph], lab[in_graph]) - 0.05, ari_rest
+    blind = lab.copy()
+    blind[rest] = lab[in_graph][np.random.default_rng(1).integers(0, 600, len(rest))]
+    assert ari_rest > adjusted_rand_score(dom[rest], blind[rest]) + 0.5
+    # a slide at or below max_cells is clustered whole
+    assert sp.tl.cluster(a, level="niche", max_cells=3000, inplace=False)["params"]["n_graph_cells"] == 3000
+    with pytest.raises(ValueError, match="max_cells must be"):
+        sp.tl.cluster(a, level="niche", max_cells=0)
+
+
+def test_knn_vote_approximate_index_agrees_with_exact_search(monkeypatch):
+    """Above _EXACT_VOTE_MAX reference cells the vote searches a pynndescent index (in chunks): its votes
+    agree with exact search on nearly every cell; ties go to the nearest cell's cluster."""
+    import numpy as np
+
+    from spatia.tl import _cluster
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 3, (6, 10))
+    codes = rng.integers(0, 6, 3000)
+    ref = centres[codes] + rng.normal(size=(3000, 10))
+    q_codes = rng.integers(0, 6, 2000)
+    query = centres[q_codes] + rng.normal(size=(2000, 10))
+    exact = _cluster.knn_vote(ref, codes, query, n_neighbors=15)
+    monkeypatch.setattr(_cluster, "_EXACT_VOTE_MAX", 100)
+    monkeypatch.setattr(_cluster, "_VOTE_CHUNK", 700)
+    approx = _cluster.knn_vote(ref, codes, query, n_neighbors=15)
+    assert (approx == exact).mean() > 0.98
+    assert (exact == q_codes).mean() > 0.9
+    # two neighbours, one vote each: the nearest one's cluster wins
+    tie = _cluster.knn_vote(np.array([[0.0], [1.0], [5.0]]), np.array([2, 0, 1]), np.array([[0.4], [0.6]]),
+                            n_neighbors=2)
+    assert tie.tolist() == [2, 0]
