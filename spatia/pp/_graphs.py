@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import numpy as np
@@ -160,14 +161,24 @@ def niche_members(xy_um: np.ndarray, n_neighs: int, radius: float | None = None)
             keep[np.arange(len(rows)), drop] = False
             out[rows, :k] = np.sort(idx[keep].reshape(len(rows), -1), axis=1)[:, :k]
         return out
-    lists = []
+    # two passes a chunk at a time: the niches' sizes (the table's width), then the members, written straight
+    # into the table (no Python list of one array per cell)
+    width = int(n_neighs)
     for start in range(0, n, _MEMBER_CHUNK):
-        part = tree.query_ball_point(xy[start:start + _MEMBER_CHUNK], r=float(radius), return_sorted=True)
-        lists.extend(np.asarray([j for j in m if j != start + i], dtype=np.int64) for i, m in enumerate(part))
-    width = max(int(n_neighs), max((len(m) for m in lists), default=0))
+        sizes = tree.query_ball_point(xy[start:start + _MEMBER_CHUNK], r=float(radius), return_length=True)
+        width = max(width, int(np.max(sizes)) - 1)  # each niche holds its own cell once
     out = np.full((n, width), -1, dtype=index)
-    for i, m in enumerate(lists):
-        out[i, :len(m)] = m
+    for start in range(0, n, _MEMBER_CHUNK):
+        rows = np.arange(start, min(n, start + _MEMBER_CHUNK))
+        part = tree.query_ball_point(xy[rows], r=float(radius), return_sorted=True)
+        lens = np.fromiter(map(len, part), dtype=np.int64, count=len(part))
+        flat = np.fromiter(itertools.chain.from_iterable(part), dtype=np.int64, count=int(lens.sum()))
+        owner = np.repeat(rows, lens)
+        keep = flat != owner
+        flat, owner = flat[keep], owner[keep]
+        per_row = np.bincount(owner - start, minlength=len(rows))
+        slot = np.arange(len(flat)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+        out[owner, slot] = flat
     return out
 
 
