@@ -34,10 +34,15 @@ def _features(table, use_rep: str | list[str], model, data, table_key: str | Non
             raise KeyError(f"No obsm {unknown} in the table, and the model only computes {list(inv)}.")
         out = embed(data, model, table_key=table_key, inplace=False, **embed_kwargs)
         emb = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith("obsm/")}
-    x = np.concatenate([np.asarray(table.obsm[r]) if r in table.obsm else emb[r] for r in reps], axis=1)
+    parts = [np.asarray(table.obsm[r]) if r in table.obsm else emb[r] for r in reps]
+    # the embedding itself when one key is asked for (no copy of a million cells' features); the classifier
+    # converts to float64 only the labelled cells it is fitted on and each chunk it predicts
+    x = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32)
     if not np.isfinite(x).all():
         raise ValueError(f"obsm {reps} has NaN or infinite values.")
-    return x.astype(np.float64)
+    return x
 
 
 def _morphology_features(data, model, table_key: str | None, embed_kwargs: dict) -> np.ndarray:
@@ -87,6 +92,21 @@ def _use_morphology(morphology: bool | None, model, datas) -> bool:
 def _logits(clf, x: np.ndarray) -> np.ndarray:
     d = clf.decision_function(x)
     return np.stack([np.zeros_like(d), d], 1) if d.ndim == 1 else d
+
+
+def _predict_proba(clf, scaler, x: np.ndarray, temp: float) -> np.ndarray:
+    """Calibrated class probabilities of every row of ``x``, a chunk of rows at a time (each chunk in float64),
+    so that a million cells' features are never copied whole."""
+    n_classes = len(clf.classes_) if len(clf.classes_) > 2 else 2
+    proba = np.empty((len(x), n_classes), dtype=np.float64)
+    for s in range(0, len(x), _PREDICT_CHUNK):
+        part = scaler.transform(np.asarray(x[s : s + _PREDICT_CHUNK], dtype=np.float64))
+        proba[s : s + _PREDICT_CHUNK] = softmax(_logits(clf, part) / temp)
+    return proba
+
+
+#: Rows per chunk of prediction (65,536 × 64 features in float64: 32 MB).
+_PREDICT_CHUNK = 65_536
 
 
 def expected_calibration_error(proba: np.ndarray, y: np.ndarray, n_bins: int = 15) -> float:
@@ -308,23 +328,22 @@ def annotate(
     if x_src.shape[1] != x_all.shape[1]:
         raise ValueError(f"The reference's {use_rep} has {x_src.shape[1]} dimensions, the data's {x_all.shape[1]}.")
     y = np.searchsorted(classes, y_known)
-    scaler = StandardScaler().fit(x_src[known])
-    xs = scaler.transform(x_src[known])
+    x_known = np.asarray(x_src[known], dtype=np.float64)
+    scaler = StandardScaler().fit(x_known)
+    xs = scaler.transform(x_known)
     folds = int(min(n_folds, counts.min()))
     temp, stats = _calibrate(xs, y, len(classes), folds=folds, C=C, random_state=random_state)
     clf = _probe(C).fit(xs, y)
-    proba = softmax(_logits(clf, scaler.transform(x_all)) / temp)
+    proba = _predict_proba(clf, scaler, x_all, temp)
     conf = proba.max(1)
-    labels = classes[proba.argmax(1)].astype(object)
-    labels[conf < unknown_threshold] = unknown_label
+    codes = proba.argmax(1)
+    codes[conf < unknown_threshold] = len(classes)  # the unknown category
     if reference is None and keep_known:
-        labels[known] = y_known
-        conf = conf.copy()
+        codes[known] = y
         conf[known] = 1.0
-        proba = proba.copy()
         proba[known] = np.eye(len(classes))[y]
     cats = list(classes) + ([unknown_label] if unknown_threshold > 0 else [])
-    lab = pd.Categorical(labels, categories=cats)
+    lab = pd.Categorical.from_codes(codes, categories=cats)
     proba_df = pd.DataFrame(proba, index=table.obs_names, columns=list(classes))
     stats.update({
         "classes": list(classes), "temperature": temp, "unknown_threshold": float(unknown_threshold),

@@ -136,3 +136,27 @@ def test_reference_mapping_in_chunks_equals_one_pass(monkeypatch):
     assert _reference_mapping._reference_map(query, rho, genes, ref, ref_genes, genes, ref_genes[12:], 10, 5,
                                              0).step == 8
     np.testing.assert_allclose(mapped(), one, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_annotate_predicts_in_chunks_as_in_one_pass(monkeypatch, n_classes):
+    """annotate's probabilities, a chunk of cells at a time from the float32 embedding, equal those of one
+    float64 pass over every cell (what it did before), and a table's embedding is not copied."""
+    from anndata import AnnData
+
+    from spatia.tl import _annotate
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, n_classes, 500)
+    emb = (rng.normal(size=(500, 6)) + y[:, None]).astype(np.float32)
+    known = np.where(rng.random(500) < 0.4, y.astype(str), None)
+    t = AnnData(obs=pd.DataFrame({"known": known}, index=[str(i) for i in range(500)]), obsm={"X_spatia_cell": emb})
+    assert _annotate._features(t, "X_spatia_cell", None, None, None) is t.obsm["X_spatia_cell"]
+    one = sp.tl.annotate(t, labels_key="known", morphology=False, inplace=False)
+    monkeypatch.setattr(_annotate, "_PREDICT_CHUNK", 37)
+    chunked = sp.tl.annotate(t, labels_key="known", morphology=False, inplace=False)
+    np.testing.assert_allclose(chunked["obsm/spatia_cell_type_proba"], one["obsm/spatia_cell_type_proba"], rtol=1e-12)
+    assert (np.asarray(chunked["obs/spatia_cell_type"]) == np.asarray(one["obs/spatia_cell_type"])).all()
+    # the probe learned: its labels on the cells left unlabelled follow the truth
+    unl = known == None  # noqa: E711
+    assert (np.asarray(one["obs/spatia_cell_type"])[unl] == y[unl].astype(str)).mean() > 0.7
