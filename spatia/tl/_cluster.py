@@ -154,6 +154,8 @@ def cluster(
     sample = None
     if max_cells is not None and len(uniq) > max_cells:
         sample = np.sort(np.random.default_rng(seed).choice(len(uniq), size=int(max_cells), replace=False))
+        logger.info("Leiden on a sample of %d of %d cells (max_cells); the others join their nearest sampled "
+                    "cells' cluster.", len(sample), len(uniq))
     nodes = uniq if sample is None else uniq[sample]
     if len(nodes) < 3:
         codes = np.arange(len(nodes))
