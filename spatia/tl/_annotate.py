@@ -97,7 +97,7 @@ def _logits(clf, x: np.ndarray) -> np.ndarray:
 def _predict_proba(clf, scaler, x: np.ndarray, temp: float) -> np.ndarray:
     """Calibrated class probabilities of every row of ``x``, a chunk of rows at a time (each chunk in float64),
     so that a million cells' features are never copied whole."""
-    n_classes = len(clf.classes_) if len(clf.classes_) > 2 else 2
+    n_classes = max(len(clf.classes_), 2)  # two classes: one decision value, two logits
     proba = np.empty((len(x), n_classes), dtype=np.float64)
     for s in range(0, len(x), _PREDICT_CHUNK):
         part = scaler.transform(np.asarray(x[s : s + _PREDICT_CHUNK], dtype=np.float64))

@@ -169,7 +169,7 @@ def cluster(
         full = np.empty(len(uniq), dtype=codes.dtype)
         full[sample] = codes
         rest = np.setdiff1d(np.arange(len(uniq)), sample, assume_unique=True)
-        full[rest] = knn_vote(nodes, codes, uniq[rest], n_neighbors=n_neighbors, seed=seed)
+        full[rest] = knn_vote(nodes, codes, uniq, rows=rest, n_neighbors=n_neighbors, seed=seed)
         codes = full
     codes = codes[inverse]
     labels = pd.Categorical(codes.astype(str), categories=[str(c) for c in np.unique(codes)])
@@ -248,10 +248,11 @@ def leiden_codes(x: np.ndarray, *, n_neighbors: int, resolution: float, seed: in
 
 
 def knn_vote(x_ref: np.ndarray, codes_ref: np.ndarray, x_query: np.ndarray, *, n_neighbors: int,
-             seed: int = 0) -> np.ndarray:
-    """Cluster of each row of ``x_query``: the code most common among its ``n_neighbors`` nearest rows of
-    ``x_ref`` (ties go to the code of the nearest row). Exact search up to ``_EXACT_VOTE_MAX`` reference rows,
-    a pynndescent index above; queries run in chunks of ``_VOTE_CHUNK`` rows."""
+             seed: int = 0, rows: np.ndarray | None = None) -> np.ndarray:
+    """Cluster of each row of ``x_query`` (or of its ``rows`` only, read a chunk at a time, not copied): the code
+    most common among its ``n_neighbors`` nearest rows of ``x_ref`` (ties go to the code of the nearest row).
+    Exact search up to ``_EXACT_VOTE_MAX`` reference rows, a pynndescent index above; queries run in chunks of
+    ``_VOTE_CHUNK`` rows."""
     k = int(min(n_neighbors, len(x_ref)))
     codes_ref = np.asarray(codes_ref)
     n_codes = int(codes_ref.max()) + 1
@@ -271,9 +272,11 @@ def knn_vote(x_ref: np.ndarray, codes_ref: np.ndarray, x_query: np.ndarray, *, n
 
         def search(q):
             return index.query(np.asarray(q, dtype=np.float32), k=k)[0]
-    out = np.empty(len(x_query), dtype=codes_ref.dtype)
-    for s in range(0, len(x_query), _VOTE_CHUNK):
-        votes = codes_ref[search(x_query[s : s + _VOTE_CHUNK])]  # (m, k), nearest first
+    n_query = len(x_query) if rows is None else len(rows)
+    out = np.empty(n_query, dtype=codes_ref.dtype)
+    for s in range(0, n_query, _VOTE_CHUNK):
+        chunk = x_query[s : s + _VOTE_CHUNK] if rows is None else x_query[rows[s : s + _VOTE_CHUNK]]
+        votes = codes_ref[search(chunk)]  # (m, k), nearest first
         m = len(votes)
         counts = np.bincount((votes + n_codes * np.arange(m)[:, None]).ravel(), minlength=m * n_codes)
         score = counts.reshape(m, n_codes) * 2

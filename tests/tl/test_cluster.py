@@ -237,6 +237,10 @@ def test_knn_vote_approximate_index_agrees_with_exact_search(monkeypatch):
     monkeypatch.setattr(_cluster, "_VOTE_CHUNK", 700)
     approx = _cluster.knn_vote(ref, codes, query, n_neighbors=15)
     assert (approx == exact).mean() > 0.98
+    # rows= votes for those rows of the query only, read chunk by chunk: the same votes as a copy of them
+    rows = np.arange(1, 2000, 3)
+    np.testing.assert_array_equal(_cluster.knn_vote(ref, codes, query, n_neighbors=15, rows=rows),
+                                  _cluster.knn_vote(ref, codes, query[rows], n_neighbors=15))
     assert (exact == q_codes).mean() > 0.9
     # two neighbours, one vote each: the nearest one's cluster wins
     tie = _cluster.knn_vote(np.array([[0.0], [1.0], [5.0]]), np.array([2, 0, 1]), np.array([[0.4], [0.6]]),
