@@ -152,6 +152,25 @@ def _libc() -> Any:
     return libc
 
 
+def release_mapped(array: Any) -> None:
+    """Write a :class:`numpy.memmap`'s changed pages to its file and drop its pages from the process.
+
+    The data stays in the file (and the system's page cache, which the kernel can reclaim); the process's
+    resident memory stops counting it. Anything that is not a memmap is left alone.
+    """
+    import mmap
+
+    base = array
+    while base is not None and not isinstance(base, np.memmap):
+        base = getattr(base, "base", None)
+    m = getattr(base, "_mmap", None)
+    if m is None:
+        return
+    m.flush()
+    if hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        m.madvise(mmap.MADV_DONTNEED)
+
+
 def trimmed(iterable: Any, every: int = 32) -> Any:
     """Yield from ``iterable``, calling :func:`release_memory` every ``every`` items and at the end."""
     for i, item in enumerate(iterable, 1):

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._utils import check_count, progress, resolve_device, seed_from, trimmed
+from .._utils import check_count, progress, release_mapped, resolve_device, seed_from, trimmed
 from ..data import BatchDataset, CellArrays
 from ..module import SpatiaConfig, SpatiaModule
 from ._decoder import DecoderMixin
@@ -209,10 +209,15 @@ class SpatiaModel(DecoderMixin, TransitionMixin):
     def infer(
         self, arrays: CellArrays, *, batch_size: int | None = None, device: str | None = None,
         outputs: tuple[str, ...] = ("cell", "niche", "tissue"), cells: np.ndarray | None = None,
+        out: dict[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """Embeddings (and optionally ``"mu"`` expected counts, ``"rho"`` expected proportions,
         ``"label_proba"``) for every cell, once; with ``cells`` (row indices), for those cells only, in that
         order (their niches and tiles still read the whole slide).
+
+        ``out`` maps output names to arrays of ``(n_cells, ...)`` float32 to fill instead of new ones, e.g.
+        a :class:`numpy.memmap` on disk for outputs that do not fit in memory: its pages are written back and
+        released from the process every few batches.
 
         Under an initialised ``torch.distributed`` process group, each rank embeds a shard of the
         batches and the results are gathered; every rank returns the full arrays.
@@ -236,10 +241,14 @@ class SpatiaModel(DecoderMixin, TransitionMixin):
         # one process: each batch goes straight into the (n_cells, ...) result, so the peak is the outputs
         # themselves; under DDP the shards are gathered, then laid out the same way
         full: dict[str, np.ndarray] = {}
+        sinks = dict(out or {})
         shard: dict[str, list] = {k: [] for k in outputs}
         idx = []
         use_bf16 = device.startswith("cuda")
-        for core in trimmed(progress(mine, desc="inference", unit="batch")):
+        for i, core in enumerate(trimmed(progress(mine, desc="inference", unit="batch")), 1):
+            if i % 32 == 0:
+                for a in full.values():
+                    release_mapped(a)
             batch = {k: v.to(device) for k, v in arrays.collate(core).items()}
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
                 out = module(batch, train=False)
@@ -256,7 +265,7 @@ class SpatiaModel(DecoderMixin, TransitionMixin):
                     shard[k].append(v)
                     continue
                 if k not in full:
-                    full[k] = np.zeros((len(rows),) + v.shape[1:], dtype=np.float32)
+                    full[k] = _output_array(sinks.get(k), (len(rows),) + v.shape[1:], k)
                 full[k][core if where is None else where[core]] = v
         idx_arr = np.concatenate(idx) if idx else np.zeros(0, dtype=np.int64)
         if world > 1:
@@ -268,10 +277,12 @@ class SpatiaModel(DecoderMixin, TransitionMixin):
                 parts = [g[1][k] for g in gathered if g[1][k] is not None]
                 if parts:
                     v = np.concatenate(parts)
-                    full[k] = np.zeros((len(rows),) + v.shape[1:], dtype=np.float32)
+                    full[k] = _output_array(sinks.get(k), (len(rows),) + v.shape[1:], k)
                     full[k][idx_arr if where is None else where[idx_arr]] = v
         if len(np.unique(idx_arr)) != len(rows) or (where is not None and (where[idx_arr] < 0).any()):
             raise RuntimeError("Inference did not cover every cell exactly once.")
+        for a in full.values():
+            release_mapped(a)
         self.module.cpu()
         return full
 
@@ -328,3 +339,13 @@ def _approx_parameters(config: SpatiaConfig, n_genes: int, n_channels: int) -> f
     image = (c.image.patch ** 2 * n_channels * d * 2 + 12 * c.image.decoder_width ** 2 * c.image.decoder_depth
              if c.image.enabled else 0)
     return 13.0 * d * d * blocks + image + 6.0 * (d + c.embed_dim) * n_genes
+
+
+def _output_array(given: np.ndarray | None, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """The array ``infer`` fills for output ``name``: ``given`` (checked) or new zeros."""
+    if given is None:
+        return np.zeros(shape, dtype=np.float32)
+    if tuple(given.shape) != tuple(shape) or given.dtype != np.float32:
+        raise ValueError(f"out[{name!r}] must be a float32 array of shape {shape}, got {given.dtype} "
+                         f"{tuple(given.shape)}.")
+    return given

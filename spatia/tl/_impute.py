@@ -23,8 +23,11 @@ from ._reference_mapping import (
     _reference_profiles,
     _write_table_store,
 )
+from ._write import spill_arrays
 
 logger = logging.getLogger(__name__)
+
+_LAYER_BLOCK_BYTES = 64 << 20  # a block of the backed panel layer, computed and written at once
 
 
 def _gene_scores(pred: np.ndarray, true: np.ndarray, genes: list[str]) -> pd.DataFrame:
@@ -113,6 +116,7 @@ def impute(
     n_neighbors: int = 50,
     n_comps: int = 30,
     store: str | Path | None = None,
+    backed: bool = False,
     validate: bool = False,
     key_added: str = Keys.IMPUTED,
     batch_size: int | None = None,
@@ -161,6 +165,14 @@ def impute(
         array). Use it for whole-transcriptome references, whose cells × genes matrix would not fit in memory
         (20,000 genes for a million cells are 80 GB as float32); without it, a table larger than half the
         machine's memory is refused. An existing store is replaced only with ``overwrite=True``.
+    backed
+        Write the results into the zarr store the SpatialData was read from as they are computed: the panel
+        layer block by block (the table's layer then reads it lazily, a dask array), and this run's
+        ``uns`` entry and reference table (as :func:`write_results` does). Use it when the layer does not fit in
+        memory (a 5,000-gene panel over a million cells is 20 GB as float32; without it, a layer larger than
+        half the machine's memory is refused) or to keep a long session's results on disk. The model's
+        per-cell output is held in a temporary file beside the store while it runs. Needs
+        ``sd.read_zarr(...)`` data whose table is in the store (``sdata.write(path)`` once first).
     validate
         Also run :func:`validate_imputation` (held-out genes) and record its per-gene scores.
     key_added
@@ -236,48 +248,89 @@ def impute(
                 f"{4 * n_cells * len(targets) / 2**30:.1f} GiB in memory, more than half of this machine's: pass "
                 "store='imputed.zarr' to write it to disk block by block, or genes= to impute fewer genes."
             )
-    prepared = _prepare(data, model, kw)
-    table = prepared.table
-    seed = seed_from(random_state)
-    ref_new = None
-    rho = _infer_rho(model, prepared.arrays, batch_size, device)
-    if reference is not None:
-        mapping = _reference_map(prepared.arrays.counts, rho, model.genes, ref_counts, ref_genes, shared, targets,
-                                 n_neighbors, n_comps, seed)
-        if store is None:
-            ref_new = mapping.all()
-            np.log1p(ref_new, out=ref_new)
-        else:
-            ref_new = _lazy_log1p(mapping)  # computed while it is written to the store
-    lib = np.asarray(prepared.arrays.counts.sum(1)).ravel()
-    mu = rho
-    mu *= lib[:, None]  # in place: one cells × genes array at a time
-    del rho
+    if 4.0 * n_cells * len(model.genes) > _dense_limit_bytes() and not backed:
+        raise MemoryError(
+            f"The imputed panel layer ({n_cells:,} cells × {len(model.genes):,} genes) would take "
+            f"{4 * n_cells * len(model.genes) / 2**30:.1f} GiB in memory, more than half of this machine's: pass "
+            "backed=True to write it into the slide's zarr store block by block."
+        )
+    group_dir = None
+    if backed:
+        from ._write import backed_table_dir
+
+        if not inplace:
+            raise ValueError("backed=True writes into the slide's store: it needs inplace=True.")
+        group_dir = backed_table_dir(data, table_key)
     validation = None
-    if validate:
+    if validate:  # before this run's arrays are laid out: its own inference holds its own
         validation = validate_imputation(data, model, reference=reference, reference_layer=reference_layer,
                                          table_key=table_key, layer=layer, n_neighbors=n_neighbors,
                                          n_comps=n_comps, batch_size=batch_size, device=device,
                                          random_state=random_state, **prepare_kwargs)
+    prepared = _prepare(data, model, kw)
+    table = prepared.table
+    seed = seed_from(random_state)
     params = {"n_neighbors": n_neighbors, "n_comps": n_comps, "reference": reference is not None,
-              "store": None if store is None else str(store),
-              "n_reference_genes": 0 if ref_new is None else len(targets), "missing_genes": prepared.missing_genes,
-              "random_state": seed}
+              "store": None if store is None else str(store), "backed": backed,
+              "n_reference_genes": 0 if reference is None else len(targets),
+              "missing_genes": prepared.missing_genes, "random_state": seed}
+    if reference is not None:
+        params["shared_genes"] = len(shared)
     if validation is not None:
         params["validation"] = {"gene": validation.index.tolist(),
                                 **{c: validation[c].astype(float).tolist() for c in validation.columns}}
-    results = {f"layers/{key_added}": _layer_for_table(table, model.genes, mu)}
-    if ref_new is not None:
-        params["shared_genes"] = len(shared)
-        results[f"tables/{key_added}"] = _new_table_like(
-            table, ref_new, targets, {"impute": _results.params_entry("impute", params, paths)})
-        if store is not None:
-            results[f"tables/{key_added}"] = _write_table_store(results[f"tables/{key_added}"], store,
-                                                                overwrite=overwrite)
+    lib = np.asarray(prepared.arrays.counts.sum(1)).ravel()
+    results: dict[str, Any] = {}
+    with spill_arrays(group_dir) as spill:
+        out = None if spill is None else {"rho": spill("rho", (n_cells, len(model.genes)))}
+        rho = model.infer(prepared.arrays, batch_size=batch_size, device=device, outputs=("rho",), out=out)["rho"]
+        if reference is not None:
+            mapping = _reference_map(prepared.arrays.counts, rho, model.genes, ref_counts, ref_genes, shared,
+                                     targets, n_neighbors, n_comps, seed)
+            if store is None:
+                ref_new = mapping.all()
+                np.log1p(ref_new, out=ref_new)
+            else:
+                ref_new = _lazy_log1p(mapping)  # computed while it is written to the store
+            new = _new_table_like(table, ref_new, targets, {"impute": _results.params_entry("impute", params, paths)})
+            if store is not None:  # written now, while rho is still the model's proportions
+                new = _write_table_store(new, store, overwrite=overwrite)
+            results[f"tables/{key_added}"] = new
+        if group_dir is None:
+            mu = rho
+            mu *= lib[:, None]  # in place: one cells × genes array at a time
+            del rho
+            layer_value = _layer_for_table(table, model.genes, mu)
+        else:
+            from ._write import write_backed
+
+            layer_value = write_backed(group_dir, "layers", key_added,
+                                       _lazy_layer(rho, lib, list(table.var_names), model.genes))
+        results = {f"layers/{key_added}": layer_value, **results}
     if not inplace:
         return _results.returned("impute", results, params)
     _results.write(data, table, results, function="impute", params=params, overwrite=overwrite)
+    if group_dir is not None:
+        from ._write import write_results
+
+        write_results(data, table_key=table_key, functions=["impute"])
     return None
+
+
+def _lazy_layer(rho: np.ndarray, lib: np.ndarray, var_names: list[str], genes: list[str]):
+    """The panel layer (expected counts on the table's ``var``, NaN for genes the model lacks) as a dask array of
+    blocks of cells, each computed from ``rho`` (a memmap) when it is written."""
+    from ._write import lazy_rows
+
+    idx = pd.Index(genes).get_indexer(var_names)
+    has = idx >= 0
+
+    def block(a: int, b: int) -> np.ndarray:
+        out = np.full((b - a, len(var_names)), np.nan, dtype=np.float32)
+        out[:, has] = rho[a:b][:, idx[has]] * lib[a:b, None]
+        return out
+
+    return lazy_rows(block, rho.shape[0], len(var_names), block_bytes=_LAYER_BLOCK_BYTES)
 
 
 def validate_imputation(

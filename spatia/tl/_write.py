@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
+import tempfile
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +20,8 @@ logger = logging.getLogger("spatia")
 _TMP = ".spatia-tmp-"  # a key being written: <parent>/.spatia-tmp-<id>, renamed into place once complete
 
 
-def write_results(sdata, *, table_key: str = "table", path: str | Path | None = None) -> list[str]:
+def write_results(sdata, *, table_key: str = "table", path: str | Path | None = None,
+                  functions: list[str] | None = None) -> list[str]:
     """Write spatia's results into the SpatialData's zarr store, without rewriting the slide.
 
     On a large slide, ``sdata.write`` rewrites every image and the counts, and spatialdata refuses
@@ -42,6 +46,8 @@ def write_results(sdata, *, table_key: str = "table", path: str | Path | None = 
         The table the results are in.
     path
         The zarr store; default ``sdata.path``. It must already hold the table (``sdata.write(path)`` first).
+    functions
+        Write only the results of these functions (``["impute"]``); default: of every function recorded.
 
     Returns
     -------
@@ -61,12 +67,10 @@ def write_results(sdata, *, table_key: str = "table", path: str | Path | None = 
     if store is None:
         raise ValueError("This SpatialData has no zarr store: write it once with sdata.write('slide.zarr'), or "
                          "pass path=.")
-    group_dir = store / "tables" / table_key
-    if not group_dir.is_dir():
-        raise FileNotFoundError(f"{store} holds no table {table_key!r} (no folder {group_dir}): write the whole "
-                                f"object once with sdata.write(path), then write_results after each step.")
+    group_dir = _table_dir(store, table_key)
     runs = table.uns.get(Keys.UNS, {})
-    paths = sorted({p for run in runs.values() if isinstance(run, Mapping) for p in _keys(run)})
+    paths = sorted({p for f, run in runs.items() if isinstance(run, Mapping) and (functions is None or f in functions)
+                    for p in _keys(run)})
     elements = [p for p in paths if p.partition("/")[0] in ("tables", "images", "labels", "shapes", "points")
                 and p.partition("/")[2] in sdata]
     if elements and Path(sdata.path or "") != store:
@@ -81,7 +85,9 @@ def write_results(sdata, *, table_key: str = "table", path: str | Path | None = 
             for p in paths:
                 a, _, key = p.partition("/")
                 if a == attr and key in getattr(table, attr):
-                    _write_key(group, attr, key, getattr(table, attr)[key])
+                    value = getattr(table, attr)[key]
+                    if getattr(value, "name", None) != _backed_name(group_dir, attr, key):  # else: already there
+                        _write_key(group, attr, key, value)
                     written.append(p)
         obs = [p for p in paths if p.startswith("obs/") and p.split("/", 1)[1] in table.obs]
         if obs:
@@ -103,6 +109,88 @@ def write_results(sdata, *, table_key: str = "table", path: str | Path | None = 
             sdata.write_consolidated_metadata()
     logger.info("Wrote %d result(s) to %s: %s", len(written), store, ", ".join(written))
     return written
+
+
+def _table_dir(store: Path, table_key: str) -> Path:
+    group_dir = store / "tables" / table_key
+    if not group_dir.is_dir():
+        raise FileNotFoundError(f"{store} holds no table {table_key!r} (no folder {group_dir}): write the whole "
+                                f"object once with sdata.write(path), then write_results after each step.")
+    return group_dir
+
+
+def _backed_name(group_dir: Path, attr: str, key: str) -> str:
+    """The dask name of an array read from ``<group_dir>/<attr>/<key>`` by :func:`write_backed`."""
+    return f"spatia-backed-{Path(group_dir).resolve() / attr / key}"
+
+
+def backed_table_dir(sdata, table_key: str) -> Path:
+    """The folder of ``table_key`` in the zarr store ``sdata`` was read from, checked to hold the same cells;
+    errors say what to do when there is none."""
+    import zarr
+
+    from ..pp._elements import _is_sdata
+
+    if not _is_sdata(sdata) or not getattr(sdata, "path", None):
+        raise ValueError("backed=True writes into the zarr store the SpatialData was read from, and this one has "
+                         "none: write it once with sdata.write('slide.zarr') and read it back with "
+                         "sd.read_zarr, or pass backed=False.")
+    group_dir = _table_dir(Path(sdata.path), table_key)
+    _check_same_cells(zarr.open_group(str(group_dir), mode="r"), get_table(sdata, table_key), group_dir)
+    return group_dir
+
+
+def write_backed(group_dir: Path, attr: str, key: str, value):
+    """Write the (dask) array ``value`` as ``<attr>/<key>`` of the anndata zarr group ``group_dir``, block by
+    block, beside its place and then renamed in; return a dask array that reads it from there."""
+    import anndata
+    import dask
+    import dask.array as da
+    import zarr
+
+    group = zarr.open_group(str(group_dir), mode="r+")
+    with (anndata.settings.override(zarr_write_format=group.metadata.zarr_format), quiet_dependencies(),
+          dask.config.set(scheduler="threads")):
+        _write_key(group, attr, key, value)
+    arr = zarr.open_array(str(group_dir / attr / key), mode="r")
+    return da.from_zarr(arr, name=_backed_name(group_dir, attr, key))
+
+
+@contextlib.contextmanager
+def spill_arrays(group_dir: Path | None):
+    """``None`` without a store; with one, a function ``(name, shape) -> float32 memmap`` of zeroed arrays in a
+    hidden folder beside the store (the same disk), removed on exit whatever happens."""
+    if group_dir is None:
+        yield None
+        return
+    import numpy as np
+
+    root = Path(tempfile.mkdtemp(prefix=".spatia-spill-", dir=Path(group_dir).parents[2]))
+    try:
+        yield lambda name, shape: np.lib.format.open_memmap(root / f"{name}.npy", mode="w+", dtype=np.float32,
+                                                             shape=shape)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def lazy_rows(block, n: int, n_cols: int, *, block_bytes: int = 64 << 20):
+    """A ``(n, n_cols)`` float32 dask array whose blocks of rows ``block(a, b)`` computes when they are read
+    (each about ``block_bytes``)."""
+    import dask.array as da
+    import numpy as np
+
+    step = max(1, min(max(n, 1), block_bytes // max(4 * n_cols, 1)))
+    starts = da.arange(0, n, step, chunks=1)
+
+    def one(start):
+        if not len(start):
+            return np.zeros((0, n_cols), dtype=np.float32)
+        a = int(start[0])
+        return block(a, min(a + step, n))
+
+    chunks = (tuple(min(step, n - a) for a in range(0, n, step)) or (0,), (n_cols,))
+    return da.map_blocks(one, starts, new_axis=1, chunks=chunks, dtype=np.float32,
+                         meta=np.empty((0, 0), dtype=np.float32))
 
 
 def _check_same_cells(group, table, group_dir: Path) -> None:

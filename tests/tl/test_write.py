@@ -99,3 +99,69 @@ def test_new_elements_are_written_once_and_left_alone_after(backed, caplog):
     assert _mtimes(other) == stored  # checked before anything is written
     assert "images/spatia_generated" not in sp.tl.write_results(backed)
     assert "already in" in caplog.text
+
+
+def test_impute_backed_writes_the_panel_layer_into_the_store_block_by_block(backed, monkeypatch):
+    """backed=True: the layer is computed a block of cells at a time into the slide's store and read back lazily,
+    equal to the in-memory layer; the counts and images are not rewritten and nothing temporary is left."""
+    import dask.array as da
+
+    from spatia.tl import _impute
+
+    model = sp.tl.fit(backed, image_key="morphology", config=sp.SpatiaConfig.tiny(), max_epochs=1, random_state=0)
+    dense = sp.tl.impute(backed, model, image_key="morphology", inplace=False)["layers/spatia_imputed"]
+    counts_before = _mtimes(backed.path / "tables" / "table" / "X")
+    images_before = _mtimes(backed.path / "images")
+    blocks = []
+    one_layer = _impute._lazy_layer
+
+    def small_blocks(rho, lib, var_names, genes):
+        monkeypatch.setattr(_impute, "_LAYER_BLOCK_BYTES", 40 * 4 * 16)  # 16 cells per block
+        layer = one_layer(rho, lib, var_names, genes)
+        blocks.append(layer.numblocks[0])
+        assert isinstance(rho, np.memmap)  # the model's output went to a file, not to memory
+        return layer
+
+    monkeypatch.setattr(_impute, "_lazy_layer", small_blocks)
+    sp.tl.impute(backed, model, image_key="morphology", backed=True)
+    layer = backed["table"].layers["spatia_imputed"]
+    assert isinstance(layer, da.Array) and blocks == [int(np.ceil(backed["table"].n_obs / 16))]
+    np.testing.assert_allclose(layer.compute(), dense, rtol=1e-6)
+    back = sd.read_zarr(backed.path)["table"]
+    np.testing.assert_allclose(np.asarray(back.layers["spatia_imputed"]), dense, rtol=1e-6)
+    assert back.uns["spatia"]["impute"]["backed"]
+    assert _mtimes(backed.path / "tables" / "table" / "X") == counts_before
+    assert _mtimes(backed.path / "images") == images_before
+    assert not [p for p in backed.path.parent.rglob("*") if ".spatia-" in p.name]
+    # write_results after it does not write the layer again (it reads from where it would go)
+    layer_files = _mtimes(backed.path / "tables" / "table" / "layers")
+    assert "layers/spatia_imputed" in sp.tl.write_results(backed)
+    assert _mtimes(backed.path / "tables" / "table" / "layers") == layer_files
+
+
+def test_impute_backed_refuses_clearly_and_leaves_the_data_alone(backed, monkeypatch, tmp_path):
+    from spatia.tl import _impute, _write
+
+    model = sp.tl.fit(backed, image_key="morphology", config=sp.SpatiaConfig.tiny(), max_epochs=1, random_state=0)
+    in_memory = sp.datasets.simulate(150, mean_depth=25.0, random_state=2)
+    with pytest.raises(ValueError, match="sdata.write"):  # no store to write into
+        sp.tl.impute(in_memory, model, image_key="morphology", backed=True)
+    assert "spatia_imputed" not in in_memory["table"].layers
+    # a layer larger than half the machine's memory is refused without backed=True, before any work
+    monkeypatch.setattr(_impute, "_dense_limit_bytes", lambda: 1000.0)
+    monkeypatch.setattr(_impute, "_prepare", lambda *a, **k: pytest.fail("prepared before refusing"))
+    with pytest.raises(MemoryError, match="backed=True"):
+        sp.tl.impute(backed, model, image_key="morphology")
+    monkeypatch.undo()
+    # interrupted while writing into the store: no layer in memory or on disk, no temporary file left
+    stored = _mtimes(backed.path / "tables" / "table")
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_write, "_write_key", dies)
+    with pytest.raises(KeyboardInterrupt):
+        sp.tl.impute(backed, model, image_key="morphology", backed=True)
+    assert "spatia_imputed" not in backed["table"].layers
+    assert _mtimes(backed.path / "tables" / "table") == stored
+    assert not [p for p in backed.path.parent.rglob("*") if ".spatia-" in p.name]
