@@ -43,15 +43,19 @@ def prepare(*args, **kwargs) -> Prepared:
     """Validate the input and build :class:`CellArrays` (see :func:`_prepare`).
 
     Restores torch's thread count afterwards: a library under the crop / graph steps resets it, which made
-    single-threaded runs on a shared CPU oversubscribe it.
+    single-threaded runs on a shared CPU oversubscribe it. Hands the heap pages that crop extraction freed back
+    to the system (about 190 MiB at a million cells).
     """
     import torch
+
+    from .._utils import release_memory
 
     n_threads = torch.get_num_threads()
     try:
         return _prepare(*args, **kwargs)
     finally:
         torch.set_num_threads(n_threads)
+        release_memory()
 
 
 def _prepare(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -209,15 +210,15 @@ class SpatiaModel(DecoderMixin, TransitionMixin):
     def infer(
         self, arrays: CellArrays, *, batch_size: int | None = None, device: str | None = None,
         outputs: tuple[str, ...] = ("cell", "niche", "tissue"), cells: np.ndarray | None = None,
-        out: dict[str, np.ndarray] | None = None,
+        alloc: Callable[[str, tuple[int, ...]], np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """Embeddings (and optionally ``"mu"`` expected counts, ``"rho"`` expected proportions,
         ``"label_proba"``) for every cell, once; with ``cells`` (row indices), for those cells only, in that
         order (their niches and tiles still read the whole slide).
 
-        ``out`` maps output names to arrays of ``(n_cells, ...)`` float32 to fill instead of new ones, e.g.
-        a :class:`numpy.memmap` on disk for outputs that do not fit in memory: its pages are written back and
-        released from the process every few batches.
+        ``alloc(name, shape)`` gives the zeroed float32 array each output is written into instead of a new one in
+        memory, e.g. a :class:`numpy.memmap` on disk for outputs that do not fit in memory: its pages are
+        written back and released from the process every few batches.
 
         Under an initialised ``torch.distributed`` process group, each rank embeds a shard of the
         batches and the results are gathered; every rank returns the full arrays.
@@ -241,7 +242,6 @@ class SpatiaModel(DecoderMixin, TransitionMixin):
         # one process: each batch goes straight into the (n_cells, ...) result, so the peak is the outputs
         # themselves; under DDP the shards are gathered, then laid out the same way
         full: dict[str, np.ndarray] = {}
-        sinks = dict(out or {})
         shard: dict[str, list] = {k: [] for k in outputs}
         idx = []
         use_bf16 = device.startswith("cuda")
@@ -265,7 +265,7 @@ class SpatiaModel(DecoderMixin, TransitionMixin):
                     shard[k].append(v)
                     continue
                 if k not in full:
-                    full[k] = _output_array(sinks.get(k), (len(rows),) + v.shape[1:], k)
+                    full[k] = _output_array(alloc, (len(rows),) + v.shape[1:], k)
                 full[k][core if where is None else where[core]] = v
         idx_arr = np.concatenate(idx) if idx else np.zeros(0, dtype=np.int64)
         if world > 1:
@@ -277,7 +277,7 @@ class SpatiaModel(DecoderMixin, TransitionMixin):
                 parts = [g[1][k] for g in gathered if g[1][k] is not None]
                 if parts:
                     v = np.concatenate(parts)
-                    full[k] = _output_array(sinks.get(k), (len(rows),) + v.shape[1:], k)
+                    full[k] = _output_array(alloc, (len(rows),) + v.shape[1:], k)
                     full[k][idx_arr if where is None else where[idx_arr]] = v
         if len(np.unique(idx_arr)) != len(rows) or (where is not None and (where[idx_arr] < 0).any()):
             raise RuntimeError("Inference did not cover every cell exactly once.")
@@ -341,10 +341,11 @@ def _approx_parameters(config: SpatiaConfig, n_genes: int, n_channels: int) -> f
     return 13.0 * d * d * blocks + image + 6.0 * (d + c.embed_dim) * n_genes
 
 
-def _output_array(given: np.ndarray | None, shape: tuple[int, ...], name: str) -> np.ndarray:
-    """The array ``infer`` fills for output ``name``: ``given`` (checked) or new zeros."""
-    if given is None:
+def _output_array(alloc, shape: tuple[int, ...], name: str) -> np.ndarray:
+    """The array ``infer`` fills for output ``name``: ``alloc``'s (checked) or new zeros."""
+    if alloc is None:
         return np.zeros(shape, dtype=np.float32)
+    given = alloc(name, shape)
     if tuple(given.shape) != tuple(shape) or given.dtype != np.float32:
         raise ValueError(f"out[{name!r}] must be a float32 array of shape {shape}, got {given.dtype} "
                          f"{tuple(given.shape)}.")

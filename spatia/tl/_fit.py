@@ -301,6 +301,7 @@ def embed(
     key_added: str | Mapping[str, str] | None = None,
     overwrite: bool = False,
     inplace: bool = True,
+    backed: bool = False,
 ):
     """Embed a (new) slide with a trained model.
 
@@ -326,6 +327,12 @@ def embed(
     inplace
         Write into the table (return ``None``); with ``False`` write nothing and return
         ``{"obsm/<key>": embedding, ..., "params": run parameters}``.
+    backed
+        Also write the embeddings into the zarr store the SpatialData was read from as they are computed (a
+        temporary file beside the store holds them meanwhile), then this run's ``uns`` entry; the table's
+        ``obsm`` then reads them lazily (dask arrays). The store keeps each level's embedding even if the session
+        ends later; without it, call :func:`write_results` after the step. Needs ``sd.read_zarr(...)`` data
+        whose table is in the store.
 
     Returns
     -------
@@ -340,22 +347,35 @@ def embed(
     >>> emb["obsm/X_spatia_cell"].shape
     """
     from ..pp._elements import get_table
+    from ._write import backed_table_dir, lazy_rows, spill_arrays, write_backed, write_results
 
     keys = embedding_keys(key_added)
     if inplace:
         _results.check_free(data, get_table(data, table_key), [f"obsm/{k}" for k in keys.values()],
                             overwrite=overwrite)
+    group_dir = None
+    if backed:
+        if not inplace:
+            raise ValueError("backed=True writes into the slide's store: it needs inplace=True.")
+        group_dir = backed_table_dir(data, table_key)
     prepared = _prepare_for_model(
         data, model, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key, table_key=table_key,
         layer=layer, coordinate_system=coordinate_system, crops=crops, allow_empty=allow_empty,
         um_per_unit=um_per_unit,
     )
-    emb = model.infer(prepared.arrays, batch_size=batch_size, device=device)
+    with spill_arrays(group_dir) as spill:
+        emb = model.infer(prepared.arrays, batch_size=batch_size, device=device, alloc=spill)
+        if group_dir is not None:  # each level from its file into the store, a block of cells at a time
+            emb = {level: write_backed(group_dir, "obsm", keys[level], lazy_rows(
+                lambda a, b, m=m: np.array(m[a:b]), *m.shape, source=m)) for level, m in emb.items()
+                if level in keys}
     results = _embedding_results(emb, keys)
-    params = _run_params(model, prepared, {"image_key": image_key})
+    params = _run_params(model, prepared, {"image_key": image_key, "backed": backed})
     if not inplace:
         return _results.returned("embed", results, params)
     _results.write(data, prepared.table, results, function="embed", params=params, overwrite=overwrite)
+    if group_dir is not None:
+        write_results(data, table_key=table_key, functions=["embed"])
     return None
 
 

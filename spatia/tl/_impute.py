@@ -282,8 +282,7 @@ def impute(
     lib = np.asarray(prepared.arrays.counts.sum(1)).ravel()
     results: dict[str, Any] = {}
     with spill_arrays(group_dir) as spill:
-        out = None if spill is None else {"rho": spill("rho", (n_cells, len(model.genes)))}
-        rho = model.infer(prepared.arrays, batch_size=batch_size, device=device, outputs=("rho",), out=out)["rho"]
+        rho = model.infer(prepared.arrays, batch_size=batch_size, device=device, outputs=("rho",), alloc=spill)["rho"]
         if reference is not None:
             mapping = _reference_map(prepared.arrays.counts, rho, model.genes, ref_counts, ref_genes, shared,
                                      targets, n_neighbors, n_comps, seed)
@@ -330,7 +329,7 @@ def _lazy_layer(rho: np.ndarray, lib: np.ndarray, var_names: list[str], genes: l
         out[:, has] = rho[a:b][:, idx[has]] * lib[a:b, None]
         return out
 
-    return lazy_rows(block, rho.shape[0], len(var_names), block_bytes=_LAYER_BLOCK_BYTES)
+    return lazy_rows(block, rho.shape[0], len(var_names), block_bytes=_LAYER_BLOCK_BYTES, source=rho)
 
 
 def validate_imputation(

@@ -13,6 +13,7 @@ from pathlib import Path
 from .._constants import Keys
 from .._fs import written_beside
 from .._logging import quiet_dependencies
+from .._utils import release_mapped
 from ..pp._elements import get_table
 
 logger = logging.getLogger("spatia")
@@ -173,9 +174,10 @@ def spill_arrays(group_dir: Path | None):
         shutil.rmtree(root, ignore_errors=True)
 
 
-def lazy_rows(block, n: int, n_cols: int, *, block_bytes: int = 64 << 20):
+def lazy_rows(block, n: int, n_cols: int, *, block_bytes: int = 64 << 20, source=None):
     """A ``(n, n_cols)`` float32 dask array whose blocks of rows ``block(a, b)`` computes when they are read
-    (each about ``block_bytes``)."""
+    (each about ``block_bytes``). ``source``: a memmap the blocks read, whose pages are dropped from the process
+    after each block (else reading it through would leave all of it resident)."""
     import dask.array as da
     import numpy as np
 
@@ -186,7 +188,10 @@ def lazy_rows(block, n: int, n_cols: int, *, block_bytes: int = 64 << 20):
         if not len(start):
             return np.zeros((0, n_cols), dtype=np.float32)
         a = int(start[0])
-        return block(a, min(a + step, n))
+        out = block(a, min(a + step, n))
+        if source is not None:
+            release_mapped(source)
+        return out
 
     chunks = (tuple(min(step, n - a) for a in range(0, n, step)) or (0,), (n_cols,))
     return da.map_blocks(one, starts, new_axis=1, chunks=chunks, dtype=np.float32,

@@ -165,3 +165,33 @@ def test_impute_backed_refuses_clearly_and_leaves_the_data_alone(backed, monkeyp
     assert "spatia_imputed" not in backed["table"].layers
     assert _mtimes(backed.path / "tables" / "table") == stored
     assert not [p for p in backed.path.parent.rglob("*") if ".spatia-" in p.name]
+
+
+def test_embed_backed_writes_each_level_into_the_store_as_it_comes(backed, monkeypatch):
+    """embed(backed=True): the same embeddings as in memory, in the store (with this run's uns entry) and read
+    lazily by the table; the model's output goes to a file while it runs; a refused call writes nothing."""
+    import dask.array as da
+
+    from spatia.model import _model
+
+    model = sp.tl.fit(backed, image_key="morphology", config=sp.SpatiaConfig.tiny(), max_epochs=1, random_state=0)
+    dense = sp.tl.embed(backed, model, image_key="morphology", inplace=False)
+    with pytest.raises(ValueError, match="inplace=True"):
+        sp.tl.embed(backed, model, image_key="morphology", key_added="X_b", backed=True, inplace=False)
+    allocated = []
+    one = _model._output_array
+    monkeypatch.setattr(_model, "_output_array",
+                        lambda alloc, shape, name: allocated.append(type(a := one(alloc, shape, name))) or a)
+    sp.tl.embed(backed, model, image_key="morphology", key_added="X_b", backed=True)
+    assert allocated and set(allocated) == {np.memmap}
+    back = sd.read_zarr(backed.path)["table"]
+    for level in ("cell", "niche", "tissue"):
+        key = f"X_b_{level}"
+        assert isinstance(backed["table"].obsm[key], da.Array)
+        np.testing.assert_allclose(np.asarray(backed["table"].obsm[key]), dense[f"obsm/X_spatia_{level}"], rtol=1e-6)
+        np.testing.assert_allclose(back.obsm[key], dense[f"obsm/X_spatia_{level}"], rtol=1e-6)
+    assert back.uns["spatia"]["embed"]["backed"]
+    assert not [p for p in backed.path.parent.rglob("*") if ".spatia-" in p.name]
+    # the lazily read embedding feeds the next step as an array in memory would
+    sp.tl.cluster(backed, use_rep="X_b_niche", level="niche", n_clusters=3)
+    assert backed["table"].obs["spatia_niche"].nunique() == 3
