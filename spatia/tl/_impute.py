@@ -256,11 +256,14 @@ def impute(
         )
     group_dir = None
     if backed:
+        from ._fit import _is_rank_zero
         from ._write import backed_table_dir
 
         if not inplace:
             raise ValueError("backed=True writes into the slide's store: it needs inplace=True.")
         group_dir = backed_table_dir(data, table_key)
+        if not _is_rank_zero():  # under DDP one process writes; the others keep theirs in memory
+            group_dir = None
     validation = None
     if validate:  # before this run's arrays are laid out: its own inference holds its own
         validation = validate_imputation(data, model, reference=reference, reference_layer=reference_layer,
@@ -558,8 +561,9 @@ def predict_expression(
         if not use_niche:
             arrays.nbr = np.full_like(arrays.nbr, -1)
             arrays.tile = np.arange(arrays.n)
-        rho = _infer_rho(model, arrays, batch_size, device)
-        pred = np.log1p(rho * 1e4).astype(np.float32)
+        pred = _infer_rho(model, arrays, batch_size, device)  # float32, turned into log1p per 10,000 in place
+        pred *= 1e4
+        np.log1p(pred, out=pred)
     params = {"method": method, "use_niche": use_niche}
     if covered:
         results = {path: _layer_for_table(table, model.genes, pred)}

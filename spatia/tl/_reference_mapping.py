@@ -8,6 +8,7 @@ counts of the panel genes it measures.
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -257,8 +258,10 @@ def _lazy_log1p(mapping: _ReferenceMap):
                else np.zeros((0, mapping.n_genes), dtype=np.float32))
         return np.log1p(out, out=out)
 
+    # named: dask would otherwise hash the function to name the array, pickling the mapping it holds
     return da.map_blocks(block, starts, new_axis=1, chunks=(starts.chunks[0], (mapping.n_genes,)),
-                         dtype=np.float32, meta=np.empty((0, 0), dtype=np.float32))
+                         dtype=np.float32, meta=np.empty((0, 0), dtype=np.float32),
+                         name=f"spatia-imputed-{uuid.uuid4().hex}")
 
 
 def _write_table_store(new, store, *, overwrite: bool):

@@ -194,8 +194,9 @@ def lazy_rows(block, n: int, n_cols: int, *, block_bytes: int = 64 << 20, source
         return out
 
     chunks = (tuple(min(step, n - a) for a in range(0, n, step)) or (0,), (n_cols,))
+    # named: dask would otherwise hash the function to name the array, pickling whatever it holds (the memmap)
     return da.map_blocks(one, starts, new_axis=1, chunks=chunks, dtype=np.float32,
-                         meta=np.empty((0, 0), dtype=np.float32))
+                         meta=np.empty((0, 0), dtype=np.float32), name=f"spatia-rows-{uuid.uuid4().hex}")
 
 
 def _check_same_cells(group, table, group_dir: Path) -> None:
