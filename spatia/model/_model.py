@@ -347,6 +347,6 @@ def _output_array(alloc, shape: tuple[int, ...], name: str) -> np.ndarray:
         return np.zeros(shape, dtype=np.float32)
     given = alloc(name, shape)
     if tuple(given.shape) != tuple(shape) or given.dtype != np.float32:
-        raise ValueError(f"out[{name!r}] must be a float32 array of shape {shape}, got {given.dtype} "
+        raise ValueError(f"alloc({name!r}, ...) must give a float32 array of shape {shape}, got {given.dtype} "
                          f"{tuple(given.shape)}.")
     return given

@@ -327,9 +327,15 @@ def _lazy_layer(rho: np.ndarray, lib: np.ndarray, var_names: list[str], genes: l
     idx = pd.Index(genes).get_indexer(var_names)
     has = idx >= 0
 
+    same = bool(has.all()) and np.array_equal(idx, np.arange(len(idx))) and len(idx) == rho.shape[1]
+
     def block(a: int, b: int) -> np.ndarray:
+        values = np.multiply(rho[a:b], lib[a:b, None], dtype=np.float32) if same else rho[a:b][:, idx[has]]
+        if same:
+            return values
+        values *= lib[a:b, None]
         out = np.full((b - a, len(var_names)), np.nan, dtype=np.float32)
-        out[:, has] = rho[a:b][:, idx[has]] * lib[a:b, None]
+        out[:, has] = values
         return out
 
     return lazy_rows(block, rho.shape[0], len(var_names), block_bytes=_LAYER_BLOCK_BYTES, source=rho)

@@ -18,6 +18,7 @@ from ..pp._elements import get_table
 
 logger = logging.getLogger("spatia")
 
+WRITE_WORKERS = 2  # blocks computed and written at once: each holds its block (~64 MB) and its temporaries
 _TMP = ".spatia-tmp-"  # a key being written: <parent>/.spatia-tmp-<id>, renamed into place once complete
 
 
@@ -151,7 +152,7 @@ def write_backed(group_dir: Path, attr: str, key: str, value):
 
     group = zarr.open_group(str(group_dir), mode="r+")
     with (anndata.settings.override(zarr_write_format=group.metadata.zarr_format), quiet_dependencies(),
-          dask.config.set(scheduler="threads")):
+          dask.config.set(scheduler="threads", num_workers=WRITE_WORKERS)):
         _write_key(group, attr, key, value)
     arr = zarr.open_array(str(group_dir / attr / key), mode="r")
     return da.from_zarr(arr, name=_backed_name(group_dir, attr, key))
