@@ -157,8 +157,13 @@ def _scvi_peer(table, train_cells: int, epochs: int):
 
 
 def pipeline(path: str, n: int, workdir: str, preset: str, train_cells: int, epochs: int, ref_cells: int,
-             ref_genes: int, out_json: str) -> None:
-    """Every step on one slide, in this (fresh) process; the measurements go to ``out_json``."""
+             ref_genes: int, backed: bool, out_json: str) -> None:
+    """Every step on one slide, in this (fresh) process; the measurements go to ``out_json``.
+
+    ``backed``: on a copy of the slide (made before the timings), ``embed`` and the panel ``impute`` write their
+    results into its store as they come (``backed=True``) and the reference table goes to a store of its own
+    (``store=``): the results are then on disk, not in the process.
+    """
     import torch
 
     torch.set_num_threads(1)
@@ -181,6 +186,14 @@ def pipeline(path: str, n: int, workdir: str, preset: str, train_cells: int, epo
         return out
 
     config = getattr(sp.SpatiaConfig, preset)()
+    ref_store = None
+    if backed:  # the results go into the slide's store: a copy, so that the slide stays as simulated
+        copy = Path(workdir) / f"backed_{n}.zarr"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(path, copy)
+        path, ref_store = str(copy), str(Path(workdir) / f"backed_ref_{n}.zarr")
+        shutil.rmtree(ref_store, ignore_errors=True)
+    on_disk = 0 if backed else 1  # the outputs that stay in memory
     sdata = run("read (lazy)", spatialdata.read_zarr, path)
     table = sdata["table"]
     store = str(Path(workdir) / f"crops_{n}.zarr")
@@ -192,7 +205,8 @@ def pipeline(path: str, n: int, workdir: str, preset: str, train_cells: int, epo
                 image_key=IMAGE, config=config, crops=crops, n_cells=train_cells, max_epochs=epochs,
                 random_state=0, output_bytes=emb_bytes)
     info["epochs_run"] = int(model.train_info["epochs"])
-    run("embed", sp.tl.embed, sdata, model, image_key=IMAGE, crops=crops, overwrite=True, output_bytes=emb_bytes)
+    run("embed (backed=True)" if backed else "embed", sp.tl.embed, sdata, model, image_key=IMAGE, crops=crops,
+        overwrite=True, backed=backed, output_bytes=emb_bytes * on_disk)
     run(f"peer: scVI (fit on the same {train_cells:,}-cell sample, {epochs} epochs; latent of every cell)",
         _scvi_peer, table, train_cells, epochs, output_bytes=n * 10 * 4)
     run("cluster(level='niche')", sp.tl.cluster, sdata, level="niche", output_bytes=n * 8)
@@ -217,12 +231,13 @@ def pipeline(path: str, n: int, workdir: str, preset: str, train_cells: int, epo
     n_types = table.obs["cell_type"].nunique()
     run("annotate (10 % labelled)", sp.tl.annotate, sdata, labels_key="known_type", output_bytes=n * (8 + 4 + 8 * n_types))
     info["annotate_cv_accuracy"] = float(table.uns["spatia"]["annotate"].get("cv_accuracy", np.nan))
-    run("impute (panel genes → layer)", sp.tl.impute, sdata, model, image_key=IMAGE, crops=crops,
-        output_bytes=n * table.n_vars * 4)
+    run("impute (panel genes → layer" + (", backed=True)" if backed else ")"), sp.tl.impute, sdata, model,
+        image_key=IMAGE, crops=crops, backed=backed, output_bytes=n * table.n_vars * 4 * on_disk)
     reference = _reference(table, ref_cells, ref_genes)
-    run(f"impute (reference: {ref_cells:,} cells, {ref_genes} genes outside the panel → table)", sp.tl.impute,
-        sdata, model, image_key=IMAGE, crops=crops, reference=reference, key_added="spatia_ref", overwrite=True,
-        output_bytes=n * (table.n_vars + ref_genes) * 4)
+    run(f"impute (reference: {ref_cells:,} cells, {ref_genes} genes outside the panel → table"
+        + (", store=)" if backed else ")"), sp.tl.impute, sdata, model, image_key=IMAGE, crops=crops,
+        reference=reference, key_added="spatia_ref", overwrite=True, store=ref_store, backed=backed,
+        output_bytes=n * (table.n_vars * on_disk + ref_genes * on_disk) * 4)
     sampler.close()
     import resource
 
@@ -231,6 +246,9 @@ def pipeline(path: str, n: int, workdir: str, preset: str, train_cells: int, epo
     info["image_shape"] = list(sdata.images[IMAGE].shape)
     Path(out_json).write_text(json.dumps({"n": n, "rows": rows, "info": info}))
     shutil.rmtree(store, ignore_errors=True)
+    if backed:
+        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(ref_store, ignore_errors=True)
 
 
 def run_isolated(*args) -> dict:
@@ -310,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ref-genes", type=int, default=500, help="reference genes outside the panel (imputed)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/spatia_scale"), help="slides and stores")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.md")
+    parser.add_argument("--backed", action="store_true",
+                        help="embed and impute write into (a copy of) the slide's store as they go; reference → store=")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     command = "OMP_NUM_THREADS=1 python " + " ".join(
@@ -321,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{n:,} cells", flush=True)
         path, sim_seconds[n] = slide_path(args.workdir, n)
         results.append(run_isolated(str(path), n, str(args.workdir), args.preset, args.train_cells, args.epochs,
-                                    args.ref_cells, args.ref_genes))
+                                    args.ref_cells, args.ref_genes, args.backed))
         print(f"  load average now {os.getloadavg()}; busy: {others()}", flush=True)
     load_after, others_after = os.getloadavg(), others()
     text = report(args, command, results, sim_seconds, load_before, load_after, others_before, others_after)
@@ -373,7 +393,10 @@ def report(args, command, results, sim_seconds, load_before, load_after, others_
         "every step runs in one fresh process per size, after a warm-up on a 300-cell slide (numba, pynndescent "
         "and torch compiled outside the timings). Each cell: wall seconds / peak RSS of the process during the "
         "step (GiB) / that peak minus the RSS at the step's start (MiB, what the step itself allocates, its "
-        "outputs included). a, b: least-squares slopes of log time and log(+MiB) against log n.",
+        "outputs included). a, b: least-squares slopes of log time and log(+MiB) against log n."
+        + (" `--backed`: on a copy of each slide, `embed` and both imputations write into its store as they go "
+           "(`backed=True`) and the reference table into a store of its own (`store=`); their outputs are on "
+           "disk, so their output column is 0." if args.backed else ""),
         "",
         *lines,
         "",

@@ -168,7 +168,8 @@ def impute(
     backed
         Write the results into the zarr store the SpatialData was read from as they are computed: the panel
         layer block by block (the table's layer then reads it lazily, a dask array), and this run's
-        ``uns`` entry and reference table (as :func:`write_results` does). Use it when the layer does not fit in
+        ``uns`` entry and reference table (as :func:`write_results` does; with ``store=`` that table stays
+        there). Use it when the layer does not fit in
         memory (a 5,000-gene panel over a million cells is 20 GB as float32; without it, a layer larger than
         half the machine's memory is refused) or to keep a long session's results on disk. The model's
         per-cell output is held in a temporary file beside the store while it runs. Needs
@@ -312,10 +313,10 @@ def impute(
     if not inplace:
         return _results.returned("impute", results, params)
     _results.write(data, table, results, function="impute", params=params, overwrite=overwrite)
-    if group_dir is not None:
-        from ._write import write_results
+    if group_dir is not None:  # the reference table too, unless it has a store of its own (store=)
+        from ._write import _write
 
-        write_results(data, table_key=table_key, functions=["impute"])
+        _write(data, table_key, None, ["impute"], with_elements=store is None)
     return None
 
 

@@ -61,6 +61,12 @@ def write_results(sdata, *, table_key: str = "table", path: str | Path | None = 
     >>> model = sp.tl.fit(sdata, image_key="morphology_focus")
     >>> sp.tl.write_results(sdata)  # the embeddings go into slide.zarr/tables/table/obsm
     """
+    return _write(sdata, table_key, path, functions)
+
+
+def _write(sdata, table_key: str, path: str | Path | None, functions: list[str] | None,
+           with_elements: bool = True) -> list[str]:
+    """:func:`write_results`; ``with_elements=False`` leaves new elements (tables, images) out."""
     import anndata
     import zarr
 
@@ -74,7 +80,7 @@ def write_results(sdata, *, table_key: str = "table", path: str | Path | None = 
     paths = sorted({p for f, run in runs.items() if isinstance(run, Mapping) and (functions is None or f in functions)
                     for p in _keys(run)})
     elements = [p for p in paths if p.partition("/")[0] in ("tables", "images", "labels", "shapes", "points")
-                and p.partition("/")[2] in sdata]
+                and p.partition("/")[2] in sdata and with_elements]
     if elements and Path(sdata.path or "") != store:
         raise ValueError(f"Writing the elements {elements} needs path to be the store sdata was read from "
                          f"({sdata.path}): pass no path, or write them with sdata.write_element.")
