@@ -332,7 +332,8 @@ def embed(
         temporary file beside the store holds them meanwhile), then this run's ``uns`` entry; the table's
         ``obsm`` then reads them lazily (dask arrays). The store keeps each level's embedding even if the session
         ends later; without it, call :func:`write_results` after the step. Needs ``sd.read_zarr(...)`` data
-        whose table is in the store.
+        whose table is in the store. Each key is written beside its place and renamed in, and the ``uns`` entry
+        last: an interrupted run leaves no half-written key.
 
     Returns
     -------

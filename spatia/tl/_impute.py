@@ -172,8 +172,10 @@ def impute(
         there). Use it when the layer does not fit in
         memory (a 5,000-gene panel over a million cells is 20 GB as float32; without it, a layer larger than
         half the machine's memory is refused) or to keep a long session's results on disk. The model's
-        per-cell output is held in a temporary file beside the store while it runs. Needs
-        ``sd.read_zarr(...)`` data whose table is in the store (``sdata.write(path)`` once first).
+        per-cell output is held in a temporary file beside the store while it runs (cells × panel genes × 4
+        bytes of free disk). Needs ``sd.read_zarr(...)`` data whose table is in the store
+        (``sdata.write(path)`` once first). Each key is written beside its place and renamed in, and the
+        ``uns`` entry last: an interrupted run leaves no half-written key.
     validate
         Also run :func:`validate_imputation` (held-out genes) and record its per-gene scores.
     key_added
