@@ -108,16 +108,24 @@ class ImageReadout:
         return np.hstack([(basis - self.basis_mean) / self.basis_scale,
                           (embedding - self.embedding_mean) / self.embedding_scale])
 
-    def predict(self, nucleus: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+    def predict(self, nucleus: np.ndarray, embedding: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``(n, n_genes)`` float32 predictions (log1p per 10,000, clipped at 0) from ``(n, F)`` nucleus
-        features and ``(n, d)`` embeddings; computed in blocks of cells, so the float64 temporaries stay small."""
-        out = np.empty((len(nucleus), self.n_genes), dtype=np.float32)
+        features and ``(n, d)`` embeddings; computed in blocks of cells, so the float64 temporaries stay small.
+        ``out``: the ``(n, n_genes)`` float32 array to write them into (e.g. a memmap), else a new one."""
+        from .._utils import release_mapped
+
+        if out is None:
+            out = np.empty((len(nucleus), self.n_genes), dtype=np.float32)
+        elif out.shape != (len(nucleus), self.n_genes) or out.dtype != np.float32:
+            raise ValueError(f"out must be a float32 array of shape {(len(nucleus), self.n_genes)}, got "
+                             f"{out.dtype} {out.shape}.")
         for start in range(0, len(nucleus), _PREDICT_BLOCK):
             x = self.inputs(nucleus[start:start + _PREDICT_BLOCK], embedding[start:start + _PREDICT_BLOCK])
             y = x @ self.coef + self.intercept
             if self.state_means.shape[0]:
                 y += softmax(x @ self.state_coef + self.state_intercept) @ self.state_means
             out[start:start + len(y)] = np.maximum(y, 0.0)
+            release_mapped(out)
         return out
 
     def tensors(self) -> dict:

@@ -259,14 +259,7 @@ def impute(
         )
     group_dir = None
     if backed:
-        from ._fit import _is_rank_zero
-        from ._write import backed_table_dir
-
-        if not inplace:
-            raise ValueError("backed=True writes into the slide's store: it needs inplace=True.")
-        group_dir = backed_table_dir(data, table_key)
-        if not _is_rank_zero():  # under DDP one process writes; the others keep theirs in memory
-            group_dir = None
+        group_dir = _check_backed(data, table_key, inplace, [] if store is not None else paths[1:])
     validation = None
     if validate:  # before this run's arrays are laid out: its own inference holds its own
         validation = validate_imputation(data, model, reference=reference, reference_layer=reference_layer,
@@ -310,7 +303,7 @@ def impute(
             from ._write import write_backed
 
             layer_value = write_backed(group_dir, "layers", key_added,
-                                       _lazy_layer(rho, lib, list(table.var_names), model.genes))
+                                       _lazy_layer(rho, list(table.var_names), model.genes, _times_lib(lib)))
         results = {f"layers/{key_added}": layer_value, **results}
     if not inplace:
         return _results.returned("impute", results, params)
@@ -322,26 +315,56 @@ def impute(
     return None
 
 
-def _lazy_layer(rho: np.ndarray, lib: np.ndarray, var_names: list[str], genes: list[str]):
-    """The panel layer (expected counts on the table's ``var``, NaN for genes the model lacks) as a dask array of
-    blocks of cells, each computed from ``rho`` (a memmap) when it is written."""
+def _lazy_layer(src: np.ndarray, var_names: list[str], genes: list[str], transform=None):
+    """``src`` (cells × model genes, a memmap) laid out on the table's ``var`` (NaN for genes the model lacks) as
+    a dask array of blocks of cells, each computed when it is written; ``transform(values, a, b)`` changes a
+    block's rows ``a:b`` in place first (e.g. times the library sizes)."""
     from ._write import lazy_rows
 
     idx = pd.Index(genes).get_indexer(var_names)
     has = idx >= 0
-
-    same = bool(has.all()) and np.array_equal(idx, np.arange(len(idx))) and len(idx) == rho.shape[1]
+    same = bool(has.all()) and np.array_equal(idx, np.arange(len(idx))) and len(idx) == src.shape[1]
 
     def block(a: int, b: int) -> np.ndarray:
-        values = np.multiply(rho[a:b], lib[a:b, None], dtype=np.float32) if same else rho[a:b][:, idx[has]]
+        values = np.array(src[a:b], dtype=np.float32) if same else src[a:b][:, idx[has]]
+        if transform is not None:
+            transform(values, a, b)
         if same:
             return values
-        values *= lib[a:b, None]
         out = np.full((b - a, len(var_names)), np.nan, dtype=np.float32)
         out[:, has] = values
         return out
 
-    return lazy_rows(block, rho.shape[0], len(var_names), block_bytes=_LAYER_BLOCK_BYTES, source=rho)
+    return lazy_rows(block, src.shape[0], len(var_names), block_bytes=_LAYER_BLOCK_BYTES, source=src)
+
+
+def _times_lib(lib: np.ndarray):
+    def transform(values: np.ndarray, a: int, b: int) -> None:
+        values *= lib[a:b, None]
+
+    return transform
+
+
+def _log_per_10k(values: np.ndarray, a: int, b: int) -> None:
+    values *= 1e4
+    np.log1p(values, out=values)
+
+
+def _check_backed(data, table_key: str, inplace: bool, elements: list[str]):
+    """The table's folder in the store ``data`` was read from (``None`` under DDP but on rank 0), after the
+    checks a backed run needs before any work."""
+    from ._fit import _is_rank_zero
+    from ._write import backed_table_dir
+
+    if not inplace:
+        raise ValueError("backed=True writes into the slide's store: it needs inplace=True.")
+    group_dir = backed_table_dir(data, table_key)
+    store = Path(data.path)
+    there = [p for p in elements if (store / p).exists()]
+    if there:
+        raise FileExistsError(f"{', '.join(there)} is already in {store}, and spatialdata cannot overwrite an element "
+                              "in the store it reads from: delete it there first, or pass another key_added.")
+    return group_dir if _is_rank_zero() else None  # under DDP one process writes; the others keep theirs
 
 
 def validate_imputation(
@@ -474,6 +497,7 @@ def predict_expression(
     device: str | None = None,
     overwrite: bool = False,
     inplace: bool = True,
+    backed: bool = False,
     **prepare_kwargs: Any,
 ):
     """Expression predicted from the image alone: for slides (or cells) without expression.
@@ -518,6 +542,10 @@ def predict_expression(
         Replace an existing ``key_added`` layer or table; otherwise an existing one is a ``KeyError``.
     inplace
         Write (return ``None``); with ``False`` write nothing and return the dict below.
+    backed
+        Write the prediction into the zarr store the SpatialData was read from as it is computed (the layer, or
+        the new table), with this run's ``uns`` entry; the table then reads it lazily (a dask array), as
+        :func:`impute` does with ``backed=True``. For cells × genes that do not fit in memory.
     **prepare_kwargs
         ``image_key``, ``labels_key``, ``shapes_key``, ``coordinate_system``, ``crops``, ``um_per_unit`` as in
         :func:`spatia.tl.embed`.
@@ -549,38 +577,65 @@ def predict_expression(
     path = f"layers/{key_added}" if covered else f"tables/{key_added}"
     if inplace:
         _results.check_free(data, table, [path], overwrite=overwrite)
+    if not backed and 4.0 * table.n_obs * len(model.genes) > _dense_limit_bytes():
+        raise MemoryError(
+            f"The prediction ({table.n_obs:,} cells × {len(model.genes):,} genes) would take "
+            f"{4 * table.n_obs * len(model.genes) / 2**30:.1f} GiB in memory, more than half of this machine's: "
+            "pass backed=True to write it into the slide's zarr store block by block.")
+    group_dir = _check_backed(data, table_key, inplace, [] if covered else [path]) if backed else None
     prepared = _prepare(data, model, kw, use_expression=False)
     table = prepared.table
     arrays = prepared.arrays
     arrays.drop_expression = np.ones(arrays.n, dtype=bool)
-    if method == "readout":
-        from ..model._readout import nucleus_store, readout_features
+    params = {"method": method, "use_niche": use_niche, "backed": backed}
+    with spill_arrays(group_dir) as spill:
+        if method == "readout":
+            from ..model._readout import nucleus_store, readout_features
 
-        nuclei, geometry = None, model.readout.info.get("nucleus_crop")
-        if geometry is not None:  # the readout measures nuclei on its own crops, cut as when it was fitted
-            if prepared.crop_kwargs is None or prepared.crop_kwargs.get("image_key") is None:
-                raise ValueError(
-                    f"This model's image readout measures nuclei on {geometry['size']}-px crops over "
-                    f"{geometry['crop_um']:g} µm cut from the image: pass the SpatialData with its image and "
-                    "image_key= (not only crops=), or method='decoder'.")
-            nuclei = nucleus_store(data, prepared, geometry)
-        nucleus, emb = readout_features(model, arrays, batch_size=batch_size, device=device, nuclei=nuclei)
-        pred = model.readout.predict(nucleus, emb)
-    else:
-        if not use_niche:
-            arrays.nbr = np.full_like(arrays.nbr, -1)
-            arrays.tile = np.arange(arrays.n)
-        pred = _infer_rho(model, arrays, batch_size, device)  # float32, turned into log1p per 10,000 in place
-        pred *= 1e4
-        np.log1p(pred, out=pred)
-    params = {"method": method, "use_niche": use_niche}
-    if covered:
-        results = {path: _layer_for_table(table, model.genes, pred)}
-    else:
-        results = {path: _new_table_like(table, pred, list(model.genes),
-                                         {"predict_expression": _results.params_entry("predict_expression", params,
-                                                                                      [path])})}
-    if not inplace:
-        return _results.returned("predict_expression", results, params)
-    _results.write(data, table, results, function="predict_expression", params=params, overwrite=overwrite)
+            nuclei, geometry = None, model.readout.info.get("nucleus_crop")
+            if geometry is not None:  # the readout measures nuclei on its own crops, cut as when it was fitted
+                if prepared.crop_kwargs is None or prepared.crop_kwargs.get("image_key") is None:
+                    raise ValueError(
+                        f"This model's image readout measures nuclei on {geometry['size']}-px crops over "
+                        f"{geometry['crop_um']:g} µm cut from the image: pass the SpatialData with its image and "
+                        "image_key= (not only crops=), or method='decoder'.")
+                nuclei = nucleus_store(data, prepared, geometry)
+            nucleus, emb = readout_features(model, arrays, batch_size=batch_size, device=device, nuclei=nuclei)
+            out = None if spill is None else spill("pred", (arrays.n, len(model.genes)))
+            pred = model.readout.predict(nucleus, emb, out=out)
+            transform = None
+        else:
+            if not use_niche:
+                arrays.nbr = np.full_like(arrays.nbr, -1)
+                arrays.tile = np.arange(arrays.n)
+            pred = model.infer(arrays, batch_size=batch_size, device=device, outputs=("rho",), alloc=spill)["rho"]
+            transform = _log_per_10k  # float32 proportions → log1p per 10,000
+            if spill is None:
+                transform(pred, 0, len(pred))  # in place
+        if spill is not None:  # block by block into the store, read lazily from there
+            from ._write import write_backed
+
+            lazy = _lazy_layer(pred, list(table.var_names) if covered else list(model.genes), model.genes,
+                               transform)
+            if covered:
+                results = {path: write_backed(group_dir, "layers", key_added, lazy)}
+            else:
+                results = {path: _new_table_like(table, lazy, list(model.genes), {
+                    "predict_expression": _results.params_entry("predict_expression", params, [path])})}
+        elif covered:
+            results = {path: _layer_for_table(table, model.genes, pred)}
+        else:
+            results = {path: _new_table_like(table, pred, list(model.genes), {
+                "predict_expression": _results.params_entry("predict_expression", params, [path])})}
+        if not inplace:
+            return _results.returned("predict_expression", results, params)
+        _results.write(data, table, results, function="predict_expression", params=params, overwrite=overwrite)
+        if spill is not None:
+            from ._write import _write
+
+            _write(data, table_key, None, ["predict_expression"])  # a new table is written from the spill here
+            if not covered:  # then read from the store, not from the spill (removed on leaving this block)
+                import dask.array as da
+
+                data.tables[key_added].X = da.from_zarr(str(Path(data.path) / "tables" / key_added), component="X")
     return None

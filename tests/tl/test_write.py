@@ -115,9 +115,9 @@ def test_impute_backed_writes_the_panel_layer_into_the_store_block_by_block(back
     blocks = []
     one_layer = _impute._lazy_layer
 
-    def small_blocks(rho, lib, var_names, genes):
+    def small_blocks(rho, var_names, genes, transform):
         monkeypatch.setattr(_impute, "_LAYER_BLOCK_BYTES", 40 * 4 * 16)  # 16 cells per block
-        layer = one_layer(rho, lib, var_names, genes)
+        layer = one_layer(rho, var_names, genes, transform)
         blocks.append(layer.numblocks[0])
         assert isinstance(rho, np.memmap)  # the model's output went to a file, not to memory
         return layer
@@ -208,11 +208,16 @@ def test_the_lazy_panel_layer_follows_the_tables_genes(monkeypatch):
     expected = np.stack([rho[:, 2] * lib, np.full(50, np.nan, dtype=np.float32), rho[:, 0] * lib], 1)
     for block_bytes in (64 << 20, 3 * 4 * 7):  # one block, then 7 cells per block
         monkeypatch.setattr(_impute, "_LAYER_BLOCK_BYTES", block_bytes)
-        layer = _impute._lazy_layer(rho, lib, ["g2", "x", "g0"], ["g0", "g1", "g2", "g3"])
+        layer = _impute._lazy_layer(rho, ["g2", "x", "g0"], ["g0", "g1", "g2", "g3"], _impute._times_lib(lib))
         assert layer.numblocks[0] == (1 if block_bytes > 1000 else 8)
         np.testing.assert_allclose(layer.compute(), expected, rtol=1e-6)
-        same = _impute._lazy_layer(rho, lib, ["g0", "g1", "g2", "g3"], ["g0", "g1", "g2", "g3"]).compute()
+        same = _impute._lazy_layer(rho, ["g0", "g1", "g2", "g3"], ["g0", "g1", "g2", "g3"],
+                                   _impute._times_lib(lib)).compute()
         np.testing.assert_allclose(same, rho * lib[:, None], rtol=1e-6)
+        logged = _impute._lazy_layer(rho, ["g3", "g0"], ["g0", "g1", "g2", "g3"], _impute._log_per_10k).compute()
+        np.testing.assert_allclose(logged, np.log1p(rho[:, [3, 0]] * 1e4), rtol=1e-6)
+        assert not np.shares_memory(layer.compute(), rho)  # the source is never changed in place
+    np.testing.assert_array_equal(rho, np.random.default_rng(0).random((50, 4), dtype=np.float32))
 
 
 def test_lazy_blocks_do_not_pickle_what_they_read():
@@ -235,3 +240,36 @@ def test_lazy_blocks_do_not_pickle_what_they_read():
 
     da.map_blocks(lambda x: x + (src is None), da.zeros(4, chunks=2), dtype=float)  # the unnamed way pickles
     assert pickled
+
+
+@pytest.mark.parametrize("method", ["readout", "decoder"])
+def test_predict_expression_backed_equals_in_memory_for_a_layer_and_a_new_table(backed, tmp_path, method):
+    import dask.array as da
+
+    model = sp.tl.fit(backed, image_key="morphology", config=sp.SpatiaConfig.tiny(), max_epochs=1, random_state=0)
+    dense = sp.tl.predict_expression(backed, model, image_key="morphology", method=method,
+                                     inplace=False)["layers/spatia_predicted"]
+    sp.tl.predict_expression(backed, model, image_key="morphology", method=method, backed=True)
+    layer = backed["table"].layers["spatia_predicted"]
+    assert isinstance(layer, da.Array)
+    np.testing.assert_allclose(layer.compute(), dense, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(sd.read_zarr(backed.path)["table"].layers["spatia_predicted"]), dense,
+                               rtol=1e-5, atol=1e-6)
+    # a slide whose table lacks the model's genes gets a new table, written into its store and read from there
+    other = sp.datasets.simulate(150, mean_depth=25.0, random_state=2)
+    other.tables["table"] = other["table"][:, :5].copy()
+    other.write(tmp_path / "other.zarr")
+    other = sd.read_zarr(tmp_path / "other.zarr")
+    sp.tl.predict_expression(other, model, image_key="morphology", method=method, backed=True)
+    new = other.tables["spatia_predicted"]
+    assert isinstance(new.X, da.Array) and str(tmp_path / "other.zarr") in str(new.X.dask.values())
+    np.testing.assert_allclose(new.X.compute(), dense, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(sd.read_zarr(tmp_path / "other.zarr").tables["spatia_predicted"].X),
+                               dense, rtol=1e-5, atol=1e-6)
+    assert not [p for p in tmp_path.rglob("*") if ".spatia-" in p.name]
+    # that table is in the store now: spatialdata cannot overwrite it there, so a second run refuses before work
+    before = _mtimes(tmp_path / "other.zarr")
+    with pytest.raises(FileExistsError, match="already in"):
+        sp.tl.predict_expression(other, model, image_key="morphology", method=method, backed=True,
+                                 overwrite=True)
+    assert _mtimes(tmp_path / "other.zarr") == before
