@@ -354,13 +354,7 @@ def embed(
     if inplace:
         _results.check_free(data, get_table(data, table_key), [f"obsm/{k}" for k in keys.values()],
                             overwrite=overwrite)
-    group_dir = None
-    if backed:
-        if not inplace:
-            raise ValueError("backed=True writes into the slide's store: it needs inplace=True.")
-        group_dir = backed_table_dir(data, table_key)
-        if not _is_rank_zero():  # under DDP one process writes; the others keep theirs in memory
-            group_dir = None
+    group_dir = backed_table_dir(data, table_key, inplace=inplace) if backed else None
     prepared = _prepare_for_model(
         data, model, image_key=image_key, labels_key=labels_key, shapes_key=shapes_key, table_key=table_key,
         layer=layer, coordinate_system=coordinate_system, crops=crops, allow_empty=allow_empty,

@@ -23,7 +23,7 @@ from ._reference_mapping import (
     _reference_profiles,
     _write_table_store,
 )
-from ._write import spill_arrays
+from ._write import backed_table_dir, spill_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -245,21 +245,15 @@ def impute(
             raise KeyError(f"Genes not in the reference: {unknown[:10]}{'...' if len(unknown) > 10 else ''}.")
         if not targets:
             raise ValueError("No genes to impute: every reference gene is in the panel (pass genes=).")
-        if store is None and 4.0 * n_cells * len(targets) > _dense_limit_bytes():
-            raise MemoryError(
-                f"The imputed table ({n_cells:,} cells × {len(targets):,} genes) would take "
-                f"{4 * n_cells * len(targets) / 2**30:.1f} GiB in memory, more than half of this machine's: pass "
-                "store='imputed.zarr' to write it to disk block by block, or genes= to impute fewer genes."
-            )
-    if 4.0 * n_cells * len(model.genes) > _dense_limit_bytes() and not backed:
-        raise MemoryError(
-            f"The imputed panel layer ({n_cells:,} cells × {len(model.genes):,} genes) would take "
-            f"{4 * n_cells * len(model.genes) / 2**30:.1f} GiB in memory, more than half of this machine's: pass "
-            "backed=True to write it into the slide's zarr store block by block."
-        )
+        if store is None:
+            _check_fits("The imputed table", n_cells, len(targets), "store='imputed.zarr' to write it to disk block "
+                        "by block, or genes= to impute fewer genes.")
+    if not backed:
+        _check_fits("The imputed panel layer", n_cells, len(model.genes), _BACKED_FIX)
     group_dir = None
     if backed:
-        group_dir = _check_backed(data, table_key, inplace, [] if store is not None else paths[1:])
+        group_dir = backed_table_dir(data, table_key, inplace=inplace,
+                                     elements=[] if store is not None else paths[1:])
     validation = None
     if validate:  # before this run's arrays are laid out: its own inference holds its own
         validation = validate_imputation(data, model, reference=reference, reference_layer=reference_layer,
@@ -338,6 +332,18 @@ def _lazy_layer(src: np.ndarray, var_names: list[str], genes: list[str], transfo
     return lazy_rows(block, src.shape[0], len(var_names), block_bytes=_LAYER_BLOCK_BYTES, source=src)
 
 
+_BACKED_FIX = "backed=True to write it into the slide's zarr store block by block."
+
+
+def _check_fits(what: str, n_cells: int, n_genes: int, fix: str) -> None:
+    """A ``MemoryError`` naming ``fix`` when a float32 cells × genes result would take more than half of this
+    machine's memory: refused before any work, rather than run out of memory half-way."""
+    size = 4.0 * n_cells * n_genes
+    if size > _dense_limit_bytes():
+        raise MemoryError(f"{what} ({n_cells:,} cells × {n_genes:,} genes) would take {size / 2**30:.1f} GiB in "
+                          f"memory, more than half of this machine's: pass {fix}")
+
+
 def _times_lib(lib: np.ndarray):
     def transform(values: np.ndarray, a: int, b: int) -> None:
         values *= lib[a:b, None]
@@ -348,23 +354,6 @@ def _times_lib(lib: np.ndarray):
 def _log_per_10k(values: np.ndarray, a: int, b: int) -> None:
     values *= 1e4
     np.log1p(values, out=values)
-
-
-def _check_backed(data, table_key: str, inplace: bool, elements: list[str]):
-    """The table's folder in the store ``data`` was read from (``None`` under DDP but on rank 0), after the
-    checks a backed run needs before any work."""
-    from ._fit import _is_rank_zero
-    from ._write import backed_table_dir
-
-    if not inplace:
-        raise ValueError("backed=True writes into the slide's store: it needs inplace=True.")
-    group_dir = backed_table_dir(data, table_key)
-    store = Path(data.path)
-    there = [p for p in elements if (store / p).exists()]
-    if there:
-        raise FileExistsError(f"{', '.join(there)} is already in {store}, and spatialdata cannot overwrite an element "
-                              "in the store it reads from: delete it there first, or pass another key_added.")
-    return group_dir if _is_rank_zero() else None  # under DDP one process writes; the others keep theirs
 
 
 def validate_imputation(
@@ -577,12 +566,10 @@ def predict_expression(
     path = f"layers/{key_added}" if covered else f"tables/{key_added}"
     if inplace:
         _results.check_free(data, table, [path], overwrite=overwrite)
-    if not backed and 4.0 * table.n_obs * len(model.genes) > _dense_limit_bytes():
-        raise MemoryError(
-            f"The prediction ({table.n_obs:,} cells × {len(model.genes):,} genes) would take "
-            f"{4 * table.n_obs * len(model.genes) / 2**30:.1f} GiB in memory, more than half of this machine's: "
-            "pass backed=True to write it into the slide's zarr store block by block.")
-    group_dir = _check_backed(data, table_key, inplace, [] if covered else [path]) if backed else None
+    if not backed:
+        _check_fits("The prediction", table.n_obs, len(model.genes), _BACKED_FIX)
+    group_dir = (backed_table_dir(data, table_key, inplace=inplace, elements=[] if covered else [path])
+                 if backed else None)
     prepared = _prepare(data, model, kw, use_expression=False)
     table = prepared.table
     arrays = prepared.arrays

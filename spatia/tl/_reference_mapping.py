@@ -8,7 +8,6 @@ counts of the panel genes it measures.
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -247,21 +246,15 @@ def _reference_impute(counts, rho, model_genes, ref_counts, ref_genes, shared, t
 
 
 def _lazy_log1p(mapping: _ReferenceMap):
-    """``log1p`` of every mapped profile as a dask array of blocks of cells, each computed when read."""
-    import dask.array as da
+    """``log1p`` of every mapped profile as a dask array of the mapping's blocks of cells, each computed when
+    read."""
+    from ._write import lazy_rows
 
-    n, step = mapping.n_cells, mapping.step
-    starts = da.arange(0, n, chunks=step)
-
-    def block(rows: np.ndarray) -> np.ndarray:
-        out = (mapping.block(int(rows[0]), int(rows[-1]) + 1) if len(rows)
-               else np.zeros((0, mapping.n_genes), dtype=np.float32))
+    def block(a: int, b: int) -> np.ndarray:
+        out = mapping.block(a, b)
         return np.log1p(out, out=out)
 
-    # named: dask would otherwise hash the function to name the array, pickling the mapping it holds
-    return da.map_blocks(block, starts, new_axis=1, chunks=(starts.chunks[0], (mapping.n_genes,)),
-                         dtype=np.float32, meta=np.empty((0, 0), dtype=np.float32),
-                         name=f"spatia-imputed-{uuid.uuid4().hex}")
+    return lazy_rows(block, mapping.n_cells, mapping.n_genes, block_bytes=4 * mapping.n_genes * mapping.step)
 
 
 def _write_table_store(new, store, *, overwrite: bool):

@@ -132,20 +132,30 @@ def _backed_name(group_dir: Path, attr: str, key: str) -> str:
     return f"spatia-backed-{Path(group_dir).resolve() / attr / key}"
 
 
-def backed_table_dir(sdata, table_key: str) -> Path:
-    """The folder of ``table_key`` in the zarr store ``sdata`` was read from, checked to hold the same cells;
-    errors say what to do when there is none."""
+def backed_table_dir(sdata, table_key: str, *, inplace: bool = True, elements: list[str] = ()) -> Path | None:
+    """The folder of ``table_key`` in the zarr store ``sdata`` was read from, for a ``backed=True`` run: checked
+    before any work to hold the same cells, with none of the new ``elements`` (``"tables/<name>"``) already
+    there (spatialdata cannot overwrite them). ``None`` under DDP on ranks other than 0, which keep their
+    results in memory. Errors say what to do."""
     import zarr
 
     from ..pp._elements import _is_sdata
+    from ._fit import _is_rank_zero
 
+    if not inplace:
+        raise ValueError("backed=True writes into the slide's store: it needs inplace=True.")
     if not _is_sdata(sdata) or not getattr(sdata, "path", None):
         raise ValueError("backed=True writes into the zarr store the SpatialData was read from, and this one has "
                          "none: write it once with sdata.write('slide.zarr') and read it back with "
                          "sd.read_zarr, or pass backed=False.")
-    group_dir = _table_dir(Path(sdata.path), table_key)
+    store = Path(sdata.path)
+    group_dir = _table_dir(store, table_key)
     _check_same_cells(zarr.open_group(str(group_dir), mode="r"), get_table(sdata, table_key), group_dir)
-    return group_dir
+    there = [p for p in elements if (store / p).exists()]
+    if there:
+        raise FileExistsError(f"{', '.join(there)} is already in {store}, and spatialdata cannot overwrite an element "
+                              "in the store it reads from: delete it there first, or pass another key_added.")
+    return group_dir if _is_rank_zero() else None
 
 
 def write_backed(group_dir: Path, attr: str, key: str, value):
